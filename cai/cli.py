@@ -1,0 +1,292 @@
+"""The `cai` command line. Parses options, builds the objects, draws progress and summaries on
+stderr. stdout carries records only. No generation logic lives here."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from cai import __version__
+from cai.errors import CaiError, UsageError
+
+err = Console(stderr=True)
+log = logging.getLogger("cai")
+
+app = typer.Typer(
+    name="cai", no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Constitutional-AI preference data: a model answers, critiques its answer against a "
+         "principle and revises it; each (original, revision) pair becomes one JSONL record for "
+         "DPO training (rejected, chosen).\n\n"
+         "[bold]Examples[/bold]\n\n"
+         "  cai generate examples/prompts.jsonl -o pairs.jsonl\n\n"
+         "  cai generate prompts.txt --model Qwen/Qwen2.5-0.5B-Instruct --revisions 2 -o - | head\n\n"
+         "  cai constitution list",
+)
+constitution_app = typer.Typer(no_args_is_help=True, help="List and check constitution files.")
+app.add_typer(constitution_app, name="constitution")
+
+
+def reports_errors(command):
+    """Turn cai's errors into one red line on stderr and the error's exit code."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except CaiError as exc:
+            err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"cai {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="Print the version and exit.")] = False) -> None:
+    """cai: constitutional-AI preference data."""
+
+
+class Sampling(str, Enum):
+    random = "random"
+    all = "all"
+    cycle = "cycle"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    mps = "mps"
+
+
+class DType(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+def _setup_logging(quiet: bool) -> None:
+    logger = logging.getLogger("cai")
+    logger.handlers[:] = [RichHandler(console=err, show_time=False, show_path=False, markup=False)]
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
+@app.command(epilog=(
+    "[bold]Examples[/bold]\n\n"
+    "  cai generate examples/prompts.jsonl -o pairs.jsonl            [dim]# embedded SmolLM2-135M-Instruct[/dim]\n\n"
+    "  cai generate prompts.txt --model Qwen/Qwen2.5-0.5B-Instruct --revisions 2 -o - | head\n\n"
+    "  cat prompts.jsonl | cai generate - --constitution my.yaml -o pairs.jsonl\n\n"
+    "  cai generate prompts.jsonl -o pairs.jsonl --resume             [dim]# continue a stopped run[/dim]"))
+@reports_errors
+def generate(
+    prompts: Annotated[str, typer.Argument(help="Prompts: a .jsonl file (one object per line), a text file (one prompt per line), or - for stdin.", show_default=False)],
+    output: Annotated[str, typer.Option("--output", "-o", help="Where records go: a .jsonl file, or - for stdout.")] = "-",
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model: a local folder, a .gguf file or a Hub id. Default: the embedded SmolLM2-135M-Instruct.", show_default=False)] = None,
+    constitution: Annotated[str, typer.Option("--constitution", "-c", help="A shipped constitution by name (see `cai constitution list`) or a path to a YAML file.")] = "harmless",
+    templates: Annotated[str, typer.Option("--templates", help="Prompt templates: a shipped set by name or a folder of .jinja files.")] = "default",
+    prompt_field: Annotated[str, typer.Option("--prompt-field", help="JSONL field that holds the prompt.")] = "prompt",
+    revisions: Annotated[Optional[int], typer.Option("--revisions", "-r", min=1, help="Critique → revise rounds per prompt. Default: the constitution's (1).", show_default=False)] = None,
+    sampling: Annotated[Optional[Sampling], typer.Option("--sampling", help="Principle per prompt: random (weighted), all (one record per principle), cycle (round robin). Default: the constitution's (random).", show_default=False)] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for principle choice and sampling: same seed, same records.")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Prompts generated together in one batch.")] = 8,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Token limit of each generated turn.")] = 256,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="Sampling temperature; 0 is greedy.")] = 0.7,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold (0 < p ≤ 1).")] = 0.95,
+    limit: Annotated[Optional[int], typer.Option("--limit", "-n", min=1, help="Use only the first N prompts.", show_default=False)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Append to an existing output, skipping ids it already holds.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
+    device: Annotated[Device, typer.Option("--device", help="Where the model runs.")] = Device.auto,
+    dtype: Annotated[DType, typer.Option("--dtype", help="Weights dtype; auto is float32 on CPU, bfloat16/float16 on GPU.")] = DType.auto,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model's repository to run.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, logs or summary; errors only.")] = False,
+) -> None:
+    """Generate (rejected, chosen) pairs from prompts.
+
+    For each prompt the model answers, critiques its answer against a principle of the
+    constitution, and revises it; one JSONL record per prompt is written as each batch ends.
+    """
+    from cai.backends.base import SamplingParams
+    from cai.constitution import load_constitution
+    from cai.io import RecordWriter, read_done_ids, read_prompts
+    from cai.models import resolve_model
+    from cai.pipeline import Pipeline, RunConfig
+    from cai.prompts import load_templates
+
+    _setup_logging(quiet)
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite contradict each other; pick one")
+    if top_p <= 0:
+        raise UsageError("--top-p must be greater than 0")
+    if output == "-" and resume:
+        raise UsageError("--resume needs an output file (-o FILE), not stdout")
+
+    constitution_obj = load_constitution(constitution)
+    template_set = load_templates(templates)
+    items = read_prompts(prompts, prompt_field=prompt_field)
+    if limit is not None:
+        items = items[:limit]
+
+    done: set[str] = set()
+    out_path = Path(output)
+    if output != "-":
+        if out_path.is_dir():
+            raise UsageError(f"-o {output}: is a directory")
+        if out_path.exists() and out_path.stat().st_size > 0 and not overwrite:
+            if not resume:
+                raise UsageError(f"-o {output}: file exists; pass --resume to continue it or --overwrite to replace it")
+            done = read_done_ids(out_path)
+
+    config = RunConfig(
+        revisions=revisions or constitution_obj.defaults.revisions,
+        sampling=(sampling.value if sampling else constitution_obj.defaults.sampling),
+        seed=seed, batch_size=batch_size,
+        params=SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p),
+    )
+    source, model_name = resolve_model(model)
+    from cai.backends.hf import HFBackend, HFOptions
+
+    # Open the output before loading the model: an unwritable path fails in a second, not a minute.
+    writer = RecordWriter(output, append=bool(done))
+    try:
+        with err.status(f"loading {model_name}…", spinner="dots") if not quiet else _nothing():
+            backend = HFBackend(source, model_name, HFOptions(device=device.value, dtype=dtype.value,
+                                                              trust_remote_code=trust_remote_code))
+        pipeline = Pipeline(backend, constitution_obj, template_set, config)
+        jobs = pipeline.plan(items, skip=done)
+        if done:
+            log.info("resuming %s: %d records already there, %d to go", output, len(done), len(jobs))
+        stats = _run(pipeline, jobs, writer, quiet)
+    except KeyboardInterrupt:
+        writer.close()
+        where = output if output != "-" else "stdout"
+        err.print(f"[yellow]interrupted[/yellow]: {writer.count} records written to {where}."
+                  + (" Run the same command with --resume to continue." if output != "-" else ""))
+        raise typer.Exit(130) from None
+    writer.close()
+    if not quiet:
+        _summary(stats, output, constitution_obj.ref, model_name, len(done))
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _run(pipeline, jobs, writer, quiet: bool) -> dict:
+    stats = {"records": 0, "changed": 0, "tokens": 0, "truncated": 0, "start": time.monotonic()}
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"), TextColumn("[dim]ETA[/dim]"), TimeRemainingColumn(),
+        console=err, disable=quiet, transient=False)
+    with progress:
+        task = progress.add_task("prompts", total=len(jobs), rate="")
+
+        def on_stage(stage: str, n: int) -> None:
+            progress.update(task, description=f"prompts · {stage}")
+
+        for records in pipeline.run(jobs, on_stage=on_stage):
+            for record in records:
+                writer.write(record)
+                stats["records"] += 1
+                stats["changed"] += record["chosen"].strip() != record["rejected"].strip()
+                stats["tokens"] += record["meta"]["tokens"]["completion"]
+                reasons = record["meta"]["finish_reasons"]
+                stats["truncated"] += "length" in (reasons["response"], *reasons["revision"])
+            writer.sync()
+            elapsed = time.monotonic() - stats["start"]
+            progress.update(task, advance=len(records), rate=(
+                f"{stats['records'] / elapsed * 60:.1f} pairs/min · {stats['tokens'] / elapsed:.1f} tok/s"))
+        progress.update(task, description="prompts")
+    stats["elapsed"] = time.monotonic() - stats["start"]
+    return stats
+
+
+def _summary(stats: dict, output: str, constitution_ref: str, model_name: str, skipped: int) -> None:
+    elapsed = max(stats["elapsed"], 1e-9)
+    table = Table(title="cai generate", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("model", model_name)
+    table.add_row("constitution", constitution_ref)
+    table.add_row("records written", str(stats["records"]))
+    if skipped:
+        table.add_row("already done (resume)", str(skipped))
+    table.add_row("chosen ≠ rejected", f"{stats['changed']} of {stats['records']}")
+    table.add_row("truncated (hit max tokens)", str(stats["truncated"]))
+    table.add_row("generated tokens", f"{stats['tokens']:,}")
+    table.add_row("time", f"{elapsed:.1f} s")
+    table.add_row("speed", f"{stats['records'] / elapsed * 60:.1f} pairs/min · {stats['tokens'] / elapsed:.1f} tok/s")
+    table.add_row("output", "stdout" if output == "-" else str(Path(output).resolve()))
+    err.print(table)
+
+
+@constitution_app.command("list")
+@reports_errors
+def constitution_list() -> None:
+    """The shipped constitutions, with their principle counts."""
+    from cai.constitution import load_constitution, shipped_constitutions
+
+    table = Table(show_header=True)
+    for column in ("name", "principles", "few-shot", "description"):
+        table.add_column(column)
+    for name in shipped_constitutions():
+        c = load_constitution(name)
+        table.add_row(name, str(len(c.principles)), str(len(c.few_shot)), c.description)
+    Console().print(table)
+
+
+@constitution_app.command("validate")
+@reports_errors
+def constitution_validate(
+    paths: Annotated[list[str], typer.Argument(help="Constitution files (or shipped names) to check.")],
+) -> None:
+    """Check constitution files; exit 0 when all are valid, 2 otherwise."""
+    from cai.constitution import load_constitution
+    from cai.errors import ConstitutionError
+
+    failed = 0
+    for spec in paths:
+        try:
+            c = load_constitution(spec)
+        except ConstitutionError as exc:
+            failed += 1
+            for problem in getattr(exc, "problems", None) or [None]:
+                if problem is None:
+                    err.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+                else:
+                    where = f"{exc.path}:{problem.line}:{problem.column}"
+                    what = f"{problem.field}: {problem.message}" if problem.field else problem.message
+                    err.print(f"[bold red]error:[/bold red] {where}: {what}", highlight=False)
+            continue
+        err.print(f"[green]ok[/green] {spec}: {c.ref}, {len(c.principles)} principles", highlight=False)
+    if failed:
+        raise typer.Exit(2)
+
+
+def main() -> None:
+    app(prog_name="cai")
+
+
+if __name__ == "__main__":
+    main()

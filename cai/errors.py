@@ -1,0 +1,66 @@
+"""Domain errors. Every error a user can cause carries where it happened; the CLI renders it as
+one line on stderr and exits with the error's code (2 bad input or usage, 1 run failure)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class CaiError(Exception):
+    """Base of every error cai reports to a person (never with a traceback)."""
+
+    exit_code = 1
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(CaiError):
+    """A bad option value or combination of options."""
+
+    exit_code = 2
+
+
+class InputError(CaiError):
+    """A problem in a file the user gave us, located by path, line and (optionally) field."""
+
+    exit_code = 2
+
+    def __init__(self, path: str | Path, message: str, line: int | None = None,
+                 column: int | None = None, field: str | None = None):
+        self.path = str(path)
+        self.line = line
+        self.column = column
+        self.field = field
+        where = self.path
+        if line is not None:
+            where += f":{line}"
+            if column is not None:
+                where += f":{column}"
+        what = f"{field}: {message}" if field else message
+        super().__init__(f"{where}: {what}")
+        self.detail = message
+
+
+class ConstitutionError(InputError):
+    """A constitution file that does not parse or validate."""
+
+
+class TemplateError(InputError):
+    """A prompt template that does not parse or render."""
+
+
+class ModelError(CaiError):
+    """A model that cannot be found or loaded."""
+
+    exit_code = 2
+
+
+class BackendError(CaiError):
+    """Generation failed while the run was under way."""
+
+    exit_code = 1

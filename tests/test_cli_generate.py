@@ -1,0 +1,177 @@
+"""End-to-end: the real CLI on the tiny model, records read back and checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from cai.cli import app
+from conftest import DATA, ROOT, read_jsonl
+
+EXAMPLES = ROOT / "examples" / "prompts.jsonl"
+FAST = ["--max-new-tokens", "6", "--batch-size", "4"]
+
+
+def run(*args, input: str | None = None):
+    return CliRunner().invoke(app, [str(a) for a in args], input=input)
+
+
+def test_generate_writes_one_record_per_prompt(tiny_model, tmp_path):
+    out = tmp_path / "pairs.jsonl"
+    result = run("generate", EXAMPLES, "--model", tiny_model, "-o", out, *FAST)
+    assert result.exit_code == 0, result.output
+    records = read_jsonl(out)
+    source = [json.loads(line) for line in EXAMPLES.read_text().splitlines()]
+    assert [r["id"] for r in records] == [s["id"] for s in source]
+    assert [r["prompt"] for r in records] == [s["prompt"] for s in source]
+    for r in records:
+        assert set(r) == {"id", "prompt", "chosen", "rejected", "principle", "critique", "rounds", "meta"}
+        assert isinstance(r["chosen"], str) and isinstance(r["rejected"], str)
+        assert len(r["rounds"]) == 1
+        assert r["rounds"][0]["revision"] == r["chosen"]
+        assert r["rounds"][0]["principle"] == r["principle"]
+        meta = r["meta"]
+        assert meta["model"] == str(tiny_model)
+        assert meta["constitution"].startswith("harmless@")
+        assert meta["params"]["max_new_tokens"] == 6
+        assert meta["finish_reasons"]["response"] in ("stop", "length")
+        assert meta["tokens"]["completion"] > 0
+    assert result.stdout == "", "records went to the file, so stdout must stay empty"
+    assert "records written" in result.stderr
+
+
+def test_stdout_carries_only_json_lines(tiny_model):
+    """A real pipe: every stdout line parses, while progress and summary go to stderr."""
+    env = {**os.environ, "COLUMNS": "100"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cai", "generate", str(EXAMPLES), "--model", str(tiny_model), "-o", "-",
+         "--limit", "3", *FAST], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 3
+    assert all(json.loads(line)["id"].startswith("ex-") for line in lines)
+    assert "records written" in proc.stderr
+
+
+def test_same_seed_same_records(tiny_model, tmp_path):
+    outs = []
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        out = tmp_path / f"{name}.jsonl"
+        result = run("generate", EXAMPLES, "--model", tiny_model, "-o", out, "--seed", seed, *FAST)
+        assert result.exit_code == 0, result.output
+        outs.append([{k: v for k, v in r.items() if k != "meta"} for r in read_jsonl(out)])
+    assert outs[0] == outs[1]
+    assert outs[0] != outs[2]
+
+
+def test_revisions_use_distinct_principles(tiny_model, tmp_path):
+    out = tmp_path / "pairs.jsonl"
+    result = run("generate", EXAMPLES, "--model", tiny_model, "-o", out, "--revisions", "3", "--limit", "2", *FAST)
+    assert result.exit_code == 0, result.output
+    for r in read_jsonl(out):
+        principles = [rnd["principle"] for rnd in r["rounds"]]
+        assert len(principles) == 3 and len(set(principles)) == 3
+        assert r["chosen"] == r["rounds"][-1]["revision"]
+        assert len(r["meta"]["finish_reasons"]["revision"]) == 3
+
+
+def test_sampling_all_makes_one_record_per_principle(tiny_model, tmp_path):
+    out = tmp_path / "pairs.jsonl"
+    result = run("generate", EXAMPLES, "--model", tiny_model, "-o", out, "--limit", "2",
+                 "--constitution", DATA / "three.yaml", "--sampling", "all", *FAST)
+    assert result.exit_code == 0, result.output
+    records = read_jsonl(out)
+    assert len(records) == 6
+    assert {r["id"] for r in records} == {f"{p}/{q}" for p in ("ex-lockpick", "ex-bread")
+                                          for q in ("be-kind", "be-safe", "be-brief")}
+
+
+def test_text_prompts_from_stdin(tiny_model, tmp_path):
+    out = tmp_path / "pairs.jsonl"
+    result = run("generate", "-", "--model", tiny_model, "-o", out, *FAST,
+                 input="How are you?\n\nTell me a story.\n")
+    assert result.exit_code == 0, result.output
+    records = read_jsonl(out)
+    assert [r["prompt"] for r in records] == ["How are you?", "Tell me a story."]
+    assert len({r["id"] for r in records}) == 2
+
+
+def test_resume_appends_only_missing_prompts(tiny_model, tmp_path):
+    out = tmp_path / "pairs.jsonl"
+    assert run("generate", EXAMPLES, "--model", tiny_model, "-o", out, "--limit", "3", *FAST).exit_code == 0
+    first = read_jsonl(out)
+    refused = run("generate", EXAMPLES, "--model", tiny_model, "-o", out, *FAST)
+    assert refused.exit_code == 2
+    assert "--resume" in refused.stderr
+    assert read_jsonl(out) == first, "a refused run must leave the file untouched"
+    resumed = run("generate", EXAMPLES, "--model", tiny_model, "-o", out, "--resume", *FAST)
+    assert resumed.exit_code == 0, resumed.output
+    records = read_jsonl(out)
+    assert records[:3] == first
+    assert len(records) == 8 and len({r["id"] for r in records}) == 8
+
+
+def test_resume_cuts_a_torn_last_line(tiny_model, tmp_path):
+    out = tmp_path / "pairs.jsonl"
+    assert run("generate", EXAMPLES, "--model", tiny_model, "-o", out, "--limit", "2", *FAST).exit_code == 0
+    with out.open("a") as fp:
+        fp.write('{"id": "ex-insult", "prompt": "Wri')
+    result = run("generate", EXAMPLES, "--model", tiny_model, "-o", out, "--limit", "3", "--resume", *FAST)
+    assert result.exit_code == 0, result.output
+    assert [r["id"] for r in read_jsonl(out)] == ["ex-lockpick", "ex-bread", "ex-insult"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--constitution", DATA / "bad_key.yaml"], "bad_key.yaml:8:5: principles[1].critque: unknown key; did you mean 'critique'?"),
+    (["--constitution", "harmles"], "did you mean 'harmless'?"),
+    (["--model", "./no/such/model"], "./no/such/model: no such model folder"),
+    (["--prompt-field", "question"], "prompts.jsonl:1: question: missing"),
+    (["--resume", "-o", "-"], "--resume needs an output file"),
+    (["--top-p", "0"], "--top-p must be greater than 0"),
+])
+def test_bad_input_is_one_line_and_exit_2(tiny_model, args, message):
+    result = run("generate", EXAMPLES, "--model", tiny_model, *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": "fine"}\n{"prompt": "broken\n', "prompts.jsonl:2: invalid JSON"),
+    ('{"prompt": "fine"}\n{"prompt": "   "}\n', "prompts.jsonl:2: prompt: empty prompt"),
+    ('{"prompt": 3}\n', "prompts.jsonl:1: prompt: expected a string, got int"),
+    ('{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}\n', "prompts.jsonl:2: id: duplicate id 'a' (first on line 1)"),
+    ('[1, 2]\n', "prompts.jsonl:1: expected a JSON object, got list"),
+])
+def test_bad_prompt_files(tiny_model, tmp_path, content, message):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(content)
+    out = tmp_path / "out.jsonl"
+    result = run("generate", prompts, "--model", tiny_model, "-o", out)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert not out.exists(), "input is checked before the output is opened"
+
+
+def test_non_utf8_prompts(tiny_model, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"fine\ncaf\xe9\n")
+    result = run("generate", prompts, "--model", tiny_model)
+    assert result.exit_code == 2
+    assert "prompts.txt:2: not valid UTF-8 text" in result.stderr
+
+
+@pytest.mark.parametrize("command", [[], ["generate"], ["constitution"], ["constitution", "list"],
+                                     ["constitution", "validate"]])
+def test_help(command):
+    result = run(*command, "--help")
+    assert result.exit_code == 0
+    assert "Usage" in result.stdout
+    if command in ([], ["generate"]):
+        assert "Examples" in result.stdout
