@@ -189,6 +189,9 @@ class _Checker:
         if not isinstance(node, yaml.ScalarNode):
             self.add(node, f"expected {_article(rule.kind)}, got {_kind(node)}", where)
             return False, None
+        if not node.tag.startswith("tag:yaml.org,2002:") or node.tag.rsplit(":", 1)[-1] not in _PLAIN_TAGS:
+            self.add(node, f"unsupported YAML tag '{node.tag}'; only plain values are allowed", where)
+            return False, None
         value = _construct(node)
         if rule.kind == "str":
             if not isinstance(value, str) or node.tag != "tag:yaml.org,2002:str":
@@ -209,6 +212,9 @@ class _Checker:
                 return False, None
             return True, float(value)
         raise AssertionError(rule.kind)
+
+
+_PLAIN_TAGS = ("str", "int", "float", "bool", "null")
 
 
 def _construct(node: yaml.ScalarNode) -> Any:

