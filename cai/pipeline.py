@@ -74,10 +74,10 @@ class Pipeline:
         self._step(work, "response", on_stage)
         for round_no in range(1, self.config.revisions + 1):
             for w in work:
-                w.messages.append(self.builder.critique_request(w.job.principles[round_no - 1], round_no))
+                w.messages.append(self.builder.critique_request(w.job.principles[round_no - 1], round_no, w.job.prompt.text))
             self._step(work, f"critique {round_no}", on_stage)
             for w in work:
-                w.messages.append(self.builder.revision_request(w.job.principles[round_no - 1], round_no))
+                w.messages.append(self.builder.revision_request(w.job.principles[round_no - 1], round_no, w.job.prompt.text))
             self._step(work, f"revision {round_no}", on_stage)
         return [self._record(w) for w in work]
 

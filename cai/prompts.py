@@ -3,8 +3,8 @@
 A template set is a folder of Jinja2 files, shipped ones under `prompts/<name>/`:
   system.jinja    optional system message (empty output: no system message)
   prompt.jinja    the user turn made from the input prompt          vars: prompt
-  critique.jinja  the user turn that asks for a critique            vars: principle, round
-  revision.jinja  the user turn that asks for a rewrite             vars: principle, round
+  critique.jinja  the user turn that asks for a critique            vars: principle, round, prompt
+  revision.jinja  the user turn that asks for a rewrite             vars: principle, round, prompt
 Templates render in a sandbox (no access to Python objects) and fail on undefined variables.
 """
 
@@ -69,11 +69,12 @@ def load_templates(spec: str = "default") -> Templates:
     """A shipped template set by name, or a folder of .jinja files. Every template is compiled
     and rendered once with sample values, so a broken one fails before any model is loaded."""
     folder = Path(spec).expanduser()
+    name = str(folder)
     if not folder.is_dir():
         shipped = shipped_templates()
         if spec not in shipped:
             raise TemplateError(spec, f"no such template folder; shipped: {', '.join(shipped)}")
-        folder = shipped[spec]
+        folder, name = shipped[spec], spec
     env = _environment()
     sources: dict[str, str] = {}
     compiled: dict[str, jinja2.Template] = {}
@@ -94,8 +95,7 @@ def load_templates(spec: str = "default") -> Templates:
         except jinja2.TemplateSyntaxError as exc:
             raise TemplateError(path, f"template syntax error: {exc.message}", line=exc.lineno) from None
         sources[key] = source
-    templates = Templates(name=folder.name if folder.parent != data_dir("prompts") else spec,
-                          sources=sources, compiled=compiled, paths=paths)
+    templates = Templates(name=name, sources=sources, compiled=compiled, paths=paths)
     sample = _SAMPLE_PRINCIPLE.as_template_vars()
     for key in TEMPLATE_NAMES:
         out = templates.render(key, prompt="sample prompt", principle=sample, round=1)
@@ -124,9 +124,9 @@ class ConversationBuilder:
             messages += [
                 self.user_prompt(example.prompt),
                 {"role": "assistant", "content": example.response},
-                self.critique_request(principle, 1),
+                self.critique_request(principle, 1, example.prompt),
                 {"role": "assistant", "content": example.critique},
-                self.revision_request(principle, 1),
+                self.revision_request(principle, 1, example.prompt),
                 {"role": "assistant", "content": example.revision},
             ]
         return messages
@@ -137,10 +137,10 @@ class ConversationBuilder:
     def opening(self, prompt: str) -> list[Message]:
         return [*self.prefix, self.user_prompt(prompt)]
 
-    def critique_request(self, principle: Principle, round_no: int) -> Message:
-        text = self.templates.render("critique", principle=principle.as_template_vars(), round=round_no)
+    def critique_request(self, principle: Principle, round_no: int, prompt: str) -> Message:
+        text = self.templates.render("critique", principle=principle.as_template_vars(), round=round_no, prompt=prompt)
         return {"role": "user", "content": text}
 
-    def revision_request(self, principle: Principle, round_no: int) -> Message:
-        text = self.templates.render("revision", principle=principle.as_template_vars(), round=round_no)
+    def revision_request(self, principle: Principle, round_no: int, prompt: str) -> Message:
+        text = self.templates.render("revision", principle=principle.as_template_vars(), round=round_no, prompt=prompt)
         return {"role": "user", "content": text}

@@ -28,7 +28,7 @@ def test_conversation_has_prefix_then_prompt():
     assert messages[-1] == {"role": "user", "content": "Hello?"}
     assert [m["role"] for m in messages[1:7]] == ["user", "assistant"] * 3
     assert c.few_shot[0].critique == messages[4]["content"]
-    request = builder.critique_request(c.principles[0], 1)
+    request = builder.critique_request(c.principles[0], 1, "Hello?")
     assert request["role"] == "user" and c.principles[0].critique in request["content"]
 
 
