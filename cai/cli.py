@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
+from contextlib import nullcontext
 import time
 from enum import Enum
 from pathlib import Path
@@ -166,7 +168,7 @@ def generate(
     # Open the output before loading the model: an unwritable path fails in a second, not a minute.
     writer = RecordWriter(output, append=bool(done))
     try:
-        with err.status(f"loading {model_name}…", spinner="dots") if not quiet else _nothing():
+        with err.status(f"loading {model_name}…", spinner="dots") if not quiet else nullcontext():
             backend = HFBackend(source, model_name, HFOptions(device=device.value, dtype=dtype.value,
                                                               trust_remote_code=trust_remote_code))
         pipeline = Pipeline(backend, constitution_obj, template_set, config)
@@ -174,6 +176,10 @@ def generate(
         if done:
             log.info("resuming %s: %d records already there, %d to go", output, len(done), len(jobs))
         stats = _run(pipeline, jobs, writer, quiet)
+    except BrokenPipeError:
+        # The reader went away (`cai generate … -o - | head`): stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(141) from None
     except KeyboardInterrupt:
         writer.close()
         where = output if output != "-" else "stdout"
@@ -183,14 +189,6 @@ def generate(
     writer.close()
     if not quiet:
         _summary(stats, output, constitution_obj.ref, model_name, len(done))
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _run(pipeline, jobs, writer, quiet: bool) -> dict:

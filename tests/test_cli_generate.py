@@ -175,3 +175,14 @@ def test_help(command):
     assert "Usage" in result.stdout
     if command in ([], ["generate"]):
         assert "Examples" in result.stdout
+
+
+def test_closed_pipe_stops_quietly(tiny_model):
+    """`cai generate … -o - | head -n 2`: no traceback when head goes away."""
+    command = (f"{sys.executable} -m cai generate {EXAMPLES} --model {tiny_model} -o - "
+               f"--max-new-tokens 6 --batch-size 4 | head -n 2")
+    proc = subprocess.run(["bash", "-c", f"set -o pipefail; {command}"], capture_output=True, text=True, timeout=300)
+    assert len(proc.stdout.splitlines()) == 2
+    assert all(json.loads(line) for line in proc.stdout.splitlines())
+    assert "Traceback" not in proc.stderr and "Error" not in proc.stderr, proc.stderr
+    assert proc.returncode == 141
