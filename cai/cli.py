@@ -112,6 +112,7 @@ def generate(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Token limit of each generated turn.")] = 256,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="Sampling temperature; 0 is greedy.")] = 0.7,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold (0 < p ≤ 1).")] = 0.95,
+    few_shot: Annotated[bool, typer.Option("--few-shot/--no-few-shot", help="Show the constitution's worked examples to the model as earlier turns.")] = True,
     limit: Annotated[Optional[int], typer.Option("--limit", "-n", min=1, help="Use only the first N prompts.", show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Append to an existing output, skipping ids it already holds.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
@@ -159,7 +160,7 @@ def generate(
     config = RunConfig(
         revisions=revisions or constitution_obj.defaults.revisions,
         sampling=(sampling.value if sampling else constitution_obj.defaults.sampling),
-        seed=seed, batch_size=batch_size,
+        seed=seed, batch_size=batch_size, few_shot=few_shot,
         params=SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p),
     )
     source, model_name = resolve_model(model)
@@ -254,12 +255,45 @@ def constitution_list() -> None:
     Console().print(table)
 
 
+@constitution_app.command("show")
+@reports_errors
+def constitution_show(
+    spec: Annotated[str, typer.Argument(metavar="NAME|PATH", help="A shipped name or a path to a YAML file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the parsed constitution as JSON.")] = False,
+) -> None:
+    """The principles of a constitution, as a table (or JSON for machines)."""
+    import json
+    from dataclasses import asdict
+
+    from cai.constitution import load_constitution
+
+    c = load_constitution(spec)
+    if as_json:
+        print(json.dumps({"ref": c.ref, **asdict(c)}, ensure_ascii=False, indent=2))
+        return
+    out = Console()
+    out.print(f"[bold]{c.name}[/bold] {c.ref}  version {c.version}  ({c.path})", highlight=False)
+    if c.description:
+        out.print(c.description, highlight=False)
+    out.print(f"defaults: revisions={c.defaults.revisions} sampling={c.defaults.sampling}; "
+              f"{len(c.few_shot)} few-shot example(s)", highlight=False)
+    table = Table(show_header=True, show_lines=True)
+    table.add_column("id", no_wrap=True)
+    table.add_column("weight")
+    for column in ("tags", "critique", "revision"):
+        table.add_column(column, overflow="fold")
+    for p in c.principles:
+        table.add_row(p.id, f"{p.weight:g}", ", ".join(p.tags), p.critique, p.revision)
+    out.print(table)
+
+
 @constitution_app.command("validate")
 @reports_errors
 def constitution_validate(
     paths: Annotated[list[str], typer.Argument(help="Constitution files (or shipped names) to check.")],
 ) -> None:
-    """Check constitution files; exit 0 when all are valid, 2 otherwise."""
+    """Check constitution files and print every problem; exit 0 when all are valid, 2 otherwise
+    (fit for pre-commit)."""
     from cai.constitution import load_constitution
     from cai.errors import ConstitutionError
 
@@ -269,17 +303,50 @@ def constitution_validate(
             c = load_constitution(spec)
         except ConstitutionError as exc:
             failed += 1
-            for problem in getattr(exc, "problems", None) or [None]:
-                if problem is None:
-                    err.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
-                else:
-                    where = f"{exc.path}:{problem.line}:{problem.column}"
-                    what = f"{problem.field}: {problem.message}" if problem.field else problem.message
-                    err.print(f"[bold red]error:[/bold red] {where}: {what}", highlight=False)
+            problems = getattr(exc, "problems", None)
+            if not problems:
+                err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+            for problem in problems or []:
+                where = f"{exc.path}:{problem.line}:{problem.column}"
+                what = f"{problem.field}: {problem.message}" if problem.field else problem.message
+                err.print(f"[bold red]error:[/bold red] {where}: {what}", highlight=False, soft_wrap=True)
             continue
         err.print(f"[green]ok[/green] {spec}: {c.ref}, {len(c.principles)} principles", highlight=False)
     if failed:
         raise typer.Exit(2)
+
+
+@constitution_app.command("schema")
+def constitution_schema() -> None:
+    """Print the JSON Schema of constitution files (for yaml-language-server and other editors)."""
+    import json
+
+    from cai.constitution import json_schema
+
+    print(json.dumps(json_schema(), indent=2, ensure_ascii=False))
+
+
+@constitution_app.command("init")
+@reports_errors
+def constitution_init(
+    path: Annotated[str, typer.Argument(help="Where to write the starter file (- for stdout).")] = "constitution.yaml",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a commented starter constitution that validates, ready to edit."""
+    from cai.constitution import starter_text
+
+    text = starter_text()
+    if path == "-":
+        sys.stdout.write(text)
+        return
+    target = Path(path)
+    if target.exists() and not force:
+        raise UsageError(f"{path}: file exists; pass --force to overwrite it")
+    try:
+        target.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot write: {exc.strerror}") from None
+    err.print(f"wrote {path}; check your edits with: cai constitution validate {path}", highlight=False)
 
 
 def main() -> None:

@@ -93,32 +93,71 @@ class _Field:
     kind: str                 # "str" | "int" | "number" | "list[str]" | "mapping" | "list"
     required: bool = False
     nonempty: bool = True
+    help: str = ""
+    schema: dict = field(default_factory=dict)    # extra JSON Schema keywords (enum, minimum…)
 
 
 _TOP = {
-    "name": _Field("str", required=True),
-    "version": _Field("int"),
-    "description": _Field("str", nonempty=False),
-    "defaults": _Field("mapping"),
-    "principles": _Field("list", required=True),
-    "few_shot": _Field("list"),
+    "name": _Field("str", required=True, help="Short id of this constitution; records carry name@sha256-prefix."),
+    "version": _Field("int", help="Your own version number for this file.", schema={"minimum": 1}),
+    "description": _Field("str", nonempty=False, help="One line on what this constitution is for."),
+    "defaults": _Field("mapping", help="Run settings used when the command line does not give them."),
+    "principles": _Field("list", required=True, help="The principles; each drives one critique → revise round."),
+    "few_shot": _Field("list", help="Worked examples shown to the model as earlier turns of every conversation."),
 }
-_DEFAULTS = {"revisions": _Field("int"), "sampling": _Field("str")}
+_DEFAULTS = {
+    "revisions": _Field("int", help="Critique → revise rounds per prompt (--revisions).", schema={"minimum": 1}),
+    "sampling": _Field("str", help="random: one weighted draw per prompt; all: every principle, one record each; "
+                                   "cycle: round robin (--sampling).", schema={"enum": list(SAMPLING_MODES)}),
+}
 _PRINCIPLE = {
-    "id": _Field("str", required=True),
-    "critique": _Field("str", required=True),
-    "revision": _Field("str", required=True),
-    "choice": _Field("str"),
-    "tags": _Field("list[str]", nonempty=False),
-    "weight": _Field("number"),
+    "id": _Field("str", required=True, help="Unique slug: lowercase letters, digits and '-'.",
+                 schema={"pattern": SLUG.pattern}),
+    "critique": _Field("str", required=True, help="The request that asks the model to critique its last response."),
+    "revision": _Field("str", required=True, help="The request that asks the model to rewrite its last response."),
+    "choice": _Field("str", help="Question a judge model answers when comparing two responses."),
+    "tags": _Field("list[str]", nonempty=False, help="Free labels for grouping and reports."),
+    "weight": _Field("number", help="Relative chance of being drawn by random sampling (> 0).",
+                     schema={"exclusiveMinimum": 0}),
 }
 _FEW_SHOT = {
-    "prompt": _Field("str", required=True),
-    "response": _Field("str", required=True),
-    "critique": _Field("str", required=True),
-    "revision": _Field("str", required=True),
-    "principle": _Field("str"),
+    "prompt": _Field("str", required=True, help="The user's request."),
+    "response": _Field("str", required=True, help="A first answer (becomes the rejected side in spirit)."),
+    "critique": _Field("str", required=True, help="A critique of that answer under the principle."),
+    "revision": _Field("str", required=True, help="The rewritten answer alone, with no preamble."),
+    "principle": _Field("str", help="Id of the principle this example demonstrates (default: the first).",
+                        schema={"pattern": SLUG.pattern}),
 }
+
+
+def _object_schema(spec: dict[str, _Field], items: dict[str, dict] | None = None) -> dict:
+    props = {}
+    for key, rule in spec.items():
+        if key in (items or {}):
+            prop = items[key]
+        elif rule.kind == "str":
+            prop = {"type": "string", **({"minLength": 1} if rule.nonempty else {})}
+        elif rule.kind == "int":
+            prop = {"type": "integer"}
+        elif rule.kind == "number":
+            prop = {"type": "number"}
+        else:  # list[str]
+            prop = {"type": "array", "items": {"type": "string"}}
+        props[key] = {"description": rule.help, **prop, **rule.schema}
+    required = [k for k, rule in spec.items() if rule.required]
+    return {"type": "object", "additionalProperties": False, "properties": props,
+            **({"required": required} if required else {})}
+
+
+def json_schema() -> dict:
+    """JSON Schema of the constitution format, built from the same field specs as validation,
+    so editors (yaml-language-server) check exactly what `cai` checks, bar cross-references."""
+    schema = _object_schema(_TOP, items={
+        "defaults": _object_schema(_DEFAULTS),
+        "principles": {"type": "array", "minItems": 1, "items": _object_schema(_PRINCIPLE)},
+        "few_shot": {"type": "array", "minItems": 1, "items": _object_schema(_FEW_SHOT)},
+    })
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "cai constitution", **schema}
 
 
 @dataclass
@@ -166,6 +205,9 @@ class _Checker:
         return values
 
     def value(self, node: yaml.Node, rule: _Field, where: str) -> tuple[bool, Any]:
+        if not node.tag.startswith("tag:yaml.org,2002:") or node.tag.rsplit(":", 1)[-1] not in _PLAIN_TAGS:
+            self.add(node, f"unsupported YAML tag '{node.tag}'; only plain values are allowed", where)
+            return False, None
         if rule.kind in ("mapping", "list"):
             want = yaml.MappingNode if rule.kind == "mapping" else yaml.SequenceNode
             if not isinstance(node, want):
@@ -189,9 +231,6 @@ class _Checker:
         if not isinstance(node, yaml.ScalarNode):
             self.add(node, f"expected {_article(rule.kind)}, got {_kind(node)}", where)
             return False, None
-        if not node.tag.startswith("tag:yaml.org,2002:") or node.tag.rsplit(":", 1)[-1] not in _PLAIN_TAGS:
-            self.add(node, f"unsupported YAML tag '{node.tag}'; only plain values are allowed", where)
-            return False, None
         value = _construct(node)
         if rule.kind == "str":
             if not isinstance(value, str) or node.tag != "tag:yaml.org,2002:str":
@@ -214,7 +253,7 @@ class _Checker:
         raise AssertionError(rule.kind)
 
 
-_PLAIN_TAGS = ("str", "int", "float", "bool", "null")
+_PLAIN_TAGS = ("str", "int", "float", "bool", "null", "map", "seq")
 
 
 def _construct(node: yaml.ScalarNode) -> Any:
@@ -253,6 +292,8 @@ def parse_constitution(text: str | bytes, path: str = "<string>") -> Constitutio
         message = (exc.problem or exc.context or "invalid YAML").strip()
         if "\t" in message or "'\\t'" in message:
             message = "tab character; indent YAML with spaces"
+        elif exc.context and exc.context_mark and exc.problem_mark and exc.context_mark.line != exc.problem_mark.line:
+            message += f" {exc.context} that starts at line {exc.context_mark.line + 1}"
         line = mark.line + 1 if mark else None
         column = mark.column + 1 if mark else None
         raise ConstitutionError(path, f"YAML syntax error: {message}", line=line, column=column) from None
@@ -296,6 +337,9 @@ def parse_constitution(text: str | bytes, path: str = "<string>") -> Constitutio
                 choice=values.get("choice", (None,))[0], tags=values.get("tags", ((),))[0],
                 weight=weight[0]))
 
+    if "version" in top and top["version"][0] < 1:
+        checker.add(top["version"][1], "must be at least 1", "version")
+
     few_shot: list[FewShot] = []
     if "few_shot" in top:
         for i, item in enumerate(top["few_shot"][0].value):
@@ -311,7 +355,9 @@ def parse_constitution(text: str | bytes, path: str = "<string>") -> Constitutio
 
     if checker.problems:
         first = checker.problems[0]
-        error = ConstitutionError(path, first.message, line=first.line, column=first.column, field=first.field)
+        more = len(checker.problems) - 1
+        message = first.message + (f" (and {more} more: cai constitution validate {path})" if more else "")
+        error = ConstitutionError(path, message, line=first.line, column=first.column, field=first.field)
         error.problems = checker.problems
         raise error
     return Constitution(
@@ -322,6 +368,17 @@ def parse_constitution(text: str | bytes, path: str = "<string>") -> Constitutio
 
 def shipped_constitutions() -> dict[str, Path]:
     return {p.stem: p for p in sorted(data_dir("constitutions").glob("*.yaml"))}
+
+
+def starter_text() -> str:
+    """The `minimal` constitution with its schema comment pointing at the installed schema, as
+    the starting point of `cai constitution init`."""
+    folder = data_dir("constitutions")
+    text = (folder / "minimal.yaml").read_text(encoding="utf-8")
+    lines = text.splitlines(keepends=True)
+    if lines and lines[0].startswith("# yaml-language-server:"):
+        lines[0] = f"# yaml-language-server: $schema={(folder / 'schema.json').as_uri()}\n"
+    return "".join(lines).replace("name: minimal\n", "name: my-constitution\n", 1)
 
 
 def resolve_constitution_path(spec: str) -> Path:

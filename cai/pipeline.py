@@ -21,6 +21,7 @@ class RunConfig:
     sampling: str = "random"
     seed: int = 0
     batch_size: int = 8
+    few_shot: bool = True
     params: SamplingParams = SamplingParams()
 
 
@@ -49,7 +50,7 @@ class Pipeline:
         self.constitution = constitution
         self.templates = templates
         self.config = config
-        self.builder = ConversationBuilder(constitution, templates)
+        self.builder = ConversationBuilder(constitution, templates, few_shot=config.few_shot)
 
     def plan(self, prompts: Iterable[PromptItem], skip: set[str] = frozenset()) -> list[Job]:
         """The records this run will make, minus those already done (`skip`, by record id)."""
@@ -111,7 +112,7 @@ class Pipeline:
                 "templates": self.templates.ref,
                 "seed": self.config.seed,
                 "params": {**self.config.params.to_dict(), "revisions": self.config.revisions,
-                           "sampling": self.config.sampling},
+                           "sampling": self.config.sampling, "few_shot": self.config.few_shot},
                 "finish_reasons": {
                     "response": response.finish_reason,
                     "critique": [turns[2 * i].finish_reason for i in range(len(rounds))],

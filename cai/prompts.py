@@ -109,17 +109,17 @@ class ConversationBuilder:
     then critique and revision requests. The prefix (system + few-shot) is the same for every
     prompt, so it is built once."""
 
-    def __init__(self, constitution: Constitution, templates: Templates):
+    def __init__(self, constitution: Constitution, templates: Templates, few_shot: bool = True):
         self.constitution = constitution
         self.templates = templates
-        self.prefix: tuple[Message, ...] = tuple(self._prefix())
+        self.prefix: tuple[Message, ...] = tuple(self._prefix(few_shot))
 
-    def _prefix(self) -> list[Message]:
+    def _prefix(self, few_shot: bool) -> list[Message]:
         messages: list[Message] = []
         system = self.templates.render("system", prompt="", principle=None, round=0)
         if system:
             messages.append({"role": "system", "content": system})
-        for example in self.constitution.few_shot:
+        for example in self.constitution.few_shot if few_shot else ():
             principle = self.constitution.few_shot_principle(example)
             messages += [
                 self.user_prompt(example.prompt),
