@@ -114,8 +114,13 @@ def generate(
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold (0 < p ≤ 1).")] = 0.95,
     few_shot: Annotated[bool, typer.Option("--few-shot/--no-few-shot", help="Show the constitution's worked examples to the model as earlier turns.")] = True,
     limit: Annotated[Optional[int], typer.Option("--limit", "-n", min=1, help="Use only the first N prompts.", show_default=False)] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Append to an existing output, skipping ids it already holds.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an existing output (the default when it holds records of the same run): skip the ids it holds, append the rest.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Append to an output that holds records of a different run config.")] = False,
+    skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="Skip (and count) malformed input lines instead of stopping.")] = False,
+    truncate_long: Annotated[bool, typer.Option("--truncate-long", help="Cut prompts too long for the model's context instead of skipping them.")] = False,
+    plain_chat_format: Annotated[bool, typer.Option("--plain-chat-format", help="For a tokenizer without a chat template: use cai's plain 'User:/Assistant:' format.")] = False,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow pickle (.bin) checkpoints, which can run code: only for models you trust.")] = False,
     device: Annotated[Device, typer.Option("--device", help="Where the model runs.")] = Device.auto,
     dtype: Annotated[DType, typer.Option("--dtype", help="Weights dtype; auto is float32 on CPU, bfloat16/float16 on GPU.")] = DType.auto,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model's repository to run.")] = False,
@@ -128,9 +133,10 @@ def generate(
     """
     from cai.backends.base import SamplingParams
     from cai.constitution import load_constitution
-    from cai.io import RecordWriter, read_done_ids, read_prompts
+    from cai.errors import InputError
+    from cai.io import RecordWriter, read_prompts, scan_output
     from cai.models import resolve_model
-    from cai.pipeline import Pipeline, RunConfig
+    from cai.pipeline import Pipeline, RunConfig, fingerprint_differences, run_fingerprint
     from cai.prompts import load_templates
 
     _setup_logging(quiet)
@@ -143,19 +149,14 @@ def generate(
 
     constitution_obj = load_constitution(constitution)
     template_set = load_templates(templates)
-    items = read_prompts(prompts, prompt_field=prompt_field)
+    invalid: list[InputError] = []
+    items = read_prompts(prompts, prompt_field=prompt_field, invalid=invalid if skip_invalid else None)
+    for error in invalid[:5]:
+        log.warning("skipped: %s", error)
+    if len(invalid) > 5:
+        log.warning("skipped %d more invalid lines", len(invalid) - 5)
     if limit is not None:
         items = items[:limit]
-
-    done: set[str] = set()
-    out_path = Path(output)
-    if output != "-":
-        if out_path.is_dir():
-            raise UsageError(f"-o {output}: is a directory")
-        if out_path.exists() and out_path.stat().st_size > 0 and not overwrite:
-            if not resume:
-                raise UsageError(f"-o {output}: file exists; pass --resume to continue it or --overwrite to replace it")
-            done = read_done_ids(out_path)
 
     config = RunConfig(
         revisions=revisions or constitution_obj.defaults.revisions,
@@ -164,36 +165,101 @@ def generate(
         params=SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p),
     )
     source, model_name = resolve_model(model)
+
+    # An existing output is continued when it holds records of this same run, refused otherwise.
+    done: set[str] = set()
+    append_at = None
+    out_path = Path(output)
+    if output != "-":
+        if out_path.is_dir():
+            raise UsageError(f"-o {output}: is a directory")
+        if out_path.exists() and out_path.stat().st_size > 0 and not overwrite:
+            existing = scan_output(out_path)
+            changed = fingerprint_differences(existing.first, run_fingerprint(
+                model_name, constitution_obj, template_set, config)) if existing.first else []
+            if changed and not force:
+                raise UsageError(f"-o {output}: holds records of a different run ({'; '.join(changed)}); "
+                                 "use another -o, --overwrite to replace it, or --force to append anyway")
+            done, append_at = existing.ids, existing.whole_bytes
+            log.info("resuming %s: %d records already there%s", output, len(done),
+                     " (cutting a torn last line)" if existing.torn else "")
+
     from cai.backends.hf import HFBackend, HFOptions
 
     # Open the output before loading the model: an unwritable path fails in a second, not a minute.
-    writer = RecordWriter(output, append=bool(done))
+    writer = RecordWriter(output, append_at=append_at)
+    stopper = _GracefulStop()
     try:
         with err.status(f"loading {model_name}…", spinner="dots") if not quiet else nullcontext():
-            backend = HFBackend(source, model_name, HFOptions(device=device.value, dtype=dtype.value,
-                                                              trust_remote_code=trust_remote_code))
+            backend = HFBackend(source, model_name, HFOptions(
+                device=device.value, dtype=dtype.value, trust_remote_code=trust_remote_code,
+                allow_pickle=allow_pickle, plain_chat_format=plain_chat_format))
         pipeline = Pipeline(backend, constitution_obj, template_set, config)
-        jobs = pipeline.plan(items, skip=done)
+        jobs, left_out = pipeline.plan(items, skip=done, truncate_long=truncate_long)
+        for item, reason in left_out[:5]:
+            log.warning("skipped: %s:%d: %s (--truncate-long cuts such prompts to fit)",
+                        "<stdin>" if prompts == "-" else prompts, item.line, reason)
         if done:
-            log.info("resuming %s: %d records already there, %d to go", output, len(done), len(jobs))
-        stats = _run(pipeline, jobs, writer, quiet)
+            log.info("%d records to go", len(jobs))
+        with stopper:
+            stats = _run(pipeline, jobs, writer, quiet, stopper)
     except BrokenPipeError:
         # The reader went away (`cai generate … -o - | head`): stop quietly, as Unix tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise typer.Exit(141) from None
     except KeyboardInterrupt:
         writer.close()
-        where = output if output != "-" else "stdout"
-        err.print(f"[yellow]interrupted[/yellow]: {writer.count} records written to {where}."
-                  + (" Run the same command with --resume to continue." if output != "-" else ""))
+        _interrupted(writer.count, output)
         raise typer.Exit(130) from None
     writer.close()
+    stats.update(skipped_invalid=len(invalid), skipped_long=len(left_out), resumed=len(done))
+    if stats["stopped"]:
+        _interrupted(writer.count, output)
+        raise typer.Exit(130)
     if not quiet:
-        _summary(stats, output, constitution_obj.ref, model_name, len(done))
+        _summary(stats, output, constitution_obj.ref, model_name)
 
 
-def _run(pipeline, jobs, writer, quiet: bool) -> dict:
-    stats = {"records": 0, "changed": 0, "tokens": 0, "truncated": 0, "start": time.monotonic()}
+def _interrupted(count: int, output: str) -> None:
+    where = output if output != "-" else "stdout"
+    err.print(f"[yellow]interrupted[/yellow]: {count} records written to {where}."
+              + (" Run the same command again to continue where it stopped." if output != "-" else ""),
+              highlight=False)
+
+
+class _GracefulStop:
+    """First Ctrl-C: finish the batch in flight, write it, stop. Second Ctrl-C: stop at once
+    (records already written stay whole: each is one write of one line)."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        err.print("[yellow]stopping after the batch in flight[/yellow] (Ctrl-C again to stop at once)")
+
+    def __enter__(self):
+        import signal
+
+        if self.enabled:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.enabled:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def _run(pipeline, jobs, writer, quiet: bool, stopper: _GracefulStop) -> dict:
+    stats = {"records": 0, "changed": 0, "tokens": 0, "truncated": 0, "stopped": False,
+             "start": time.monotonic()}
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"), TextColumn("[dim]ETA[/dim]"), TimeRemainingColumn(),
@@ -216,12 +282,15 @@ def _run(pipeline, jobs, writer, quiet: bool) -> dict:
             elapsed = time.monotonic() - stats["start"]
             progress.update(task, advance=len(records), rate=(
                 f"{stats['records'] / elapsed * 60:.1f} pairs/min · {stats['tokens'] / elapsed:.1f} tok/s"))
+            if stopper.requested:
+                stats["stopped"] = True
+                break
         progress.update(task, description="prompts")
     stats["elapsed"] = time.monotonic() - stats["start"]
     return stats
 
 
-def _summary(stats: dict, output: str, constitution_ref: str, model_name: str, skipped: int) -> None:
+def _summary(stats: dict, output: str, constitution_ref: str, model_name: str) -> None:
     elapsed = max(stats["elapsed"], 1e-9)
     table = Table(title="cai generate", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -229,8 +298,12 @@ def _summary(stats: dict, output: str, constitution_ref: str, model_name: str, s
     table.add_row("model", model_name)
     table.add_row("constitution", constitution_ref)
     table.add_row("records written", str(stats["records"]))
-    if skipped:
-        table.add_row("already done (resume)", str(skipped))
+    if stats["resumed"]:
+        table.add_row("already there (resumed)", str(stats["resumed"]))
+    if stats["skipped_invalid"]:
+        table.add_row("invalid input lines skipped", str(stats["skipped_invalid"]))
+    if stats["skipped_long"]:
+        table.add_row("prompts too long for the context", str(stats["skipped_long"]))
     table.add_row("chosen ≠ rejected", f"{stats['changed']} of {stats['records']}")
     table.add_row("truncated (hit max tokens)", str(stats["truncated"]))
     table.add_row("generated tokens", f"{stats['tokens']:,}")

@@ -9,7 +9,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterable
+from typing import IO
 
 from cai.errors import InputError
 
@@ -20,7 +20,8 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 class PromptItem:
     id: str
     text: str
-    line: int          # 1-based line in the source, for messages
+    line: int                  # 1-based line in the source, for messages
+    truncated: bool = False    # cut to fit the model's context (--truncate-long)
 
 
 def prompt_id(text: str) -> str:
@@ -28,9 +29,11 @@ def prompt_id(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def read_prompts(source: str, prompt_field: str = "prompt", stdin: IO[bytes] | None = None) -> list[PromptItem]:
+def read_prompts(source: str, prompt_field: str = "prompt", stdin: IO[bytes] | None = None,
+                 invalid: list[InputError] | None = None) -> list[PromptItem]:
     """Every prompt of `source` (a path, or '-' for stdin), validated in full before any model
-    work starts, so a bad line 90,000 fails now rather than hours into a run."""
+    work starts, so a bad line 90,000 fails now rather than hours into a run. With an `invalid`
+    list, bad lines are collected there and skipped instead of raised."""
     name = "<stdin>" if source == "-" else source
     if source == "-":
         lines = (stdin or sys.stdin.buffer).read().splitlines(keepends=True)
@@ -44,21 +47,35 @@ def read_prompts(source: str, prompt_field: str = "prompt", stdin: IO[bytes] | N
             raise InputError(source, "no such file") from None
         except OSError as exc:
             raise InputError(source, f"cannot read: {exc.strerror}") from None
+    def bad(error: InputError) -> None:
+        if invalid is None:
+            raise error
+        invalid.append(error)
+
     decoded = []
     for number, raw in enumerate(lines, start=1):
         try:
             decoded.append((number, raw.decode("utf-8").rstrip("\r\n")))
         except UnicodeDecodeError:
-            raise InputError(name, "not valid UTF-8 text", line=number) from None
+            bad(InputError(name, "not valid UTF-8 text", line=number))
     if decoded and decoded[0][1].startswith("\ufeff"):
         decoded[0] = (decoded[0][0], decoded[0][1][1:])
     if _is_jsonl(source, decoded):
-        items = list(_from_jsonl(name, decoded, prompt_field))
+        items = []
+        for number, text in decoded:
+            try:
+                item = _parse_jsonl_line(name, number, text, prompt_field)
+            except InputError as error:
+                bad(error)
+                continue
+            if item:
+                items.append(item)
     else:
         items = [PromptItem(prompt_id(text.strip()), text.strip(), n) for n, text in decoded if text.strip()]
+    items = _unique(name, items, bad)
     if not items:
-        raise InputError(name, "no prompts found")
-    return _unique(name, items)
+        raise InputError(name, "no prompts found" + (f" ({len(invalid)} invalid lines skipped)" if invalid else ""))
+    return items
 
 
 def _is_jsonl(source: str, lines: list[tuple[int, str]]) -> bool:
@@ -70,34 +87,33 @@ def _is_jsonl(source: str, lines: list[tuple[int, str]]) -> bool:
     return first.lstrip().startswith("{")
 
 
-def _from_jsonl(name: str, lines: list[tuple[int, str]], prompt_field: str) -> Iterable[PromptItem]:
-    for number, text in lines:
-        if not text.strip():
-            continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(name, f"invalid JSON: {exc.msg} (column {exc.colno})", line=number) from None
-        if not isinstance(record, dict):
-            raise InputError(name, f"expected a JSON object, got {type(record).__name__}", line=number)
-        if prompt_field not in record:
-            fields = ", ".join(record) or "none"
-            raise InputError(name, f"missing (fields present: {fields}; choose one with --prompt-field)",
-                             line=number, field=prompt_field)
-        value = record[prompt_field]
-        if not isinstance(value, str):
-            raise InputError(name, f"expected a string, got {type(value).__name__}", line=number, field=prompt_field)
-        if not value.strip():
-            raise InputError(name, "empty prompt", line=number, field=prompt_field)
-        rid = record.get("id")
-        if rid is None:
-            rid = prompt_id(value.strip())
-        elif isinstance(rid, bool) or not isinstance(rid, (str, int)) or not str(rid).strip():
-            raise InputError(name, "expected a non-empty string or integer", line=number, field="id")
-        yield PromptItem(str(rid), value.strip(), number)
+def _parse_jsonl_line(name: str, number: int, text: str, prompt_field: str) -> PromptItem | None:
+    if not text.strip():
+        return None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(name, f"invalid JSON: {exc.msg} (column {exc.colno})", line=number) from None
+    if not isinstance(record, dict):
+        raise InputError(name, f"expected a JSON object, got {type(record).__name__}", line=number)
+    if prompt_field not in record:
+        fields = ", ".join(record) or "none"
+        raise InputError(name, f"missing (fields present: {fields}; choose one with --prompt-field)",
+                         line=number, field=prompt_field)
+    value = record[prompt_field]
+    if not isinstance(value, str):
+        raise InputError(name, f"expected a string, got {type(value).__name__}", line=number, field=prompt_field)
+    if not value.strip():
+        raise InputError(name, "empty prompt", line=number, field=prompt_field)
+    rid = record.get("id")
+    if rid is None:
+        rid = prompt_id(value.strip())
+    elif isinstance(rid, bool) or not isinstance(rid, (str, int)) or not str(rid).strip():
+        raise InputError(name, "expected a non-empty string or integer", line=number, field="id")
+    return PromptItem(str(rid), value.strip(), number)
 
 
-def _unique(name: str, items: list[PromptItem]) -> list[PromptItem]:
+def _unique(name: str, items: list[PromptItem], bad) -> list[PromptItem]:
     """Ids must be unique: resume and merging rely on them. A repeated prompt text (hashed id)
     gets a suffix (`-2`, `-3`); a repeated explicit id is an error."""
     seen: dict[str, int] = {}
@@ -105,8 +121,9 @@ def _unique(name: str, items: list[PromptItem]) -> list[PromptItem]:
     for item in items:
         if item.id in seen:
             if item.id != prompt_id(item.text):
-                raise InputError(name, f"duplicate id '{item.id}' (first on line {seen[item.id]})",
-                                 line=item.line, field="id")
+                bad(InputError(name, f"duplicate id '{item.id}' (first on line {seen[item.id]})",
+                               line=item.line, field="id"))
+                continue
             n = 2
             while f"{item.id}-{n}" in seen:
                 n += 1
@@ -116,27 +133,42 @@ def _unique(name: str, items: list[PromptItem]) -> list[PromptItem]:
     return out
 
 
-def read_done_ids(path: Path) -> set[str]:
-    """Ids already written to an output file. A torn last line (a killed run) is cut off so the
-    file ends on a whole record again; a broken line elsewhere is an error."""
-    done: set[str] = set()
-    with path.open("rb+") as fp:
-        offset = 0
+@dataclass
+class ExistingOutput:
+    """What an output file already holds: the ids written, the first record (to compare run
+    configs), and how many bytes are whole records (a torn last line from a killed run is cut
+    off when the file is reopened for appending)."""
+
+    ids: set[str]
+    first: dict | None
+    whole_bytes: int
+    torn: bool
+
+
+def scan_output(path: Path) -> ExistingOutput:
+    """Read an existing output without changing it. A broken line before the end is an error."""
+    ids: set[str] = set()
+    first = None
+    offset = 0
+    try:
+        fp = path.open("rb")
+    except OSError as exc:
+        raise InputError(path, f"cannot read existing output: {exc.strerror}") from None
+    with fp:
         for number, raw in enumerate(fp, start=1):
             try:
-                record = json.loads(raw)
                 if not raw.endswith(b"\n"):
                     raise ValueError("no newline")
-                done.add(str(record["id"]))
+                record = json.loads(raw)
+                ids.add(str(record["id"]))
             except (ValueError, KeyError, TypeError):
-                rest = fp.read()
-                if rest.strip():
+                if fp.read().strip():
                     raise InputError(path, "not a whole cai record; cannot resume from this file",
                                      line=number) from None
-                fp.truncate(offset)
-                break
+                return ExistingOutput(ids, first, offset, torn=True)
+            first = first or record
             offset += len(raw)
-    return done
+    return ExistingOutput(ids, first, offset, torn=False)
 
 
 class RecordWriter:
@@ -145,14 +177,18 @@ class RecordWriter:
     halves. (jsonlines' Writer writes the line and its newline in two calls, hence our own.)
     `sync` fsyncs at batch boundaries; `close` syncs too."""
 
-    def __init__(self, target: str, append: bool = False):
+    def __init__(self, target: str, append_at: int | None = None):
+        """`append_at`: keep that many bytes of an existing file and append after them (resume);
+        None starts the file afresh."""
         self.target = target
         if target == "-":
             self._fp = sys.stdout.buffer
             self._owned = False
         else:
             try:
-                self._fp = open(target, "ab" if append else "wb", buffering=0)
+                self._fp = open(target, "ab" if append_at is not None else "wb", buffering=0)
+                if append_at is not None and os.fstat(self._fp.fileno()).st_size > append_at:
+                    self._fp.truncate(append_at)
             except OSError as exc:
                 raise InputError(target, f"cannot write output: {exc.strerror}") from None
             self._owned = True

@@ -51,18 +51,76 @@ class Pipeline:
         self.templates = templates
         self.config = config
         self.builder = ConversationBuilder(constitution, templates, few_shot=config.few_shot)
+        self._fixed_cache: dict[tuple[Principle, ...], int] = {}
+        self._mentions: int | None = None
+        self._empty_turn = 0
 
-    def plan(self, prompts: Iterable[PromptItem], skip: set[str] = frozenset()) -> list[Job]:
-        """The records this run will make, minus those already done (`skip`, by record id)."""
-        jobs = []
+    def plan(self, prompts: Iterable[PromptItem], skip: set[str] = frozenset(),
+             truncate_long: bool = False) -> tuple[list[Job], list[tuple[PromptItem, str]]]:
+        """The records this run will make, minus those already done (`skip`, by record id), and
+        the prompts left out with the reason (a conversation that cannot fit the model's context
+        is skipped, or with `truncate_long` its prompt is cut to fit)."""
+        jobs: list[Job] = []
+        left_out: list[tuple[PromptItem, str]] = []
         for index, item in enumerate(prompts):
             plans = plan_principles(self.constitution, item.id, index, self.config.revisions,
                                     self.config.sampling, self.config.seed)
             for principles in plans:
                 record_id = item.id if self.config.sampling != "all" else f"{item.id}/{principles[0].id}"
-                if record_id not in skip:
-                    jobs.append(Job(record_id, item, tuple(principles)))
-        return jobs
+                if record_id in skip:
+                    continue
+                prompt, problem = self._fit(item, tuple(principles), truncate_long)
+                if problem:
+                    left_out.append((item, problem))
+                    break
+                jobs.append(Job(record_id, prompt, tuple(principles)))
+        return jobs, left_out
+
+    def _fit(self, item: PromptItem, principles: tuple[Principle, ...], truncate: bool) -> tuple[PromptItem, str | None]:
+        """The prompt as it will be used, or why it cannot be. The bound is the whole conversation:
+        the opening, every request, and every turn at --max-new-tokens."""
+        context = self.backend.context_length
+        if not context:
+            return item, None
+        room = context - self._fixed_tokens(principles)
+        used = self._prompt_tokens(item.text)
+        if used <= room:
+            return item, None
+        reason = (f"the whole conversation needs about {used + context - room} tokens, more than the model's "
+                  f"context of {context}")
+        if not truncate or room < 16:
+            return item, reason
+        text = item.text
+        while used > room:
+            text = text[: max(1, int(len(text) * room / used * 0.95))]
+            used = self._prompt_tokens(text)
+        return PromptItem(item.id, text, item.line, truncated=True), None
+
+    def _fixed_tokens(self, principles: tuple[Principle, ...]) -> int:
+        if principles not in self._fixed_cache:
+            conversation = self.builder.opening("")
+            for round_no, principle in enumerate(principles, start=1):
+                conversation += [{"role": "assistant", "content": ""},
+                                 self.builder.critique_request(principle, round_no, ""),
+                                 {"role": "assistant", "content": ""},
+                                 self.builder.revision_request(principle, round_no, "")]
+            turns = 1 + 2 * len(principles)
+            self._fixed_cache[principles] = (self.backend.count_tokens(conversation)
+                                             + turns * self.config.params.max_new_tokens + 8)
+        return self._fixed_cache[principles]
+
+    def _prompt_tokens(self, text: str) -> int:
+        """Tokens a prompt adds to a whole conversation: once in the user turn, and again in every
+        request whose template quotes the prompt."""
+        if self._mentions is None:
+            sentinel = "\x1fcai-prompt\x1f"
+            p = self.constitution.principles[0]
+            quoted = sum(sentinel in m["content"] for m in (self.builder.critique_request(p, 1, sentinel),
+                                                           self.builder.revision_request(p, 1, sentinel)))
+            self._mentions = 1 + self.config.revisions * quoted
+            self._empty_turn = self.backend.count_tokens([self.builder.user_prompt("")])
+        added = self.backend.count_tokens([self.builder.user_prompt(text)]) - self._empty_turn
+        return added * self._mentions
 
     def run(self, jobs: list[Job], on_stage: StageCallback | None = None) -> Iterator[list[dict]]:
         """Yields the records of each batch as soon as the batch is done."""
@@ -91,6 +149,9 @@ class Pipeline:
             w.messages.append({"role": "assistant", "content": completion.text})
             w.completions.append(completion)
 
+    def fingerprint(self) -> dict:
+        return run_fingerprint(self.backend.model_name, self.constitution, self.templates, self.config)
+
     def _record(self, w: _Work) -> dict:
         response, *turns = w.completions
         rounds = []
@@ -107,12 +168,8 @@ class Pipeline:
             "critique": last["critique"],
             "rounds": rounds,
             "meta": {
-                "model": self.backend.model_name,
-                "constitution": self.constitution.ref,
-                "templates": self.templates.ref,
-                "seed": self.config.seed,
-                "params": {**self.config.params.to_dict(), "revisions": self.config.revisions,
-                           "sampling": self.config.sampling, "few_shot": self.config.few_shot},
+                **self.fingerprint(),
+                **({"prompt_truncated": True} if w.job.prompt.truncated else {}),
                 "finish_reasons": {
                     "response": response.finish_reason,
                     "critique": [turns[2 * i].finish_reason for i in range(len(rounds))],
@@ -124,6 +181,32 @@ class Pipeline:
                 "cai": __version__,
             },
         }
+
+
+def run_fingerprint(model_name: str, constitution: Constitution, templates: Templates, config: RunConfig) -> dict:
+    """What makes two runs the same run: records may only be appended to a file whose records
+    carry the same fingerprint (it is part of every record's meta)."""
+    return {
+        "model": model_name,
+        "constitution": constitution.ref,
+        "templates": templates.ref,
+        "seed": config.seed,
+        "params": {**config.params.to_dict(), "revisions": config.revisions,
+                   "sampling": config.sampling, "few_shot": config.few_shot},
+    }
+
+
+def fingerprint_differences(record: dict, fingerprint: dict) -> list[str]:
+    """How the run that wrote `record` differs from `fingerprint` ('model: a → b', …)."""
+    meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
+    found = []
+    for key, value in fingerprint.items():
+        if key == "params":
+            old = meta.get("params") if isinstance(meta.get("params"), dict) else {}
+            found += [f"{k}: {old.get(k)!r} → {v!r}" for k, v in value.items() if old.get(k) != v]
+        elif meta.get(key) != value:
+            found.append(f"{key}: {meta.get(key)!r} → {value!r}")
+    return found
 
 
 def _derive_seed(seed: int, stage: str, ids: list[str]) -> int:

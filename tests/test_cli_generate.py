@@ -101,19 +101,35 @@ def test_text_prompts_from_stdin(tiny_model, tmp_path):
     assert len({r["id"] for r in records}) == 2
 
 
-def test_resume_appends_only_missing_prompts(tiny_model, tmp_path):
+def test_rerun_resumes_and_a_changed_config_is_refused(tiny_model, tmp_path):
     out = tmp_path / "pairs.jsonl"
     assert run("generate", EXAMPLES, "--model", tiny_model, "-o", out, "--limit", "3", *FAST).exit_code == 0
     first = read_jsonl(out)
-    refused = run("generate", EXAMPLES, "--model", tiny_model, "-o", out, *FAST)
+    before = out.read_bytes()
+    refused = run("generate", EXAMPLES, "--model", tiny_model, "-o", out, "--seed", "9", *FAST)
     assert refused.exit_code == 2
-    assert "--resume" in refused.stderr
-    assert read_jsonl(out) == first, "a refused run must leave the file untouched"
-    resumed = run("generate", EXAMPLES, "--model", tiny_model, "-o", out, "--resume", *FAST)
+    assert "holds records of a different run (seed: 0 → 9)" in refused.stderr
+    assert out.read_bytes() == before, "a refused run must leave the file untouched"
+    resumed = run("generate", EXAMPLES, "--model", tiny_model, "-o", out, *FAST)
     assert resumed.exit_code == 0, resumed.output
+    assert "resuming" in resumed.stderr and "3 records already there" in resumed.stderr
     records = read_jsonl(out)
     assert records[:3] == first
     assert len(records) == 8 and len({r["id"] for r in records}) == 8
+    again = run("generate", EXAMPLES, "--model", tiny_model, "-o", out, "--resume", *FAST)
+    assert again.exit_code == 0 and read_jsonl(out) == records
+
+
+def test_force_appends_to_a_different_run_and_overwrite_replaces(tiny_model, tmp_path):
+    out = tmp_path / "pairs.jsonl"
+    assert run("generate", EXAMPLES, "--model", tiny_model, "-o", out, "--limit", "2", *FAST).exit_code == 0
+    forced = run("generate", EXAMPLES, "--model", tiny_model, "-o", out, "--limit", "3", "--seed", "5", "--force", *FAST)
+    assert forced.exit_code == 0, forced.output
+    records = read_jsonl(out)
+    assert [r["meta"]["seed"] for r in records] == [0, 0, 5]
+    replaced = run("generate", EXAMPLES, "--model", tiny_model, "-o", out, "--limit", "1", "--overwrite", *FAST)
+    assert replaced.exit_code == 0
+    assert len(read_jsonl(out)) == 1
 
 
 def test_resume_cuts_a_torn_last_line(tiny_model, tmp_path):

@@ -7,7 +7,7 @@ import io
 import pytest
 
 from cai.errors import InputError
-from cai.io import RecordWriter, prompt_id, read_done_ids, read_prompts
+from cai.io import RecordWriter, prompt_id, read_prompts, scan_output
 
 
 def test_jsonl_keeps_ids_and_hashes_the_rest(tmp_path):
@@ -46,7 +46,7 @@ def test_unreadable_sources(tmp_path, setup, message):
         read_prompts(str(path))
 
 
-def test_writer_writes_whole_lines_and_done_ids_cut_torn_tail(tmp_path):
+def test_writer_writes_whole_lines_and_resume_cuts_a_torn_tail(tmp_path):
     path = tmp_path / "out.jsonl"
     writer = RecordWriter(str(path))
     writer.write({"id": "a", "text": "é"})
@@ -55,12 +55,27 @@ def test_writer_writes_whole_lines_and_done_ids_cut_torn_tail(tmp_path):
     assert path.read_text(encoding="utf-8") == '{"id": "a", "text": "é"}\n{"id": "b"}\n'
     with path.open("a") as fp:
         fp.write('{"id": "c", "te')
-    assert read_done_ids(path) == {"a", "b"}
-    assert path.read_text(encoding="utf-8").endswith('{"id": "b"}\n')
+    before = path.read_bytes()
+    existing = scan_output(path)
+    assert existing.ids == {"a", "b"} and existing.torn and existing.first == {"id": "a", "text": "é"}
+    assert path.read_bytes() == before, "scanning never changes the file"
+    writer = RecordWriter(str(path), append_at=existing.whole_bytes)
+    writer.write({"id": "c"})
+    writer.close()
+    assert path.read_text(encoding="utf-8") == '{"id": "a", "text": "é"}\n{"id": "b"}\n{"id": "c"}\n'
 
 
-def test_done_ids_refuse_a_file_broken_in_the_middle(tmp_path):
+def test_scan_refuses_a_file_broken_in_the_middle(tmp_path):
     path = tmp_path / "out.jsonl"
     path.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
     with pytest.raises(InputError, match=r"out.jsonl:2: not a whole cai record"):
-        read_done_ids(path)
+        scan_output(path)
+
+
+def test_invalid_lines_can_be_collected_instead_of_raised(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"prompt": "a"}\nnot json\n{"prompt": ""}\n{"x": 1}\n\xff\n{"prompt": "b"}\n')
+    invalid = []
+    items = read_prompts(str(path), invalid=invalid)
+    assert [i.text for i in items] == ["a", "b"]
+    assert [e.line for e in invalid] == [5, 2, 3, 4]

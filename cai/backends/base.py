@@ -30,7 +30,12 @@ class Completion:
 
 
 class Backend(Protocol):
-    model_name: str           # what records name as meta.model
+    model_name: str                 # what records name as meta.model
+    context_length: int | None      # tokens a conversation plus its completion may hold (None: unknown)
+
+    def count_tokens(self, conversation: list[dict[str, str]]) -> int:
+        """Tokens of the conversation as the model sees it, generation prompt included."""
+        ...
 
     def generate(self, conversations: list[list[dict[str, str]]], params: SamplingParams,
                  seed: int | None = None) -> list[Completion]:

@@ -15,12 +15,22 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+# Used with --plain-chat-format for tokenizers that have no chat template of their own.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] + '\n\n' }}"
+    "{% elif m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\n\n' }}"
+    "{% else %}{{ 'Assistant: ' + m['content'] + eos_token + '\n\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
 @dataclass(frozen=True)
 class HFOptions:
     device: str = "auto"
     dtype: str = "auto"
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    plain_chat_format: bool = False
 
 
 def pick_device(requested: str) -> str:
@@ -74,15 +84,20 @@ class HFBackend:
                     use_safetensors=None if options.allow_pickle else True)
         except (OSError, ValueError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if "pickle" in reason.lower() or ".bin" in reason or "safetensors" in reason.lower():
+                reason += " (cai loads safetensors weights only; --allow-pickle loads pickle checkpoints you trust)"
             raise ModelError(f"cannot load model '{model_name}': {reason}") from None
         self.model.to(self.device).eval()
         if not self.tokenizer.chat_template:
-            raise ModelError(f"{model_name}: the tokenizer has no chat template; use an instruct/chat model")
+            if not options.plain_chat_format:
+                raise ModelError(f"{model_name}: the tokenizer has no chat template; use a chat model, or pass "
+                                 "--plain-chat-format to use cai's plain 'User:/Assistant:' format")
+            self.tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.stop_ids = self._stop_ids()
-        self.context = getattr(self.model.config, "max_position_embeddings", None)
+        self.context_length = getattr(self.model.config, "max_position_embeddings", None)
         torch.set_grad_enabled(False)
         log.info("loaded %s on %s (%s)", model_name, self.device, str(self.dtype).replace("torch.", ""))
 
@@ -103,6 +118,9 @@ class HFBackend:
     def render(self, conversation: list[dict[str, str]]) -> str:
         return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
 
+    def count_tokens(self, conversation: list[dict[str, str]]) -> int:
+        return len(self.tokenizer(self.render(conversation), add_special_tokens=False)["input_ids"])
+
     def generate(self, conversations: list[list[dict[str, str]]], params: SamplingParams,
                  seed: int | None = None) -> list[Completion]:
         import torch
@@ -114,9 +132,9 @@ class HFBackend:
         batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         width = batch["input_ids"].shape[1]
-        if self.context and width + params.max_new_tokens > self.context:
+        if self.context_length and width + params.max_new_tokens > self.context_length:
             raise UsageError(f"a conversation of {width} tokens plus --max-new-tokens "
-                             f"{params.max_new_tokens} exceeds the model's context of {self.context}")
+                             f"{params.max_new_tokens} exceeds the model's context of {self.context_length}")
         config = GenerationConfig(
             max_new_tokens=params.max_new_tokens, do_sample=not params.greedy,
             temperature=params.temperature if not params.greedy else None,
