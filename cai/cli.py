@@ -9,15 +9,14 @@ import os
 import sys
 from contextlib import nullcontext
 import time
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from cai import __version__
 from cai.errors import CaiError, UsageError
@@ -64,29 +63,38 @@ def root(version: Annotated[bool, typer.Option("--version", callback=_version, i
     """cai: constitutional-AI preference data."""
 
 
-class Sampling(str, Enum):
-    random = "random"
-    all = "all"
-    cycle = "cycle"
+def _check_options(**values) -> None:
+    """Range and choice checks, reported as one line each (click's own are multi-line boxes)."""
+    from cai.backends.hf import DEVICES, DTYPES
+    from cai.constitution import SAMPLING_MODES
+
+    at_least_one = ("revisions", "batch_size", "max_new_tokens", "limit")
+    for name in at_least_one:
+        if values[name] is not None and values[name] < 1:
+            raise UsageError(f"--{name.replace('_', '-')}: must be at least 1 (got {values[name]})")
+    if values["temperature"] < 0:
+        raise UsageError(f"--temperature: must be 0 (greedy) or more (got {values['temperature']:g})")
+    if not 0 < values["top_p"] <= 1:
+        raise UsageError(f"--top-p: must be greater than 0 and at most 1 (got {values['top_p']:g})")
+    for name, allowed in (("sampling", SAMPLING_MODES), ("device", DEVICES), ("dtype", DTYPES)):
+        if values[name] is not None and values[name] not in allowed:
+            raise UsageError(f"--{name}: unknown value '{values[name]}'; choose from {', '.join(allowed)}")
 
 
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-    mps = "mps"
+class _StderrHandler(logging.Handler):
+    """Log lines on stderr, one line each however long (greppable, never wrapped mid-path)."""
 
+    STYLES = {"WARNING": "yellow", "ERROR": "red", "INFO": "dim"}
 
-class DType(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
+    def emit(self, record: logging.LogRecord) -> None:
+        line = Text(f"{record.levelname.lower()}: ", style=self.STYLES.get(record.levelname, ""))
+        line.append(record.getMessage())
+        err.print(line, soft_wrap=True, highlight=False)
 
 
 def _setup_logging(quiet: bool) -> None:
     logger = logging.getLogger("cai")
-    logger.handlers[:] = [RichHandler(console=err, show_time=False, show_path=False, markup=False)]
+    logger.handlers[:] = [_StderrHandler()]
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
     logger.propagate = False
 
@@ -105,15 +113,15 @@ def generate(
     constitution: Annotated[str, typer.Option("--constitution", "-c", help="A shipped constitution by name (see `cai constitution list`) or a path to a YAML file.")] = "harmless",
     templates: Annotated[str, typer.Option("--templates", help="Prompt templates: a shipped set by name or a folder of .jinja files.")] = "default",
     prompt_field: Annotated[str, typer.Option("--prompt-field", help="JSONL field that holds the prompt.")] = "prompt",
-    revisions: Annotated[Optional[int], typer.Option("--revisions", "-r", min=1, help="Critique → revise rounds per prompt. Default: the constitution's (1).", show_default=False)] = None,
-    sampling: Annotated[Optional[Sampling], typer.Option("--sampling", help="Principle per prompt: random (weighted), all (one record per principle), cycle (round robin). Default: the constitution's (random).", show_default=False)] = None,
+    revisions: Annotated[Optional[int], typer.Option("--revisions", "-r", help="Critique → revise rounds per prompt. Default: the constitution's (1).", show_default=False)] = None,
+    sampling: Annotated[Optional[str], typer.Option("--sampling", metavar="random|all|cycle", help="Principle per prompt: random (weighted), all (one record per principle), cycle (round robin). Default: the constitution's (random).", show_default=False)] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for principle choice and sampling: same seed, same records.")] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Prompts generated together in one batch.")] = 8,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Token limit of each generated turn.")] = 256,
-    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="Sampling temperature; 0 is greedy.")] = 0.7,
-    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling threshold (0 < p ≤ 1).")] = 0.95,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Prompts generated together in one batch.")] = 8,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Token limit of each generated turn.")] = 256,
+    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature; 0 is greedy.")] = 0.7,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold (0 < p ≤ 1).")] = 0.95,
     few_shot: Annotated[bool, typer.Option("--few-shot/--no-few-shot", help="Show the constitution's worked examples to the model as earlier turns.")] = True,
-    limit: Annotated[Optional[int], typer.Option("--limit", "-n", min=1, help="Use only the first N prompts.", show_default=False)] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", "-n", help="Use only the first N prompts.", show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an existing output (the default when it holds records of the same run): skip the ids it holds, append the rest.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Append to an output that holds records of a different run config.")] = False,
@@ -121,8 +129,8 @@ def generate(
     truncate_long: Annotated[bool, typer.Option("--truncate-long", help="Cut prompts too long for the model's context instead of skipping them.")] = False,
     plain_chat_format: Annotated[bool, typer.Option("--plain-chat-format", help="For a tokenizer without a chat template: use cai's plain 'User:/Assistant:' format.")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow pickle (.bin) checkpoints, which can run code: only for models you trust.")] = False,
-    device: Annotated[Device, typer.Option("--device", help="Where the model runs.")] = Device.auto,
-    dtype: Annotated[DType, typer.Option("--dtype", help="Weights dtype; auto is float32 on CPU, bfloat16/float16 on GPU.")] = DType.auto,
+    device: Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda|mps", help="Where the model runs.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", metavar="auto|float32|bfloat16|float16", help="Weights dtype; auto is float32 on CPU, bfloat16/float16 on GPU.")] = "auto",
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model's repository to run.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, logs or summary; errors only.")] = False,
 ) -> None:
@@ -134,7 +142,7 @@ def generate(
     from cai.backends.base import SamplingParams
     from cai.constitution import load_constitution
     from cai.errors import InputError
-    from cai.io import RecordWriter, read_prompts, scan_output
+    from cai.io import RecordWriter, check_writable, read_prompts, scan_output
     from cai.models import resolve_model
     from cai.pipeline import Pipeline, RunConfig, fingerprint_differences, run_fingerprint
     from cai.prompts import load_templates
@@ -142,8 +150,8 @@ def generate(
     _setup_logging(quiet)
     if resume and overwrite:
         raise UsageError("--resume and --overwrite contradict each other; pick one")
-    if top_p <= 0:
-        raise UsageError("--top-p must be greater than 0")
+    _check_options(revisions=revisions, sampling=sampling, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                   temperature=temperature, top_p=top_p, limit=limit, device=device, dtype=dtype)
     if output == "-" and resume:
         raise UsageError("--resume needs an output file (-o FILE), not stdout")
 
@@ -160,7 +168,7 @@ def generate(
 
     config = RunConfig(
         revisions=revisions or constitution_obj.defaults.revisions,
-        sampling=(sampling.value if sampling else constitution_obj.defaults.sampling),
+        sampling=sampling or constitution_obj.defaults.sampling,
         seed=seed, batch_size=batch_size, few_shot=few_shot,
         params=SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p),
     )
@@ -186,14 +194,16 @@ def generate(
 
     from cai.backends.hf import HFBackend, HFOptions
 
-    # Open the output before loading the model: an unwritable path fails in a second, not a minute.
+    # An unwritable output fails in a second, not after a minute of model loading; the file itself
+    # is opened only once the model has loaded, so a model error leaves it as it was.
+    check_writable(output)
+    with err.status(f"loading {model_name}…", spinner="dots") if not quiet else nullcontext():
+        backend = HFBackend(source, model_name, HFOptions(
+            device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle, plain_chat_format=plain_chat_format))
     writer = RecordWriter(output, append_at=append_at)
     stopper = _GracefulStop()
     try:
-        with err.status(f"loading {model_name}…", spinner="dots") if not quiet else nullcontext():
-            backend = HFBackend(source, model_name, HFOptions(
-                device=device.value, dtype=dtype.value, trust_remote_code=trust_remote_code,
-                allow_pickle=allow_pickle, plain_chat_format=plain_chat_format))
         pipeline = Pipeline(backend, constitution_obj, template_set, config)
         jobs, left_out = pipeline.plan(items, skip=done, truncate_long=truncate_long)
         for item, reason in left_out[:5]:
@@ -224,7 +234,7 @@ def _interrupted(count: int, output: str) -> None:
     where = output if output != "-" else "stdout"
     err.print(f"[yellow]interrupted[/yellow]: {count} records written to {where}."
               + (" Run the same command again to continue where it stopped." if output != "-" else ""),
-              highlight=False)
+              highlight=False, soft_wrap=True)
 
 
 class _GracefulStop:
@@ -293,8 +303,8 @@ def _run(pipeline, jobs, writer, quiet: bool, stopper: _GracefulStop) -> dict:
 def _summary(stats: dict, output: str, constitution_ref: str, model_name: str) -> None:
     elapsed = max(stats["elapsed"], 1e-9)
     table = Table(title="cai generate", show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
     table.add_row("model", model_name)
     table.add_row("constitution", constitution_ref)
     table.add_row("records written", str(stats["records"]))

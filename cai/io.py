@@ -171,6 +171,22 @@ def scan_output(path: Path) -> ExistingOutput:
     return ExistingOutput(ids, first, offset, torn=False)
 
 
+def check_writable(target: str) -> None:
+    """Fail now, before a model loads, if `target` cannot be written; create nothing."""
+    if target == "-":
+        return
+    path = Path(target)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.exists():
+        ok, reason = os.access(path, os.W_OK), "Permission denied"
+    elif not parent.is_dir():
+        ok, reason = False, "No such file or directory"
+    else:
+        ok, reason = os.access(parent, os.W_OK), "Permission denied"
+    if not ok:
+        raise InputError(target, f"cannot write output: {reason}")
+
+
 class RecordWriter:
     """Appends JSON records to a file (or stdout). Each record is one `write` of one whole line
     to an unbuffered file, so a killed run leaves at most a torn last line, never interleaved

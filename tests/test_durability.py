@@ -1,0 +1,255 @@
+"""Never lose a record: SIGKILL at random moments and resume, Ctrl-C, and a table of bad inputs
+that each give one line, exit 2, and leave the output file untouched."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cai.cli import app
+from conftest import DATA, ROOT, read_jsonl
+
+EXAMPLES = ROOT / "examples" / "prompts.jsonl"
+
+
+def cai_command(*args) -> list[str]:
+    return [sys.executable, "-m", "cai", "generate", *map(str, args)]
+
+
+def whole_records(path: Path) -> list[dict]:
+    """Every line but possibly a torn last one must parse; return the whole records."""
+    data = path.read_bytes() if path.exists() else b""
+    lines = data.split(b"\n")
+    records = [json.loads(line) for line in lines[:-1]]
+    return records
+
+
+@pytest.fixture(scope="module")
+def many_prompts(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "many.jsonl"
+    words = "apple river stone cloud music paper light garden window bridge".split()
+    with path.open("w") as fp:
+        for i in range(40):
+            fp.write(json.dumps({"id": f"p{i:03d}", "prompt": f"Tell me about {words[i % 10]} number {i}."}) + "\n")
+    return path
+
+
+def test_sigkill_at_random_moments_then_resume(tiny_model, many_prompts, tmp_path):
+    seed = int(os.environ.get("CAI_KILL_SEED", time.time_ns() % 10_000))
+    rng = random.Random(seed)
+    out = tmp_path / "pairs.jsonl"
+    args = [many_prompts, "--model", tiny_model, "-o", out, "--batch-size", "2", "--max-new-tokens", "12",
+            "--no-few-shot", "-q"]
+    kills = 0
+    for attempt in range(12):
+        proc = subprocess.Popen(cai_command(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            proc.wait(timeout=rng.uniform(4.0, 9.0))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            whole_records(out)     # every line before the last is whole after any kill
+            continue
+        assert proc.returncode == 0, f"seed {seed}: {proc.stderr.read().decode()}"
+        break
+    else:
+        final = subprocess.run(cai_command(*args), capture_output=True, timeout=600)
+        assert final.returncode == 0, final.stderr.decode()
+    assert kills >= 2, f"seed {seed}: the run finished before it could be killed twice"
+    records = read_jsonl(out)     # whole lines only, ending in a newline
+    ids = [r["id"] for r in records]
+    assert sorted(ids) == [f"p{i:03d}" for i in range(40)], f"seed {seed}: every prompt exactly once"
+
+
+def test_first_ctrl_c_finishes_the_batch_and_says_how_to_resume(tiny_model, many_prompts, tmp_path):
+    out = tmp_path / "pairs.jsonl"
+    args = [many_prompts, "--model", tiny_model, "-o", out, "--batch-size", "2", "--max-new-tokens", "12",
+            "--no-few-shot"]
+    proc = subprocess.Popen(cai_command(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (out.exists() and out.stat().st_size > 0):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stderr = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 130
+    assert "stopping after the batch in flight" in stderr
+    assert "Run the same command again to continue" in stderr
+    records = read_jsonl(out)
+    assert 0 < len(records) < 40 and len(records) % 2 == 0, "stopped on a batch boundary"
+    resumed = subprocess.run(cai_command(*args, "-q"), capture_output=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    assert sorted(r["id"] for r in read_jsonl(out)) == [f"p{i:03d}" for i in range(40)]
+
+
+# --- bad inputs ------------------------------------------------------------------------------
+
+def _write(name: str, content: bytes | str):
+    def make(tmp: Path) -> str:
+        path = tmp / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return str(path)
+    return make
+
+
+def _nopad_model(kind: str):
+    def make(tmp: Path, tiny: Path) -> str:
+        copy = tmp / f"model-{kind}"
+        shutil.copytree(tiny, copy)
+        if kind == "no-template":
+            for name in ("chat_template.jinja",):
+                (copy / name).unlink(missing_ok=True)
+            config = json.loads((copy / "tokenizer_config.json").read_text())
+            config.pop("chat_template", None)
+            (copy / "tokenizer_config.json").write_text(json.dumps(config))
+        if kind == "pickle":
+            import torch
+            from safetensors.torch import load_file
+
+            state = load_file(copy / "model.safetensors")
+            (copy / "model.safetensors").unlink()
+            torch.save(state, copy / "pytorch_model.bin")
+        if kind == "no-config":
+            (copy / "config.json").unlink()
+        return str(copy)
+    return make
+
+
+EX = str(EXAMPLES)
+# (id, prompts (path or factory), extra args, message in stderr)
+BAD_INPUTS = [
+    ("missing-file", "nope.jsonl", [], "nope.jsonl: no such file"),
+    ("directory", lambda tmp: str(tmp), [], "is a directory, not a prompts file"),
+    ("empty-file", _write("e.jsonl", ""), [], "e.jsonl: no prompts found"),
+    ("blank-lines-only", _write("b.txt", "\n  \n"), [], "b.txt: no prompts found"),
+    ("invalid-json", _write("p.jsonl", '{"prompt": "a"}\n{"prompt": \n'), [], "p.jsonl:2: invalid JSON"),
+    ("not-an-object", _write("p.jsonl", '"just a string"\n'), [], "p.jsonl:1: expected a JSON object, got str"),
+    ("missing-field", _write("p.jsonl", '{"text": "a"}\n'), [], "p.jsonl:1: prompt: missing (fields present: text"),
+    ("wrong-field-name", EX, ["--prompt-field", "question"], "prompts.jsonl:1: question: missing"),
+    ("prompt-not-string", _write("p.jsonl", '{"prompt": ["a"]}\n'), [], "p.jsonl:1: prompt: expected a string, got list"),
+    ("prompt-null", _write("p.jsonl", '{"prompt": null}\n'), [], "p.jsonl:1: prompt: expected a string, got NoneType"),
+    ("empty-prompt", _write("p.jsonl", '{"prompt": ""}\n'), [], "p.jsonl:1: prompt: empty prompt"),
+    ("whitespace-prompt", _write("p.jsonl", '{"prompt": "a"}\n{"prompt": " \\t "}\n'), [], "p.jsonl:2: prompt: empty prompt"),
+    ("bad-id-type", _write("p.jsonl", '{"id": [1], "prompt": "a"}\n'), [], "p.jsonl:1: id: expected a non-empty string or integer"),
+    ("duplicate-id", _write("p.jsonl", '{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n'), [], "p.jsonl:2: id: duplicate id '1' (first on line 1)"),
+    ("non-utf8-text", _write("p.txt", b"ok\n\xff\xfe bad\n"), [], "p.txt:2: not valid UTF-8 text"),
+    ("non-utf8-jsonl", _write("p.jsonl", b'{"prompt": "caf\xe9"}\n'), [], "p.jsonl:1: not valid UTF-8 text"),
+    ("batch-size-0", EX, ["--batch-size", "0"], "--batch-size: must be at least 1 (got 0)"),
+    ("negative-temperature", EX, ["--temperature", "-0.5"], "--temperature: must be 0 (greedy) or more (got -0.5)"),
+    ("top-p-zero", EX, ["--top-p", "0"], "--top-p: must be greater than 0 and at most 1 (got 0)"),
+    ("top-p-above-one", EX, ["--top-p", "1.5"], "--top-p: must be greater than 0 and at most 1 (got 1.5)"),
+    ("max-new-tokens-0", EX, ["--max-new-tokens", "0"], "--max-new-tokens: must be at least 1 (got 0)"),
+    ("revisions-0", EX, ["--revisions", "0"], "--revisions: must be at least 1 (got 0)"),
+    ("unknown-device", EX, ["--device", "tpu"], "--device: unknown value 'tpu'; choose from auto, cpu, cuda, mps"),
+    ("unknown-dtype", EX, ["--dtype", "int3"], "--dtype: unknown value 'int3'"),
+    ("unknown-sampling", EX, ["--sampling", "sometimes"], "--sampling: unknown value 'sometimes'; choose from random, all, cycle"),
+    ("resume-and-overwrite", EX, ["--resume", "--overwrite"], "--resume and --overwrite contradict each other"),
+    ("resume-to-stdout", EX, ["--resume", "-o", "-"], "--resume needs an output file"),
+    ("unknown-constitution", EX, ["-c", "harmles"], "no such constitution; did you mean 'harmless'?"),
+    ("broken-constitution", EX, ["-c", str(DATA / "bad" / "zero-weight.yaml")], "zero-weight.yaml:7:13: principles[0].weight: must be greater than 0"),
+    ("missing-constitution-file", EX, ["-c", "nope.yaml"], "nope.yaml: no such file"),
+    ("unknown-templates", EX, ["--templates", "fancy"], "fancy: no such template folder"),
+    ("missing-model-folder", EX, ["--model", "./no/such/model"], "./no/such/model: no such model folder"),
+    ("model-folder-without-config", EX, ["--model", "@no-config", "--force"], "not a model folder (no config.json)"),
+    ("model-not-gguf-file", EX, ["--model", str(EXAMPLES)], "a model is a folder (config.json + weights), a .gguf file or a Hub id"),
+    ("no-chat-template", EX, ["--model", "@no-template", "--force"], "the tokenizer has no chat template; use a chat model, or pass --plain-chat-format"),
+    ("pickle-checkpoint", EX, ["--model", "@pickle", "--force"], "--allow-pickle"),
+    ("output-is-directory", EX, ["-o", "@dir"], "is a directory"),
+    ("output-dir-missing", EX, ["-o", "@missing/out.jsonl"], "cannot write output: No such file or directory"),
+    ("output-of-another-run", EX, ["-o", "@other-run", "--seed", "3"], "seed: 0 → 3"),
+    ("output-broken-mid-file", EX, ["-o", "@broken"], "not a whole cai record; cannot resume from this file"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_gives_one_line_exit_2_and_an_untouched_output(case, tiny_model, tmp_path):
+    name, prompts, extra, message = case
+    prompts = prompts(tmp_path) if callable(prompts) else prompts
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": "keep-me", "meta": {"seed": 0}}\n')
+    args = []
+    for arg in extra:
+        if arg.startswith("@"):
+            key = arg[1:]
+            if key in ("no-config", "no-template", "pickle"):
+                arg = _nopad_model(key)(tmp_path, tiny_model)
+            elif key == "dir":
+                arg = str(tmp_path)
+            elif key == "missing/out.jsonl":
+                arg = str(tmp_path / "missing" / "out.jsonl")
+            elif key == "other-run":
+                arg = str(out)
+            elif key == "broken":
+                out.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
+                arg = str(out)
+        args.append(arg)
+    if "--model" not in args:
+        args += ["--model", str(tiny_model)]
+    if "-o" not in args:
+        args += ["-o", str(out)]
+    before = out.read_bytes()
+    if "--max-new-tokens" not in args:
+        args += ["--max-new-tokens", "4"]
+    result = CliRunner().invoke(app, ["generate", prompts, *args])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+    assert out.read_bytes() == before, "a bad input never touches the output file"
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+
+
+def test_there_are_at_least_30_bad_inputs():
+    assert len(BAD_INPUTS) >= 30
+
+
+def test_skip_invalid_counts_and_carries_on(tiny_model, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_bytes(b'{"prompt": "one"}\nnot json\n{"prompt": ""}\n\xff\n{"prompt": "two"}\n')
+    out = tmp_path / "out.jsonl"
+    result = CliRunner().invoke(app, ["generate", str(prompts), "--model", str(tiny_model), "-o", str(out),
+                                      "--skip-invalid", "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    assert [r["prompt"] for r in read_jsonl(out)] == ["one", "two"]
+    assert "p.jsonl:2: invalid JSON" in result.stderr
+    assert "invalid input lines skipped" in result.stderr
+
+
+def test_prompts_too_long_for_the_context_are_skipped_or_truncated(tiny_model, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    long = " ".join(["apple river stone"] * 1500)
+    prompts.write_text(json.dumps({"id": "short", "prompt": "hi"}) + "\n" + json.dumps({"id": "long", "prompt": long}) + "\n")
+    out = tmp_path / "out.jsonl"
+    base = ["generate", str(prompts), "--model", str(tiny_model), "--max-new-tokens", "8"]
+    skipped = CliRunner().invoke(app, [*base, "-o", str(out)])
+    assert skipped.exit_code == 0, skipped.output
+    assert [r["id"] for r in read_jsonl(out)] == ["short"]
+    assert "p.jsonl:2: the whole conversation needs about" in " ".join(skipped.stderr.split())
+    assert "prompts too long for the context" in skipped.stderr
+    truncated = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "t.jsonl"), "--truncate-long"])
+    assert truncated.exit_code == 0, truncated.output
+    records = {r["id"]: r for r in read_jsonl(tmp_path / "t.jsonl")}
+    assert records["long"]["meta"]["prompt_truncated"] is True
+    assert long.startswith(records["long"]["prompt"]) and len(records["long"]["prompt"]) < len(long)
+    assert "prompt_truncated" not in records["short"]["meta"]
+
+
+def test_plain_chat_format_and_allow_pickle_are_opt_in(tiny_model, tmp_path):
+    for kind, flag in (("no-template", "--plain-chat-format"), ("pickle", "--allow-pickle")):
+        model = _nopad_model(kind)(tmp_path, tiny_model)
+        out = tmp_path / f"{kind}.jsonl"
+        result = CliRunner().invoke(app, ["generate", str(EXAMPLES), "--model", model, "-o", str(out),
+                                          "--limit", "2", "--max-new-tokens", "4", flag])
+        assert result.exit_code == 0, result.output
+        assert len(read_jsonl(out)) == 2
