@@ -20,6 +20,7 @@ from rich.text import Text
 
 from cai import __version__
 from cai.errors import CaiError, UsageError
+from cai.records import to_format
 
 err = Console(stderr=True)
 log = logging.getLogger("cai")
@@ -48,6 +49,9 @@ def reports_errors(command):
         except CaiError as exc:
             err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:      # before any work that a command reports itself
+            err.print("[yellow]interrupted[/yellow]")
+            raise typer.Exit(130) from None
     return wrapper
 
 
@@ -132,6 +136,7 @@ def generate(
     device: Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda|mps", help="Where the model runs.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", metavar="auto|float32|bfloat16|float16", help="Weights dtype; auto is float32 on CPU, bfloat16/float16 on GPU.")] = "auto",
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model's repository to run.")] = False,
+    fmt: Annotated[str, typer.Option("--format", "-f", metavar="standard|conversational", help="Record shape: standard (prompt/chosen/rejected strings) or conversational (lists of chat messages).")] = "standard",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, logs or summary; errors only.")] = False,
 ) -> None:
     """Generate (rejected, chosen) pairs from prompts.
@@ -146,12 +151,15 @@ def generate(
     from cai.models import resolve_model
     from cai.pipeline import Pipeline, RunConfig, fingerprint_differences, run_fingerprint
     from cai.prompts import load_templates
+    from cai.records import FORMATS
 
     _setup_logging(quiet)
     if resume and overwrite:
         raise UsageError("--resume and --overwrite contradict each other; pick one")
     _check_options(revisions=revisions, sampling=sampling, batch_size=batch_size, max_new_tokens=max_new_tokens,
                    temperature=temperature, top_p=top_p, limit=limit, device=device, dtype=dtype)
+    if fmt not in FORMATS:
+        raise UsageError(f"--format: unknown value '{fmt}'; choose from {', '.join(FORMATS)}")
     if output == "-" and resume:
         raise UsageError("--resume needs an output file (-o FILE), not stdout")
 
@@ -185,6 +193,8 @@ def generate(
             existing = scan_output(out_path)
             changed = fingerprint_differences(existing.first, run_fingerprint(
                 model_name, constitution_obj, template_set, config)) if existing.first else []
+            if existing.first and isinstance(existing.first.get("prompt"), list) != (fmt == "conversational"):
+                changed.append(f"format → {fmt}")
             if changed and not force:
                 raise UsageError(f"-o {output}: holds records of a different run ({'; '.join(changed)}); "
                                  "use another -o, --overwrite to replace it, or --force to append anyway")
@@ -212,7 +222,7 @@ def generate(
         if done:
             log.info("%d records to go", len(jobs))
         with stopper:
-            stats = _run(pipeline, jobs, writer, quiet, stopper)
+            stats = _run(pipeline, jobs, writer, quiet, stopper, fmt)
     except BrokenPipeError:
         # The reader went away (`cai generate … -o - | head`): stop quietly, as Unix tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -267,7 +277,7 @@ class _GracefulStop:
         return False
 
 
-def _run(pipeline, jobs, writer, quiet: bool, stopper: _GracefulStop) -> dict:
+def _run(pipeline, jobs, writer, quiet: bool, stopper: _GracefulStop, fmt: str) -> dict:
     stats = {"records": 0, "changed": 0, "tokens": 0, "truncated": 0, "stopped": False,
              "start": time.monotonic()}
     progress = Progress(
@@ -282,7 +292,7 @@ def _run(pipeline, jobs, writer, quiet: bool, stopper: _GracefulStop) -> dict:
 
         for records in pipeline.run(jobs, on_stage=on_stage):
             for record in records:
-                writer.write(record)
+                writer.write(to_format(record, fmt) if fmt != "standard" else record)
                 stats["records"] += 1
                 stats["changed"] += record["chosen"].strip() != record["rejected"].strip()
                 stats["tokens"] += record["meta"]["tokens"]["completion"]
@@ -321,6 +331,55 @@ def _summary(stats: dict, output: str, constitution_ref: str, model_name: str) -
     table.add_row("speed", f"{stats['records'] / elapsed * 60:.1f} pairs/min · {stats['tokens'] / elapsed:.1f} tok/s")
     table.add_row("output", "stdout" if output == "-" else str(Path(output).resolve()))
     err.print(table)
+
+
+@app.command("export", epilog=(
+    "[bold]Examples[/bold]\n\n"
+    "  cai export pairs.jsonl --format conversational -o pairs.chat.jsonl\n\n"
+    "  cai export pairs.jsonl --format sft -o sft.jsonl            [dim]# prompt + final revision (SL-CAI)[/dim]\n\n"
+    "  cai export pairs.jsonl -o pairs.parquet --test-size 0.1     [dim]# pairs.train.parquet, pairs.test.parquet[/dim]"))
+@reports_errors
+def export(
+    pairs: Annotated[str, typer.Argument(help="A file written by cai generate (either format), or - for stdin.", show_default=False)],
+    output: Annotated[str, typer.Option("--output", "-o", help="Output .jsonl or .parquet file, or - for stdout (JSONL).")] = "-",
+    fmt: Annotated[str, typer.Option("--format", "-f", metavar="standard|conversational|sft", help="Shape to write.")] = "standard",
+    test_size: Annotated[Optional[float], typer.Option("--test-size", help="Fraction (0-1) held out into OUT.test.*; the rest goes to OUT.train.*.", show_default=False)] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the train/test split (by record id, so stable under reordering).")] = 0,
+) -> None:
+    """Convert pairs between shapes: standard, conversational, or an SFT file; JSONL or Parquet."""
+    from cai.io import RecordWriter, check_writable, read_records
+    from cai.records import EXPORT_FORMATS, split_by_id
+
+    if fmt not in EXPORT_FORMATS:
+        raise UsageError(f"--format: unknown value '{fmt}'; choose from {', '.join(EXPORT_FORMATS)}")
+    if test_size is not None and not 0 < test_size < 1:
+        raise UsageError(f"--test-size: must be between 0 and 1 (got {test_size:g})")
+    if test_size is not None and output == "-":
+        raise UsageError("--test-size needs an output file (-o FILE)")
+    records = [to_format(r, fmt) for r in read_records(pairs)]
+    parts = {output: records} if test_size is None else {
+        _with_part(output, name): part for name, part in zip(("train", "test"), split_by_id(records, test_size, seed))}
+    for target, part in parts.items():
+        check_writable(target)
+        if target.endswith(".parquet"):
+            try:
+                import datasets
+            except ImportError:
+                raise UsageError("Parquet output needs the `datasets` package (pip install datasets)") from None
+            datasets.disable_progress_bars()
+            datasets.Dataset.from_list(part).to_parquet(target)
+        else:
+            writer = RecordWriter(target)
+            for record in part:
+                writer.write(record)
+            writer.close()
+        if target != "-":
+            err.print(f"wrote {len(part)} {fmt} records to {target}", highlight=False)
+
+
+def _with_part(path: str, part: str) -> str:
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}.{part}{p.suffix}"))
 
 
 @constitution_app.command("list")

@@ -133,6 +133,35 @@ def _unique(name: str, items: list[PromptItem], bad) -> list[PromptItem]:
     return out
 
 
+def read_records(source: str) -> list[dict]:
+    """Records of a cai output file (either format), each checked to be a whole pair."""
+    name = "<stdin>" if source == "-" else source
+    if source != "-" and Path(source).is_dir():
+        raise InputError(source, "is a directory, not a pairs file")
+    try:
+        data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    except FileNotFoundError:
+        raise InputError(source, "no such file") from None
+    records = []
+    for number, raw in enumerate(data.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise InputError(name, "not a whole JSON record (a torn line? rerun cai generate to repair it)",
+                             line=number) from None
+        if not isinstance(record, dict):
+            raise InputError(name, "expected a JSON object", line=number)
+        for field in ("prompt", "chosen", "rejected"):
+            if not isinstance(record.get(field), (str, list)):
+                raise InputError(name, "missing or not a string / message list", line=number, field=field)
+        records.append(record)
+    if not records:
+        raise InputError(name, "no records found")
+    return records
+
+
 @dataclass
 class ExistingOutput:
     """What an output file already holds: the ids written, the first record (to compare run

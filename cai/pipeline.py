@@ -169,6 +169,7 @@ class Pipeline:
             "rounds": rounds,
             "meta": {
                 **self.fingerprint(),
+                **({"system": self.builder.system} if self.builder.system else {}),
                 **({"prompt_truncated": True} if w.job.prompt.truncated else {}),
                 "finish_reasons": {
                     "response": response.finish_reason,

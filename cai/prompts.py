@@ -116,9 +116,9 @@ class ConversationBuilder:
 
     def _prefix(self, few_shot: bool) -> list[Message]:
         messages: list[Message] = []
-        system = self.templates.render("system", prompt="", principle=None, round=0)
-        if system:
-            messages.append({"role": "system", "content": system})
+        self.system = self.templates.render("system", prompt="", principle=None, round=0)
+        if self.system:
+            messages.append({"role": "system", "content": self.system})
         for example in self.constitution.few_shot if few_shot else ():
             principle = self.constitution.few_shot_principle(example)
             messages += [

@@ -98,7 +98,6 @@ class HFBackend:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.stop_ids = self._stop_ids()
         self.context_length = getattr(self.model.config, "max_position_embeddings", None)
-        torch.set_grad_enabled(False)
         log.info("loaded %s on %s (%s)", model_name, self.device, str(self.dtype).replace("torch.", ""))
 
     def _stop_ids(self) -> list[int]:
