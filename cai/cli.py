@@ -108,7 +108,7 @@ def _setup_logging(quiet: bool) -> None:
     "  cai generate examples/prompts.jsonl -o pairs.jsonl            [dim]# embedded SmolLM2-135M-Instruct[/dim]\n\n"
     "  cai generate prompts.txt --model Qwen/Qwen2.5-0.5B-Instruct --revisions 2 -o - | head\n\n"
     "  cat prompts.jsonl | cai generate - --constitution my.yaml -o pairs.jsonl\n\n"
-    "  cai generate prompts.jsonl -o pairs.jsonl --resume             [dim]# continue a stopped run[/dim]"))
+    "  cai generate prompts.jsonl -o pairs.jsonl                      [dim]# run again: resumes where it stopped[/dim]"))
 @reports_errors
 def generate(
     prompts: Annotated[str, typer.Argument(help="Prompts: a .jsonl file (one object per line), a text file (one prompt per line), or - for stdin.", show_default=False)],
