@@ -70,7 +70,6 @@ class HFBackend:
     chat template and decoded together, left-padded, in one `generate` call per batch."""
 
     def __init__(self, source: str, model_name: str, options: HFOptions = HFOptions()):
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.model_name = model_name
