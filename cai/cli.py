@@ -445,13 +445,8 @@ def constitution_validate(
             c = load_constitution(spec)
         except ConstitutionError as exc:
             failed += 1
-            problems = getattr(exc, "problems", None)
-            if not problems:
-                err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
-            for problem in problems or []:
-                where = f"{exc.path}:{problem.line}:{problem.column}"
-                what = f"{problem.field}: {problem.message}" if problem.field else problem.message
-                err.print(f"[bold red]error:[/bold red] {where}: {what}", highlight=False, soft_wrap=True)
+            for problem in exc.problems:
+                err.print(f"[bold red]error:[/bold red] {problem}", highlight=False, soft_wrap=True)
             continue
         err.print(f"[green]ok[/green] {spec}: {c.ref}, {len(c.principles)} principles", highlight=False)
     if failed:

@@ -358,7 +358,8 @@ def parse_constitution(text: str | bytes, path: str = "<string>") -> Constitutio
         more = len(checker.problems) - 1
         message = first.message + (f" (and {more} more: cai constitution validate {path})" if more else "")
         error = ConstitutionError(path, message, line=first.line, column=first.column, field=first.field)
-        error.problems = checker.problems
+        error.problems = [ConstitutionError(path, p.message, line=p.line, column=p.column, field=p.field)
+                          for p in checker.problems]
         raise error
     return Constitution(
         name=top["name"][0], principles=tuple(principles), path=path,

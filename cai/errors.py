@@ -47,7 +47,12 @@ class InputError(CaiError):
 
 
 class ConstitutionError(InputError):
-    """A constitution file that does not parse or validate."""
+    """A constitution file that does not parse or validate. `problems` holds every problem
+    found in the file (each a ConstitutionError of its own); this error is the first."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.problems: list[ConstitutionError] = [self]
 
 
 class TemplateError(InputError):
