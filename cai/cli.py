@@ -7,8 +7,9 @@ import functools
 import logging
 import os
 import sys
-from contextlib import nullcontext
 import time
+from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -72,7 +73,7 @@ def _check_options(**values) -> None:
     from cai.backends.hf import DEVICES, DTYPES
     from cai.constitution import SAMPLING_MODES
 
-    at_least_one = ("revisions", "batch_size", "max_new_tokens", "limit")
+    at_least_one = ("revisions", "batch_size", "max_new_tokens", "limit", "threads")
     for name in at_least_one:
         if values[name] is not None and values[name] < 1:
             raise UsageError(f"--{name.replace('_', '-')}: must be at least 1 (got {values[name]})")
@@ -120,7 +121,8 @@ def generate(
     revisions: Annotated[Optional[int], typer.Option("--revisions", "-r", help="Critique → revise rounds per prompt. Default: the constitution's (1).", show_default=False)] = None,
     sampling: Annotated[Optional[str], typer.Option("--sampling", metavar="random|all|cycle", help="Principle per prompt: random (weighted), all (one record per principle), cycle (round robin). Default: the constitution's (random).", show_default=False)] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for principle choice and sampling: same seed, same records.")] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Prompts generated together in one batch.")] = 8,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Conversations in flight at once [default: as many as the KV cache fits, up to 64].", show_default=False)] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch [default: one per core].", show_default=False)] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Token limit of each generated turn.")] = 256,
     temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature; 0 is greedy.")] = 0.7,
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold (0 < p ≤ 1).")] = 0.95,
@@ -156,7 +158,7 @@ def generate(
     _setup_logging(quiet)
     if resume and overwrite:
         raise UsageError("--resume and --overwrite contradict each other; pick one")
-    _check_options(revisions=revisions, sampling=sampling, batch_size=batch_size, max_new_tokens=max_new_tokens,
+    _check_options(revisions=revisions, sampling=sampling, batch_size=batch_size, max_new_tokens=max_new_tokens, threads=threads,
                    temperature=temperature, top_p=top_p, limit=limit, device=device, dtype=dtype)
     if fmt not in FORMATS:
         raise UsageError(f"--format: unknown value '{fmt}'; choose from {', '.join(FORMATS)}")
@@ -177,7 +179,7 @@ def generate(
     config = RunConfig(
         revisions=revisions or constitution_obj.defaults.revisions,
         sampling=sampling or constitution_obj.defaults.sampling,
-        seed=seed, batch_size=batch_size, few_shot=few_shot,
+        seed=seed, batch_size=batch_size or 8, few_shot=few_shot,
         params=SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p),
     )
     source, model_name = resolve_model(model)
@@ -210,7 +212,10 @@ def generate(
     with err.status(f"loading {model_name}…", spinner="dots") if not quiet else nullcontext():
         backend = HFBackend(source, model_name, HFOptions(
             device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-            allow_pickle=allow_pickle, plain_chat_format=plain_chat_format))
+            allow_pickle=allow_pickle, plain_chat_format=plain_chat_format, threads=threads))
+    if batch_size is None:
+        config = replace(config, batch_size=backend.default_width())
+        log.info("%d conversations in flight (--batch-size)", config.batch_size)
     writer = RecordWriter(output, append_at=append_at)
     stopper = _GracefulStop()
     try:
@@ -248,7 +253,7 @@ def _interrupted(count: int, output: str) -> None:
 
 
 class _GracefulStop:
-    """First Ctrl-C: finish the batch in flight, write it, stop. Second Ctrl-C: stop at once
+    """First Ctrl-C: start no new prompt, finish those in flight, write them, stop. Second Ctrl-C: stop at once
     (records already written stay whole: each is one write of one line)."""
 
     def __init__(self, enabled: bool = True):
@@ -260,7 +265,7 @@ class _GracefulStop:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        err.print("[yellow]stopping after the batch in flight[/yellow] (Ctrl-C again to stop at once)")
+        err.print("[yellow]stopping: finishing the conversations in flight[/yellow] (Ctrl-C again to stop at once)")
 
     def __enter__(self):
         import signal
@@ -287,25 +292,26 @@ def _run(pipeline, jobs, writer, quiet: bool, stopper: _GracefulStop, fmt: str) 
     with progress:
         task = progress.add_task("prompts", total=len(jobs), rate="")
 
-        def on_stage(stage: str, n: int) -> None:
-            progress.update(task, description=f"prompts · {stage}")
+        def show_rate() -> None:
+            elapsed = max(time.monotonic() - stats["start"], 1e-9)
+            progress.update(task, rate=(
+                f"{stats['records'] / elapsed * 60:.1f} pairs/min · {stats['tokens'] / elapsed:.1f} tok/s"))
 
-        for records in pipeline.run(jobs, on_stage=on_stage):
+        def on_turn(stage: str, completion) -> None:
+            stats["tokens"] += completion.completion_tokens
+            show_rate()
+
+        for records in pipeline.run(jobs, on_turn=on_turn, stop=lambda: stopper.requested):
             for record in records:
                 writer.write(to_format(record, fmt) if fmt != "standard" else record)
                 stats["records"] += 1
                 stats["changed"] += record["chosen"].strip() != record["rejected"].strip()
-                stats["tokens"] += record["meta"]["tokens"]["completion"]
                 reasons = record["meta"]["finish_reasons"]
                 stats["truncated"] += "length" in (reasons["response"], *reasons["revision"])
             writer.sync()
-            elapsed = time.monotonic() - stats["start"]
-            progress.update(task, advance=len(records), rate=(
-                f"{stats['records'] / elapsed * 60:.1f} pairs/min · {stats['tokens'] / elapsed:.1f} tok/s"))
-            if stopper.requested:
-                stats["stopped"] = True
-                break
-        progress.update(task, description="prompts")
+            progress.update(task, advance=len(records))
+            show_rate()
+        stats["stopped"] = stopper.requested
     stats["elapsed"] = time.monotonic() - stats["start"]
     return stats
 

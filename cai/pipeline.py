@@ -6,10 +6,11 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from collections import deque
 from typing import Callable, Iterable, Iterator
 
 from cai import __version__
-from cai.backends.base import Backend, Completion, SamplingParams
+from cai.backends.base import Backend, Completion, Request, SamplingParams, Stream
 from cai.constitution import Constitution, Principle, plan_principles
 from cai.io import PromptItem
 from cai.prompts import ConversationBuilder, Message, Templates
@@ -41,7 +42,7 @@ class _Work:
     completions: list[Completion] = field(default_factory=list)
 
 
-StageCallback = Callable[[str, int], None]
+TurnCallback = Callable[[str, Completion], None]     # (stage, completion) as each turn ends
 
 
 class Pipeline:
@@ -122,32 +123,49 @@ class Pipeline:
         added = self.backend.count_tokens([self.builder.user_prompt(text)]) - self._empty_turn
         return added * self._mentions
 
-    def run(self, jobs: list[Job], on_stage: StageCallback | None = None) -> Iterator[list[dict]]:
-        """Yields the records of each batch as soon as the batch is done."""
-        size = self.config.batch_size
-        for start in range(0, len(jobs), size):
-            yield self._run_batch(jobs[start:start + size], on_stage)
+    def run(self, jobs: list[Job], on_turn: TurnCallback | None = None,
+            stop: Callable[[], bool] | None = None) -> Iterator[list[dict]]:
+        """Yields records as their conversations finish. Up to `batch_size` conversations are in
+        flight at once, each moving through its turns on its own (a finished response goes
+        straight on to its critique); a new prompt starts as soon as one finishes. Once `stop()`
+        is true no new prompt starts, and the run ends when those in flight are done."""
+        stream = self.backend.stream(self.config.params, self.config.batch_size)
+        waiting = deque(jobs)
+        work: dict[str, _Work] = {}
+        turns = 1 + 2 * self.config.revisions
+        while True:
+            while waiting and len(work) < self.config.batch_size and not (stop and stop()):
+                job = waiting.popleft()
+                w = work[job.record_id] = _Work(job, self.builder.opening(job.prompt.text))
+                self._submit(stream, w)
+            if not work:
+                return
+            finished = stream.poll()
+            if not finished:
+                raise RuntimeError(f"backend stream returned nothing with {len(work)} conversations in flight")
+            done = []
+            for key, completion in finished:
+                w = work[key]
+                w.messages.append({"role": "assistant", "content": completion.text})
+                w.completions.append(completion)
+                if on_turn:
+                    on_turn(_stage(len(w.completions) - 1), completion)
+                if len(w.completions) == turns:
+                    done.append(self._record(w))
+                    stream.release(key)
+                    del work[key]
+                    continue
+                round_no = (len(w.completions) + 1) // 2
+                principle, prompt = w.job.principles[round_no - 1], w.job.prompt.text
+                w.messages.append(self.builder.critique_request(principle, round_no, prompt)
+                                  if len(w.completions) % 2 else self.builder.revision_request(principle, round_no, prompt))
+                self._submit(stream, w)
+            if done:
+                yield done
 
-    def _run_batch(self, jobs: list[Job], on_stage: StageCallback | None) -> list[dict]:
-        work = [_Work(job, self.builder.opening(job.prompt.text)) for job in jobs]
-        self._step(work, "response", on_stage)
-        for round_no in range(1, self.config.revisions + 1):
-            for w in work:
-                w.messages.append(self.builder.critique_request(w.job.principles[round_no - 1], round_no, w.job.prompt.text))
-            self._step(work, f"critique {round_no}", on_stage)
-            for w in work:
-                w.messages.append(self.builder.revision_request(w.job.principles[round_no - 1], round_no, w.job.prompt.text))
-            self._step(work, f"revision {round_no}", on_stage)
-        return [self._record(w) for w in work]
-
-    def _step(self, work: list[_Work], stage: str, on_stage: StageCallback | None) -> None:
-        if on_stage:
-            on_stage(stage, len(work))
-        seed = _derive_seed(self.config.seed, stage, [w.job.record_id for w in work])
-        completions = self.backend.generate([w.messages for w in work], self.config.params, seed=seed)
-        for w, completion in zip(work, completions, strict=True):
-            w.messages.append({"role": "assistant", "content": completion.text})
-            w.completions.append(completion)
+    def _submit(self, stream: Stream, w: _Work) -> None:
+        stage = _stage(len(w.completions))
+        stream.submit(Request(w.job.record_id, list(w.messages), _derive_seed(self.config.seed, stage, w.job.record_id)))
 
     def fingerprint(self) -> dict:
         return run_fingerprint(self.backend.model_name, self.constitution, self.templates, self.config)
@@ -210,8 +228,13 @@ def fingerprint_differences(record: dict, fingerprint: dict) -> list[str]:
     return found
 
 
-def _derive_seed(seed: int, stage: str, ids: list[str]) -> int:
-    """A sampling seed for one generate call that depends on the run seed and on what is being
-    generated, not on how many calls came before."""
-    digest = hashlib.sha256(f"{seed}\x1f{stage}\x1f{chr(31).join(ids)}".encode()).digest()
+def _stage(turn: int) -> str:
+    """Turn 0 is the response; then critique 1, revision 1, critique 2, …"""
+    return "response" if turn == 0 else f"{'critique' if turn % 2 else 'revision'} {(turn + 1) // 2}"
+
+
+def _derive_seed(seed: int, stage: str, record_id: str) -> int:
+    """The sampling seed of one turn: it depends on the run seed and on the record and turn being
+    generated, not on what else is in flight or how many turns came before."""
+    digest = hashlib.sha256(f"{seed}\x1f{stage}\x1f{record_id}".encode()).digest()
     return int.from_bytes(digest[:4], "little")

@@ -3,8 +3,11 @@ constitutions: the pipeline hands them conversations and gets text back."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass
 from typing import Protocol
+
+Message = dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,25 @@ class Completion:
     completion_tokens: int
 
 
+@dataclass(frozen=True)
+class Request:
+    key: str                        # names a conversation; its next turn is submitted under the same key
+    conversation: list[Message]
+    seed: int | None = None
+
+
+class Stream(Protocol):
+    """Many conversations in flight at once. `submit` a turn, `poll` for turns that ended (it
+    returns as soon as at least one has; an empty list only when nothing is in flight), submit
+    the conversation's next turn under the same key, and `release` the key when it is over."""
+
+    def submit(self, request: Request) -> None: ...
+
+    def poll(self) -> list[tuple[str, Completion]]: ...
+
+    def release(self, key: str) -> None: ...
+
+
 class Backend(Protocol):
     model_name: str                 # what records name as meta.model
     context_length: int | None      # tokens a conversation plus its completion may hold (None: unknown)
@@ -42,4 +64,33 @@ class Backend(Protocol):
         """One completion per conversation, in order. `seed` makes sampling reproducible."""
         ...
 
+    def stream(self, params: SamplingParams, width: int) -> Stream:
+        """Up to `width` conversations in flight (backends without one of their own return
+        `LockstepStream(self, params, width)`)."""
+        ...
+
     def close(self) -> None: ...
+
+
+class LockstepStream:
+    """A Stream over `Backend.generate`: each poll runs the waiting turns (up to `width`) as one
+    batch. For backends with no scheduling of their own."""
+
+    def __init__(self, backend: Backend, params: SamplingParams, width: int):
+        self.backend, self.params, self.width = backend, params, width
+        self._waiting: list[Request] = []
+
+    def submit(self, request: Request) -> None:
+        self._waiting.append(request)
+
+    def poll(self) -> list[tuple[str, Completion]]:
+        batch, self._waiting = self._waiting[:self.width], self._waiting[self.width:]
+        if not batch:
+            return []
+        seeds = [str(r.seed) for r in batch if r.seed is not None]
+        seed = int.from_bytes(hashlib.sha256(",".join(seeds).encode()).digest()[:4], "little") if seeds else None
+        completions = self.backend.generate([r.conversation for r in batch], self.params, seed=seed)
+        return [(r.key, c) for r, c in zip(batch, completions, strict=True)]
+
+    def release(self, key: str) -> None:
+        self._waiting = [r for r in self._waiting if r.key != key]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from cai.backends.base import Completion, SamplingParams
+from cai.backends.base import Completion, LockstepStream, Request, SamplingParams
 from cai.errors import ModelError, UsageError
 from cai.models import quiet_transformers
 
@@ -31,6 +31,8 @@ class HFOptions:
     trust_remote_code: bool = False
     allow_pickle: bool = False
     plain_chat_format: bool = False
+    engine: bool = True              # False: plain `generate` batches (the reference path)
+    threads: int | None = None       # torch CPU threads (None: torch's default, one per core)
 
 
 def pick_device(requested: str) -> str:
@@ -66,10 +68,13 @@ def pick_dtype(requested: str, device: str):
 
 
 class HFBackend:
-    """Generates with a transformers causal LM. Conversations are rendered with the tokenizer's
-    chat template and decoded together, left-padded, in one `generate` call per batch."""
+    """Generates with a transformers causal LM; conversations are rendered with the tokenizer's
+    chat template. `stream` runs cai's continuous-batching engine (KV cache kept across turns and
+    shared across conversations) where the architecture allows, and left-padded `generate`
+    batches otherwise; `generate` is the plain path."""
 
     def __init__(self, source: str, model_name: str, options: HFOptions = HFOptions()):
+        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.model_name = model_name
@@ -86,6 +91,8 @@ class HFBackend:
             if "pickle" in reason.lower() or ".bin" in reason or "safetensors" in reason.lower():
                 reason += " (cai loads safetensors weights only; --allow-pickle loads pickle checkpoints you trust)"
             raise ModelError(f"cannot load model '{model_name}': {reason}") from None
+        if options.threads:
+            torch.set_num_threads(options.threads)
         self.model.to(self.device).eval()
         if not self.tokenizer.chat_template:
             if not options.plain_chat_format:
@@ -97,6 +104,9 @@ class HFBackend:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.stop_ids = self._stop_ids()
         self.context_length = getattr(self.model.config, "max_position_embeddings", None)
+        self.attn_implementation = self.model.config._attn_implementation
+        self.use_engine = options.engine
+        self.engine = None
         log.info("loaded %s on %s (%s)", model_name, self.device, str(self.dtype).replace("torch.", ""))
 
     def _stop_ids(self) -> list[int]:
@@ -113,6 +123,48 @@ class HFBackend:
                 ids.add(tid)
         return sorted(ids)
 
+    def encode(self, conversation: list[dict[str, str]]) -> list[int]:
+        return self.tokenizer(self.render(conversation), add_special_tokens=False)["input_ids"]
+
+    def stream(self, params: SamplingParams, width: int):
+        from cai.backends.engine import Engine, supports
+
+        reason = supports(self.model)
+        if reason or not self.use_engine:
+            if reason:
+                log.info("%s: %s; using plain batched generate", self.model_name, reason)
+            return LockstepStream(self, params, width)
+        self.engine = Engine(self.model, slots=width, stop_ids=self.stop_ids, pad_id=self.tokenizer.pad_token_id,
+                             context_length=self.context_length)
+        return EngineStream(self, self.engine, params)
+
+    def default_width(self) -> int:
+        """Conversations in flight when --batch-size is not given: as many as a KV cache of 2,048
+        positions a conversation fits in (half the free GPU memory, or up to 6 GiB of RAM),
+        at most 64; 8 without the engine."""
+        import os
+
+        import torch
+        from cai.backends.engine import supports
+
+        if not self.use_engine or supports(self.model):
+            return 8
+        config = self.model.config
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * self.model.dtype.itemsize
+        if self.device == "cuda":
+            budget = torch.cuda.mem_get_info()[0] / 2
+        else:
+            budget = min(6 << 30, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") / 2)
+        return max(1, min(64, int(budget // (per_token * 2048))))
+
+    def decode(self, tokens: list[int], finish_reason: str, prompt_tokens: int) -> Completion:
+        kept = tokens[:-1] if finish_reason == "stop" else tokens
+        return Completion(text=self.tokenizer.decode(kept, skip_special_tokens=True).strip(),
+                          finish_reason=finish_reason, prompt_tokens=prompt_tokens, completion_tokens=len(tokens))
+
     def render(self, conversation: list[dict[str, str]]) -> str:
         return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
 
@@ -126,6 +178,8 @@ class HFBackend:
 
         if not conversations:
             return []
+        if self.model.config._attn_implementation != self.attn_implementation:
+            self.model.set_attn_implementation(self.attn_implementation)      # the engine had switched it
         texts = [self.render(c) for c in conversations]
         batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -149,12 +203,37 @@ class HFBackend:
         completions = []
         for row, prompt_len in zip(new_tokens, prompt_lengths):
             end = next((i for i, t in enumerate(row) if t in stops), None)
-            kept = row if end is None else row[:end]
-            text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
-            completions.append(Completion(
-                text=text, finish_reason="length" if end is None else "stop",
-                prompt_tokens=int(prompt_len), completion_tokens=len(row) if end is None else end + 1))
+            tokens = row if end is None else row[:end + 1]
+            completions.append(self.decode(tokens, "length" if end is None else "stop", int(prompt_len)))
         return completions
 
     def close(self) -> None:
         self.model = None
+        self.engine = None
+
+
+class EngineStream:
+    """The Stream of the local engine: turns are tokenized here and decoded by the engine; a
+    conversation's next turn reuses the cache its previous turn left."""
+
+    def __init__(self, backend: HFBackend, engine, params: SamplingParams):
+        self.backend, self.engine, self.params = backend, engine, params
+
+    def submit(self, request: Request) -> None:
+        tokens = self.backend.encode(request.conversation)
+        try:
+            self.engine.submit(request.key, tokens, self.params.max_new_tokens,
+                               temperature=0.0 if self.params.greedy else self.params.temperature,
+                               top_p=self.params.top_p, seed=request.seed)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+
+    def poll(self) -> list[tuple[str, Completion]]:
+        while self.engine.busy:
+            finished = self.engine.step()
+            if finished:
+                return [(key, self.backend.decode(r.tokens, r.finish_reason, r.prompt_tokens)) for key, r in finished]
+        return []
+
+    def release(self, key: str) -> None:
+        self.engine.release(key)

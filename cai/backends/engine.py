@@ -1,0 +1,442 @@
+"""A continuous-batching decode engine over a transformers causal LM.
+
+What makes it fast on a CPU (and sound on a GPU):
+  * a static per-slot KV cache: each conversation in flight owns one slot (a row of
+    [slots, kv_heads, capacity, head_dim] tensors per layer); new keys and values are written in
+    place, so no step ever copies the cache the way a growing `torch.cat` cache does;
+  * continuous batching: a conversation whose turn ends leaves the decode batch at once and the
+    next request takes its place, so batches stay full rather than waiting for the longest;
+  * prefix reuse: a request is matched token by token against what its slot already holds (the
+    previous turn of the same conversation) or, for a new conversation, against the first
+    conversation seen (the shared system prompt and few-shot turns); only the part that differs
+    is encoded;
+  * prefills are grouped by length so that padding stays small.
+
+The engine speaks token ids only: the HF backend owns the tokenizer and the chat template. It
+drives the model's own forward (so rotary embeddings, norms and MLPs are the model's), handing it
+this cache and an explicit 4-D attention mask; `supports()` says which architectures are known
+to follow that contract."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+
+# Architectures whose forward takes a 4-D mask and a cache object through `update(k, v, layer)`,
+# and whose attention is plain causal attention over the whole context (tests/test_engine.py
+# checks each against transformers' own generate).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
+
+
+def supports(model) -> str | None:
+    """None when the engine can drive `model`, else why not."""
+    config = model.config
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model type '{config.model_type}' is not one the engine is tested with"
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) and window < (config.max_position_embeddings or 0):
+        return "sliding-window attention"
+    return None
+
+
+@dataclass
+class EngineResult:
+    tokens: list[int]        # generated ids, the stop token included when one ended the turn
+    finish_reason: str       # "stop" or "length"
+    prompt_tokens: int       # ids in the request
+    reused_tokens: int       # of those, how many came from the cache instead of being encoded
+
+
+@dataclass
+class EngineStats:
+    prefill_computed: int = 0    # prompt ids run through the model
+    prefill_reused: int = 0      # prompt ids whose keys and values came from the cache
+    generated: int = 0
+    decode_steps: int = 0
+    prefill_calls: int = 0
+
+
+@dataclass
+class _Request:
+    key: str
+    tokens: list[int]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+
+
+@dataclass
+class _Slot:
+    key: str
+    tokens: list[int] = field(default_factory=list)      # ids whose K/V are in this slot, in order
+    pending: list[int] = field(default_factory=list)     # ids still to encode before decoding
+    generated: list[int] = field(default_factory=list)
+    request: _Request | None = None
+    generator: torch.Generator | None = None
+    state: str = "idle"                                  # prefill → decode → done
+    fresh: bool = False                                  # a new conversation, not yet matched to the root
+    root_shared: int = 1 << 30                           # leading positions identical to the root's
+    reused: int = 0
+
+
+class SlotCache:
+    """Per-layer key/value tensors of shape [slots, kv_heads, capacity, head_dim], plus the root
+    prefix (the first conversation's prompt) once per layer. Before each forward, `bind` says which
+    slots take part, where the new positions go and how much of the root every row shares; the
+    model then calls `update` once per layer (the one Cache method its forward uses) and the
+    engine's attention function reads the rest from here."""
+
+    def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (slots, kv_heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.capacity = capacity
+        self.root: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.shared = 0                     # root positions every row of this forward shares
+        self.mask: torch.Tensor | None = None
+        self._rows: slice | torch.Tensor = slice(0, 0)
+        self._batch_index: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None
+        self._kv_len = 0
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def grow(self, capacity: int) -> None:
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                new = old.new_zeros((*old.shape[:2], capacity, old.shape[3]))
+                new[:, :, :self.capacity] = old
+                store[i] = new
+        self.capacity = capacity
+
+    def bind(self, rows: slice | torch.Tensor, positions: torch.Tensor, kv_len: int, shared: int) -> None:
+        """`rows`: the slots in batch order (a slice is a view, an index tensor a gather);
+        `positions` [batch, q]: where each new token's key and value go; `kv_len`: how many
+        positions attention reads; `shared`: how many leading positions come from the root."""
+        self._rows = rows
+        self._positions = positions
+        self._batch_index = torch.arange(positions.shape[0], device=positions.device)[:, None]
+        self._kv_len = kv_len
+        self.shared = shared
+        keys = torch.arange(shared, kv_len, device=positions.device)
+        allowed = keys[None, None, :] <= positions[:, :, None]                    # [batch, q, kv]
+        self.mask = torch.zeros(allowed.shape, dtype=self.keys[0].dtype, device=positions.device)
+        self.mask.masked_fill_(~allowed, float("-inf"))
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        out = []
+        for store, new in ((self.keys, key_states), (self.values, value_states)):
+            tensor = store[layer_idx]
+            new = new.transpose(1, 2)                         # [batch, q, heads, dim]
+            if isinstance(self._rows, slice):
+                view = tensor[self._rows]
+                view[self._batch_index, :, self._positions] = new
+                out.append(view[:, :, self.shared:self._kv_len])
+            else:
+                tensor[self._rows[:, None], :, self._positions] = new
+                out.append(tensor[self._rows, :, self.shared:self._kv_len])
+        return out[0], out[1]
+
+    def copy(self, source: int, target: int, length: int) -> None:
+        for store in (self.keys, self.values):
+            for tensor in store:
+                tensor[target, :, :length] = tensor[source, :, :length]
+
+    def save_root(self, slot: int, length: int) -> None:
+        self.root = [(k[slot, :, :length].clone(), v[slot, :, :length].clone()) for k, v in zip(self.keys, self.values)]
+
+    def load_root(self, slot: int, length: int) -> None:
+        for (rk, rv), k, v in zip(self.root, self.keys, self.values):
+            k[slot, :, :length] = rk[:, :length]
+            v[slot, :, :length] = rv[:, :length]
+
+
+_bound = threading.local()
+
+
+def cascade_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
+    """Attention over [root prefix | each row's own positions], as a transformers attention
+    function. The root part is one matrix product for all rows at once (every row shares those
+    keys), so its keys and values are read once per layer instead of once per row; the two parts
+    are joined under one softmax. `key`/`value` [batch, kv_heads, kv, dim] are the rows' own
+    positions from `shared` on; the additive mask comes from `bind`."""
+    cache: SlotCache = _bound.cache
+    batch, q_heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    group = q_heads // kv_heads
+    scale = scaling if scaling is not None else dim ** -0.5
+    # Query heads h*group … h*group+group-1 read kv head h (transformers' repeat_kv order).
+    queries = query.reshape(batch, kv_heads, group * q_len, dim) * scale
+    own = torch.matmul(queries, key.transpose(-1, -2))                       # [b, kv, g*q, own]
+    own = (own.view(batch, kv_heads, group, q_len, -1) + cache.mask[:, None, None]).view(
+        batch, kv_heads, group * q_len, -1)
+    shared = cache.shared
+    if shared:
+        root_k, root_v = cache.root[module.layer_idx]
+        flat = queries.transpose(0, 1).reshape(kv_heads, batch * group * q_len, dim)
+        common = torch.matmul(flat, root_k[:, :shared].transpose(-1, -2))      # [kv, b*g*q, shared]
+        common = common.view(kv_heads, batch, group * q_len, shared).transpose(0, 1)
+        probs = torch.softmax(torch.cat([common, own], dim=-1), dim=-1)
+        out = torch.matmul(probs[..., shared:], value)
+        head = probs[..., :shared].transpose(0, 1).reshape(kv_heads, batch * group * q_len, shared)
+        out += torch.matmul(head, root_v[:, :shared]).view(kv_heads, batch, group * q_len, dim).transpose(0, 1)
+    else:
+        out = torch.matmul(torch.softmax(own, dim=-1), value)
+    out = out.view(batch, kv_heads, group, q_len, dim).permute(0, 3, 1, 2, 4)
+    return out.reshape(batch, q_len, q_heads, dim), None
+
+
+ATTENTION = "cai_cascade"
+AttentionInterface.register(ATTENTION, cascade_attention)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Engine:
+    """Requests in, finished turns out. `submit` a conversation's token ids under a key (the same
+    key again for its next turn, so the cache carries over), call `step` until results come back,
+    and `release` the key when the conversation is over."""
+
+    # Prefill groups: at most this many tokens (rows × padded length) in one forward, and rows
+    # whose lengths differ by more than this factor go to separate forwards.
+    PREFILL_TOKENS = 4096
+    PREFILL_SPREAD = 1.3
+
+    def __init__(self, model, slots: int, stop_ids: list[int], pad_id: int, context_length: int | None = None):
+        reason = supports(model)
+        if reason:
+            raise ValueError(f"the engine cannot drive this model: {reason}")
+        config = model.config
+        self.model = model
+        model.set_attn_implementation(ATTENTION)
+        self.slots = slots
+        self.stop_ids = set(stop_ids)
+        self.pad_id = pad_id
+        self.context_length = context_length
+        self.device = next(model.parameters()).device
+        heads = config.num_attention_heads
+        self._layout = dict(
+            layers=config.num_hidden_layers,
+            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            dtype=next(model.parameters()).dtype, device=self.device)
+        self.cache: SlotCache | None = None
+        self.active: list[_Slot] = []          # slots 0..n-1 of the cache, in use
+        self._index: dict[str, int] = {}
+        self._waiting: deque[_Request] = deque()
+        self._root_tokens: list[int] | None = None
+        self.stats = EngineStats()
+
+    # -- requests ---------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def submit(self, key: str, tokens: list[int], max_new_tokens: int, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int | None = None) -> None:
+        if not tokens:
+            raise ValueError("empty request")
+        if self.context_length and len(tokens) + max_new_tokens > self.context_length:
+            raise ValueError(f"a conversation of {len(tokens)} tokens plus max_new_tokens {max_new_tokens} "
+                             f"exceeds the model's context of {self.context_length}")
+        request = _Request(key, list(tokens), max_new_tokens, temperature, top_p, seed)
+        if key in self._index:
+            slot = self.active[self._index[key]]
+            if slot.state != "done":
+                raise ValueError(f"request '{key}' is still running")
+            self._start(slot, request, _common_prefix(slot.tokens, request.tokens))
+        else:
+            self._waiting.append(request)
+
+    @torch.inference_mode()
+    def release(self, key: str) -> None:
+        """Frees the slot of a finished conversation (the last slot moves into it, so slots in use
+        stay 0..n-1 and each decode step works on one contiguous view of the cache)."""
+        index = self._index.pop(key, None)
+        if index is None:
+            self._waiting = deque(r for r in self._waiting if r.key != key)
+            return
+        last = len(self.active) - 1
+        if index != last:
+            moved = self.active[last]
+            self.cache.copy(last, index, len(moved.tokens))
+            self.active[index] = moved
+            self._index[moved.key] = index
+        self.active.pop()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._waiting) or any(s.state in ("prefill", "decode") for s in self.active)
+
+    def _start(self, slot: _Slot, request: _Request, reusable: int) -> None:
+        reuse = min(reusable, len(request.tokens) - 1)     # at least one id must run to give logits
+        slot.tokens = slot.tokens[:reuse]
+        slot.pending = request.tokens[reuse:]
+        slot.root_shared = min(slot.root_shared, reuse)
+        slot.generated = []
+        slot.request = request
+        slot.reused = reuse
+        slot.state = "prefill"
+        slot.generator = None
+        if request.temperature > 0:
+            slot.generator = torch.Generator(device="cpu")
+            slot.generator.manual_seed(request.seed if request.seed is not None else torch.seed())
+        self._ensure_capacity(len(request.tokens) + request.max_new_tokens)
+
+    def _admit(self) -> None:
+        while self._waiting and len(self.active) < self.slots:
+            request = self._waiting.popleft()
+            slot = _Slot(key=request.key, fresh=True)
+            self._index[request.key] = len(self.active)
+            self.active.append(slot)
+            self._start(slot, request, 0)
+
+    def _share_root(self, rows: list[int]) -> None:
+        """New conversations start from the root: the keys and values of the first conversation's
+        prompt, as far as theirs matches it (the system prompt and few-shot turns)."""
+        for i in rows:
+            s = self.active[i]
+            if not s.fresh:
+                continue
+            s.fresh = False
+            reuse = min(_common_prefix(self._root_tokens, s.pending), len(s.pending) - 1)
+            s.root_shared = reuse
+            if reuse > 0:
+                self.cache.load_root(i, reuse)
+                s.tokens, s.pending, s.reused = s.pending[:reuse], s.pending[reuse:], reuse
+
+    def _ensure_capacity(self, need: int) -> None:
+        need = -(-need // 256) * 256
+        if self.cache is None:
+            self.cache = SlotCache(slots=self.slots, capacity=need, **self._layout)
+        elif need > self.cache.capacity:
+            self.cache.grow(max(need, -(-int(self.cache.capacity * 1.5) // 256) * 256))
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[str, EngineResult]]:
+        """Admits waiting requests, encodes what new requests need, and decodes one token for
+        every conversation in flight. Returns the turns that ended."""
+        self._admit()
+        finished: list[tuple[str, EngineResult]] = []
+        prefill = [i for i, s in enumerate(self.active) if s.state == "prefill"]
+        if prefill and self._root_tokens is None:
+            # The first conversation goes alone and becomes the root the others start from.
+            first = next((i for i in prefill if self.active[i].fresh), prefill[0])
+            self.active[first].fresh = False
+            self._prefill([first], finished)
+            self._root_tokens = list(self.active[first].tokens)
+            self.active[first].root_shared = len(self._root_tokens)
+            self.cache.save_root(first, len(self._root_tokens))
+            prefill.remove(first)
+        self._share_root(prefill)
+        for group in self._prefill_groups(prefill):
+            self._prefill(group, finished)
+        if any(s.state == "decode" for s in self.active):
+            self._decode(finished)
+        return finished
+
+    def _prefill_groups(self, rows: list[int]) -> list[list[int]]:
+        rows = sorted(rows, key=lambda i: len(self.active[i].pending))
+        groups: list[list[int]] = []
+        for i in rows:
+            n = len(self.active[i].pending)
+            if groups:
+                group = groups[-1]
+                shortest = len(self.active[group[0]].pending)
+                if n <= self.PREFILL_SPREAD * shortest + 8 and n * (len(group) + 1) <= self.PREFILL_TOKENS:
+                    group.append(i)
+                    continue
+            groups.append([i])
+        return groups
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, rows: slice | torch.Tensor,
+                 slots: list[_Slot]) -> torch.Tensor:
+        """Runs the model on `input_ids` [batch, q], token j of row b at position positions[b, j],
+        attending to every earlier position of its own slot; returns the last position's logits."""
+        shared = min(s.root_shared for s in slots) if self.cache.root else 0
+        self.cache.bind(rows, positions, int(positions.max()) + 1, shared)
+        _bound.cache = self.cache
+        try:
+            out = self.model(input_ids=input_ids, position_ids=positions, past_key_values=self.cache,
+                             use_cache=True, logits_to_keep=1)
+        finally:
+            _bound.cache = None
+        return out.logits[:, -1, :].float()
+
+    def _prefill(self, group: list[int], finished: list) -> None:
+        slots = [self.active[i] for i in group]
+        width = max(len(s.pending) for s in slots)
+        self._ensure_capacity(max(len(s.tokens) for s in slots) + width)
+        ids, positions = [], []
+        for s in slots:
+            start, n = len(s.tokens), len(s.pending)
+            # Padding goes first, so every row's last real id is the last column; pad ids are
+            # written past the row's real end, where no real query looks.
+            ids.append([self.pad_id] * (width - n) + s.pending)
+            positions.append(list(range(start + n, start + width)) + list(range(start, start + n)))
+        logits = self._forward(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
+                               torch.tensor(group, device=self.device), slots)
+        self.stats.prefill_calls += 1
+        for s in slots:
+            self.stats.prefill_computed += len(s.pending)
+            self.stats.prefill_reused += s.reused
+            s.tokens = s.tokens + s.pending
+            s.pending = []
+        self._advance(group, logits, finished)
+
+    def _decode(self, finished: list) -> None:
+        n = len(self.active)
+        rows = [i for i, s in enumerate(self.active) if s.state == "decode"]
+        ids = [s.generated[-1] if s.state == "decode" else self.pad_id for s in self.active]
+        positions = torch.tensor([[len(s.tokens)] for s in self.active], device=self.device)
+        logits = self._forward(torch.tensor(ids, device=self.device)[:, None], positions, slice(0, n), self.active)
+        self.stats.decode_steps += 1
+        for i in rows:
+            s = self.active[i]
+            s.tokens.append(s.generated[-1])
+        self._advance(rows, logits[rows] if len(rows) != n else logits, finished)
+
+    def _advance(self, rows: list[int], logits: torch.Tensor, finished: list) -> None:
+        picks = self._pick(logits, [self.active[i] for i in rows])
+        for i, token in zip(rows, picks):
+            s = self.active[i]
+            s.generated.append(token)
+            self.stats.generated += 1
+            stop = token in self.stop_ids
+            if stop or len(s.generated) >= s.request.max_new_tokens:
+                s.state = "done"
+                finished.append((s.key, EngineResult(
+                    tokens=list(s.generated), finish_reason="stop" if stop else "length",
+                    prompt_tokens=len(s.request.tokens), reused_tokens=s.reused)))
+            else:
+                s.state = "decode"
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, slots: list[_Slot]) -> list[int]:
+        picks = logits.argmax(dim=-1).tolist()
+        for row, s in enumerate(slots):
+            r = s.request
+            if r.temperature <= 0:
+                continue
+            probs = torch.softmax(logits[row] / r.temperature, dim=-1)
+            if r.top_p < 1.0:
+                sorted_probs, order = torch.sort(probs, descending=True)
+                drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs > r.top_p
+                sorted_probs[drop] = 0
+                probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+            picks[row] = int(torch.multinomial(probs, 1, generator=s.generator))
+        return picks
