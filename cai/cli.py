@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from cai import __version__
-from cai.errors import CaiError, UsageError
+from cai.errors import BackendError, CaiError, UsageError
 from cai.records import to_format
 
 err = Console(stderr=True)
@@ -139,6 +139,15 @@ def generate(
     dtype: Annotated[str, typer.Option("--dtype", metavar="auto|float32|bfloat16|float16", help="Weights dtype; auto is float32 on CPU, bfloat16/float16 on GPU.")] = "auto",
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model's repository to run.")] = False,
     fmt: Annotated[str, typer.Option("--format", "-f", metavar="standard|conversational", help="Record shape: standard (prompt/chosen/rejected strings) or conversational (lists of chat messages).")] = "standard",
+    backend_name: Annotated[str, typer.Option("--backend", metavar="hf|openai", help="hf: a local transformers model; openai: an OpenAI-compatible server (vLLM, SGLang, TGI, transformers serve) at --base-url.")] = "hf",
+    base_url: Annotated[Optional[str], typer.Option("--base-url", help="With --backend openai: the server's API root, e.g. http://127.0.0.1:8000/v1.", show_default=False)] = None,
+    api_key_env: Annotated[str, typer.Option("--api-key-env", help="With --backend openai: the environment variable holding the API key (never printed or recorded).")] = "OPENAI_API_KEY",
+    concurrency: Annotated[int, typer.Option("--concurrency", help="With --backend openai: requests in flight at once.")] = 16,
+    request_timeout: Annotated[float, typer.Option("--timeout", help="With --backend openai: seconds before a request is given up and retried.")] = 120.0,
+    max_retries: Annotated[int, typer.Option("--max-retries", help="With --backend openai: retries of a failed request (connection errors, timeouts, 429, 5xx).")] = 5,
+    failures: Annotated[Optional[str], typer.Option("--failures", help="JSONL file for prompts whose requests failed after their retries [default: OUTPUT.failures.jsonl].", show_default=False)] = None,
+    fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop the run at the first prompt that fails (instead of recording it in the failures file).")] = False,
+    shard: Annotated[Optional[str], typer.Option("--shard", metavar="K/N", help="Take only shard K of N (1 ≤ K ≤ N), a deterministic slice of the prompts by id; combine shard outputs with `cai merge`.", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, logs or summary; errors only.")] = False,
 ) -> None:
     """Generate (rejected, chosen) pairs from prompts.
@@ -153,7 +162,7 @@ def generate(
     from cai.models import resolve_model
     from cai.pipeline import Pipeline, RunConfig, fingerprint_differences, run_fingerprint
     from cai.prompts import load_templates
-    from cai.records import FORMATS
+    from cai.records import FORMATS, shard_of
 
     _setup_logging(quiet)
     if resume and overwrite:
@@ -162,6 +171,15 @@ def generate(
                    temperature=temperature, top_p=top_p, limit=limit, device=device, dtype=dtype)
     if fmt not in FORMATS:
         raise UsageError(f"--format: unknown value '{fmt}'; choose from {', '.join(FORMATS)}")
+    if backend_name not in ("hf", "openai"):
+        raise UsageError(f"--backend: unknown value '{backend_name}'; choose from hf, openai")
+    if backend_name == "openai" and (not base_url or not model):
+        raise UsageError("--backend openai needs --base-url URL and --model NAME (the name the server serves)")
+    if backend_name == "hf" and base_url:
+        raise UsageError("--base-url is for --backend openai")
+    if concurrency < 1 or max_retries < 0 or request_timeout <= 0:
+        raise UsageError("--concurrency must be at least 1, --max-retries at least 0, --timeout more than 0")
+    shard_k, shard_n = _parse_shard(shard) if shard else (1, 1)
     if output == "-" and resume:
         raise UsageError("--resume needs an output file (-o FILE), not stdout")
 
@@ -175,6 +193,9 @@ def generate(
         log.warning("skipped %d more invalid lines", len(invalid) - 5)
     if limit is not None:
         items = items[:limit]
+    if shard_n > 1:
+        items = [item for item in items if shard_of(item.id, shard_n) == shard_k]
+        log.info("shard %d/%d: %d prompts", shard_k, shard_n, len(items))
 
     config = RunConfig(
         revisions=revisions or constitution_obj.defaults.revisions,
@@ -182,7 +203,7 @@ def generate(
         seed=seed, batch_size=batch_size or 8, few_shot=few_shot,
         params=SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p),
     )
-    source, model_name = resolve_model(model)
+    source, model_name = resolve_model(model) if backend_name == "hf" else (base_url, model)
 
     # An existing output is continued when it holds records of this same run, refused otherwise.
     done: set[str] = set()
@@ -209,13 +230,22 @@ def generate(
     # An unwritable output fails in a second, not after a minute of model loading; the file itself
     # is opened only once the model has loaded, so a model error leaves it as it was.
     check_writable(output)
-    with err.status(f"loading {model_name}…", spinner="dots") if not quiet else nullcontext():
-        backend = HFBackend(source, model_name, HFOptions(
-            device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-            allow_pickle=allow_pickle, plain_chat_format=plain_chat_format, threads=threads))
-    if batch_size is None:
-        config = replace(config, batch_size=backend.default_width())
-        log.info("%d conversations in flight (--batch-size)", config.batch_size)
+    if backend_name == "openai":
+        from cai.backends.openai import OpenAIBackend
+
+        backend = OpenAIBackend(base_url, model, api_key_env=api_key_env, timeout=request_timeout,
+                                max_retries=max_retries)
+        config = replace(config, batch_size=concurrency)
+    else:
+        with err.status(f"loading {model_name}…", spinner="dots") if not quiet else nullcontext():
+            backend = HFBackend(source, model_name, HFOptions(
+                device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                allow_pickle=allow_pickle, plain_chat_format=plain_chat_format, threads=threads))
+        if batch_size is None:
+            config = replace(config, batch_size=backend.default_width())
+            log.info("%d conversations in flight (--batch-size)", config.batch_size)
+    failures_path = failures or (f"{output}.failures.jsonl" if output != "-" else None)
+    failure_log = _FailureLog(failures_path, fail_fast)
     writer = RecordWriter(output, append_at=append_at)
     stopper = _GracefulStop()
     try:
@@ -227,7 +257,7 @@ def generate(
         if done:
             log.info("%d records to go", len(jobs))
         with stopper:
-            stats = _run(pipeline, jobs, writer, quiet, stopper, fmt)
+            stats = _run(pipeline, jobs, writer, quiet, stopper, fmt, failure_log)
     except BrokenPipeError:
         # The reader went away (`cai generate … -o - | head`): stop quietly, as Unix tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -236,13 +266,21 @@ def generate(
         writer.close()
         _interrupted(writer.count, output)
         raise typer.Exit(130) from None
+    finally:
+        backend.close()
+        failure_log.close()
     writer.close()
-    stats.update(skipped_invalid=len(invalid), skipped_long=len(left_out), resumed=len(done))
+    stats.update(skipped_invalid=len(invalid), skipped_long=len(left_out), resumed=len(done),
+                 failed=failure_log.count, failures=failures_path)
     if stats["stopped"]:
         _interrupted(writer.count, output)
         raise typer.Exit(130)
     if not quiet:
         _summary(stats, output, constitution_obj.ref, model_name)
+    if failure_log.count:
+        where = f" (listed in {failures_path})" if failures_path else ""
+        raise CaiError(f"{failure_log.count} prompts failed after their retries{where}; "
+                       "run the same command again to retry just those")
 
 
 def _interrupted(count: int, output: str) -> None:
@@ -282,7 +320,49 @@ class _GracefulStop:
         return False
 
 
-def _run(pipeline, jobs, writer, quiet: bool, stopper: _GracefulStop, fmt: str) -> dict:
+def _parse_shard(value: str) -> tuple[int, int]:
+    try:
+        k, n = (int(part) for part in value.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard: expected K/N such as 2/8 (got '{value}')") from None
+    if not 1 <= k <= n:
+        raise UsageError(f"--shard: K must be between 1 and N (got {value})")
+    return k, n
+
+
+class _FailureLog:
+    """Prompts whose conversation failed for good (a remote request that kept failing): one JSON
+    line each in the failures file, or a warning when there is no file; --fail-fast stops the run."""
+
+    def __init__(self, path: str | None, fail_fast: bool):
+        self.path, self.fail_fast, self.count = path, fail_fast, 0
+        self._file = None
+        if path and Path(path).is_file():
+            Path(path).unlink()          # it lists this run's failures; a rerun retries the old ones
+
+    def __call__(self, job, stage: str, reason: str) -> None:
+        import json
+        from datetime import datetime, timezone
+
+        if self.fail_fast:
+            raise BackendError(f"prompt {job.record_id} (input line {job.prompt.line}): {stage}: {reason} (--fail-fast)")
+        self.count += 1
+        log.warning("failed: prompt %s: %s: %s", job.record_id, stage, reason)
+        if self.path:
+            if self._file is None:
+                self._file = open(self.path, "a", encoding="utf-8")
+            self._file.write(json.dumps({
+                "id": job.record_id, "prompt": job.prompt.text, "stage": stage, "error": reason,
+                "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}, ensure_ascii=False) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _run(pipeline, jobs, writer, quiet: bool, stopper: _GracefulStop, fmt: str, on_failure=None) -> dict:
     stats = {"records": 0, "changed": 0, "tokens": 0, "truncated": 0, "stopped": False,
              "start": time.monotonic()}
     progress = Progress(
@@ -301,7 +381,7 @@ def _run(pipeline, jobs, writer, quiet: bool, stopper: _GracefulStop, fmt: str) 
             stats["tokens"] += completion.completion_tokens
             show_rate()
 
-        for records in pipeline.run(jobs, on_turn=on_turn, stop=lambda: stopper.requested):
+        for records in pipeline.run(jobs, on_turn=on_turn, stop=lambda: stopper.requested, on_failure=on_failure):
             for record in records:
                 writer.write(to_format(record, fmt) if fmt != "standard" else record)
                 stats["records"] += 1
@@ -330,6 +410,8 @@ def _summary(stats: dict, output: str, constitution_ref: str, model_name: str) -
         table.add_row("invalid input lines skipped", str(stats["skipped_invalid"]))
     if stats["skipped_long"]:
         table.add_row("prompts too long for the context", str(stats["skipped_long"]))
+    if stats.get("failed"):
+        table.add_row("failed (retry: run again)", f"{stats['failed']}" + (f" → {stats['failures']}" if stats.get("failures") else ""))
     table.add_row("chosen ≠ rejected", f"{stats['changed']} of {stats['records']}")
     table.add_row("truncated (hit max tokens)", str(stats["truncated"]))
     table.add_row("generated tokens", f"{stats['tokens']:,}")
@@ -337,6 +419,88 @@ def _summary(stats: dict, output: str, constitution_ref: str, model_name: str) -
     table.add_row("speed", f"{stats['records'] / elapsed * 60:.1f} pairs/min · {stats['tokens'] / elapsed:.1f} tok/s")
     table.add_row("output", "stdout" if output == "-" else str(Path(output).resolve()))
     err.print(table)
+
+
+@app.command("merge", epilog=(
+    "[bold]Examples[/bold]\n\n"
+    "  cai merge pairs.jsonl shard-*.jsonl          [dim]# shards written with --shard K/N[/dim]"))
+@reports_errors
+def merge(
+    output: Annotated[str, typer.Argument(help="The combined .jsonl file to write (- for stdout).", show_default=False)],
+    shards: Annotated[list[str], typer.Argument(help="Files written by cai generate (e.g. with --shard K/N).", show_default=False)],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
+) -> None:
+    """Combine output files of one run (shards, or runs on several machines) into one, keeping
+    each id once. Torn lines (a killed writer) and foreign lines (not a record, or a record of a
+    different run config) are left out and reported with file:line."""
+    import json
+
+    from cai.io import check_writable
+    from cai.pipeline import fingerprint_differences
+
+    _setup_logging(False)
+    if output != "-" and Path(output).exists() and not overwrite:
+        raise UsageError(f"{output}: exists; pass --overwrite to replace it")
+    if output != "-" and any(Path(output).resolve() == Path(shard).resolve() for shard in shards):
+        raise UsageError(f"{output}: is also one of the inputs")
+    for shard in shards:
+        if not Path(shard).is_file():
+            raise UsageError(f"{shard}: no such file")
+    check_writable(output)
+    seen: set[str] = set()
+    lines: list[bytes] = []
+    reference = None
+    counts = {"kept": 0, "duplicate": 0, "torn": 0, "foreign": 0}
+    problems: list[str] = []
+    for shard in shards:
+        with open(shard, "rb") as fp:
+            for number, raw in enumerate(fp, start=1):
+                where = f"{shard}:{number}"
+                if not raw.strip():
+                    continue
+                try:
+                    if not raw.endswith(b"\n"):
+                        raise ValueError("no newline")
+                    record = json.loads(raw)
+                except (ValueError, UnicodeDecodeError):
+                    counts["torn"] += 1
+                    problems.append(f"{where}: torn or not JSON; left out")
+                    continue
+                meta = record.get("meta") if isinstance(record, dict) else None
+                if not isinstance(meta, dict) or not isinstance(record.get("id"), str) or "chosen" not in record:
+                    counts["foreign"] += 1
+                    problems.append(f"{where}: not a cai record; left out")
+                    continue
+                if reference is None:
+                    reference = record
+                # "key: the first record's value → this one's"
+                differences = fingerprint_differences(reference, {
+                    **{k: meta.get(k) for k in ("model", "constitution", "templates", "seed")},
+                    "params": meta.get("params") if isinstance(meta.get("params"), dict) else {}})
+                if differences:
+                    counts["foreign"] += 1
+                    problems.append(f"{where}: a record of a different run ({'; '.join(differences)}); left out")
+                    continue
+                if record["id"] in seen:
+                    counts["duplicate"] += 1
+                    continue
+                seen.add(record["id"])
+                lines.append(raw)
+                counts["kept"] += 1
+    for problem in problems[:10]:
+        log.warning("%s", problem)
+    if len(problems) > 10:
+        log.warning("%d more lines left out", len(problems) - 10)
+    if output == "-":
+        sys.stdout.buffer.write(b"".join(lines))
+        sys.stdout.flush()
+    else:
+        tmp = Path(f"{output}.tmp-{os.getpid()}")
+        tmp.write_bytes(b"".join(lines))
+        os.replace(tmp, output)
+    err.print(f"merged {len(shards)} files: {counts['kept']} records, {counts['duplicate']} duplicate ids dropped, "
+              f"{counts['torn']} torn and {counts['foreign']} foreign lines left out → "
+              f"{'stdout' if output == '-' else output}", highlight=False, soft_wrap=True)
 
 
 @app.command("export", epilog=(

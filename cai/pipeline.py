@@ -4,14 +4,15 @@ yields finished records batch by batch. Knows nothing of the terminal or of file
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from collections import deque
 from typing import Callable, Iterable, Iterator
 
 from cai import __version__
 from cai.backends.base import Backend, Completion, Request, SamplingParams, Stream
 from cai.constitution import Constitution, Principle, plan_principles
+from cai.errors import BackendError
 from cai.io import PromptItem
 from cai.prompts import ConversationBuilder, Message, Templates
 
@@ -43,6 +44,7 @@ class _Work:
 
 
 TurnCallback = Callable[[str, Completion], None]     # (stage, completion) as each turn ends
+FailureCallback = Callable[[Job, str, str], None]   # (job, stage, reason) of a conversation that failed
 
 
 class Pipeline:
@@ -124,12 +126,14 @@ class Pipeline:
         return added * self._mentions
 
     def run(self, jobs: list[Job], on_turn: TurnCallback | None = None,
-            stop: Callable[[], bool] | None = None) -> Iterator[list[dict]]:
+            stop: Callable[[], bool] | None = None, on_failure: FailureCallback | None = None) -> Iterator[list[dict]]:
         """Yields records as their conversations finish. Up to `batch_size` conversations are in
         flight at once, each moving through its turns on its own (a finished response goes
         straight on to its critique); a new prompt starts as soon as one finishes. Once `stop()`
-        is true no new prompt starts, and the run ends when those in flight are done."""
-        stream = self.backend.stream(self.config.params, self.config.batch_size)
+        is true no new prompt starts, and the run ends when those in flight are done. A turn the
+        backend could not produce (a remote request that failed after its retries) ends its
+        conversation without a record and goes to `on_failure`; without one, it raises."""
+        stream = self.backend.stream(self.config.params, max(1, min(self.config.batch_size, len(jobs))))
         waiting = deque(jobs)
         work: dict[str, _Work] = {}
         turns = 1 + 2 * self.config.revisions
@@ -146,6 +150,14 @@ class Pipeline:
             done = []
             for key, completion in finished:
                 w = work[key]
+                if completion.error is not None:
+                    stream.release(key)
+                    del work[key]
+                    stage = _stage(len(w.completions))
+                    if on_failure is None:
+                        raise BackendError(f"{w.job.record_id}: {stage}: {completion.error}")
+                    on_failure(w.job, stage, completion.error)
+                    continue
                 w.messages.append({"role": "assistant", "content": completion.text})
                 w.completions.append(completion)
                 if on_turn:

@@ -47,12 +47,21 @@ def to_format(record: dict, fmt: str) -> dict:
     raise ValueError(f"unknown format {fmt!r}")
 
 
-def split_by_id(records: list[dict], test_size: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, test): a record's side depends only on its id and the seed."""
+def _unit(key: str) -> float:
+    """A number in [0, 1) that depends only on `key`."""
     import hashlib
 
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+
+
+def split_by_id(records: list[dict], test_size: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, test): a record's side depends only on its id and the seed."""
     train, test = [], []
     for record in records:
-        digest = hashlib.sha256(f"{seed}\x1f{record.get('id')}".encode()).digest()
-        (test if int.from_bytes(digest[:8], "big") / 2**64 < test_size else train).append(record)
+        (test if _unit(f"{seed}\x1f{record.get('id')}") < test_size else train).append(record)
     return train, test
+
+
+def shard_of(record_id: str, shards: int) -> int:
+    """The shard (1…shards) a prompt id belongs to: the same on every machine and every run."""
+    return int(_unit(f"shard\x1f{record_id}") * shards) + 1

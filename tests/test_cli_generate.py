@@ -202,3 +202,43 @@ def test_closed_pipe_stops_quietly(tiny_model):
     assert all(json.loads(line) for line in proc.stdout.splitlines())
     assert "Traceback" not in proc.stderr and "Error" not in proc.stderr, proc.stderr
     assert proc.returncode == 141
+
+
+def test_two_shards_merged_equal_one_unsharded_run(tiny_model, tmp_path):
+    whole, one, two, merged = (tmp_path / f"{n}.jsonl" for n in ("whole", "one", "two", "merged"))
+    for out, extra in ((whole, []), (one, ["--shard", "1/2"]), (two, ["--shard", "2/2"])):
+        result = run("generate", EXAMPLES, "--model", tiny_model, "-o", out, *FAST, *extra)
+        assert result.exit_code == 0, result.output
+    ones, twos = {r["id"] for r in read_jsonl(one)}, {r["id"] for r in read_jsonl(two)}
+    assert ones and twos and not ones & twos
+    result = run("merge", merged, one, two)
+    assert result.exit_code == 0, result.output
+    assert sorted(r["id"] for r in read_jsonl(merged)) == sorted(r["id"] for r in read_jsonl(whole))
+    assert "8 records, 0 duplicate ids dropped, 0 torn and 0 foreign lines" in result.output
+
+
+def test_merge_drops_duplicates_and_reports_torn_and_foreign_lines(tiny_model, tmp_path):
+    out = tmp_path / "pairs.jsonl"
+    assert run("generate", EXAMPLES, "--model", tiny_model, "-o", out, "--limit", "3", *FAST).exit_code == 0
+    lines = out.read_text().splitlines(keepends=True)
+    other = json.loads(lines[0])
+    other["id"], other["meta"]["seed"] = "x-other", 99
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text(lines[0] + '{"hello": 1}\n' + json.dumps(other) + "\n" + lines[1][:30])
+    merged = tmp_path / "merged.jsonl"
+    result = run("merge", merged, out, extra)
+    assert result.exit_code == 0, result.output
+    assert [json.loads(l)["id"] for l in merged.read_text().splitlines()] == [json.loads(l)["id"] for l in lines]
+    assert "3 records, 1 duplicate ids dropped, 1 torn and 2 foreign lines" in result.output
+    assert f"{extra}:2: not a cai record" in result.output
+    assert f"{extra}:3: a record of a different run (seed: 0 → 99)" in result.output
+    assert f"{extra}:4: torn" in result.output
+    assert run("merge", merged, out).exit_code == 2           # exists: needs --overwrite
+    assert run("merge", merged, out, "--overwrite").exit_code == 0
+
+
+def test_shard_option_is_checked(tiny_model):
+    result = run("generate", EXAMPLES, "--model", tiny_model, "--shard", "3/2")
+    assert result.exit_code == 2 and "--shard: K must be between 1 and N" in result.output
+    result = run("generate", EXAMPLES, "--model", tiny_model, "--shard", "two")
+    assert result.exit_code == 2 and "expected K/N" in result.output

@@ -30,6 +30,7 @@ class Completion:
     finish_reason: str        # "stop" (end of turn) or "length" (hit max_new_tokens)
     prompt_tokens: int
     completion_tokens: int
+    error: str | None = None  # set (with finish_reason "error") when a remote request failed for good
 
 
 @dataclass(frozen=True)

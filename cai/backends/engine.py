@@ -296,6 +296,13 @@ class Engine:
         self._ensure_capacity(len(request.tokens) + request.max_new_tokens)
 
     def _admit(self) -> None:
+        while self._waiting and len(self.active) >= self.slots:
+            # Full: a conversation whose turn is over but that was neither continued nor released
+            # gives up its slot (if it comes back, it starts afresh from the root).
+            idle = next((s.key for s in self.active if s.state == "done"), None)
+            if idle is None:
+                break
+            self.release(idle)
         while self._waiting and len(self.active) < self.slots:
             request = self._waiting.popleft()
             slot = _Slot(key=request.key, fresh=True)

@@ -1,0 +1,142 @@
+"""Throughput: cai's pipeline against the straightforward loop, side by side in one process.
+
+The straightforward loop makes one pair at a time and re-encodes the whole conversation at every
+turn (transformers' `generate`, batch 1, no cache kept between turns). cai's pipeline keeps up to
+--batch-size conversations in flight on its engine (static KV cache, continuous batching, the shared
+prefix and each conversation's earlier turns reused). Both run greedy with the same prompts, model,
+constitution and max tokens, and both go through the same Pipeline, so their records must be the
+same: the bench compares them and says how many agree.
+
+    python bench/throughput.py                           # embedded model, 64 prompts, 128 tokens a turn
+    python bench/throughput.py --naive-limit 64 --json bench/throughput.json
+
+The straightforward loop takes about 40 s a pair here, so by default it runs on the first 16
+prompts only (--naive-limit); rates are per pair and per token, and the records are compared on
+those prompts. Prints a table; --json writes the same figures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from cai.backends.base import SamplingParams  # noqa: E402
+from cai.backends.hf import HFBackend, HFOptions  # noqa: E402
+from cai.constitution import load_constitution  # noqa: E402
+from cai.io import read_prompts  # noqa: E402
+from cai.models import resolve_model  # noqa: E402
+from cai.pipeline import Pipeline, RunConfig  # noqa: E402
+from cai.prompts import load_templates  # noqa: E402
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run(backend, constitution, templates, items, config: RunConfig, label: str, console: Console) -> dict:
+    pipeline = Pipeline(backend, constitution, templates, config)
+    jobs, left_out = pipeline.plan(items)
+    assert not left_out, left_out
+    records, samples = [], []
+    start = time.perf_counter()
+    for batch in pipeline.run(jobs):
+        records += batch
+        samples.append((len(records), round(rss_mb())))
+        console.print(f"[dim]{label}: {len(records)}/{len(jobs)} pairs, {time.perf_counter() - start:.0f} s, "
+                      f"RSS {samples[-1][1]} MB[/dim]", highlight=False)
+    wall = time.perf_counter() - start
+    generated = sum(r["meta"]["tokens"]["completion"] for r in records)
+    if backend.engine is not None and backend.use_engine:
+        computed, reused = backend.engine.stats.prefill_computed, backend.engine.stats.prefill_reused
+        cache_mb = backend.engine.cache.bytes / 2**20
+    else:
+        computed, reused, cache_mb = sum(r["meta"]["tokens"]["prompt"] for r in records), 0, 0.0
+    return {
+        "path": label, "prompts": len(records), "batch_size": config.batch_size, "wall_s": round(wall, 1),
+        "pairs_per_min": round(len(records) / wall * 60, 2), "generated_tokens": generated,
+        "generated_tok_per_s": round(generated / wall, 1), "prefill_computed": computed, "prefill_reused": reused,
+        "kv_cache_mb": round(cache_mb), "peak_rss_mb": round(peak_rss_mb()), "rss_samples": samples,
+        "records": {r["id"]: r for r in records},
+    }
+
+
+def same(a: dict, b: dict) -> bool:
+    keys = ("prompt", "rejected", "chosen", "principle", "critique", "rounds")
+    return all(a[k] == b[k] for k in keys) and a["meta"]["finish_reasons"] == b["meta"]["finish_reasons"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", default=str(ROOT / "bench/prompts64.txt"))
+    parser.add_argument("--limit", type=int, default=64, help="prompts for cai's pipeline")
+    parser.add_argument("--naive-limit", type=int, default=16, help="prompts for the straightforward loop (0: skip it)")
+    parser.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    parser.add_argument("--constitution", default="harmless")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: cai's own default for the machine")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", dest="json_path", help="write the figures here")
+    args = parser.parse_args()
+
+    console = Console(stderr=True)
+    source, name = resolve_model(args.model)
+    backend = HFBackend(source, name, HFOptions(threads=args.threads))
+    constitution, templates = load_constitution(args.constitution), load_templates("default")
+    items = read_prompts(args.prompts)[:args.limit]
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0)
+    config = RunConfig(seed=0, params=params, batch_size=args.batch_size or backend.default_width())
+
+    results = []
+    if args.naive_limit:
+        backend.use_engine = False
+        results.append(run(backend, constitution, templates, items[:args.naive_limit],
+                           RunConfig(seed=0, params=params, batch_size=1), "straightforward loop", console))
+        backend.use_engine = True
+    results.append(run(backend, constitution, templates, items, config, "cai pipeline", console))
+
+    table = Table(title=f"{name} · {args.constitution} · greedy · {args.max_new_tokens} new tokens a turn · "
+                        f"threads {__import__('torch').get_num_threads()}")
+    for column in ("path", "prompts", "batch", "pairs/min", "gen tok/s", "prefill computed", "prefill reused",
+                   "KV cache MB", "peak RSS MB", "wall s"):
+        table.add_column(column, justify="left" if column == "path" else "right")
+    for r in results:
+        table.add_row(r["path"], str(r["prompts"]), str(r["batch_size"]), f"{r['pairs_per_min']:.2f}",
+                      f"{r['generated_tok_per_s']:.1f}", f"{r['prefill_computed']:,}", f"{r['prefill_reused']:,}",
+                      str(r["kv_cache_mb"]), str(r["peak_rss_mb"]), f"{r['wall_s']:.0f}")
+    summary = {"model": name, "constitution": args.constitution, "max_new_tokens": args.max_new_tokens,
+               "threads": __import__("torch").get_num_threads()}
+    if len(results) == 2:
+        naive, cai = results
+        shared = [i for i in naive["records"] if i in cai["records"]]
+        identical = sum(same(naive["records"][i], cai["records"][i]) for i in shared)
+        summary.update(speedup_pairs_per_min=round(cai["pairs_per_min"] / naive["pairs_per_min"], 2),
+                       speedup_tok_per_s=round(cai["generated_tok_per_s"] / naive["generated_tok_per_s"], 2),
+                       identical_records=identical, compared_records=len(shared))
+        table.add_row("ratio", "", "", f"{summary['speedup_pairs_per_min']:.1f}×",
+                      f"{summary['speedup_tok_per_s']:.1f}×", "", "", "", "", "")
+    Console(width=160).print(table)
+    if len(results) == 2:
+        Console().print(f"records identical on the prompts both ran: {summary['identical_records']} of "
+                        f"{summary['compared_records']}")
+    if args.json_path:
+        out = {**summary, "runs": [{k: v for k, v in r.items() if k != "records"} for r in results]}
+        Path(args.json_path).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,442 @@
+"""The OpenAI-compatible backend against a real `transformers serve` (the tiny model), directly
+and through a proxy that injects faults."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cai.backends.base import Request, SamplingParams
+from cai.errors import BackendError
+
+httpx = pytest.importorskip("httpx")
+
+from fault_proxy import FaultProxy  # noqa: E402
+
+from cai.backends.openai import OpenAIBackend  # noqa: E402
+
+GREEDY = SamplingParams(max_new_tokens=8, temperature=0)
+SAMPLED = SamplingParams(max_new_tokens=8, temperature=0.8, top_p=0.95)
+PROMPTS = [
+    "Hello there, how are you today?",
+    "Tell me about the quick brown fox.",
+    "What is a constitution?",
+    "Name three colours.",
+    "Write a short poem about the lazy dog.",
+    "Why is the sky blue?",
+]
+API_KEY = "sk-cai-test-0123456789abcdef"
+
+
+def conversation(i: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    """`transformers serve <path>` on 127.0.0.1, the tiny model preloaded. A server started with a
+    model serves only that model and expects requests to name it exactly as given (the path)."""
+    try:
+        import transformers.cli.serve  # noqa: F401
+        from transformers.utils.import_utils import is_serve_available
+    except ImportError as exc:
+        pytest.skip(f"transformers serve unavailable: {exc}")
+    if not is_serve_available():
+        pytest.skip("transformers serve needs transformers[serving] (fastapi, uvicorn, openai)")
+    home = tmp_path_factory.mktemp("hf-home")
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1",
+           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HOME": str(home), "TOKENIZERS_PARALLELISM": "false"}
+    log_path = home / "serve.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "transformers.cli.transformers", "serve", str(tiny_model),
+             "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32"],
+            env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"transformers serve exited with {proc.returncode}:\n"
+                            f"{log_path.read_text(errors='replace')[-3000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"transformers serve did not come up:\n{log_path.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.25)
+        yield base_url, str(tiny_model)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def make_backend(url: str, model: str, **kwargs) -> OpenAIBackend:
+    kwargs.setdefault("api_key_env", "CAI_TEST_NO_SUCH_KEY")
+    kwargs.setdefault("timeout", 30.0)
+    return OpenAIBackend(url, model, **kwargs)
+
+
+def run_all(stream, requests: list[Request]) -> dict:
+    for request in requests:
+        stream.submit(request)
+    results = {}
+    while True:
+        finished = stream.poll()
+        if not finished:
+            return results
+        for key, completion in finished:
+            assert key not in results, f"{key} came back twice"
+            results[key] = completion
+
+
+def check_ok(completion, max_tokens: int = 8) -> None:
+    assert completion.error is None, completion.error
+    assert completion.text.strip()
+    assert completion.finish_reason in ("stop", "length")
+    assert completion.prompt_tokens > 0
+    assert 1 <= completion.completion_tokens <= max_tokens
+    if completion.finish_reason == "length":
+        assert completion.completion_tokens == max_tokens
+
+
+# ---- the happy path ----
+
+def test_stream_returns_one_completion_per_request(server):
+    upstream, model = server
+    with make_backend(upstream, model) as backend:
+        stream = backend.stream(GREEDY, width=4)
+        assert stream.poll() == []
+        results = run_all(stream, [Request(f"c{i}", conversation(i)) for i in range(6)])
+        assert sorted(results) == [f"c{i}" for i in range(6)]
+        for completion in results.values():
+            check_ok(completion)
+        assert stream.poll() == []
+
+
+def test_width_bounds_concurrency_and_next_turns_reuse_keys(server):
+    upstream, model = server
+    proxy = FaultProxy(upstream)
+    with proxy as url, make_backend(url, model) as backend:
+        stream = backend.stream(GREEDY, width=4)
+        first = run_all(stream, [Request(f"c{i}", conversation(i), seed=i) for i in range(8)])
+        assert 1 < proxy.max_in_flight <= 4
+        assert proxy.requests == 8 and proxy.injected == 0
+        # the next turn of a conversation goes in under the same key
+        second = run_all(stream, [
+            Request(key, conversation(int(key[1:])) + [{"role": "assistant", "content": first[key].text},
+                                                       {"role": "user", "content": "And then?"}])
+            for key in ("c0", "c1")])
+        assert sorted(second) == ["c0", "c1"]
+        for completion in second.values():
+            check_ok(completion)
+        assert second["c0"].prompt_tokens > first["c0"].prompt_tokens
+
+
+def test_greedy_is_deterministic_and_generate_keeps_order(server):
+    upstream, model = server
+    with make_backend(upstream, model) as backend:
+        conversations = [conversation(i) for i in range(3)]
+        batch = backend.generate(conversations, GREEDY)
+        single = [backend.generate([c], GREEDY)[0] for c in conversations]
+        assert [c.text for c in batch] == [c.text for c in single]
+        assert [c.prompt_tokens for c in batch] == [c.prompt_tokens for c in single]
+        assert backend.generate([], GREEDY) == []
+
+
+def test_release_drops_a_request_in_flight(server):
+    upstream, model = server
+    with FaultProxy(upstream, script=["delay"], delay=1.0) as url, make_backend(url, model) as backend:
+        stream = backend.stream(GREEDY, width=2)
+        stream.submit(Request("gone", conversation(0)))
+        stream.submit(Request("kept", conversation(1)))
+        stream.release("gone")
+        results = run_all(stream, [])
+        assert list(results) == ["kept"]
+        check_ok(results["kept"])
+
+
+def test_request_body(server):
+    """The body the server gets: top_p only when sampling, seed only when given."""
+    upstream, model = server
+    backend = make_backend(upstream, model)
+    try:
+        greedy = backend._body(conversation(0), GREEDY, None)
+        assert greedy == {"model": model, "messages": conversation(0), "max_tokens": 8, "temperature": 0}
+        sampled = backend._body(conversation(0), SAMPLED, 7)
+        assert sampled["top_p"] == 0.95 and sampled["seed"] == 7
+        # the server accepts every field we send (it answers 422 to unknown ones)
+        check_ok(backend.generate([conversation(0)], SAMPLED, seed=7)[0])
+    finally:
+        backend.close()
+
+
+def test_count_tokens_estimates(server):
+    upstream, model = server
+    with make_backend(upstream, model) as backend:
+        assert backend.context_length is None and backend.model_name == model
+        conv = [{"role": "system", "content": "Be brief."}, *conversation(0)]
+        assert backend.count_tokens(conv) == (len("Be brief.") + len(PROMPTS[0])) // 3 + 16
+        assert backend.count_tokens([]) == 0
+
+
+# ---- faults ----
+
+def test_transient_faults_are_retried(server):
+    upstream, model = server
+    proxy = FaultProxy(upstream, seed=3, script=["500", "drop", "ok", "delay"], error_rate=0.1, drop_rate=0.05,
+                       throttle_rate=0.0, delay_rate=0.1, delay=0.2)
+    with proxy as url, make_backend(url, model, max_retries=10, backoff=0.02) as backend:
+        stream = backend.stream(SAMPLED, width=4)
+        results = run_all(stream, [Request(f"c{i}", conversation(i), seed=i) for i in range(12)])
+    assert sorted(results) == sorted(f"c{i}" for i in range(12))
+    for completion in results.values():
+        check_ok(completion)
+    assert proxy.faults["500"] >= 1 and proxy.faults["drop"] >= 1 and proxy.faults["delay"] >= 1
+    # every failed attempt was tried again exactly once more; delays are not failures
+    assert proxy.requests == 12 + proxy.faults["500"] + proxy.faults["drop"]
+
+
+def test_malformed_json_and_timeouts_are_retried(server):
+    upstream, model = server
+    proxy = FaultProxy(upstream, script=["malformed", "delay"], delay=2.0)
+    with proxy as url, make_backend(url, model, timeout=0.5, backoff=0.01) as backend:
+        results = run_all(backend.stream(GREEDY, 1), [Request("a", conversation(0))])
+    check_ok(results["a"])
+    assert [seen.action for seen in proxy.log] == ["malformed", "delay", "ok"]
+
+
+@pytest.mark.parametrize("fault, reason", [("error_rate", "HTTP 500 after 2 attempts"),
+                                           ("drop_rate", "after 2 attempts"),
+                                           ("throttle_rate", "HTTP 429 after 2 attempts")])
+def test_requests_that_keep_failing_come_back_as_errors(server, fault, reason):
+    upstream, model = server
+    proxy = FaultProxy(upstream, retry_after="0", **{fault: 1.0})
+    with proxy as url, make_backend(url, model, max_retries=1, backoff=0.01) as backend:
+        results = run_all(backend.stream(GREEDY, 2), [Request(f"c{i}", conversation(i)) for i in range(3)])
+        assert len(results) == 3
+        for completion in results.values():
+            assert completion.finish_reason == "error"
+            assert completion.text == "" and completion.prompt_tokens == completion.completion_tokens == 0
+            assert reason in completion.error and "\n" not in completion.error
+        assert proxy.requests == 6
+        with pytest.raises(BackendError, match="request 1 of 2 failed: .*after 2 attempts"):
+            backend.generate([conversation(0), conversation(1)], GREEDY)
+
+
+def test_timeouts_and_refused_connections_come_back_as_errors(server):
+    upstream, model = server
+    with FaultProxy(upstream, delay_rate=1.0, delay=2.0) as url, \
+            make_backend(url, model, timeout=0.3, max_retries=0) as backend:
+        [(_, completion)] = run_all(backend.stream(GREEDY, 1), [Request("a", conversation(0))]).items()
+        assert completion.error == "timeout (0.3s) after 1 attempt"
+    with make_backend(f"http://127.0.0.1:{free_port()}/v1", model, max_retries=1, backoff=0.01) as backend:
+        completion = run_all(backend.stream(GREEDY, 1), [Request("a", conversation(0))])["a"]
+        assert completion.finish_reason == "error" and "ConnectError" in completion.error
+
+
+def test_client_errors_are_not_retried(server):
+    upstream, _ = server
+    proxy = FaultProxy(upstream)
+    with proxy as url, make_backend(url, "not-the-served-model", max_retries=3, backoff=0.01) as backend:
+        completion = run_all(backend.stream(GREEDY, 1), [Request("a", conversation(0))])["a"]
+    assert completion.error.startswith("HTTP 400: ") and completion.error.endswith("after 1 attempt")
+    assert "pinned" in completion.error
+    assert proxy.requests == 1
+
+
+def test_retry_after_is_honoured(server):
+    upstream, model = server
+    proxy = FaultProxy(upstream, script=["429"], retry_after="1")
+    with proxy as url, make_backend(url, model, backoff=0.01) as backend:
+        results = run_all(backend.stream(GREEDY, 1), [Request("a", conversation(0))])
+    check_ok(results["a"])
+    first, second = proxy.log
+    assert (first.action, second.action) == ("429", "ok")
+    assert 0.9 <= second.time - first.time < 2.5
+
+
+# ---- the API key ----
+
+def test_api_key_goes_in_the_header_and_nowhere_else(server, monkeypatch, caplog):
+    upstream, model = server
+    monkeypatch.setenv("CAI_TEST_API_KEY", API_KEY)
+    caplog.set_level(logging.DEBUG)
+    proxy = FaultProxy(upstream, script=["ok", "401", "500", "500"])
+    with proxy as url, make_backend(url, model, api_key_env="CAI_TEST_API_KEY", max_retries=1,
+                                    backoff=0.01) as backend:
+        stream = backend.stream(GREEDY, 1)
+        check_ok(run_all(stream, [Request("a", conversation(0))])["a"])
+        rejected = run_all(stream, [Request("b", conversation(1))])["b"]    # a 401 quoting the key back
+        failed = run_all(stream, [Request("c", conversation(2))])["c"]
+        assert API_KEY not in repr(backend)
+    assert [seen.headers.get("authorization") for seen in proxy.log] == [f"Bearer {API_KEY}"] * 4
+    assert rejected.finish_reason == "error" and rejected.error.startswith("HTTP 401")
+    assert "***" in rejected.error and API_KEY not in rejected.error
+    assert failed.error == "HTTP 500 after 2 attempts"
+    assert API_KEY not in caplog.text
+
+
+def test_no_key_no_authorization_header(server, monkeypatch):
+    upstream, model = server
+    monkeypatch.delenv("CAI_TEST_API_KEY", raising=False)
+    proxy = FaultProxy(upstream)
+    with proxy as url, make_backend(url, model, api_key_env="CAI_TEST_API_KEY") as backend:
+        check_ok(backend.generate([conversation(0)], GREEDY)[0])
+    assert "authorization" not in proxy.log[0].headers
+
+
+def test_closed_backend_refuses_work(server):
+    upstream, model = server
+    backend = make_backend(upstream, model)
+    backend.close()
+    backend.close()
+    with pytest.raises(BackendError, match="closed"):
+        backend.generate([conversation(0)], GREEDY)
+
+
+# ---- helpers (no server) ----
+
+def test_base_urls():
+    from cai.backends.openai import _chat_url
+    from cai.errors import UsageError
+
+    assert _chat_url("http://127.0.0.1:8000/v1/") == "http://127.0.0.1:8000/v1/chat/completions"
+    assert _chat_url("http://127.0.0.1:8000") == "http://127.0.0.1:8000/v1/chat/completions"
+    assert _chat_url("https://h/api/v1/chat/completions") == "https://h/api/v1/chat/completions"
+    for bad in ("127.0.0.1:8000", "ftp://h/v1", "http://"):
+        with pytest.raises(UsageError, match="base URL"):
+            _chat_url(bad)
+
+
+def test_retry_after_values():
+    from email.utils import formatdate
+
+    from cai.backends.openai import MAX_RETRY_AFTER, _retry_after
+
+    assert _retry_after(None) is None and _retry_after("soon") is None
+    assert _retry_after("1") == 1.0 and _retry_after("-3") == 0.0
+    assert _retry_after("100000") == MAX_RETRY_AFTER
+    assert 3 <= _retry_after(formatdate(time.time() + 5, usegmt=True)) <= 5
+
+
+# ---- cai generate --backend openai, end to end ----
+
+def cai(*args, env: dict | None = None):
+    from typer.testing import CliRunner
+
+    from cai.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], env=env)
+
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples", "prompts.jsonl")
+REMOTE = ["--max-new-tokens", "6", "--concurrency", "4", "--temperature", "0"]
+
+
+def _records(path) -> list[dict]:
+    from conftest import read_jsonl
+
+    return read_jsonl(path)
+
+
+def test_generate_through_a_server_writes_the_same_record_shape(server, tiny_model, tmp_path):
+    upstream, model = server
+    remote, local = tmp_path / "remote.jsonl", tmp_path / "local.jsonl"
+    result = cai("generate", EXAMPLES, "--backend", "openai", "--base-url", upstream, "--model", model,
+                 "-o", remote, "--limit", "4", *REMOTE)
+    assert result.exit_code == 0, result.output
+    result = cai("generate", EXAMPLES, "--model", tiny_model, "-o", local, "--limit", "4",
+                 "--max-new-tokens", "6", "--temperature", "0")
+    assert result.exit_code == 0, result.output
+    remote_records, local_records = _records(remote), _records(local)
+    assert sorted(r["id"] for r in remote_records) == sorted(r["id"] for r in local_records)
+    for r, l in zip(sorted(remote_records, key=lambda r: r["id"]), sorted(local_records, key=lambda r: r["id"])):
+        assert set(r) == set(l) and set(r["meta"]) == set(l["meta"])
+        assert r["prompt"] == l["prompt"] and r["rejected"] and r["chosen"]
+        assert r["meta"]["model"] == model and len(r["rounds"]) == 1
+
+
+def test_every_prompt_is_recorded_once_through_a_proxy_failing_a_fifth_of_requests(server, tmp_path):
+    upstream, model = server
+    out = tmp_path / "pairs.jsonl"
+    proxy = FaultProxy(upstream, seed=7, error_rate=0.1, drop_rate=0.1)
+    with proxy as url:
+        result = cai("generate", EXAMPLES, "--backend", "openai", "--base-url", url, "--model", model,
+                     "-o", out, "--max-retries", "10", *REMOTE)
+    assert result.exit_code == 0, result.output
+    ids = [r["id"] for r in _records(out)]
+    assert len(ids) == 8 and len(set(ids)) == 8
+    assert proxy.faults["500"] + proxy.faults["drop"] >= 3, proxy.faults
+    assert not (tmp_path / "pairs.jsonl.failures.jsonl").exists()
+
+
+def test_failed_prompts_go_to_the_failures_file_and_a_rerun_retries_them(server, tmp_path):
+    upstream, model = server
+    out = tmp_path / "pairs.jsonl"
+    failures = tmp_path / "pairs.jsonl.failures.jsonl"
+    with FaultProxy(upstream, error_rate=1.0) as url:
+        result = cai("generate", EXAMPLES, "--backend", "openai", "--base-url", url, "--model", model,
+                     "-o", out, "--max-retries", "0", "--limit", "3", *REMOTE)
+    assert result.exit_code == 1
+    assert "3 prompts failed after their retries" in result.output and str(failures) in result.output
+    assert "Traceback" not in result.output
+    failed = _records(failures)
+    assert len(failed) == 3 and {f["stage"] for f in failed} == {"response"}
+    assert all("HTTP 500" in f["error"] for f in failed)
+    assert out.read_text() == ""
+    # The server is healthy again: the same command makes exactly the missing records.
+    result = cai("generate", EXAMPLES, "--backend", "openai", "--base-url", upstream, "--model", model,
+                 "-o", out, "--max-retries", "0", "--limit", "3", *REMOTE)
+    assert result.exit_code == 0, result.output
+    assert sorted(r["id"] for r in _records(out)) == sorted(f["id"] for f in failed)
+    assert not failures.exists()
+
+
+def test_fail_fast_stops_at_the_first_failure(server, tmp_path):
+    upstream, model = server
+    with FaultProxy(upstream, error_rate=1.0) as url:
+        result = cai("generate", EXAMPLES, "--backend", "openai", "--base-url", url, "--model", model,
+                     "-o", tmp_path / "pairs.jsonl", "--max-retries", "0", "--fail-fast", *REMOTE)
+    assert result.exit_code == 1
+    assert "--fail-fast" in result.output and "HTTP 500" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_the_api_key_is_sent_but_never_written(server, tmp_path):
+    upstream, model = server
+    out = tmp_path / "pairs.jsonl"
+    proxy = FaultProxy(upstream)
+    with proxy as url:
+        result = cai("generate", EXAMPLES, "--backend", "openai", "--base-url", url, "--model", model,
+                     "-o", out, "--api-key-env", "CAI_TEST_KEY", "--limit", "1", *REMOTE,
+                     env={"CAI_TEST_KEY": API_KEY})
+    assert result.exit_code == 0, result.output
+    assert any(seen.headers.get("authorization") == f"Bearer {API_KEY}" for seen in proxy.log)
+    assert API_KEY not in out.read_text() and API_KEY not in result.output
+
+
+def test_openai_backend_options_are_checked(tmp_path):
+    result = cai("generate", EXAMPLES, "--backend", "openai", "--model", "m")
+    assert result.exit_code == 2 and "--base-url" in result.output
+    result = cai("generate", EXAMPLES, "--backend", "vllm")
+    assert result.exit_code == 2 and "choose from hf, openai" in result.output
