@@ -21,6 +21,7 @@ import json
 import resource
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,6 +90,9 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=None, help="default: cai's own default for the machine")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="use each prompt this many times (as distinct prompts), e.g. 16 for a 1,024-prompt memory run")
+    parser.add_argument("--no-few-shot", dest="few_shot", action="store_false")
     parser.add_argument("--json", dest="json_path", help="write the figures here")
     args = parser.parse_args()
 
@@ -96,15 +100,21 @@ def main() -> int:
     source, name = resolve_model(args.model)
     backend = HFBackend(source, name, HFOptions(threads=args.threads))
     constitution, templates = load_constitution(args.constitution), load_templates("default")
-    items = read_prompts(args.prompts)[:args.limit]
+    items = read_prompts(args.prompts)
+    if args.repeat > 1:
+        items = [replace(item, id=f"{item.id}-{k}", text=f"{item.text} (Variant {k}.)")
+                 for k in range(1, args.repeat + 1) for item in items]
+    items = items[:args.limit]
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0)
-    config = RunConfig(seed=0, params=params, batch_size=args.batch_size or backend.default_width())
+    config = RunConfig(seed=0, params=params, batch_size=args.batch_size or backend.default_width(),
+                       few_shot=args.few_shot)
 
     results = []
     if args.naive_limit:
         backend.use_engine = False
         results.append(run(backend, constitution, templates, items[:args.naive_limit],
-                           RunConfig(seed=0, params=params, batch_size=1), "straightforward loop", console))
+                           RunConfig(seed=0, params=params, batch_size=1, few_shot=args.few_shot),
+                           "straightforward loop", console))
         backend.use_engine = True
     results.append(run(backend, constitution, templates, items, config, "cai pipeline", console))
 
@@ -118,6 +128,7 @@ def main() -> int:
                       f"{r['generated_tok_per_s']:.1f}", f"{r['prefill_computed']:,}", f"{r['prefill_reused']:,}",
                       str(r["kv_cache_mb"]), str(r["peak_rss_mb"]), f"{r['wall_s']:.0f}")
     summary = {"model": name, "constitution": args.constitution, "max_new_tokens": args.max_new_tokens,
+               "few_shot": args.few_shot,
                "threads": __import__("torch").get_num_threads()}
     if len(results) == 2:
         naive, cai = results

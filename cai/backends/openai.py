@@ -296,7 +296,7 @@ class OpenAIBackend:
                           self.model_name, request.key, self._scrub(reason), wait, attempt + 1, attempts)
                 await asyncio.sleep(wait)
         error = self._scrub(f"{reason} after {attempts} attempt{'s' if attempts > 1 else ''}")
-        log.warning("%s: request %s failed: %s", self.model_name, request.key, error)
+        log.debug("%s: request %s failed: %s", self.model_name, request.key, error)
         return Completion(text="", finish_reason="error", prompt_tokens=0, completion_tokens=0, error=error)
 
 
@@ -334,7 +334,7 @@ class OpenAIStream:
             raise                      # released, or the backend closed: nobody waits for it
         except Exception as exc:  # noqa: BLE001 -- a bug here must not leave poll waiting forever
             error = self.backend._scrub(f"{type(exc).__name__}: {_one_line(exc)}")
-            log.warning("%s: request %s failed: %s", self.backend.model_name, request.key, error)
+            log.debug("%s: request %s failed: %s", self.backend.model_name, request.key, error)
             completion = Completion(text="", finish_reason="error", prompt_tokens=0, completion_tokens=0,
                                     error=error)
         self._results.put((ticket, request.key, completion))
