@@ -243,7 +243,7 @@ def generate(
                 allow_pickle=allow_pickle, plain_chat_format=plain_chat_format, threads=threads))
         if batch_size is None:
             config = replace(config, batch_size=backend.default_width())
-            log.info("%d conversations in flight (--batch-size)", config.batch_size)
+            log.info("up to %d conversations in flight (--batch-size)", config.batch_size)
     failures_path = failures or (f"{output}.failures.jsonl" if output != "-" else None)
     failure_log = _FailureLog(failures_path, fail_fast)
     writer = RecordWriter(output, append_at=append_at)
