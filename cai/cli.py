@@ -153,7 +153,7 @@ def generate(
     """Generate (rejected, chosen) pairs from prompts.
 
     For each prompt the model answers, critiques its answer against a principle of the
-    constitution, and revises it; one JSONL record per prompt is written as each batch ends.
+    constitution, and revises it; one JSONL record per prompt is written as its conversation ends.
     """
     from cai.backends.base import SamplingParams
     from cai.constitution import load_constitution
@@ -200,7 +200,7 @@ def generate(
     config = RunConfig(
         revisions=revisions or constitution_obj.defaults.revisions,
         sampling=sampling or constitution_obj.defaults.sampling,
-        seed=seed, batch_size=batch_size or 8, few_shot=few_shot,
+        seed=seed, batch_size=batch_size or 1, few_shot=few_shot,      # batch_size: set once the backend is known
         params=SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p),
     )
     source, model_name = resolve_model(model) if backend_name == "hf" else (base_url, model)
@@ -336,30 +336,29 @@ class _FailureLog:
 
     def __init__(self, path: str | None, fail_fast: bool):
         self.path, self.fail_fast, self.count = path, fail_fast, 0
-        self._file = None
+        self._writer = None
         if path and Path(path).is_file():
             Path(path).unlink()          # it lists this run's failures; a rerun retries the old ones
 
     def __call__(self, job, stage: str, reason: str) -> None:
-        import json
         from datetime import datetime, timezone
+
+        from cai.io import RecordWriter
 
         if self.fail_fast:
             raise BackendError(f"prompt {job.record_id} (input line {job.prompt.line}): {stage}: {reason} (--fail-fast)")
         self.count += 1
         log.warning("failed: prompt %s: %s: %s", job.record_id, stage, reason)
         if self.path:
-            if self._file is None:
-                self._file = open(self.path, "a", encoding="utf-8")
-            self._file.write(json.dumps({
-                "id": job.record_id, "prompt": job.prompt.text, "stage": stage, "error": reason,
-                "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}, ensure_ascii=False) + "\n")
-            self._file.flush()
+            if self._writer is None:
+                self._writer = RecordWriter(self.path)
+            self._writer.write({"id": job.record_id, "prompt": job.prompt.text, "stage": stage, "error": reason,
+                                "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 def _run(pipeline, jobs, writer, quiet: bool, stopper: _GracefulStop, fmt: str, on_failure=None) -> dict:

@@ -18,10 +18,10 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from cai.backends.base import Message
 from cai.constitution import Constitution, Principle, data_dir
 from cai.errors import TemplateError
 
-Message = dict[str, str]
 TEMPLATE_NAMES = ("system", "prompt", "critique", "revision")
 _REQUIRED = ("prompt", "critique", "revision")
 _SAMPLE_PRINCIPLE = Principle(id="sample", critique="Identify problems.", revision="Fix them.",

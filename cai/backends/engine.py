@@ -14,8 +14,8 @@ What makes it fast on a CPU (and sound on a GPU):
 
 The engine speaks token ids only: the HF backend owns the tokenizer and the chat template. It
 drives the model's own forward (so rotary embeddings, norms and MLPs are the model's), handing it
-this cache and an explicit 4-D attention mask; `supports()` says which architectures are known
-to follow that contract."""
+this cache as `past_key_values` and switching the model to `cascade_attention`, which takes its
+mask from the cache; `supports()` says which architectures are known to follow that contract."""
 
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AttentionInterface
 
-# Architectures whose forward takes a 4-D mask and a cache object through `update(k, v, layer)`,
-# and whose attention is plain causal attention over the whole context (tests/test_engine.py
+# Architectures whose forward hands a cache object `update(k, v, layer)` and calls the configured
+# attention function, and whose attention is plain causal attention over the whole context (tests/test_engine.py
 # checks each against transformers' own generate).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
 
@@ -43,6 +43,20 @@ def supports(model) -> str | None:
     return None
 
 
+def kv_layout(config) -> dict:
+    """Shape of the model's KV cache per layer: layers, kv_heads, head_dim."""
+    heads = config.num_attention_heads
+    return dict(layers=config.num_hidden_layers,
+                kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+                head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads)
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes of keys and values one cached position takes, all layers together."""
+    shape = kv_layout(model.config)
+    return 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * next(model.parameters()).element_size()
+
+
 @dataclass
 class EngineResult:
     tokens: list[int]        # generated ids, the stop token included when one ended the turn
@@ -55,9 +69,6 @@ class EngineResult:
 class EngineStats:
     prefill_computed: int = 0    # prompt ids run through the model
     prefill_reused: int = 0      # prompt ids whose keys and values came from the cache
-    generated: int = 0
-    decode_steps: int = 0
-    prefill_calls: int = 0
 
 
 @dataclass
@@ -220,7 +231,6 @@ class Engine:
         reason = supports(model)
         if reason:
             raise ValueError(f"the engine cannot drive this model: {reason}")
-        config = model.config
         self.model = model
         model.set_attn_implementation(ATTENTION)
         self.slots = slots
@@ -228,12 +238,7 @@ class Engine:
         self.pad_id = pad_id
         self.context_length = context_length
         self.device = next(model.parameters()).device
-        heads = config.num_attention_heads
-        self._layout = dict(
-            layers=config.num_hidden_layers,
-            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-            dtype=next(model.parameters()).dtype, device=self.device)
+        self._layout = dict(kv_layout(model.config), dtype=next(model.parameters()).dtype, device=self.device)
         self.cache: SlotCache | None = None
         self.active: list[_Slot] = []          # slots 0..n-1 of the cache, in use
         self._index: dict[str, int] = {}
@@ -397,7 +402,6 @@ class Engine:
             positions.append(list(range(start + n, start + width)) + list(range(start, start + n)))
         logits = self._forward(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
                                torch.tensor(group, device=self.device), slots)
-        self.stats.prefill_calls += 1
         for s in slots:
             self.stats.prefill_computed += len(s.pending)
             self.stats.prefill_reused += s.reused
@@ -411,7 +415,6 @@ class Engine:
         ids = [s.generated[-1] if s.state == "decode" else self.pad_id for s in self.active]
         positions = torch.tensor([[len(s.tokens)] for s in self.active], device=self.device)
         logits = self._forward(torch.tensor(ids, device=self.device)[:, None], positions, slice(0, n), self.active)
-        self.stats.decode_steps += 1
         for i in rows:
             s = self.active[i]
             s.tokens.append(s.generated[-1])
@@ -422,7 +425,6 @@ class Engine:
         for i, token in zip(rows, picks):
             s = self.active[i]
             s.generated.append(token)
-            self.stats.generated += 1
             stop = token in self.stop_ids
             if stop or len(s.generated) >= s.request.max_new_tokens:
                 s.state = "done"

@@ -145,15 +145,11 @@ class HFBackend:
         import os
 
         import torch
-        from cai.backends.engine import supports
+        from cai.backends.engine import kv_bytes_per_token, supports
 
         if not self.use_engine or supports(self.model):
             return 8
-        config = self.model.config
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * self.model.dtype.itemsize
+        per_token = kv_bytes_per_token(self.model)
         if self.device == "cuda":
             budget = torch.cuda.mem_get_info()[0] / 2
         else:
@@ -169,7 +165,7 @@ class HFBackend:
         return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
 
     def count_tokens(self, conversation: list[dict[str, str]]) -> int:
-        return len(self.tokenizer(self.render(conversation), add_special_tokens=False)["input_ids"])
+        return len(self.encode(conversation))
 
     def generate(self, conversations: list[list[dict[str, str]]], params: SamplingParams,
                  seed: int | None = None) -> list[Completion]:
