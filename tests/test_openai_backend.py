@@ -3,12 +3,17 @@ and through a proxy that injects faults."""
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
+import random
 import socket
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -314,6 +319,221 @@ def test_closed_backend_refuses_work(server):
         backend.generate([conversation(0)], GREEDY)
 
 
+# ---- score_choices: against the real server ----
+#
+# `transformers serve` (5.x) takes `logprobs` and `top_logprobs` for chat completions but ignores
+# them (it logs "Ignoring unsupported fields in the request") and answers without any logprobs;
+# it refuses `continue_final_message` / `add_generation_prompt` with a 422 ("Unexpected fields in
+# the request"). So against it every conversation comes back with a clear error, after one request.
+
+def test_score_choices_against_transformers_serve_says_it_gives_no_logprobs(server):
+    upstream, model = server
+    proxy = FaultProxy(upstream)
+    conversations = [conversation(i) for i in range(3)]
+    with proxy as url, make_backend(url, model, max_retries=3, backoff=0.01) as backend:
+        first = backend.score_choices(conversations, ("A", "B"))
+        assert len(first) == 3
+        for scores in first:
+            assert scores.error == ("the server returned no logprobs (does it support logprobs and "
+                                    "top_logprobs for chat completions?)")
+            assert scores.logprobs == {"A": -math.inf, "B": -math.inf}
+        assert proxy.requests == 3                  # a server without logprobs is not asked again
+        assert backend.score_choices(conversations, ("A", "B")) == first
+
+
+def test_score_choices_with_a_prefix_against_transformers_serve_names_the_refused_fields(server):
+    upstream, model = server
+    proxy = FaultProxy(upstream)
+    with proxy as url, make_backend(url, model, max_retries=3, backoff=0.01) as backend:
+        [scores] = backend.score_choices([conversation(0)], ("A", "B"), prefix="The answer is: (")
+    assert scores.error.startswith("HTTP 422: Unexpected fields in the request")
+    assert "after 1 attempt; the server does not take continue_final_message, add_generation_prompt" in scores.error
+    assert "\n" not in scores.error and proxy.requests == 1
+
+
+# ---- score_choices: against a fake server that gives logprobs ----
+
+def chat_logprobs(*top: tuple[str, float]) -> dict:
+    """A chat completion whose one generated token has these (token, logprob) alternatives."""
+    entries = [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top]
+    first = {**entries[0], "top_logprobs": entries} if entries else None
+    return {"id": "x", "object": "chat.completion", "model": "fake",
+            "choices": [{"index": 0, "finish_reason": "length",
+                         "message": {"role": "assistant", "content": top[0][0] if top else ""},
+                         "logprobs": {"content": [first] if first else []}}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11}}
+
+
+class FakeOpenAI:
+    """A local OpenAI-compatible HTTP server on a thread: `respond(body, n)` (n counts requests
+    from 0) returns (status, payload) for each POST, a dict payload sent as JSON and a str as it is.
+    `bodies` holds the request bodies; `max_in_flight` the most requests it held at once."""
+
+    def __init__(self, respond):
+        self.respond, self.bodies = respond, []
+        self.in_flight = self.max_in_flight = 0
+        self._lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                with fake._lock:
+                    n = len(fake.bodies)
+                    fake.bodies.append(body)
+                    fake.in_flight += 1
+                    fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+                try:
+                    status, payload = fake.respond(body, n)
+                finally:
+                    with fake._lock:
+                        fake.in_flight -= 1
+                data = (json.dumps(payload) if isinstance(payload, dict) else payload).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+
+    def __enter__(self) -> str:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+
+    def __exit__(self, *exc):
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def fake_backend(url: str, **kwargs) -> OpenAIBackend:
+    kwargs.setdefault("backoff", 0.01)
+    return make_backend(url, "fake", **kwargs)
+
+
+def test_matching_tokens_combine_and_a_missing_choice_is_minus_infinity():
+    top = [(" A", math.log(0.3)), ("C", math.log(0.25)), ("(A", math.log(0.2)), ("B", math.log(0.1)),
+           ("(B", math.log(0.05)), ("AB", math.log(0.04)), ("a", math.log(0.03))]
+    with FakeOpenAI(lambda body, n: (200, chat_logprobs(*top))) as url, fake_backend(url) as backend:
+        [scores] = backend.score_choices([conversation(0)], ("A", "B", "Z"))
+    assert scores.error is None
+    assert scores.logprobs["A"] == pytest.approx(math.log(0.5))
+    assert scores.logprobs["B"] == pytest.approx(math.log(0.15))
+    assert scores.logprobs["Z"] == -math.inf
+
+
+def test_no_choice_among_the_top_tokens_is_an_error():
+    top = [("The", -0.5), (" I", -1.0), ("Sure", -2.0)]
+    fake = FakeOpenAI(lambda body, n: (200, chat_logprobs(*top)))
+    with fake as url, fake_backend(url) as backend:
+        [scores] = backend.score_choices([conversation(0)], ("A", "B"))
+    assert scores.error == "none of A, B among the top 3 tokens (the top ones: 'The', ' I', 'Sure')"
+    assert scores.logprobs == {"A": -math.inf, "B": -math.inf}
+    assert len(fake.bodies) == 1
+
+
+@pytest.mark.parametrize("payload, error", [
+    ({"choices": [{"index": 0, "message": {"role": "assistant", "content": "A"}, "finish_reason": "length"}]},
+     "the server returned no logprobs (does it support logprobs and top_logprobs for chat completions?)"),
+    ({"choices": [{"index": 0, "message": {"role": "assistant", "content": "A"}, "logprobs": None}]},
+     "the server returned no logprobs (does it support logprobs and top_logprobs for chat completions?)"),
+    ({"choices": [{"index": 0, "message": {"role": "assistant", "content": "A"},
+                   "logprobs": {"content": [{"token": "A", "logprob": -0.1, "top_logprobs": []}]}}]},
+     "the server returned no top_logprobs (does it support top_logprobs?)"),
+])
+def test_a_response_without_logprobs_is_an_error_and_not_retried(payload, error):
+    fake = FakeOpenAI(lambda body, n: (200, payload))
+    with fake as url, fake_backend(url, max_retries=3) as backend:
+        results = backend.score_choices([conversation(0), conversation(1)], ("A", "B"))
+    assert [r.error for r in results] == [error, error]
+    assert all(r.logprobs == {"A": -math.inf, "B": -math.inf} for r in results)
+    assert len(fake.bodies) == 2
+
+
+def test_request_body_and_the_prefix_as_a_final_assistant_message():
+    fake = FakeOpenAI(lambda body, n: (200, chat_logprobs(("A", -0.1), ("B", -2.5))))
+    conv = [{"role": "system", "content": "Judge."}, *conversation(0)]
+    with fake as url, fake_backend(url) as backend:
+        plain = backend.score_choices([conv], ("A", "B"))
+        prefixed = backend.score_choices([conv], ("A", "B"), prefix="The answer is: (")
+    assert plain == prefixed and plain[0].logprobs == {"A": -0.1, "B": -2.5}
+    assert fake.bodies[0] == {"model": "fake", "messages": conv, "max_tokens": 1, "temperature": 0,
+                              "logprobs": True, "top_logprobs": 20}
+    assert fake.bodies[1] == {**fake.bodies[0],
+                              "messages": conv + [{"role": "assistant", "content": "The answer is: ("}],
+                              "continue_final_message": True, "add_generation_prompt": False}
+    assert len(conv) == 2                           # the caller's conversation is left as it was
+
+
+@pytest.mark.parametrize("first", [(500, {"error": {"message": "overloaded"}}), (200, "{not json"),
+                                   (200, {"choices": []})])
+def test_transient_failures_are_retried(first):
+    fake = FakeOpenAI(lambda body, n: first if n == 0 else (200, chat_logprobs(("A", -0.2), (" B", -1.7))))
+    with fake as url, fake_backend(url) as backend:
+        [scores] = backend.score_choices([conversation(0)], ("A", "B"))
+    assert scores.error is None and scores.logprobs == {"A": -0.2, "B": -1.7}
+    assert len(fake.bodies) == 2
+
+
+def test_one_conversation_failing_for_good_leaves_the_others():
+    def respond(body, n):
+        if body["messages"][-1]["content"] == PROMPTS[1]:
+            return 503, "busy"
+        return 200, chat_logprobs(("B", -0.3), ("A", -1.4))
+
+    with FakeOpenAI(respond) as url, fake_backend(url, max_retries=1) as backend:
+        results = backend.score_choices([conversation(i) for i in range(3)], ("A", "B"))
+    assert [r.error for r in results] == [None, "HTTP 503 after 2 attempts", None]
+    assert results[0].logprobs == results[2].logprobs == {"A": -1.4, "B": -0.3}
+
+
+@pytest.mark.parametrize("status, detail, hint", [
+    (422, {"detail": "Unexpected fields in the request: {'continue_final_message'}"},
+     "; the server does not take continue_final_message (sent for the prefix; vLLM and SGLang take it)"),
+    (400, {"error": {"message": "top_logprobs must be at most 5"}}, "; the server does not take top_logprobs"),
+    (400, {"error": {"message": "bad request"}},
+     ("; if the server refused a parameter, suspect logprobs, top_logprobs, continue_final_message, "
+      "add_generation_prompt")),
+    (404, {"error": {"message": "no such model"}}, ""),
+])
+def test_a_refused_request_names_the_parameter_to_suspect(status, detail, hint):
+    fake = FakeOpenAI(lambda body, n: (status, detail))
+    with fake as url, fake_backend(url, max_retries=3) as backend:
+        [scores] = backend.score_choices([conversation(0)], ("A", "B"), prefix="(")
+    message = detail.get("detail") or detail["error"]["message"]
+    assert scores.error == f"HTTP {status}: {message} after 1 attempt{hint}"
+    assert len(fake.bodies) == 1
+
+
+def test_results_keep_the_order_of_the_conversations_under_concurrency():
+    rng = random.Random(0)
+    delays = [rng.uniform(0, 0.15) for _ in range(12)]
+
+    def respond(body, n):
+        i = int(body["messages"][-1]["content"].split()[-1])
+        time.sleep(delays[i])
+        return 200, chat_logprobs((" A", -i / 10), (" B", -5.0))
+
+    conversations = [[{"role": "user", "content": f"question {i}"}] for i in range(12)]
+    fake = FakeOpenAI(respond)
+    with fake as url, fake_backend(url) as backend:
+        results = backend.score_choices(conversations, ("A", "B"), width=4)
+        assert 1 < fake.max_in_flight <= 4
+        assert [r.logprobs["A"] for r in results] == [-i / 10 for i in range(12)]
+        fake.max_in_flight = 0
+        assert backend.score_choices(conversations, ("A", "B")) == results
+        assert fake.max_in_flight > 4                      # the default width is 16
+        assert backend.score_choices([], ("A", "B")) == []
+    with pytest.raises(BackendError, match="closed"):
+        backend.score_choices(conversations, ("A", "B"))
+    with pytest.raises(ValueError, match="choices"):
+        backend.score_choices(conversations, (" A", "B"))
+
+
 # ---- helpers (no server) ----
 
 def test_base_urls():
@@ -326,6 +546,15 @@ def test_base_urls():
     for bad in ("127.0.0.1:8000", "ftp://h/v1", "http://"):
         with pytest.raises(UsageError, match="base URL"):
             _chat_url(bad)
+
+
+def test_choice_tokens():
+    from cai.backends.openai import _choice_of
+
+    for token in ("A", " A", "(A", " (A", "( A", "\nA", "A "):
+        assert _choice_of(token, ("A", "B")) == "A", token
+    for token in ("AB", "a", "(", "", " ", "((A", "A)", "C"):
+        assert _choice_of(token, ("A", "B")) is None, token
 
 
 def test_retry_after_values():

@@ -7,6 +7,12 @@ Requests run on one background thread that owns an asyncio event loop and one
 backoff plus jitter, honouring `Retry-After`. A request that fails for good does not raise: it
 comes back as a `Completion` with `finish_reason="error"` and a one-line `error`.
 
+`score_choices` reads the log-probabilities of a few one-token answers ("A", "B") from the
+`top_logprobs` of a one-token greedy completion, through the same retry loop. A prefix for the
+assistant's reply is sent as a final assistant message with `continue_final_message` (the
+vLLM / SGLang extension); servers without these (`transformers serve` ignores `logprobs` and
+rejects `continue_final_message`) give each conversation an error saying so.
+
 The API key is read from an environment variable and only ever put in the Authorization
 header: it is scrubbed from every error message this module produces and never logged."""
 
@@ -17,14 +23,16 @@ import concurrent.futures
 import email.utils
 import itertools
 import logging
+import math
 import os
 import queue
 import random
+import re
 import threading
 import time
 from urllib.parse import urlsplit
 
-from cai.backends.base import Completion, Request, SamplingParams
+from cai.backends.base import ChoiceScores, Completion, Request, SamplingParams
 from cai.errors import BackendError, UsageError
 
 log = logging.getLogger("cai")
@@ -34,6 +42,10 @@ MAX_RETRY_AFTER = 60.0      # seconds: the longest Retry-After we honour
 CHARS_PER_TOKEN = 3         # count_tokens: fewer characters per token than real tokenizers average
 TOKENS_PER_MESSAGE = 8      # count_tokens: role markers and separators of the chat template
 GENERATE_WIDTH = 32         # requests in flight for `generate`
+TOP_LOGPROBS = 20           # score_choices: alternatives asked for (OpenAI's maximum, vLLM's default cap)
+
+# Fields score_choices sends that a server may not take; a 400/422 is explained by naming them.
+_SCORING_FIELDS = ("logprobs", "top_logprobs", "continue_final_message", "add_generation_prompt")
 
 _LENGTH_REASONS = {"length", "max_tokens", "model_length", "max_length"}
 
@@ -106,6 +118,93 @@ class _Retryable(Exception):
 
 class _Fatal(Exception):
     """An attempt that failed in a way that trying again will not fix."""
+
+    def __init__(self, reason: str, status: int | None = None):
+        super().__init__(reason)
+        self.status = status
+
+
+class _Failed(Exception):
+    """A request that failed for good: `error` is its one-line, scrubbed reason; `status` the
+    HTTP status of a client error that ended it (None for anything else)."""
+
+    def __init__(self, error: str, status: int | None = None):
+        super().__init__(error)
+        self.error, self.status = error, status
+
+
+def _parse_completion(data: dict) -> Completion:
+    choice = data["choices"][0]
+    text = choice["message"].get("content") or ""
+    usage = data.get("usage") or {}
+    if not isinstance(text, str) or not isinstance(usage, dict):
+        raise TypeError("unexpected field types")
+    return Completion(text=text.strip(), finish_reason=_finish_reason(choice.get("finish_reason")),
+                      prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                      completion_tokens=int(usage.get("completion_tokens") or 0))
+
+
+def _parse_top_logprobs(data: dict) -> list[tuple[str, float]] | str:
+    """The first generated token's alternatives as (token, logprob) pairs, or why there are none.
+    A response with no `choices` is malformed (raises, and is retried); one whose choice has no
+    logprobs came from a server that does not give them (a string: retrying will not help)."""
+    choice = data["choices"][0]
+    if not isinstance(choice, dict):
+        raise TypeError("unexpected field types")
+    logprobs = choice.get("logprobs")
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    if not content:
+        return "the server returned no logprobs (does it support logprobs and top_logprobs for chat completions?)"
+    top = content[0].get("top_logprobs")
+    if not top:
+        return "the server returned no top_logprobs (does it support top_logprobs?)"
+    return [(str(entry["token"]), float(entry["logprob"])) for entry in top]
+
+
+def _choice_of(token: str, choices: tuple[str, ...]) -> str | None:
+    """The choice a token stands for: "A", " A", "(A" and " (A" all stand for "A"."""
+    token = token.strip()
+    if token.startswith("("):
+        token = token[1:].strip()
+    return token if token in choices else None
+
+
+def _logsumexp(values: list[float]) -> float:
+    top = max(values)
+    if top == -math.inf:
+        return top
+    return top + math.log(sum(math.exp(v - top) for v in values))
+
+
+def _scores_from(top: list[tuple[str, float]], choices: tuple[str, ...]) -> ChoiceScores:
+    """Each choice's log-probability: the log-sum-exp of the alternatives that stand for it,
+    -inf for one that none stands for; an error when none stands for any."""
+    found: dict[str, list[float]] = {}
+    for token, logprob in top:
+        choice = _choice_of(token, choices)
+        if choice is not None:
+            found.setdefault(choice, []).append(logprob)
+    logprobs = {c: _logsumexp(found[c]) if c in found else -math.inf for c in choices}
+    if not found:
+        seen = ", ".join(repr(token) for token, _ in top[:5])
+        return ChoiceScores(logprobs, error=_one_line(
+            f"none of {', '.join(choices)} among the top {len(top)} tokens (the top ones: {seen})"))
+    return ChoiceScores(logprobs)
+
+
+def _rejected_fields(failure: _Failed, body: dict) -> str:
+    """`failure`'s error, with the fields to suspect when a server refused a scoring request."""
+    if failure.status not in (400, 422):
+        return failure.error
+    sent = [f for f in _SCORING_FIELDS if f in body]
+    named = [f for f in sent if re.search(rf"\b{f}\b", failure.error)]
+    if named:
+        hint = f"the server does not take {', '.join(named)}"
+        if "continue_final_message" in named:
+            hint += " (sent for the prefix; vLLM and SGLang take it)"
+    else:
+        hint = f"if the server refused a parameter, suspect {', '.join(sent)}"
+    return f"{failure.error}; {hint}"
 
 
 class OpenAIBackend:
@@ -198,6 +297,46 @@ class OpenAIBackend:
                                    f"failed: {completion.error}")
         return completions
 
+    def score_choices(self, conversations: list[list[dict[str, str]]], choices: tuple[str, ...],
+                      prefix: str = "", width: int | None = None) -> list[ChoiceScores]:
+        """For each conversation, the log-probability of each choice as the first token of the
+        assistant's reply, which starts with `prefix`: one greedy one-token request per
+        conversation, up to `width` (default: `default_width()`) in flight. One result per
+        conversation, in order; each has every choice (-inf: not among the server's top
+        alternatives). A conversation that could not be scored has `error` set (and every choice
+        at -inf): the request failed for good, the server gave no logprobs, or no choice was among
+        them. Raises BackendError only if the backend is or gets closed (and ValueError for
+        choices that are empty or padded with spaces)."""
+        choices = tuple(choices)
+        if not choices or any(not c or c != c.strip() for c in choices):
+            raise ValueError(f"choices must be non-empty strings without surrounding spaces, not {choices!r}")
+        if not conversations:
+            if self._closed:
+                raise BackendError(f"{self.model_name}: the backend is closed")
+            return []
+        width = max(1, int(width or self.default_width()))
+
+        async def score_all():
+            semaphore = asyncio.Semaphore(width)
+
+            async def one(i: int, conversation) -> ChoiceScores:
+                try:
+                    async with semaphore:
+                        return await self._score(str(i), conversation, choices, prefix)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 -- one conversation's bug must not lose the others
+                    error = self._scrub(f"{type(exc).__name__}: {_one_line(exc)}")
+                    log.debug("%s: scoring %d failed: %s", self.model_name, i, error)
+                    return ChoiceScores(dict.fromkeys(choices, -math.inf), error=error)
+
+            return await asyncio.gather(*(one(i, c) for i, c in enumerate(conversations)))
+
+        try:
+            return list(self._schedule(score_all()).result())
+        except concurrent.futures.CancelledError:
+            raise BackendError(f"{self.model_name}: the backend closed with requests in flight") from None
+
     def close(self) -> None:
         """Cancel what is in flight, close the HTTP client and stop the loop thread."""
         if self._closed:
@@ -246,7 +385,18 @@ class OpenAIBackend:
         base = min(MAX_BACKOFF, self.backoff * 2 ** (attempt - 1))
         return base * (0.5 + 0.5 * self._jitter.random())
 
-    async def _attempt(self, body: dict) -> Completion:
+    def _scoring_body(self, conversation: list[dict[str, str]], prefix: str) -> dict:
+        body = {"model": self.model_name, "messages": list(conversation), "max_tokens": 1, "temperature": 0,
+                "logprobs": True, "top_logprobs": TOP_LOGPROBS}
+        if prefix:
+            body["messages"].append({"role": "assistant", "content": prefix})
+            body["continue_final_message"] = True
+            body["add_generation_prompt"] = False
+        return body
+
+    async def _attempt(self, body: dict, parse):
+        """One POST; `parse(json)` makes the result out of a 2xx body (any of the exceptions a
+        body of the wrong shape raises makes the attempt retryable)."""
         import httpx
 
         try:
@@ -264,28 +414,21 @@ class OpenAIBackend:
         if status == 429 or status >= 500:
             raise _Retryable(f"HTTP {status}", _retry_after(response.headers.get("retry-after")))
         if not 200 <= status < 300:
-            raise _Fatal(f"HTTP {status}: {_error_detail(response)}")
+            raise _Fatal(f"HTTP {status}: {_error_detail(response)}", status)
         try:
-            data = response.json()
-            choice = data["choices"][0]
-            text = choice["message"].get("content") or ""
-            usage = data.get("usage") or {}
-            if not isinstance(text, str) or not isinstance(usage, dict):
-                raise TypeError("unexpected field types")
-            return Completion(text=text.strip(), finish_reason=_finish_reason(choice.get("finish_reason")),
-                              prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                              completion_tokens=int(usage.get("completion_tokens") or 0))
+            return parse(response.json())
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise _Retryable(f"malformed response ({type(exc).__name__})") from None
 
-    async def _complete(self, request: Request, params: SamplingParams) -> Completion:
-        body = self._body(request.conversation, params, request.seed)
+    async def _post(self, key: str, body: dict, parse):
+        """POST `body`, retrying transient faults; the parsed result, or _Failed."""
         attempts = self.max_retries + 1
+        status = None
         for attempt in range(1, attempts + 1):
             try:
-                return await self._attempt(body)
+                return await self._attempt(body, parse)
             except _Fatal as exc:
-                reason, attempts = str(exc), attempt
+                reason, attempts, status = str(exc), attempt, exc.status
                 break
             except _Retryable as exc:
                 reason = exc.reason
@@ -293,11 +436,30 @@ class OpenAIBackend:
                     break
                 wait = exc.wait if exc.wait is not None else self._delay(attempt)
                 log.debug("%s: request %s: %s; retrying in %.2fs (attempt %d of %d)",
-                          self.model_name, request.key, self._scrub(reason), wait, attempt + 1, attempts)
+                          self.model_name, key, self._scrub(reason), wait, attempt + 1, attempts)
                 await asyncio.sleep(wait)
         error = self._scrub(f"{reason} after {attempts} attempt{'s' if attempts > 1 else ''}")
-        log.debug("%s: request %s failed: %s", self.model_name, request.key, error)
-        return Completion(text="", finish_reason="error", prompt_tokens=0, completion_tokens=0, error=error)
+        log.debug("%s: request %s failed: %s", self.model_name, key, error)
+        raise _Failed(error, status)
+
+    async def _complete(self, request: Request, params: SamplingParams) -> Completion:
+        try:
+            return await self._post(request.key, self._body(request.conversation, params, request.seed),
+                                    _parse_completion)
+        except _Failed as failure:
+            return Completion(text="", finish_reason="error", prompt_tokens=0, completion_tokens=0,
+                              error=failure.error)
+
+    async def _score(self, key: str, conversation: list[dict[str, str]], choices: tuple[str, ...],
+                     prefix: str) -> ChoiceScores:
+        body = self._scoring_body(conversation, prefix)
+        try:
+            top = await self._post(key, body, _parse_top_logprobs)
+        except _Failed as failure:
+            return ChoiceScores(dict.fromkeys(choices, -math.inf), error=_rejected_fields(failure, body))
+        if isinstance(top, str):
+            return ChoiceScores(dict.fromkeys(choices, -math.inf), error=top)
+        return _scores_from(top, choices)
 
 
 class OpenAIStream:
