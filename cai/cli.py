@@ -655,6 +655,118 @@ def constitution_init(
     err.print(f"wrote {path}; check your edits with: cai constitution validate {path}", highlight=False)
 
 
+@app.command("stats", epilog=(
+    "[bold]Examples[/bold]\n\n"
+    "  cai stats pairs.jsonl                          [dim]# reads pairs.jsonl.filtered.jsonl too, if there[/dim]\n\n"
+    "  cai stats pairs.jsonl --json | jq .judge\n\n"
+    "  cai stats pairs.jsonl --plot pairs.png         [dim]# needs matplotlib: pip install 'cai[plot]'[/dim]\n\n"
+    "  cat pairs.jsonl | cai stats - --filtered dropped.jsonl"))
+@reports_errors
+def stats(
+    pairs: Annotated[str, typer.Argument(help="A file written by cai generate (either format), or - for stdin.", show_default=False)],
+    filtered: Annotated[Optional[str], typer.Option("--filtered", help="The side file of dropped records [default: PAIRS.filtered.jsonl when it exists; none for stdin].", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout instead of tables on stderr.")] = False,
+    plot_path: Annotated[Optional[str], typer.Option("--plot", metavar="FILE.png", help="Also draw lengths, similarity, judge preference and drop reasons into a PNG (needs matplotlib).", show_default=False)] = None,
+) -> None:
+    """What a run produced: kept and dropped records (by reason and principle), lengths, how much
+    the revisions changed, the judge's preferences and finish reasons."""
+    import json
+
+    from cai import stats as stats_mod
+    from cai.io import check_writable
+
+    _setup_logging(False)
+    if plot_path is not None:
+        try:
+            stats_mod.check_plotting()
+        except UsageError as exc:      # reports_errors prints markup: keep "cai[plot]" whole
+            from rich.markup import escape
+
+            raise UsageError(escape(str(exc))) from None
+        check_writable(plot_path)
+    report, samples = stats_mod.collect(pairs, filtered, warn=lambda message: log.warning("%s", message))
+    if plot_path is not None:
+        stats_mod.plot(report, samples, plot_path)
+    if as_json:
+        print(json.dumps(report, ensure_ascii=False, indent=2))
+    else:
+        _stats_tables(report)
+    if plot_path is not None:
+        err.print(f"wrote {plot_path}", highlight=False)
+
+
+def _stats_tables(report: dict) -> None:
+    def fmt(value) -> str:
+        if value is None:
+            return "–"
+        return f"{value:,}" if isinstance(value, int) else f"{value:,.3f}".rstrip("0").rstrip(".")
+
+    def pct(part: int, whole: int) -> str:
+        return f"{part:,} ({part / whole:.1%})" if whole else f"{part:,}"
+
+    source = report["input"]
+    kept, total = source["kept"], source["total"]
+    table = Table(title="cai stats", show_header=False, title_justify="left")
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    table.add_row("records", source["records"] if source["records"] != "-" else "stdin")
+    table.add_row("dropped records", source["filtered"] or "[dim]no side file: none dropped[/dim]")
+    table.add_row("kept", pct(kept, total))
+    table.add_row("dropped", pct(source["dropped"], total))
+    table.add_row("total", fmt(total))
+    for reason, count in source["dropped_by_reason"].items():
+        table.add_row(f"  dropped: {reason}", pct(count, total))
+    if source["torn_lines"]:
+        table.add_row("torn lines skipped", fmt(source["torn_lines"]))
+    table.add_row("cleaned (meta.cleaned)", pct(report["cleaned"], kept))
+    err.print(table)
+
+    table = Table(title="principles", title_justify="left")
+    for column in ("principle", "kept", "dropped", "judge mean"):
+        table.add_column(column, justify="left" if column == "principle" else "right")
+    for name, row in report["principles"].items():
+        table.add_row(name, fmt(row["kept"]), fmt(row["dropped"]), fmt(row["judge_mean"]))
+    err.print(table)
+
+    table = Table(title="distributions (words)", title_justify="left")
+    table.add_column("")
+    for column in ("min", "p10", "p50", "p90", "max", "mean"):
+        table.add_column(column, justify="right")
+    rows = {**report["lengths"], "word edits": report["edits"]["word_edits"], "similarity": report["edits"]["similarity"]}
+    for name, dist in rows.items():
+        table.add_row(name, *(fmt(dist[k]) for k in ("min", "p10", "p50", "p90", "max", "mean")))
+    err.print(table)
+    err.print(f"near-identical (similarity ≥ 0.9): {pct(report['edits']['near_identical'], kept)}; "
+              f"identical (whitespace aside): {pct(report['edits']['identical'], kept)}", highlight=False, soft_wrap=True)
+
+    judge = report["judge"]
+    if judge:
+        table = Table(title="judge: P(revision better)", show_header=False, title_justify="left")
+        table.add_column(style="bold", no_wrap=True)
+        table.add_column()
+        table.add_row("judged", pct(judge["judged"], kept))
+        table.add_row("mean (both orders)", fmt(judge["mean_preference"]))
+        table.add_row("mean, revision shown as B", fmt(judge["mean_revision_as_b"]))
+        table.add_row("mean, revision shown as A", fmt(judge["mean_revision_as_a"]))
+        table.add_row("preferred (> 0.5)", f"{judge['fraction_preferred']:.1%}")
+        if judge["swapped"]:
+            table.add_row("swapped (original kept as chosen)", pct(judge["swapped"], kept))
+        counts, edges = judge["histogram"]["counts"], judge["histogram"]["edges"]
+        widest = max(counts) or 1
+        for low, high, count in zip(edges, edges[1:], counts):
+            table.add_row(f"  {low:.1f}–{high:.1f}", f"{'█' * round(20 * count / widest):<20} {count:,}")
+        err.print(table)
+
+    finish = report["finish_reasons"]
+    table = Table(title="finish reasons", title_justify="left")
+    for column in ("reason", "response", "final revision"):
+        table.add_column(column, justify="left" if column == "reason" else "right")
+    for reason in dict.fromkeys([*finish["response"], *finish["revision"]]):
+        table.add_row(reason, pct(finish["response"].get(reason, 0), kept), pct(finish["revision"].get(reason, 0), kept))
+    err.print(table)
+
+
+
 def main() -> None:
     app(prog_name="cai")
 

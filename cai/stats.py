@@ -1,0 +1,328 @@
+"""`cai stats`: what a run produced, as a report dict (the CLI draws it; `plot` draws a PNG).
+
+One pass over the records file and its side file of dropped records (PAIRS.filtered.jsonl);
+per record the only real work is a word-level SequenceMatcher between rejected and chosen.
+Samples are kept in compact arrays, so a million records cost tens of MB.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from array import array
+from collections import Counter
+from collections.abc import Callable, Iterator
+from difflib import SequenceMatcher
+from pathlib import Path
+from typing import IO
+
+from cai.errors import InputError, UsageError
+from cai.records import _text
+
+NEAR_IDENTICAL = 0.9      # similarity ratio at or above which a pair counts as near-identical
+HISTOGRAM_BINS = 10
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+
+
+def side_file(records: str) -> str | None:
+    """The default side file of dropped records next to `records`; none for stdin."""
+    return None if records == "-" else f"{records}.filtered.jsonl"
+
+
+def iter_jsonl(source: str, stdin: IO[bytes] | None = None,
+               warn: Callable[[str], None] | None = None) -> Iterator[tuple[str, int, dict]]:
+    """(name, line number, object) for each line of `source` (a path or '-').
+
+    A last line without its newline that is not JSON (a writer killed mid-line) is reported
+    through `warn` and skipped; any other line that is not a JSON object is an error naming
+    file:line."""
+    name = "<stdin>" if source == "-" else source
+    if source == "-":
+        fp = stdin or sys.stdin.buffer
+    else:
+        path = Path(source)
+        if path.is_dir():
+            raise InputError(source, "is a directory, not a pairs file")
+        try:
+            fp = path.open("rb")
+        except FileNotFoundError:
+            raise InputError(source, "no such file") from None
+        except OSError as exc:
+            raise InputError(source, f"cannot read: {exc.strerror}") from None
+    try:
+        for number, raw in enumerate(fp, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                if not raw.endswith(b"\n"):          # only the last line can lack its newline
+                    if warn:
+                        warn(f"{name}:{number}: torn last line (no newline, not JSON); skipped")
+                    continue
+                raise InputError(name, "not a whole JSON record", line=number) from None
+            if not isinstance(obj, dict):
+                raise InputError(name, f"expected a JSON object, got {type(obj).__name__}", line=number)
+            yield name, number, obj
+    finally:
+        if source != "-":
+            fp.close()
+
+
+def percentile(ordered, q: float) -> float:
+    """The q-th quantile (0-1) of sorted values, interpolated linearly between the closest
+    ranks (numpy's default)."""
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def distribution(values) -> dict:
+    """min, p10, p50, p90, max, mean of `values` (all None when there are none)."""
+    keys = ("min", "p10", "p50", "p90", "max", "mean")
+    if not len(values):
+        return dict.fromkeys(keys)
+    ordered = sorted(values)
+    return {"min": _num(ordered[0]), "p10": _num(percentile(ordered, 0.1)), "p50": _num(percentile(ordered, 0.5)),
+            "p90": _num(percentile(ordered, 0.9)), "max": _num(ordered[-1]), "mean": _num(sum(ordered) / len(ordered))}
+
+
+def _num(value):
+    """Whole numbers as ints, others rounded to 6 decimals (stable, readable JSON)."""
+    if isinstance(value, float):
+        value = round(value, 6)
+        return int(value) if value.is_integer() else value
+    return value
+
+
+def _mean(total: float, count: int):
+    return _num(total / count) if count else None
+
+
+def _number(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def word_edits(a: list[str], b: list[str]) -> tuple[int, float]:
+    """(word edits, similarity ratio) between two word lists: edits are the sum over the
+    non-equal opcodes of the longer side of each."""
+    if a == b:
+        return 0, 1.0
+    matcher = SequenceMatcher(None, a, b, autojunk=False)
+    edits = sum(max(i2 - i1, j2 - j1) for tag, i1, i2, j1, j2 in matcher.get_opcodes() if tag != "equal")
+    return edits, matcher.ratio()
+
+
+class Stats:
+    """Accumulates kept and dropped records; `report()` is the summary, the arrays are the
+    samples (for plots)."""
+
+    def __init__(self) -> None:
+        self.kept = 0
+        self.dropped = 0
+        self.torn = 0
+        self.reasons: Counter[str] = Counter()
+        self.principles: dict[str, dict] = {}
+        self.lengths = {field: array("l") for field in ("prompt", "rejected", "chosen")}
+        self.edits = array("l")
+        self.similarity = array("d")
+        self.near_identical = 0
+        self.identical = 0
+        self.preference = array("d")
+        self.swapped = 0                # the judge preferred the original: chosen is the original
+        self.orders = ([], [])          # orders[0] (revision shown as B), orders[1] (shown as A)
+        self.response_finish: Counter[str] = Counter()
+        self.revision_finish: Counter[str] = Counter()
+        self.cleaned = 0
+
+    def _principle(self, record: dict) -> dict:
+        name = record.get("principle")
+        name = name if isinstance(name, str) and name else "?"
+        if name not in self.principles:
+            self.principles[name] = {"kept": 0, "dropped": 0, "judged": 0, "preference_sum": 0.0}
+        return self.principles[name]
+
+    def add_kept(self, record: dict, where: tuple[str, int]) -> None:
+        texts = {}
+        for field in PAIR_FIELDS:
+            try:
+                texts[field] = _text(record.get(field))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise InputError(where[0], "missing or not a string / message list",
+                                 line=where[1], field=field) from None
+        self.kept += 1
+        principle = self._principle(record)
+        principle["kept"] += 1
+        words = {field: text.split() for field, text in texts.items()}
+        for field, array_ in self.lengths.items():
+            array_.append(len(words[field]))
+        edits, ratio = word_edits(words["rejected"], words["chosen"])
+        self.edits.append(edits)
+        self.similarity.append(ratio)
+        self.near_identical += ratio >= NEAR_IDENTICAL
+        self.identical += words["rejected"] == words["chosen"]
+
+        judge = record.get("judge")
+        preference = _number(judge.get("preference")) if isinstance(judge, dict) else None
+        if preference is not None:
+            self.preference.append(preference)
+            principle["judged"] += 1
+            principle["preference_sum"] += preference
+            self.swapped += judge.get("swapped") is True
+            orders = judge.get("orders")
+            if isinstance(orders, list) and len(orders) == 2:
+                for i, value in enumerate(map(_number, orders)):
+                    if value is not None:
+                        self.orders[i].append(value)
+
+        meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
+        finish = meta.get("finish_reasons") if isinstance(meta.get("finish_reasons"), dict) else {}
+        if isinstance(finish.get("response"), str):
+            self.response_finish[finish["response"]] += 1
+        revision = finish.get("revision")
+        if isinstance(revision, list) and revision and isinstance(revision[-1], str):
+            self.revision_finish[revision[-1]] += 1
+        elif isinstance(revision, str):
+            self.revision_finish[revision] += 1
+        self.cleaned += bool(meta.get("cleaned"))
+
+    def add_dropped(self, record: dict) -> None:
+        self.dropped += 1
+        self._principle(record)["dropped"] += 1
+        filt = record.get("filter")
+        reasons = filt.get("reasons") if isinstance(filt, dict) else None
+        if isinstance(reasons, str):
+            reasons = [reasons]
+        if not isinstance(reasons, list) or not reasons:
+            reasons = ["?"]
+        for reason in dict.fromkeys(str(r) for r in reasons):   # once per reason, in order
+            self.reasons[reason] += 1
+
+    def report(self, records: str, filtered: str | None, filtered_found: bool) -> dict:
+        judge = None
+        if self.preference:
+            n = len(self.preference)
+            counts = [0] * HISTOGRAM_BINS
+            for p in self.preference:
+                counts[min(max(int(p * HISTOGRAM_BINS), 0), HISTOGRAM_BINS - 1)] += 1
+            judge = {
+                "judged": n,
+                "mean_preference": _mean(sum(self.preference), n),
+                "mean_revision_as_b": _mean(sum(self.orders[0]), len(self.orders[0])),
+                "mean_revision_as_a": _mean(sum(self.orders[1]), len(self.orders[1])),
+                "fraction_preferred": _mean(sum(p > 0.5 for p in self.preference), n),
+                "swapped": self.swapped,
+                "histogram": {"edges": [_num(i / HISTOGRAM_BINS) for i in range(HISTOGRAM_BINS + 1)],
+                              "counts": counts},
+            }
+        return {
+            "input": {
+                "records": records, "filtered": filtered if filtered_found else None,
+                "kept": self.kept, "dropped": self.dropped, "total": self.kept + self.dropped,
+                "dropped_by_reason": dict(self.reasons.most_common()), "torn_lines": self.torn,
+            },
+            "principles": {
+                name: {"kept": p["kept"], "dropped": p["dropped"],
+                       "judge_mean": _mean(p["preference_sum"], p["judged"])}
+                for name, p in sorted(self.principles.items(), key=lambda kv: (-kv[1]["kept"], kv[0]))
+            },
+            "lengths": {field: distribution(values) for field, values in self.lengths.items()},
+            "edits": {
+                "word_edits": distribution(self.edits),
+                "similarity": distribution(self.similarity),
+                "near_identical": self.near_identical,
+                "identical": self.identical,
+            },
+            "judge": judge,
+            "finish_reasons": {"response": dict(self.response_finish.most_common()),
+                               "revision": dict(self.revision_finish.most_common())},
+            "cleaned": self.cleaned,
+        }
+
+
+def collect(records: str, filtered: str | None = None, *, stdin: IO[bytes] | None = None,
+            warn: Callable[[str], None] | None = None) -> tuple[dict, Stats]:
+    """(report, samples) of a records file and its side file of dropped records.
+
+    `filtered` None means the default side file (PAIRS.filtered.jsonl; none for stdin), whose
+    absence means nothing was dropped; a side file named explicitly must exist."""
+    stats = Stats()
+
+    def torn(message: str) -> None:
+        stats.torn += 1
+        if warn:
+            warn(message)
+
+    for name, number, record in iter_jsonl(records, stdin=stdin, warn=torn):
+        stats.add_kept(record, (name, number))
+    explicit = filtered is not None
+    filtered = filtered if explicit else side_file(records)
+    found = filtered is not None and Path(filtered).is_file()
+    if explicit and not found and not Path(filtered).is_dir():
+        raise InputError(filtered, "no such file (--filtered)")
+    if explicit or found:
+        for _, _, record in iter_jsonl(filtered, warn=torn):
+            stats.add_dropped(record)
+    return stats.report(records, filtered, found), stats
+
+
+def check_plotting() -> None:
+    """Fail now, before reading anything, when matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError("--plot needs matplotlib (pip install 'cai[plot]')") from None
+
+
+def plot(report: dict, stats: Stats, target: str) -> None:
+    """A PNG of the lengths, similarity, judge preference (when judged) and drop reasons."""
+    check_plotting()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = ["lengths", "similarity"] + (["judge"] if report["judge"] else []) + ["dropped"]
+    rows = math.ceil(len(panels) / 2)
+    fig, axes = plt.subplots(rows, 2, figsize=(11, 4 * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax, panel in zip(flat, panels):
+        if panel == "lengths":
+            data = [list(stats.lengths["rejected"]), list(stats.lengths["chosen"])]
+            if any(data):
+                ax.hist(data, bins=30, label=["rejected", "chosen"], alpha=0.8)
+                ax.legend()
+            ax.set(title="length (words)", xlabel="words", ylabel="records")
+        elif panel == "similarity":
+            ax.hist(list(stats.similarity), bins=20, range=(0, 1), color="tab:green")
+            ax.axvline(NEAR_IDENTICAL, color="gray", linestyle="--", linewidth=1)
+            ax.set(title="similarity of rejected and chosen (word-level ratio)", xlabel="ratio", ylabel="records")
+        elif panel == "judge":
+            hist = report["judge"]["histogram"]
+            edges = hist["edges"]
+            ax.bar(edges[:-1], hist["counts"], width=edges[1] - edges[0], align="edge",
+                   color="tab:purple", edgecolor="white")
+            ax.axvline(0.5, color="gray", linestyle="--", linewidth=1)
+            ax.set(title="judge: P(revision better)", xlabel="preference", ylabel="records", xlim=(0, 1))
+        else:
+            reasons = report["input"]["dropped_by_reason"]
+            if reasons:
+                ax.barh(list(reasons)[::-1], list(reasons.values())[::-1], color="tab:red")
+            else:
+                ax.text(0.5, 0.5, "nothing dropped", ha="center", va="center", transform=ax.transAxes)
+                ax.set(xticks=[], yticks=[])
+            ax.set(title=f"dropped: {report['input']['dropped']} of {report['input']['total']}", xlabel="records")
+    for ax in flat[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"cai stats: {report['input']['records']} ({report['input']['kept']} kept)")
+    fig.tight_layout()
+    try:
+        fig.savefig(target, dpi=100)
+    except OSError as exc:
+        raise InputError(target, f"cannot write plot: {exc.strerror or exc}") from None
+    finally:
+        plt.close(fig)
