@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
@@ -48,7 +49,7 @@ def reports_errors(command):
         try:
             return command(*args, **kwargs)
         except CaiError as exc:
-            err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, markup=True, soft_wrap=True)
+            err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:      # before any work that a command reports itself
             err.print("[yellow]interrupted[/yellow]")
@@ -104,6 +105,74 @@ def _setup_logging(quiet: bool) -> None:
     logger.propagate = False
 
 
+# Options that `generate` and `judge` share: which model, and how to reach it.
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Model: a local folder, a .gguf file or a Hub id. Default: the embedded SmolLM2-135M-Instruct.", show_default=False)]
+BackendOpt = Annotated[str, typer.Option("--backend", metavar="hf|openai", help="hf: a local transformers model; openai: an OpenAI-compatible server (vLLM, SGLang, TGI, transformers serve) at --base-url.")]
+BaseUrlOpt = Annotated[Optional[str], typer.Option("--base-url", help="With --backend openai: the server's API root, e.g. http://127.0.0.1:8000/v1.", show_default=False)]
+ApiKeyEnvOpt = Annotated[str, typer.Option("--api-key-env", help="With --backend openai: the environment variable holding the API key (never printed or recorded).")]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", help="With --backend openai: seconds before a request is given up and retried.")]
+RetriesOpt = Annotated[int, typer.Option("--max-retries", help="With --backend openai: retries of a failed request (connection errors, timeouts, 429, 5xx).")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch [default: one per core].", show_default=False)]
+PlainChatOpt = Annotated[bool, typer.Option("--plain-chat-format", help="For a tokenizer without a chat template: use cai's plain 'User:/Assistant:' format.")]
+PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickle (.bin) checkpoints, which can run code: only for models you trust.")]
+DeviceOpt = Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda|mps", help="Where the model runs.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", metavar="auto|float32|bfloat16|float16", help="Weights dtype; auto is float32 on CPU, bfloat16/float16 on GPU.")]
+RemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model's repository to run.")]
+# What to keep: shared by `generate --judge` and `judge`.
+MinPreferenceOpt = Annotated[Optional[float], typer.Option("--min-preference", metavar="P", help="Keep only pairs whose chosen side the judge prefers with probability at least P (0-1); the others go to the filtered file.", show_default=False)]
+SwapOpt = Annotated[bool, typer.Option("--swap", help="Where the judge prefers the original response, write it as chosen and the revision as rejected.")]
+ClampOpt = Annotated[Optional[str], typer.Option("--clamp", metavar="LO,HI", help="Soft labels: clamp judge.label into [LO, HI], e.g. 0.4,0.6 as in RL-CAI.", show_default=False)]
+KeepFilteredOpt = Annotated[bool, typer.Option("--keep-filtered", help="Write dropped pairs whole, with their reasons, to the filtered file (without it: their ids and reasons only).")]
+FilteredOpt = Annotated[Optional[str], typer.Option("--filtered", help="JSONL file of dropped pairs and their reasons [default: OUTPUT.filtered.jsonl]; a rerun skips the ids it holds.", show_default=False)]
+
+
+def _check_backend_options(backend_name: str, model: str | None, base_url: str | None,
+                           max_retries: int, request_timeout: float) -> None:
+    if backend_name not in ("hf", "openai"):
+        raise UsageError(f"--backend: unknown value '{backend_name}'; choose from hf, openai")
+    if backend_name == "openai" and (not base_url or not model):
+        raise UsageError("--backend openai needs --base-url URL and --model NAME (the name the server serves)")
+    if backend_name == "hf" and base_url:
+        raise UsageError("--base-url is for --backend openai")
+    if max_retries < 0 or request_timeout <= 0:
+        raise UsageError("--max-retries must be at least 0, --timeout more than 0")
+
+
+def _open_backend(backend_name: str, source: str, model_name: str, quiet: bool, *, base_url=None, api_key_env="OPENAI_API_KEY",
+                  request_timeout=120.0, max_retries=5, device="auto", dtype="auto", trust_remote_code=False,
+                  allow_pickle=False, plain_chat_format=False, threads=None):
+    """The backend the options name, loaded (with a spinner on stderr for a local model)."""
+    if backend_name == "openai":
+        from cai.backends.openai import OpenAIBackend
+
+        return OpenAIBackend(base_url, model_name, api_key_env=api_key_env, timeout=request_timeout,
+                             max_retries=max_retries)
+    from cai.backends.hf import HFBackend, HFOptions
+
+    with err.status(f"loading {model_name}…", spinner="dots") if not quiet else nullcontext():
+        return HFBackend(source, model_name, HFOptions(
+            device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle, plain_chat_format=plain_chat_format, threads=threads))
+
+
+def _judge_options(min_preference: float | None, clamp: str | None):
+    """The judge's settings from --min-preference and --clamp, checked."""
+    from cai.judge import JudgeConfig
+
+    if min_preference is not None and not 0 <= min_preference <= 1:
+        raise UsageError(f"--min-preference: must be between 0 and 1 (got {min_preference:g})")
+    bounds = None
+    if clamp is not None:
+        try:
+            low, high = (float(part) for part in clamp.split(","))
+        except ValueError:
+            raise UsageError(f"--clamp: expected LO,HI such as 0.4,0.6 (got '{clamp}')") from None
+        if not 0 <= low <= high <= 1:
+            raise UsageError(f"--clamp: need 0 ≤ LO ≤ HI ≤ 1 (got {clamp})")
+        bounds = (low, high)
+    return JudgeConfig(clamp=bounds)
+
+
 @app.command(epilog=(
     "[bold]Examples[/bold]\n\n"
     "  cai generate examples/prompts.jsonl -o pairs.jsonl            [dim]# embedded SmolLM2-135M-Instruct[/dim]\n\n"
@@ -114,7 +183,7 @@ def _setup_logging(quiet: bool) -> None:
 def generate(
     prompts: Annotated[str, typer.Argument(help="Prompts: a .jsonl file (one object per line), a text file (one prompt per line), or - for stdin.", show_default=False)],
     output: Annotated[str, typer.Option("--output", "-o", help="Where records go: a .jsonl file, or - for stdout.")] = "-",
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model: a local folder, a .gguf file or a Hub id. Default: the embedded SmolLM2-135M-Instruct.", show_default=False)] = None,
+    model: ModelOpt = None,
     constitution: Annotated[str, typer.Option("--constitution", "-c", help="A shipped constitution by name (see `cai constitution list`) or a path to a YAML file.")] = "harmless",
     templates: Annotated[str, typer.Option("--templates", help="Prompt templates: a shipped set by name or a folder of .jinja files.")] = "default",
     prompt_field: Annotated[str, typer.Option("--prompt-field", help="JSONL field that holds the prompt.")] = "prompt",
@@ -122,7 +191,7 @@ def generate(
     sampling: Annotated[Optional[str], typer.Option("--sampling", metavar="random|all|cycle", help="Principle per prompt: random (weighted), all (one record per principle), cycle (round robin). Default: the constitution's (random).", show_default=False)] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for principle choice and sampling: same seed, same records.")] = 0,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Conversations in flight at once [default: as many as the KV cache fits, up to 64].", show_default=False)] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch [default: one per core].", show_default=False)] = None,
+    threads: ThreadsOpt = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Token limit of each generated turn.")] = 256,
     temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature; 0 is greedy.")] = 0.7,
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold (0 < p ≤ 1).")] = 0.95,
@@ -133,20 +202,29 @@ def generate(
     force: Annotated[bool, typer.Option("--force", help="Append to an output that holds records of a different run config.")] = False,
     skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="Skip (and count) malformed input lines instead of stopping.")] = False,
     truncate_long: Annotated[bool, typer.Option("--truncate-long", help="Cut prompts too long for the model's context instead of skipping them.")] = False,
-    plain_chat_format: Annotated[bool, typer.Option("--plain-chat-format", help="For a tokenizer without a chat template: use cai's plain 'User:/Assistant:' format.")] = False,
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow pickle (.bin) checkpoints, which can run code: only for models you trust.")] = False,
-    device: Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda|mps", help="Where the model runs.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", metavar="auto|float32|bfloat16|float16", help="Weights dtype; auto is float32 on CPU, bfloat16/float16 on GPU.")] = "auto",
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model's repository to run.")] = False,
+    plain_chat_format: PlainChatOpt = False,
+    allow_pickle: PickleOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: RemoteCodeOpt = False,
     fmt: Annotated[str, typer.Option("--format", "-f", metavar="standard|conversational", help="Record shape: standard (prompt/chosen/rejected strings) or conversational (lists of chat messages).")] = "standard",
-    backend_name: Annotated[str, typer.Option("--backend", metavar="hf|openai", help="hf: a local transformers model; openai: an OpenAI-compatible server (vLLM, SGLang, TGI, transformers serve) at --base-url.")] = "hf",
-    base_url: Annotated[Optional[str], typer.Option("--base-url", help="With --backend openai: the server's API root, e.g. http://127.0.0.1:8000/v1.", show_default=False)] = None,
-    api_key_env: Annotated[str, typer.Option("--api-key-env", help="With --backend openai: the environment variable holding the API key (never printed or recorded).")] = "OPENAI_API_KEY",
+    backend_name: BackendOpt = "hf",
+    base_url: BaseUrlOpt = None,
+    api_key_env: ApiKeyEnvOpt = "OPENAI_API_KEY",
     concurrency: Annotated[int, typer.Option("--concurrency", help="With --backend openai: requests in flight at once.")] = 16,
-    request_timeout: Annotated[float, typer.Option("--timeout", help="With --backend openai: seconds before a request is given up and retried.")] = 120.0,
-    max_retries: Annotated[int, typer.Option("--max-retries", help="With --backend openai: retries of a failed request (connection errors, timeouts, 429, 5xx).")] = 5,
+    request_timeout: TimeoutOpt = 120.0,
+    max_retries: RetriesOpt = 5,
     failures: Annotated[Optional[str], typer.Option("--failures", help="JSONL file for prompts whose requests failed after their retries [default: OUTPUT.failures.jsonl].", show_default=False)] = None,
     fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop the run at the first prompt that fails (instead of recording it in the failures file).")] = False,
+    filter_: Annotated[bool, typer.Option("--filter/--no-filter", help="Clean revisions (preambles, role labels, next-turn debris) and drop pairs not worth training on: empty, unchanged, truncated, meta-talk, copied, repetitive. Counted by reason in the summary.")] = True,
+    similarity_threshold: Annotated[float, typer.Option("--similarity", metavar="S", help="Drop a pair as unchanged when its revision is at least this similar to the original (0-1, over words).")] = 0.9,
+    drop_refusals: Annotated[bool, typer.Option("--drop-refusals", help="Also drop pairs whose revision refuses (for constitutions that must not teach refusing).")] = False,
+    keep_filtered: KeepFilteredOpt = False,
+    filtered: FilteredOpt = None,
+    judge_pairs: Annotated[bool, typer.Option("--judge", help="Label each kept pair with the model's own AI-feedback preference (see `cai judge`).")] = False,
+    min_preference: MinPreferenceOpt = None,
+    swap: SwapOpt = False,
+    clamp: ClampOpt = None,
     shard: Annotated[Optional[str], typer.Option("--shard", metavar="K/N", help="Take only shard K of N (1 ≤ K ≤ N), a deterministic slice of the prompts by id; combine shard outputs with `cai merge`.", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, logs or summary; errors only.")] = False,
 ) -> None:
@@ -171,14 +249,17 @@ def generate(
                    temperature=temperature, top_p=top_p, limit=limit, device=device, dtype=dtype)
     if fmt not in FORMATS:
         raise UsageError(f"--format: unknown value '{fmt}'; choose from {', '.join(FORMATS)}")
-    if backend_name not in ("hf", "openai"):
-        raise UsageError(f"--backend: unknown value '{backend_name}'; choose from hf, openai")
-    if backend_name == "openai" and (not base_url or not model):
-        raise UsageError("--backend openai needs --base-url URL and --model NAME (the name the server serves)")
-    if backend_name == "hf" and base_url:
-        raise UsageError("--base-url is for --backend openai")
-    if concurrency < 1 or max_retries < 0 or request_timeout <= 0:
-        raise UsageError("--concurrency must be at least 1, --max-retries at least 0, --timeout more than 0")
+    _check_backend_options(backend_name, model, base_url, max_retries, request_timeout)
+    if concurrency < 1:
+        raise UsageError(f"--concurrency: must be at least 1 (got {concurrency})")
+    if not 0 < similarity_threshold <= 1:
+        raise UsageError(f"--similarity: must be greater than 0 and at most 1 (got {similarity_threshold:g})")
+    if not judge_pairs and (min_preference is not None or swap or clamp):
+        raise UsageError("--min-preference, --swap and --clamp need --judge")
+    judge_config = _judge_options(min_preference, clamp)
+    filtered_path = filtered or (f"{output}.filtered.jsonl" if output != "-" else None)
+    if keep_filtered and not filtered_path:
+        raise UsageError("--keep-filtered with -o - needs --filtered FILE")
     shard_k, shard_n = _parse_shard(shard) if shard else (1, 1)
     if output == "-" and resume:
         raise UsageError("--resume needs an output file (-o FILE), not stdout")
@@ -206,13 +287,16 @@ def generate(
     source, model_name = resolve_model(model) if backend_name == "hf" else (base_url, model)
 
     # An existing output is continued when it holds records of this same run, refused otherwise.
+    # The ids of pairs the filters dropped (the filtered file) count as done too.
     done: set[str] = set()
-    append_at = None
+    append_at = drop_append_at = None
     out_path = Path(output)
     if output != "-":
         if out_path.is_dir():
             raise UsageError(f"-o {output}: is a directory")
-        if out_path.exists() and out_path.stat().st_size > 0 and not overwrite:
+        dropped_before = (scan_output(Path(filtered_path)) if filtered_path and Path(filtered_path).is_file()
+                          and out_path.is_file() and not overwrite else None)
+        if out_path.exists() and (out_path.stat().st_size > 0 or (dropped_before and dropped_before.ids)) and not overwrite:
             existing = scan_output(out_path)
             changed = fingerprint_differences(existing.first, run_fingerprint(
                 model_name, constitution_obj, template_set, config)) if existing.first else []
@@ -221,31 +305,38 @@ def generate(
             if changed and not force:
                 raise UsageError(f"-o {output}: holds records of a different run ({'; '.join(changed)}); "
                                  "use another -o, --overwrite to replace it, or --force to append anyway")
-            done, append_at = existing.ids, existing.whole_bytes
-            log.info("resuming %s: %d records already there%s", output, len(done),
+            done, append_at = set(existing.ids), existing.whole_bytes
+            if dropped_before:
+                done |= dropped_before.ids
+                drop_append_at = dropped_before.whole_bytes
+            log.info("resuming %s: %d records already there%s%s", output, len(existing.ids),
+                     f" and {len(dropped_before.ids)} dropped in {filtered_path}" if dropped_before and dropped_before.ids else "",
                      " (cutting a torn last line)" if existing.torn else "")
 
-    from cai.backends.hf import HFBackend, HFOptions
+    from cai.filters import DEFAULT_CHECKS, FilterConfig, Filters, references_of
+    from cai.judge import Judge
 
     # An unwritable output fails in a second, not after a minute of model loading; the file itself
     # is opened only once the model has loaded, so a model error leaves it as it was.
     check_writable(output)
+    if filtered_path:
+        check_writable(filtered_path)
+    backend = _open_backend(backend_name, source, model_name, quiet, base_url=base_url, api_key_env=api_key_env,
+                            request_timeout=request_timeout, max_retries=max_retries, device=device, dtype=dtype,
+                            trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                            plain_chat_format=plain_chat_format, threads=threads)
     if backend_name == "openai":
-        from cai.backends.openai import OpenAIBackend
-
-        backend = OpenAIBackend(base_url, model, api_key_env=api_key_env, timeout=request_timeout,
-                                max_retries=max_retries)
         config = replace(config, batch_size=concurrency)
-    else:
-        with err.status(f"loading {model_name}…", spinner="dots") if not quiet else nullcontext():
-            backend = HFBackend(source, model_name, HFOptions(
-                device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                allow_pickle=allow_pickle, plain_chat_format=plain_chat_format, threads=threads))
-        if batch_size is None:
-            config = replace(config, batch_size=backend.default_width())
-            log.info("up to %d conversations in flight (--batch-size)", config.batch_size)
+    elif batch_size is None:
+        config = replace(config, batch_size=backend.default_width())
+        log.info("up to %d conversations in flight (--batch-size)", config.batch_size)
     failures_path = failures or (f"{output}.failures.jsonl" if output != "-" else None)
     failure_log = _FailureLog(failures_path, fail_fast)
+    filters = Filters(FilterConfig(
+        checks=DEFAULT_CHECKS + (("refusal",) if drop_refusals else ()), similarity=similarity_threshold,
+        references=references_of(constitution_obj) if few_shot else ())) if filter_ else None
+    curation = _Curation(filters, Judge(backend, constitution_obj, template_set, judge_config) if judge_pairs else None,
+                         min_preference, swap, _DropLog(filtered_path, keep_filtered, drop_append_at))
     writer = RecordWriter(output, append_at=append_at)
     stopper = _GracefulStop()
     try:
@@ -257,7 +348,7 @@ def generate(
         if done:
             log.info("%d records to go", len(jobs))
         with stopper:
-            stats = _run(pipeline, jobs, writer, quiet, stopper, fmt, failure_log)
+            stats = _run(pipeline, jobs, writer, quiet, stopper, fmt, curation, failure_log)
     except BrokenPipeError:
         # The reader went away (`cai generate … -o - | head`): stop quietly, as Unix tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -269,9 +360,10 @@ def generate(
     finally:
         backend.close()
         failure_log.close()
+        curation.drops.close()
     writer.close()
     stats.update(skipped_invalid=len(invalid), skipped_long=len(left_out), resumed=len(done),
-                 failed=failure_log.count, failures=failures_path)
+                 failed=failure_log.count, failures=failures_path, filtered=filtered_path)
     if stats["stopped"]:
         _interrupted(writer.count, output)
         raise typer.Exit(130)
@@ -361,9 +453,91 @@ class _FailureLog:
             self._writer = None
 
 
-def _run(pipeline, jobs, writer, quiet: bool, stopper: _GracefulStop, fmt: str, on_failure=None) -> dict:
-    stats = {"records": 0, "changed": 0, "tokens": 0, "truncated": 0, "stopped": False,
-             "start": time.monotonic()}
+class _DropLog:
+    """The filtered file: one line per dropped pair, its id and reasons (the whole record too with
+    --keep-filtered). A rerun skips the ids it holds, so dropped prompts are not made again."""
+
+    def __init__(self, path: str | None, keep_whole: bool, append_at: int | None = None):
+        self.path, self.keep_whole, self.append_at = path, keep_whole, append_at
+        self._writer = None
+        if path and append_at is None and Path(path).is_file():
+            Path(path).unlink()          # a fresh run: the old file describes another output
+
+    def write(self, record: dict, reasons: list[str]) -> None:
+        if not self.path:
+            return
+        if self._writer is None:
+            from cai.io import RecordWriter
+
+            self._writer = RecordWriter(self.path, append_at=self.append_at)
+        line = {**record} if self.keep_whole else {"id": record.get("id"), "principle": record.get("principle")}
+        self._writer.write({**line, "filter": {"reasons": reasons}})
+
+    def sync(self) -> None:
+        if self._writer is not None:
+            self._writer.sync()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class _Curation:
+    """Filters and judge between the pipeline and the output: returns the pairs to write, sends
+    the others to the filtered file, and keeps the counts for the summary."""
+
+    def __init__(self, filters, judge, min_preference: float | None, swap: bool, drops: _DropLog):
+        from collections import Counter
+
+        self.filters, self.judge, self.min_preference, self.swap, self.drops = filters, judge, min_preference, swap, drops
+        self.reasons: Counter[str] = Counter()
+        self.dropped = self.judged = self.unjudged = self.swapped = 0
+        self.preferences: list[tuple[float, float]] = []
+
+    def __call__(self, records: list[dict]) -> list[dict]:
+        from cai.filters import curate
+
+        kept = []
+        for verdict in curate(records, self.filters, self.judge, self.min_preference, self.swap):
+            judge = verdict.record.get("judge")
+            if verdict.judge_error:
+                self.unjudged += 1
+                log.warning("not judged: %s: %s", verdict.record.get("id"), verdict.judge_error)
+            elif judge and self.judge is not None:
+                self.judged += 1
+                self.swapped += judge["swapped"]
+                self.preferences.append((judge["preference"], judge["orders"][0]))
+            if verdict.reasons:
+                self.dropped += 1
+                self.reasons.update(verdict.reasons)
+                self.drops.write(verdict.record, verdict.reasons)
+            else:
+                kept.append(verdict.record)
+        self.drops.sync()
+        return kept
+
+    def summary_rows(self) -> list[tuple[str, str]]:
+        rows = []
+        if self.filters is not None or self.min_preference is not None:
+            reasons = " · ".join(f"{reason} {count}" for reason, count in self.reasons.most_common())
+            rows.append(("dropped (filters)", f"{self.dropped}" + (f" ({reasons})" if reasons else "")))
+        if self.judge is not None and not self.preferences:
+            rows.append(("judge", "no pair judged" + (f" ({self.unjudged} could not be)" if self.unjudged else "")))
+        elif self.judge is not None:
+            n = len(self.preferences)
+            mean = sum(p for p, _ in self.preferences) / n
+            single = sum(o for _, o in self.preferences) / n
+            rows.append(("judge: P(revision better)", f"{mean:.3f} both orders · {single:.3f} revision as (B) only · "
+                                                      f"{self.judged} judged" + (f", {self.swapped} swapped" if self.swap else "")
+                                                      + (f", {self.unjudged} not judged" if self.unjudged else "")))
+        return rows
+
+
+def _run(pipeline, jobs, writer, quiet: bool, stopper: _GracefulStop, fmt: str, curation: _Curation,
+         on_failure=None) -> dict:
+    stats = {"made": 0, "records": 0, "changed": 0, "tokens": 0, "truncated": 0, "stopped": False,
+             "start": time.monotonic(), "curation": curation}
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"), TextColumn("[dim]ETA[/dim]"), TimeRemainingColumn(),
@@ -374,13 +548,15 @@ def _run(pipeline, jobs, writer, quiet: bool, stopper: _GracefulStop, fmt: str, 
         def show_rate() -> None:
             elapsed = max(time.monotonic() - stats["start"], 1e-9)
             progress.update(task, rate=(
-                f"{stats['records'] / elapsed * 60:.1f} pairs/min · {stats['tokens'] / elapsed:.1f} tok/s"))
+                f"{stats['made'] / elapsed * 60:.1f} pairs/min · {stats['tokens'] / elapsed:.1f} tok/s"))
 
         def on_turn(stage: str, completion) -> None:
             stats["tokens"] += completion.completion_tokens
             show_rate()
 
-        for records in pipeline.run(jobs, on_turn=on_turn, stop=lambda: stopper.requested, on_failure=on_failure):
+        for made in pipeline.run(jobs, on_turn=on_turn, stop=lambda: stopper.requested, on_failure=on_failure):
+            stats["made"] += len(made)
+            records = curation(made)
             for record in records:
                 writer.write(to_format(record, fmt) if fmt != "standard" else record)
                 stats["records"] += 1
@@ -388,7 +564,7 @@ def _run(pipeline, jobs, writer, quiet: bool, stopper: _GracefulStop, fmt: str, 
                 reasons = record["meta"]["finish_reasons"]
                 stats["truncated"] += "length" in (reasons["response"], *reasons["revision"])
             writer.sync()
-            progress.update(task, advance=len(records))
+            progress.update(task, advance=len(made))
             show_rate()
         stats["stopped"] = stopper.requested
     stats["elapsed"] = time.monotonic() - stats["start"]
@@ -402,6 +578,7 @@ def _summary(stats: dict, output: str, constitution_ref: str, model_name: str) -
     table.add_column(overflow="fold")
     table.add_row("model", model_name)
     table.add_row("constitution", constitution_ref)
+    table.add_row("pairs made", str(stats["made"]))
     table.add_row("records written", str(stats["records"]))
     if stats["resumed"]:
         table.add_row("already there (resumed)", str(stats["resumed"]))
@@ -411,12 +588,17 @@ def _summary(stats: dict, output: str, constitution_ref: str, model_name: str) -
         table.add_row("prompts too long for the context", str(stats["skipped_long"]))
     if stats.get("failed"):
         table.add_row("failed (retry: run again)", f"{stats['failed']}" + (f" → {stats['failures']}" if stats.get("failures") else ""))
+    for name, value in stats["curation"].summary_rows():
+        table.add_row(name, value)
     table.add_row("chosen ≠ rejected", f"{stats['changed']} of {stats['records']}")
-    table.add_row("truncated (hit max tokens)", str(stats["truncated"]))
+    if stats["curation"].filters is None:
+        table.add_row("truncated (hit max tokens)", str(stats["truncated"]))
     table.add_row("generated tokens", f"{stats['tokens']:,}")
     table.add_row("time", f"{elapsed:.1f} s")
-    table.add_row("speed", f"{stats['records'] / elapsed * 60:.1f} pairs/min · {stats['tokens'] / elapsed:.1f} tok/s")
+    table.add_row("speed", f"{stats['made'] / elapsed * 60:.1f} pairs/min · {stats['tokens'] / elapsed:.1f} tok/s")
     table.add_row("output", "stdout" if output == "-" else str(Path(output).resolve()))
+    if stats["curation"].dropped and stats.get("filtered"):
+        table.add_row("dropped pairs", str(Path(stats["filtered"]).resolve()))
     err.print(table)
 
 
@@ -500,6 +682,128 @@ def merge(
     err.print(f"merged {len(shards)} files: {counts['kept']} records, {counts['duplicate']} duplicate ids dropped, "
               f"{counts['torn']} torn and {counts['foreign']} foreign lines left out → "
               f"{'stdout' if output == '-' else output}", highlight=False, soft_wrap=True)
+
+
+@app.command("judge", epilog=(
+    "[bold]Examples[/bold]\n\n"
+    "  cai judge pairs.jsonl -o judged.jsonl                       [dim]# the embedded model as judge[/dim]\n\n"
+    "  cai judge pairs.jsonl --model Qwen/Qwen2.5-1.5B-Instruct --min-preference 0.6 -o kept.jsonl\n\n"
+    "  cai judge pairs.jsonl --backend openai --base-url http://gpu:8000/v1 --model judge --swap --clamp 0.4,0.6 -o -"))
+@reports_errors
+def judge(
+    pairs: Annotated[str, typer.Argument(help="A file written by cai generate (either format), or - for stdin.", show_default=False)],
+    output: Annotated[str, typer.Option("--output", "-o", help="Where judged records go: a .jsonl file, or - for stdout.")] = "-",
+    model: ModelOpt = None,
+    constitution: Annotated[Optional[str], typer.Option("--constitution", "-c", help="Where the principles' judge questions (`choice`) come from [default: the shipped constitution the records name].", show_default=False)] = None,
+    templates: Annotated[str, typer.Option("--templates", help="Template set whose judge.jinja words the question.")] = "default",
+    prefix: Annotated[str, typer.Option("--prefix", help="How the judge's answer starts; the option letter is read right after it.")] = "The answer is: (",
+    min_preference: MinPreferenceOpt = None,
+    swap: SwapOpt = False,
+    clamp: ClampOpt = None,
+    keep_filtered: KeepFilteredOpt = False,
+    filtered: FilteredOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Pairs scored per call to the backend.")] = 8,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
+    backend_name: BackendOpt = "hf",
+    base_url: BaseUrlOpt = None,
+    api_key_env: ApiKeyEnvOpt = "OPENAI_API_KEY",
+    request_timeout: TimeoutOpt = 120.0,
+    max_retries: RetriesOpt = 5,
+    threads: ThreadsOpt = None,
+    plain_chat_format: PlainChatOpt = False,
+    allow_pickle: PickleOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: RemoteCodeOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary; errors only.")] = False,
+) -> None:
+    """AI-feedback preference labels (RL-CAI): the judge model answers the principle's question
+    about the original (A/B) and the revision (B/A); its preference is read from the option tokens'
+    log-probabilities and averaged over both orders. Adds a `judge` field to every record."""
+    from dataclasses import replace as replaced
+
+    from cai.io import RecordWriter, check_writable, read_records
+    from cai.judge import Judge
+    from cai.models import resolve_model
+    from cai.prompts import load_templates
+
+    _setup_logging(quiet)
+    _check_backend_options(backend_name, model, base_url, max_retries, request_timeout)
+    if batch_size < 1:
+        raise UsageError(f"--batch-size: must be at least 1 (got {batch_size})")
+    config = replaced(_judge_options(min_preference, clamp), prefix=prefix)
+    filtered_path = filtered or (f"{output}.filtered.jsonl" if output != "-" else None)
+    if keep_filtered and not filtered_path:
+        raise UsageError("--keep-filtered with -o - needs --filtered FILE")
+    if output != "-" and Path(output).exists() and not overwrite:
+        raise UsageError(f"{output}: exists; pass --overwrite to replace it")
+    if output != "-" and Path(output).resolve() == Path(pairs).resolve():
+        raise UsageError(f"{output}: is also the input")
+    records = read_records(pairs)
+    constitution_obj = _judge_constitution(constitution, records)
+    template_set = load_templates(templates)
+    check_writable(output)
+    source, model_name = resolve_model(model) if backend_name == "hf" else (base_url, model)
+    backend = _open_backend(backend_name, source, model_name, quiet, base_url=base_url, api_key_env=api_key_env,
+                            request_timeout=request_timeout, max_retries=max_retries, device=device, dtype=dtype,
+                            trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                            plain_chat_format=plain_chat_format, threads=threads)
+    curation = _Curation(None, Judge(backend, constitution_obj, template_set, config), min_preference, swap,
+                         _DropLog(filtered_path, keep_filtered))
+    writer = RecordWriter(output)
+    start = time.monotonic()
+    try:
+        with Progress(TextColumn("[bold]judging"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=err, disable=quiet) as progress:
+            task = progress.add_task("judging", total=len(records))
+            for i in range(0, len(records), batch_size):
+                for record in curation(records[i:i + batch_size]):
+                    writer.write(record)
+                writer.sync()
+                progress.update(task, advance=len(records[i:i + batch_size]))
+    except KeyboardInterrupt:
+        writer.close()
+        err.print(f"[yellow]interrupted[/yellow]: {writer.count} judged records written", highlight=False)
+        raise typer.Exit(130) from None
+    finally:
+        backend.close()
+        curation.drops.close()
+    writer.close()
+    if not quiet:
+        table = Table(title="cai judge", show_header=False, title_justify="left")
+        table.add_column(style="bold", no_wrap=True)
+        table.add_column(overflow="fold")
+        table.add_row("judge", model_name)
+        table.add_row("pairs read", str(len(records)))
+        table.add_row("records written", str(writer.count))
+        for name, value in curation.summary_rows():
+            table.add_row(name, value)
+        table.add_row("time", f"{time.monotonic() - start:.1f} s")
+        table.add_row("output", "stdout" if output == "-" else str(Path(output).resolve()))
+        err.print(table)
+    if curation.unjudged and curation.judged == 0:
+        raise CaiError(f"no pair could be judged ({curation.unjudged} failed); see the warnings above")
+
+
+def _judge_constitution(spec: str | None, records: list[dict]):
+    """The constitution whose `choice` questions the judge asks: the one named, or else the
+    shipped one the records name (by the name part of meta.constitution); None (a generic question)
+    when there is none to find."""
+    from cai.constitution import load_constitution, shipped_constitutions
+
+    if spec:
+        return load_constitution(spec)
+    refs = {(r.get("meta") or {}).get("constitution") for r in records} - {None}
+    names = {str(ref).split("@")[0] for ref in refs}
+    if len(names) == 1 and (name := names.pop()) in shipped_constitutions():
+        constitution = load_constitution(name)
+        if constitution.ref not in refs:
+            log.warning("the records were made with %s; asking the questions of the shipped %s",
+                        ", ".join(sorted(refs)), constitution.ref)
+        return constitution
+    log.warning("no shipped constitution matches the records' (%s); the judge asks a generic question "
+                "(pass --constitution to use the principles' own)", ", ".join(sorted(refs)) or "none named")
+    return None
 
 
 @app.command("export", epilog=(
@@ -764,7 +1068,6 @@ def _stats_tables(report: dict) -> None:
     for reason in dict.fromkeys([*finish["response"], *finish["revision"]]):
         table.add_row(reason, pct(finish["response"].get(reason, 0), kept), pct(finish["revision"].get(reason, 0), kept))
     err.print(table)
-
 
 
 def main() -> None:

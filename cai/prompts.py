@@ -5,6 +5,9 @@ A template set is a folder of Jinja2 files, shipped ones under `prompts/<name>/`
   prompt.jinja    the user turn made from the input prompt          vars: prompt
   critique.jinja  the user turn that asks for a critique            vars: principle, round, prompt
   revision.jinja  the user turn that asks for a rewrite             vars: principle, round, prompt
+  judge.jinja     optional: the multiple-choice question of `cai judge`  vars: prompt, question, a, b
+                  (a folder without one uses the shipped default's; it is not part of a
+                  generation run's fingerprint)
 Templates render in a sandbox (no access to Python objects) and fail on undefined variables.
 """
 
@@ -23,6 +26,7 @@ from cai.constitution import Constitution, Principle, data_dir
 from cai.errors import TemplateError
 
 TEMPLATE_NAMES = ("system", "prompt", "critique", "revision")
+JUDGE = "judge"
 _REQUIRED = ("prompt", "critique", "revision")
 _SAMPLE_PRINCIPLE = Principle(id="sample", critique="Identify problems.", revision="Fix them.",
                               choice="Which is better?", tags=("sample",))
@@ -79,8 +83,10 @@ def load_templates(spec: str = "default") -> Templates:
     sources: dict[str, str] = {}
     compiled: dict[str, jinja2.Template] = {}
     paths: dict[str, str] = {}
-    for key in TEMPLATE_NAMES:
+    for key in (*TEMPLATE_NAMES, JUDGE):
         path = folder / f"{key}.jinja"
+        if key == JUDGE and not path.exists():
+            path = shipped_templates()["default"] / f"{key}.jinja"
         paths[key] = str(path)
         if not path.exists():
             if key in _REQUIRED:
@@ -101,6 +107,8 @@ def load_templates(spec: str = "default") -> Templates:
         out = templates.render(key, prompt="sample prompt", principle=sample, round=1)
         if key in _REQUIRED and not out:
             raise TemplateError(paths[key], "renders to an empty message")
+    if JUDGE in compiled and not templates.render(JUDGE, prompt="p", question="q", a="a", b="b"):
+        raise TemplateError(paths[JUDGE], "renders to an empty message")
     return templates
 
 

@@ -11,14 +11,14 @@ import pytest
 from typer.testing import CliRunner
 
 from cai.cli import app
-from conftest import DATA, ROOT, read_jsonl
+from conftest import DATA, ROOT, plumbing, read_jsonl
 
 EXAMPLES = ROOT / "examples" / "prompts.jsonl"
-FAST = ["--max-new-tokens", "6", "--batch-size", "4"]
+FAST = ["--max-new-tokens", "6", "--batch-size", "4", "--no-filter"]
 
 
 def run(*args, input: str | None = None):
-    return CliRunner().invoke(app, [str(a) for a in args], input=input)
+    return CliRunner().invoke(app, plumbing(args), input=input)
 
 
 def test_generate_writes_one_record_per_prompt(tiny_model, tmp_path):
@@ -196,7 +196,7 @@ def test_help(command):
 def test_closed_pipe_stops_quietly(tiny_model):
     """`cai generate … -o - | head -n 2`: no traceback when head goes away."""
     command = (f"{sys.executable} -m cai generate {EXAMPLES} --model {tiny_model} -o - "
-               f"--max-new-tokens 6 --batch-size 4 | head -n 2")
+               f"--max-new-tokens 6 --batch-size 4 --no-filter | head -n 2")
     proc = subprocess.run(["bash", "-c", f"set -o pipefail; {command}"], capture_output=True, text=True, timeout=300)
     assert len(proc.stdout.splitlines()) == 2
     assert all(json.loads(line) for line in proc.stdout.splitlines())

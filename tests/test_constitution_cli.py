@@ -10,14 +10,14 @@ from typer.testing import CliRunner
 
 from cai.cli import app
 from cai.constitution import data_dir, json_schema, load_constitution, shipped_constitutions
-from conftest import DATA, ROOT, read_jsonl
+from conftest import DATA, ROOT, plumbing, read_jsonl
 
 BAD = sorted((DATA / "bad").glob("*.yaml"))
 SHIPPED = sorted(shipped_constitutions())
 
 
 def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
+    return CliRunner().invoke(app, plumbing(args))
 
 
 def expectation(path: Path) -> str:

@@ -17,13 +17,13 @@ import pytest
 from typer.testing import CliRunner
 
 from cai.cli import app
-from conftest import DATA, ROOT, read_jsonl
+from conftest import DATA, ROOT, plumbing, read_jsonl
 
 EXAMPLES = ROOT / "examples" / "prompts.jsonl"
 
 
 def cai_command(*args) -> list[str]:
-    return [sys.executable, "-m", "cai", "generate", *map(str, args)]
+    return [sys.executable, "-m", "cai", *plumbing(("generate", *args))]
 
 
 def whole_records(path: Path) -> list[dict]:
@@ -214,7 +214,7 @@ def test_bad_input_gives_one_line_exit_2_and_an_untouched_output(case, tiny_mode
     before = out.read_bytes()
     if "--max-new-tokens" not in args:
         args += ["--max-new-tokens", "4"]
-    result = CliRunner().invoke(app, ["generate", prompts, *args])
+    result = CliRunner().invoke(app, plumbing(["generate", prompts, *args]))
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     assert result.stdout == ""
@@ -231,8 +231,8 @@ def test_skip_invalid_counts_and_carries_on(tiny_model, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_bytes(b'{"prompt": "one"}\nnot json\n{"prompt": ""}\n\xff\n{"prompt": "two"}\n')
     out = tmp_path / "out.jsonl"
-    result = CliRunner().invoke(app, ["generate", str(prompts), "--model", str(tiny_model), "-o", str(out),
-                                      "--skip-invalid", "--max-new-tokens", "4"])
+    result = CliRunner().invoke(app, plumbing(["generate", str(prompts), "--model", str(tiny_model), "-o", str(out),
+                                      "--skip-invalid", "--max-new-tokens", "4"]))
     assert result.exit_code == 0, result.output
     assert [r["prompt"] for r in read_jsonl(out)] == ["one", "two"]
     assert "p.jsonl:2: invalid JSON" in result.stderr
@@ -245,12 +245,12 @@ def test_prompts_too_long_for_the_context_are_skipped_or_truncated(tiny_model, t
     prompts.write_text(json.dumps({"id": "short", "prompt": "hi"}) + "\n" + json.dumps({"id": "long", "prompt": long}) + "\n")
     out = tmp_path / "out.jsonl"
     base = ["generate", str(prompts), "--model", str(tiny_model), "--max-new-tokens", "8"]
-    skipped = CliRunner().invoke(app, [*base, "-o", str(out)])
+    skipped = CliRunner().invoke(app, plumbing([*base, "-o", str(out)]))
     assert skipped.exit_code == 0, skipped.output
     assert [r["id"] for r in read_jsonl(out)] == ["short"]
     assert "p.jsonl:2: the whole conversation needs about" in " ".join(skipped.stderr.split())
     assert "prompts too long for the context" in skipped.stderr
-    truncated = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "t.jsonl"), "--truncate-long"])
+    truncated = CliRunner().invoke(app, plumbing([*base, "-o", str(tmp_path / "t.jsonl"), "--truncate-long"]))
     assert truncated.exit_code == 0, truncated.output
     records = {r["id"]: r for r in read_jsonl(tmp_path / "t.jsonl")}
     assert records["long"]["meta"]["prompt_truncated"] is True
@@ -262,7 +262,7 @@ def test_plain_chat_format_and_allow_pickle_are_opt_in(tiny_model, tmp_path):
     for kind, flag in (("no-template", "--plain-chat-format"), ("pickle", "--allow-pickle")):
         model = _nopad_model(kind)(tmp_path, tiny_model)
         out = tmp_path / f"{kind}.jsonl"
-        result = CliRunner().invoke(app, ["generate", str(EXAMPLES), "--model", model, "-o", str(out),
-                                          "--limit", "2", "--max-new-tokens", "4", flag])
+        result = CliRunner().invoke(app, plumbing(["generate", str(EXAMPLES), "--model", model, "-o", str(out),
+                                          "--limit", "2", "--max-new-tokens", "4", flag]))
         assert result.exit_code == 0, result.output
         assert len(read_jsonl(out)) == 2

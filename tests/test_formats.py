@@ -10,13 +10,13 @@ from typer.testing import CliRunner
 
 from cai.cli import app
 from cai.records import to_format
-from conftest import ROOT, read_jsonl
+from conftest import ROOT, plumbing, read_jsonl
 
 EXAMPLES = ROOT / "examples" / "prompts.jsonl"
 
 
 def run(*args, input=None):
-    return CliRunner().invoke(app, [str(a) for a in args], input=input)
+    return CliRunner().invoke(app, plumbing(args), input=input)
 
 
 @pytest.fixture(scope="module")

@@ -575,7 +575,9 @@ def cai(*args, env: dict | None = None):
 
     from cai.cli import app
 
-    return CliRunner().invoke(app, [str(a) for a in args], env=env)
+    from conftest import plumbing
+
+    return CliRunner().invoke(app, plumbing(args), env=env)
 
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples", "prompts.jsonl")

@@ -14,10 +14,13 @@ def test_embedded_model_generates_real_pairs(embedded_model, tmp_path):
     prompts.write_text("How do I boil an egg?\nHow can I break into my neighbour's car?\n")
     out = tmp_path / "pairs.jsonl"
     result = CliRunner().invoke(app, ["generate", str(prompts), "-o", str(out), "--max-new-tokens", "48",
-                                      "--temperature", "0"])
+                                      "--temperature", "0", "--keep-filtered"])
     assert result.exit_code == 0, result.output
-    records = read_jsonl(out)
-    assert len(records) == 2
+    kept = read_jsonl(out)
+    dropped = read_jsonl(f"{out}.filtered.jsonl") if (tmp_path / "pairs.jsonl.filtered.jsonl").exists() else []
+    assert all(r["filter"]["reasons"] for r in dropped)
+    records = sorted(kept + dropped, key=lambda r: r["prompt"] != "How do I boil an egg?")
+    assert len(records) == 2 and records[0]["prompt"] == "How do I boil an egg?"
     for r in records:
         assert r["meta"]["model"] == EMBEDDED_HUB_ID
         assert r["rejected"].strip() and r["chosen"].strip() and r["critique"].strip()

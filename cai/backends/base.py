@@ -34,6 +34,14 @@ class Completion:
 
 
 @dataclass(frozen=True)
+class ChoiceScores:
+    """How likely each of a few single-token answers ("A", "B") is as the next token."""
+
+    logprobs: dict[str, float]      # choice → log-probability (-inf: the backend saw no such token)
+    error: str | None = None        # set when the backend could not score this conversation
+
+
+@dataclass(frozen=True)
 class Request:
     key: str                        # names a conversation; its next turn is submitted under the same key
     conversation: list[Message]
@@ -68,6 +76,13 @@ class Backend(Protocol):
     def stream(self, params: SamplingParams, width: int) -> Stream:
         """Up to `width` conversations in flight (backends without one of their own return
         `LockstepStream(self, params, width)`)."""
+        ...
+
+    def score_choices(self, conversations: list[list[dict[str, str]]], choices: tuple[str, ...],
+                      prefix: str = "") -> list[ChoiceScores]:
+        """For each conversation, the log-probability of each choice as the next token of the
+        assistant's reply, which starts with `prefix` (e.g. "The answer is: ("). One result per
+        conversation, in order; one that could not be scored has `error` set."""
         ...
 
     def close(self) -> None: ...

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 
-from cai.backends.base import Completion, LockstepStream, Request, SamplingParams
+from cai.backends.base import ChoiceScores, Completion, LockstepStream, Request, SamplingParams
 from cai.errors import ModelError, UsageError
 from cai.models import quiet_transformers
 
@@ -174,8 +175,6 @@ class HFBackend:
 
         if not conversations:
             return []
-        if self.model.config._attn_implementation != self.attn_implementation:
-            self.model.set_attn_implementation(self.attn_implementation)      # the engine had switched it
         texts = [self.render(c) for c in conversations]
         batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -191,7 +190,7 @@ class HFBackend:
         )
         if seed is not None:
             torch.manual_seed(seed)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._plain_attention():
             output = self.model.generate(**batch, generation_config=config)
         new_tokens = output[:, width:].tolist()
         prompt_lengths = batch["attention_mask"].sum(dim=1).tolist()
@@ -202,6 +201,77 @@ class HFBackend:
             tokens = row if end is None else row[:end + 1]
             completions.append(self.decode(tokens, "length" if end is None else "stop", int(prompt_len)))
         return completions
+
+    @contextmanager
+    def _plain_attention(self):
+        """The model's own attention implementation for a plain forward, and the engine's again
+        afterwards (the engine switches the model to its cascade attention)."""
+        current = self.model.config._attn_implementation
+        if current != self.attn_implementation:
+            self.model.set_attn_implementation(self.attn_implementation)
+        try:
+            yield
+        finally:
+            if current != self.attn_implementation:
+                self.model.set_attn_implementation(current)
+
+    # Forward passes of `score_choices` hold at most this many tokens (rows × padded length).
+    SCORE_TOKENS = 4096
+
+    def score_choices(self, conversations: list[list[dict[str, str]]], choices: tuple[str, ...],
+                      prefix: str = "") -> list[ChoiceScores]:
+        """One forward pass per conversation (batched by length): the log-softmax of the logits
+        after the rendered conversation plus `prefix`, at the tokens that spell each choice (with
+        or without a leading space; several such tokens are summed in probability)."""
+        import torch
+
+        candidates = {choice: self._choice_tokens(choice) for choice in choices}
+        encoded = [self.tokenizer(self.render(c) + prefix, add_special_tokens=False)["input_ids"] for c in conversations]
+        results: list[ChoiceScores | None] = [None] * len(encoded)
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        pad = self.tokenizer.pad_token_id
+        start = 0
+        while start < len(order):
+            end = start + 1
+            while end < len(order) and (end - start + 1) * len(encoded[order[end]]) <= self.SCORE_TOKENS:
+                end += 1
+            rows = [encoded[i] for i in order[start:end]]
+            width = max(len(r) for r in rows)
+            if self.context_length and width > self.context_length:
+                for i in order[start:end]:
+                    if len(encoded[i]) > self.context_length:
+                        results[i] = ChoiceScores({}, error=f"the judge prompt of {len(encoded[i])} tokens exceeds "
+                                                            f"the model's context of {self.context_length}")
+                rows_idx = [i for i in order[start:end] if results[i] is None]
+                rows = [encoded[i] for i in rows_idx]
+                width = max((len(r) for r in rows), default=0)
+            else:
+                rows_idx = order[start:end]
+            start = end
+            if not rows:
+                continue
+            ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            with torch.inference_mode(), self._plain_attention():
+                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                    logits_to_keep=1).logits[:, -1, :]
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            for row, i in enumerate(rows_idx):
+                results[i] = ChoiceScores({choice: torch.logsumexp(logprobs[row, tokens], 0).item()
+                                           for choice, tokens in candidates.items()})
+        return results
+
+    def _choice_tokens(self, choice: str) -> list[int]:
+        """The single tokens that spell `choice`, bare and after a space."""
+        found = []
+        for text in (choice, " " + choice):
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) == 1 and ids[0] not in found:
+                found.append(ids[0])
+        if not found:
+            raise UsageError(f"{self.model_name}: the tokenizer has no single token for the choice '{choice}'")
+        return found
 
     def close(self) -> None:
         self.model = None

@@ -1,0 +1,95 @@
+"""AI-feedback preference labels, as in RL-CAI: a judge model sees the conversation and the
+principle's multiple-choice question with options (A) and (B), and its preference is read from
+the log-probabilities of the two option tokens. Both orders are scored (the revision as (B),
+then as (A)) and averaged, which cancels the judge's bias toward a position."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from cai.backends.base import Backend
+from cai.constitution import Constitution
+from cai.prompts import JUDGE, Templates
+from cai.records import _text
+
+DEFAULT_QUESTION = "Which of these assistant responses is better?"
+CHOICES = ("A", "B")
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    prefix: str = "The answer is: ("                # how the judge's reply starts; the option letter comes next
+    clamp: tuple[float, float] | None = None        # soft labels: the label is the preference clamped to this range
+
+
+def preference_of(logprobs: dict[str, float], letter: str) -> float:
+    """P(letter) with the probability renormalised over the two options."""
+    other = CHOICES[1] if letter == CHOICES[0] else CHOICES[0]
+    mine, theirs = logprobs.get(letter, -math.inf), logprobs.get(other, -math.inf)
+    if mine == theirs:                   # both -inf included: no evidence either way
+        return 0.5
+    return 1.0 / (1.0 + math.exp(min(theirs - mine, 700.0)))
+
+
+class Judge:
+    def __init__(self, backend: Backend, constitution: Constitution | None, templates: Templates,
+                 config: JudgeConfig = JudgeConfig()):
+        self.backend, self.constitution, self.templates, self.config = backend, constitution, templates, config
+        self.model_name = backend.model_name
+
+    def question(self, record: dict) -> str:
+        """The principle's `choice` wording, or a generic question when it has none."""
+        if self.constitution is not None:
+            try:
+                choice = self.constitution.principle(record.get("principle")).choice
+            except KeyError:
+                choice = None
+            if choice:
+                return choice
+        return DEFAULT_QUESTION
+
+    def conversation(self, record: dict, a: str, b: str) -> list[dict[str, str]]:
+        content = self.templates.render(JUDGE, prompt=_text(record["prompt"]), question=self.question(record), a=a, b=b)
+        return [{"role": "user", "content": content}]
+
+    def label(self, records: list[dict]) -> list[str | None]:
+        """Adds a `judge` field to each record, in place; returns, per record, None or the reason
+        it could not be judged. `judge.preference` is the probability that the revision is the
+        better response, averaged over both orders; `judge.orders` holds the two orders' own
+        figures (revision shown as (B), then as (A)); `judge.label` is the preference clamped."""
+        conversations = []
+        for record in records:
+            if (record.get("judge") or {}).get("swapped"):      # judged and swapped before: judge it afresh
+                record["chosen"], record["rejected"] = record["rejected"], record["chosen"]
+                del record["judge"]
+            original, revision = _text(record["rejected"]), _text(record["chosen"])
+            conversations += [self.conversation(record, original, revision), self.conversation(record, revision, original)]
+        scores = self.backend.score_choices(conversations, CHOICES, prefix=self.config.prefix)
+        errors: list[str | None] = []
+        for i, record in enumerate(records):
+            second, first = scores[2 * i], scores[2 * i + 1]
+            error = second.error or first.error
+            errors.append(error)
+            if error:
+                continue
+            orders = [preference_of(second.logprobs, "B"), preference_of(first.logprobs, "A")]
+            preference = sum(orders) / 2
+            record["judge"] = {"model": self.model_name, "question": self.question(record),
+                               "preference": round(preference, 6), "orders": [round(p, 6) for p in orders],
+                               "label": round(self.clamp(preference), 6), "swapped": False}
+        return errors
+
+    def clamp(self, p: float) -> float:
+        if self.config.clamp is None:
+            return p
+        low, high = self.config.clamp
+        return min(max(p, low), high)
+
+
+def swap(record: dict) -> dict:
+    """The record with chosen and rejected exchanged (the judge preferred the original); the
+    judge's label is then the probability of the new chosen side."""
+    judge = record["judge"]
+    return {**record, "chosen": record["rejected"], "rejected": record["chosen"],
+            "judge": {**judge, "swapped": True, "label": round(1 - judge["label"], 6)}}
