@@ -981,12 +981,7 @@ def stats(
 
     _setup_logging(False)
     if plot_path is not None:
-        try:
-            stats_mod.check_plotting()
-        except UsageError as exc:      # reports_errors prints markup: keep "cai[plot]" whole
-            from rich.markup import escape
-
-            raise UsageError(escape(str(exc))) from None
+        stats_mod.check_plotting()
         check_writable(plot_path)
     report, samples = stats_mod.collect(pairs, filtered, warn=lambda message: log.warning("%s", message))
     if plot_path is not None:

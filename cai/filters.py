@@ -29,33 +29,42 @@ DEFAULT_CHECKS = ("empty", "unchanged", "truncated", "meta", "copied", "repetiti
 
 _FLAGS = re.I | re.X
 # "Revision:", "**Revised response:**", "Assistant:", "Final answer (safer):"
-_LABEL = re.compile(r"""^\s*(?:\*\*|\#+\s*)?
+_INTERJECTION = r"(?:(?:sure|okay|ok|certainly|of\ course|absolutely|alright|great)[\s,.!]+)?"
+_LABEL = re.compile(rf"""^\s*{_INTERJECTION}(?:\*\*|\#+\s*)?
     (?:assistant|ai|revision|rewrite|(?:revised|rewritten|improved|updated|new|final|corrected|better|safer)
        (?:\s+(?:response|answer|reply|version|text))?|response|answer)
-    (?:\s*\([^)\n]{0,80}\))?\s*(?:\*\*)?\s*:\s*(?:\*\*)?\s*""", _FLAGS)
+    (?:\s*\([^)\n]{{0,80}}\))?\s*(?:\*\*)?\s*:\s*(?:\*\*)?\s*""", _FLAGS)
 # A lead-in up to a colon or the end of its line: "Sure, here is a revised response that ...:",
 # "Based on the critique above, here's a better answer:", "I have revised the response:"
-_LEAD_IN = re.compile(r"""^\s*(?:(?:sure|okay|ok|certainly|of\ course|absolutely|alright|great)[\s,.!]+)?
-    (?:here(?:'s|\ is|\ are)|below\ is|this\ is\ (?:a|an|the|my)\ (?:revised|rewritten|improved|updated|new|better)
+_EDITED = r"(?:revised|rewritten|improved|updated|new|better|safer|corrected|edited|final|cleaner|more\ \w+|less\ \w+)"
+_LEAD_IN = re.compile(rf"""^\s*{_INTERJECTION}
+    (?:(?:here(?:'s|\ is|\ are)|below\ is|this\ is)\ (?:a\ |an\ |the\ |my\ |your\ )?(?:\w+\ ){{0,2}}?{_EDITED}
+         \ (?:version|response|answer|reply|rewrite|revision|text)
+      |(?:here(?:'s|\ is)|below\ is)\ (?:a|the|my)\ (?:rewrite|revision)
       |i(?:'ve|\ have)?\ (?:revised|rewritten|rewrote|updated|edited|improved)
       |(?:based\ on|following|taking\ into\ account|in\ light\ of|according\ to)\ (?:the|your|my|this)
          \ (?:critique|feedback|review|suggestions?|points?))
-    [^\n:]{0,160}(?::|\n)\s*""", _FLAGS)
+    [^\n:]{{0,160}}(?::|\n)\s*""", _FLAGS)
 _QUOTES = (('"', '"'), ("“", "”"), ("'", "'"))
 # Where a model ran on into the next turn: a chat-template marker or a role label on its own line.
-_NEXT_TURN = re.compile(r"""(?:<\|im_start\|>|<\|start_header_id\|>|\[INST\]|<start_of_turn>|<\|user\|>|<\|assistant\|>
-    |<\|system\|>|(?:^|\n)[ \t]*(?:\*\*)?(?:user|human|assistant|critique(?:\ request)?|revision\ request)(?:\*\*)?[ \t]*:)""",
-                        _FLAGS)
+_TEMPLATE_MARKER = re.compile(r"<\|im_start\|>|<\|start_header_id\|>|\[INST\]|<start_of_turn>|<\|(?:user|assistant|system)\|>")
+_ROLE_LINE = re.compile(r"\n[ \t]*(?:\*\*)?(?:user|human|assistant|critique(?:\ request)?|revision\ request)(?:\*\*)?[ \t]*:", _FLAGS)
+# Prompts that ask for dialogue may rightly get "User:" lines back.
+_DIALOGUE = re.compile(r"\b(?:dialog(?:ue)?s?|conversations?|script|transcript|chat\ log|interview)\b|^\s*\w+\s*:", _FLAGS | re.M)
 _END_MARKERS = re.compile(r"<\|im_end\|>|<\|endoftext\|>|<\|eot_id\|>|<\|end\|>|<end_of_turn>|</s>|<s>|\[/INST\]")
 # A closing note about the edit: "(Note: I removed the instructions for ...)"
 _TRAILING_NOTE = re.compile(r"""\n\s*\(?\s*(?:\*\*)?note(?:\*\*)?\s*:[^\n]*
     (?:revis|rewr|remov|chang|edit|critique|original|previous)[^\n]*\)?\s*$""", _FLAGS)
 
 
-def strip_debris(text: str) -> tuple[str, list[str]]:
-    """Cut a reply where it runs on into another chat turn, and drop stray end-of-turn markers."""
+def strip_debris(text: str, prompt: str = "") -> tuple[str, list[str]]:
+    """Cut a reply where it runs on into another chat turn (a chat-template marker, or a role
+    label starting a line unless the prompt asks for dialogue), and drop stray end-of-turn markers."""
     notes = []
-    found = _NEXT_TURN.search(text)
+    found = _TEMPLATE_MARKER.search(text)
+    role = None if _DIALOGUE.search(prompt) else _ROLE_LINE.search(text)
+    if role and (not found or role.start() < found.start()):
+        found = role
     if found and found.start() > 0:
         notes.append(f"next turn: {_clip(text[found.start():])}")
         text = text[:found.start()]
@@ -65,10 +74,10 @@ def strip_debris(text: str) -> tuple[str, list[str]]:
     return text.strip(), notes
 
 
-def clean_revision(text: str) -> tuple[str, list[str]]:
+def clean_revision(text: str, prompt: str = "") -> tuple[str, list[str]]:
     """The revision without the labels and lead-ins around it, the next-turn debris after it, and
     quotes wrapped around all of it; with a note of each thing removed."""
-    text, notes = strip_debris(text)
+    text, notes = strip_debris(text, prompt)
     for _ in range(3):                      # "Sure! Revision: Here is the new answer: …"
         found = _LABEL.match(text) or _LEAD_IN.match(text)
         if not found or found.end() >= len(text):
@@ -190,8 +199,9 @@ class Filters:
     def apply(self, record: dict) -> Verdict:
         """Clean `record` (a standard-shape record as the pipeline makes it) and judge it. The raw
         revision stays in `rounds`; `chosen` becomes the cleaned one."""
-        chosen, notes = clean_revision(record["chosen"])
-        rejected, rejected_notes = strip_debris(record["rejected"])
+        prompt = record.get("prompt") if isinstance(record.get("prompt"), str) else ""
+        chosen, notes = clean_revision(record["chosen"], prompt)
+        rejected, rejected_notes = strip_debris(record["rejected"], prompt)
         record = {**record, "chosen": chosen, "rejected": rejected}
         cleaned = notes + [f"rejected {note}" for note in rejected_notes]
         if cleaned:
@@ -204,7 +214,7 @@ class Filters:
         else:
             if verdict.similarity >= c.similarity:
                 found.append("unchanged")
-            if talks_about_itself(chosen, record.get("prompt") if isinstance(record.get("prompt"), str) else ""):
+            if talks_about_itself(chosen, prompt):
                 found.append("meta")
             critiques = [r.get("critique", "") for r in record.get("rounds", [])] or [record.get("critique", "")]
             if any(containment(chosen, text) >= c.copied or similarity(chosen, text) >= c.similarity

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO
 
 from cai.errors import InputError, UsageError
+from cai.filters import words as normalised_words
 from cai.records import _text
 
 NEAR_IDENTICAL = 0.9      # similarity ratio at or above which a pair counts as near-identical
@@ -160,11 +161,14 @@ class Stats:
         words = {field: text.split() for field, text in texts.items()}
         for field, array_ in self.lengths.items():
             array_.append(len(words[field]))
-        edits, ratio = word_edits(words["rejected"], words["chosen"])
+        # Compared as the filters compare (lower-cased words without punctuation), so
+        # "near-identical" here means what the "unchanged" filter means.
+        rejected, chosen = normalised_words(texts["rejected"]), normalised_words(texts["chosen"])
+        edits, ratio = word_edits(rejected, chosen)
         self.edits.append(edits)
         self.similarity.append(ratio)
         self.near_identical += ratio >= NEAR_IDENTICAL
-        self.identical += words["rejected"] == words["chosen"]
+        self.identical += rejected == chosen
 
         judge = record.get("judge")
         preference = _number(judge.get("preference")) if isinstance(judge, dict) else None

@@ -118,8 +118,8 @@ def test_length_percentiles(tmp_path):
 def test_edits_and_near_identical(tmp_path):
     ten = "a b c d e f g h i j"
     rows = [
-        record("one-word", rejected=ten, chosen=ten.replace("e", "E")),          # 1 edit, ratio 18/20 = 0.9
-        record("spaces", rejected="x  y\nz", chosen=" x y z "),                   # identical, whitespace aside
+        record("one-word", rejected=ten, chosen=ten.replace("e", "z")),          # 1 edit, ratio 18/20 = 0.9
+        record("spaces", rejected="x  y\nz", chosen=" X, y z! "),                # identical: case, spacing, punctuation aside
         record("insert", rejected="a b c", chosen="a b c d e"),                   # 2 edits, ratio 6/8
         record("rewrite", rejected="x y", chosen="p q r"),                        # 3 edits, ratio 0
     ]
