@@ -671,3 +671,18 @@ def test_openai_backend_options_are_checked(tmp_path):
     assert result.exit_code == 2 and "--base-url" in result.output
     result = cai("generate", EXAMPLES, "--backend", "vllm")
     assert result.exit_code == 2 and "choose from hf, openai" in result.output
+
+
+def test_cai_judge_against_a_server_without_logprobs_says_so(server, tmp_path):
+    """`transformers serve` ignores logprobs: `cai judge` names the cause and exits 1."""
+    base_url, model = server
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"id": str(i), "prompt": "Name a colour.", "chosen": "Blue.", "rejected": "No.",
+                                         "principle": "p"}) + "\n" for i in range(2)))
+    out = tmp_path / "judged.jsonl"
+    result = cai("judge", pairs, "--backend", "openai", "--base-url", base_url, "--model", model, "-o", out,
+                 "--prefix", "", "--max-retries", "0")
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.stderr.split())
+    assert "the server returned no logprobs" in text and "no pair could be judged (2 failed)" in text
+    assert "Traceback" not in result.output
