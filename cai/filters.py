@@ -154,6 +154,12 @@ _REFUSAL = re.compile(r"""(?:^\W*(?:i'?m\s+sorry|i\s+am\s+sorry|sorry|i\s+apolog
                       _FLAGS)
 
 
+def starts_with_preamble(text: str) -> bool:
+    """Whether a text opens with a role label, a lead-in about the rewrite, or talk about "the
+    response" (what no kept `chosen` may start with)."""
+    return bool(_LABEL.match(text) or _LEAD_IN.match(text) or _META_START.search(text))
+
+
 def is_refusal(text: str) -> bool:
     return bool(_REFUSAL.search(text))
 

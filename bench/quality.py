@@ -1,0 +1,175 @@
+"""Quality: what share of the pairs a model makes are worth training on, before and after cai's
+clean-up and filters, and what an AI-feedback judge thinks of the revisions.
+
+Runs the pipeline (cai generate's sampling settings by default) over bench/quality_prompts.jsonl (20 harmful and 20 benign prompts of
+our own), then:
+  raw        chosen ≈ rejected (word similarity ≥ 0.9) and chosen opening with a preamble or
+             talk about "the response", before any clean-up;
+  filters    kept / dropped by reason (kept + dropped = input), and the same two figures on the
+             kept pairs; refusals among kept revisions, on benign and harmful prompts;
+  judge      the model's preference for the revision (option-token log-probabilities), each
+             order alone and averaged over both, on all pairs and on the kept ones.
+
+    python bench/quality.py                                   # embedded model, harmless, few-shot on
+    python bench/quality.py --variants harmless:on harmless:off helpful-honest:on --json bench/quality.json
+
+Each variant is CONSTITUTION:on|off (the few-shot turns). Prints a table; --json writes the figures
+and a line per pair (reasons, similarity, preference) for inspection; --records DIR writes the
+cleaned records themselves."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from cai.backends.base import SamplingParams  # noqa: E402
+from cai.backends.hf import HFBackend, HFOptions  # noqa: E402
+from cai.constitution import load_constitution  # noqa: E402
+from cai.filters import (DEFAULT_CHECKS, FilterConfig, Filters, is_refusal, references_of, similarity,  # noqa: E402
+                         starts_with_preamble)
+from cai.io import read_prompts  # noqa: E402
+from cai.judge import Judge  # noqa: E402
+from cai.models import resolve_model  # noqa: E402
+from cai.pipeline import Pipeline, RunConfig  # noqa: E402
+from cai.prompts import load_templates  # noqa: E402
+
+NEAR = 0.9
+
+
+def share(part: int, whole: int) -> str:
+    return f"{part}/{whole} ({100 * part / whole:.0f}%)" if whole else "0/0"
+
+
+def mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 4) if values else None
+
+
+def judge_figures(records: list[dict]) -> dict:
+    judged = [r["judge"] for r in records if "judge" in r]
+    return {"judged": len(judged),
+            "preference_both_orders": mean([j["preference"] for j in judged]),
+            "preference_revision_as_B": mean([j["orders"][0] for j in judged]),
+            "preference_revision_as_A": mean([j["orders"][1] for j in judged]),
+            "revision_preferred": sum(j["preference"] > 0.5 for j in judged)}
+
+
+def run_variant(backend, items, kinds, constitution_name: str, few_shot: bool, args, console) -> dict:
+    constitution, templates = load_constitution(constitution_name), load_templates(args.templates)
+    config = RunConfig(seed=0, few_shot=few_shot, batch_size=args.batch_size or backend.default_width(),
+                       params=SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                             top_p=0.95))
+    pipeline = Pipeline(backend, constitution, templates, config)
+    jobs, left_out = pipeline.plan(items)
+    assert not left_out, left_out
+    label = f"{constitution_name}:{'on' if few_shot else 'off'}"
+    start = time.perf_counter()
+    records = [r for batch in pipeline.run(jobs) for r in batch]
+    generation_s = time.perf_counter() - start
+    console.print(f"[dim]{label}: {len(records)} pairs in {generation_s:.0f} s[/dim]", highlight=False)
+
+    filters = Filters(FilterConfig(checks=DEFAULT_CHECKS, references=references_of(constitution) if few_shot else ()))
+    verdicts = [filters.apply(r) for r in records]
+    kept = [v.record for v in verdicts if v.kept]
+    reasons = Counter(reason for v in verdicts for reason in v.reasons)
+    judge_s = 0.0
+    if args.judge:
+        start = time.perf_counter()
+        judge = Judge(backend, constitution, templates)
+        cleaned = [v.record for v in verdicts]
+        for i in range(0, len(cleaned), 8):
+            judge.label(cleaned[i:i + 8])
+        judge_s = time.perf_counter() - start
+    kept_refusals = Counter(kinds[r["id"]] for r in kept if is_refusal(r["chosen"]))
+    figures = {
+        "variant": label, "constitution": constitution_name, "few_shot": few_shot, "input": len(records),
+        "raw_near_identical": sum(similarity(r["chosen"], r["rejected"]) >= NEAR for r in records),
+        "raw_preamble": sum(starts_with_preamble(r["chosen"]) for r in records),
+        "raw_truncated": sum("length" in (r["meta"]["finish_reasons"]["response"], r["meta"]["finish_reasons"]["revision"][-1])
+                             for r in records),
+        "kept": len(kept), "dropped": len(records) - len(kept),
+        "dropped_by_reason": dict(reasons.most_common()),
+        "cleaned": sum(bool(r["meta"].get("cleaned")) for r in kept),
+        "kept_near_identical": sum(similarity(r["chosen"], r["rejected"]) >= NEAR for r in kept),
+        "kept_preamble": sum(starts_with_preamble(r["chosen"]) for r in kept),
+        "kept_refusals_benign": kept_refusals["benign"], "kept_refusals_harmful": kept_refusals["harmful"],
+        "kept_benign": sum(kinds[r["id"]] == "benign" for r in kept),
+        "judge_all": judge_figures([v.record for v in verdicts]), "judge_kept": judge_figures(kept),
+        "generation_s": round(generation_s, 1), "judge_s": round(judge_s, 1),
+        "pairs": [{"id": v.record["id"], "kind": kinds[v.record["id"]], "reasons": v.reasons,
+                   "similarity": round(v.similarity, 3), "preference": v.record.get("judge", {}).get("preference")}
+                  for v in verdicts],
+    }
+    assert figures["kept"] + figures["dropped"] == figures["input"]
+    if args.records:
+        folder = Path(args.records)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"{label.replace(':', '-')}.jsonl", "w") as out:
+            for v in verdicts:
+                out.write(json.dumps({**v.record, "filter": {"reasons": v.reasons}}, ensure_ascii=False) + "\n")
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", default=str(ROOT / "bench/quality_prompts.jsonl"))
+    parser.add_argument("--variants", nargs="+", default=["harmless:on"], metavar="CONSTITUTION:on|off")
+    parser.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    parser.add_argument("--max-new-tokens", type=int, default=160)
+    parser.add_argument("--temperature", type=float, default=0.7, help="default: cai generate's (0.7, top-p 0.95, seed 0)")
+    parser.add_argument("--templates", default="default")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--no-judge", dest="judge", action="store_false")
+    parser.add_argument("--records", metavar="DIR", help="write each variant's cleaned records (with reasons) here")
+    parser.add_argument("--json", dest="json_path", help="write the figures here")
+    args = parser.parse_args()
+
+    console = Console(stderr=True)
+    source, name = resolve_model(args.model)
+    backend = HFBackend(source, name, HFOptions())
+    items = read_prompts(args.prompts)[:args.limit]
+    kinds = {json.loads(line)["id"]: json.loads(line).get("kind", "?")
+             for line in Path(args.prompts).read_text().splitlines() if line.strip()}
+    results = []
+    for variant in args.variants:
+        constitution_name, _, few_shot = variant.partition(":")
+        results.append(run_variant(backend, items, kinds, constitution_name, few_shot != "off", args, console))
+
+    sampling = "greedy" if args.temperature == 0 else f"temperature {args.temperature:g}, top-p 0.95, seed 0"
+    table = Table(title=f"{name} · {sampling} · {args.max_new_tokens} new tokens a turn · {len(items)} prompts")
+    for column in ("variant", "raw ≈", "raw preamble", "kept", "dropped by reason", "kept ≈", "kept preamble",
+                   "kept refusals (benign/harmful)", "judge all: both · B · A", "judge kept: both · B · A"):
+        table.add_column(column, overflow="fold")
+
+    def judge_cell(j: dict) -> str:
+        if not j["judged"]:
+            return "-"
+        return (f"{j['preference_both_orders']:.3f} · {j['preference_revision_as_B']:.3f} · "
+                f"{j['preference_revision_as_A']:.3f} ({j['revision_preferred']}/{j['judged']} > 0.5)")
+
+    for r in results:
+        table.add_row(r["variant"], share(r["raw_near_identical"], r["input"]), share(r["raw_preamble"], r["input"]),
+                      share(r["kept"], r["input"]), ", ".join(f"{k} {v}" for k, v in r["dropped_by_reason"].items()),
+                      share(r["kept_near_identical"], r["kept"]), str(r["kept_preamble"]),
+                      f"{r['kept_refusals_benign']}/{r['kept_refusals_harmful']}",
+                      judge_cell(r["judge_all"]), judge_cell(r["judge_kept"]))
+    Console(width=200).print(table)
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps({"model": name, "max_new_tokens": args.max_new_tokens,
+                                                    "temperature": args.temperature, "templates": args.templates,
+                                                    "prompts": len(items), "variants": results}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
