@@ -113,7 +113,7 @@ def run_variant(backend, items, kinds, constitution_name: str, few_shot: bool, a
     if args.records:
         folder = Path(args.records)
         folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / f"{label.replace(':', '-')}.jsonl", "w") as out:
+        with open(folder / f"{Path(constitution_name).stem}-{'on' if few_shot else 'off'}.jsonl", "w") as out:
             for v in verdicts:
                 out.write(json.dumps({**v.record, "filter": {"reasons": v.reasons}}, ensure_ascii=False) + "\n")
     return figures
