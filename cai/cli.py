@@ -375,6 +375,14 @@ def generate(
                        "run the same command again to retry just those")
 
 
+def _summary_table(title: str) -> Table:
+    """A two-column (name, value) table for a command's summary on stderr."""
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    return table
+
+
 def _interrupted(count: int, output: str) -> None:
     where = output if output != "-" else "stdout"
     err.print(f"[yellow]interrupted[/yellow]: {count} records written to {where}."
@@ -573,9 +581,7 @@ def _run(pipeline, jobs, writer, quiet: bool, stopper: _GracefulStop, fmt: str, 
 
 def _summary(stats: dict, output: str, constitution_ref: str, model_name: str) -> None:
     elapsed = max(stats["elapsed"], 1e-9)
-    table = Table(title="cai generate", show_header=False, title_justify="left")
-    table.add_column(style="bold", no_wrap=True)
-    table.add_column(overflow="fold")
+    table = _summary_table("cai generate")
     table.add_row("model", model_name)
     table.add_row("constitution", constitution_ref)
     table.add_row("pairs made", str(stats["made"]))
@@ -770,9 +776,7 @@ def judge(
         curation.drops.close()
     writer.close()
     if not quiet:
-        table = Table(title="cai judge", show_header=False, title_justify="left")
-        table.add_column(style="bold", no_wrap=True)
-        table.add_column(overflow="fold")
+        table = _summary_table("cai judge")
         table.add_row("judge", model_name)
         table.add_row("pairs read", str(len(records)))
         table.add_row("records written", str(writer.count))
@@ -1005,9 +1009,7 @@ def _stats_tables(report: dict) -> None:
 
     source = report["input"]
     kept, total = source["kept"], source["total"]
-    table = Table(title="cai stats", show_header=False, title_justify="left")
-    table.add_column(style="bold", no_wrap=True)
-    table.add_column(overflow="fold")
+    table = _summary_table("cai stats")
     table.add_row("records", source["records"] if source["records"] != "-" else "stdin")
     table.add_row("dropped records", source["filtered"] or "[dim]no side file: none dropped[/dim]")
     table.add_row("kept", pct(kept, total))
