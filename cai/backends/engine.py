@@ -244,6 +244,7 @@ class Engine:
         self._index: dict[str, int] = {}
         self._waiting: deque[_Request] = deque()
         self._root_tokens: list[int] | None = None
+        self._head_slices: tuple[torch.Tensor, ...] | None = None
         self.stats = EngineStats()
 
     # -- requests ---------------------------------------------------------------------------
@@ -383,11 +384,23 @@ class Engine:
         self.cache.bind(rows, positions, int(positions.max()) + 1, shared)
         _bound.cache = self.cache
         try:
-            out = self.model(input_ids=input_ids, position_ids=positions, past_key_values=self.cache,
-                             use_cache=True, logits_to_keep=1)
+            hidden = self.model.model(input_ids=input_ids, position_ids=positions, past_key_values=self.cache,
+                                      use_cache=True).last_hidden_state[:, -1, :]
         finally:
             _bound.cache = None
-        return out.logits[:, -1, :].float()
+        return self._logits(hidden).float()
+
+    # The output projection in slices of this many vocabulary rows: one [rows, hidden] × [hidden,
+    # 49k] product runs at a fraction of the speed of the same work in slices (26 against 41 ms
+    # at 16 rows for SmolLM2's head on this CPU), and each logit is the same dot product.
+    HEAD_SLICE = 1024
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.model.get_output_embeddings()
+        if self._head_slices is None:
+            self._head_slices = head.weight.split(self.HEAD_SLICE)
+        logits = torch.cat([torch.nn.functional.linear(hidden, w) for w in self._head_slices], dim=-1)
+        return logits + head.bias if head.bias is not None else logits
 
     def _prefill(self, group: list[int], finished: list) -> None:
         slots = [self.active[i] for i in group]
