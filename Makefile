@@ -22,10 +22,11 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/cai generate examples/prompts.jsonl -o $(DEMO_OUT) --overwrite --max-new-tokens 128
+	$(BIN)/cai generate examples/prompts.jsonl -o $(DEMO_OUT) --overwrite --max-new-tokens 128 --keep-filtered
+	$(BIN)/cai stats $(DEMO_OUT)
 
 test: install
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) build *.egg-info $(DEMO_OUT)
+	rm -rf $(VENV) build *.egg-info $(DEMO_OUT) $(DEMO_OUT).filtered.jsonl
