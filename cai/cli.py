@@ -502,6 +502,7 @@ class _Curation:
         self.reasons: Counter[str] = Counter()
         self.dropped = self.judged = self.unjudged = self.swapped = 0
         self.preferences: list[tuple[float, float]] = []
+        self._errors_seen: set[str] = set()
 
     def __call__(self, records: list[dict]) -> list[dict]:
         from cai.filters import curate
@@ -511,7 +512,9 @@ class _Curation:
             judge = verdict.record.get("judge")
             if verdict.judge_error:
                 self.unjudged += 1
-                log.warning("not judged: %s: %s", verdict.record.get("id"), verdict.judge_error)
+                if verdict.judge_error not in self._errors_seen and len(self._errors_seen) < 5:
+                    self._errors_seen.add(verdict.judge_error)      # each distinct reason once
+                    log.warning("not judged: %s: %s", verdict.record.get("id"), verdict.judge_error)
             elif judge and self.judge is not None:
                 self.judged += 1
                 self.swapped += judge["swapped"]
