@@ -336,7 +336,7 @@ def generate(
         checks=DEFAULT_CHECKS + (("refusal",) if drop_refusals else ()), similarity=similarity_threshold,
         references=references_of(constitution_obj) if few_shot else ())) if filter_ else None
     curation = _Curation(filters, Judge(backend, constitution_obj, template_set, judge_config) if judge_pairs else None,
-                         min_preference, swap, _DropLog(filtered_path, keep_filtered, drop_append_at))
+                         min_preference, swap, _SideFile(filtered_path, drop_append_at), keep_filtered)
     writer = RecordWriter(output, append_at=append_at)
     stopper = _GracefulStop()
     try:
@@ -430,56 +430,24 @@ def _parse_shard(value: str) -> tuple[int, int]:
     return k, n
 
 
-class _FailureLog:
-    """Prompts whose conversation failed for good (a remote request that kept failing): one JSON
-    line each in the failures file, or a warning when there is no file; --fail-fast stops the run."""
+class _SideFile:
+    """A JSONL file beside the output (failures, dropped pairs), opened at its first line. A fresh
+    run removes an old one; a resumed run appends after its `append_at` whole bytes."""
 
-    def __init__(self, path: str | None, fail_fast: bool):
-        self.path, self.fail_fast, self.count = path, fail_fast, 0
-        self._writer = None
-        if path and Path(path).is_file():
-            Path(path).unlink()          # it lists this run's failures; a rerun retries the old ones
-
-    def __call__(self, job, stage: str, reason: str) -> None:
-        from datetime import datetime, timezone
-
-        from cai.io import RecordWriter
-
-        if self.fail_fast:
-            raise BackendError(f"prompt {job.record_id} (input line {job.prompt.line}): {stage}: {reason} (--fail-fast)")
-        self.count += 1
-        log.warning("failed: prompt %s: %s: %s", job.record_id, stage, reason)
-        if self.path:
-            if self._writer is None:
-                self._writer = RecordWriter(self.path)
-            self._writer.write({"id": job.record_id, "prompt": job.prompt.text, "stage": stage, "error": reason,
-                                "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
-
-class _DropLog:
-    """The filtered file: one line per dropped pair, its id and reasons (the whole record too with
-    --keep-filtered). A rerun skips the ids it holds, so dropped prompts are not made again."""
-
-    def __init__(self, path: str | None, keep_whole: bool, append_at: int | None = None):
-        self.path, self.keep_whole, self.append_at = path, keep_whole, append_at
+    def __init__(self, path: str | None, append_at: int | None = None):
+        self.path, self.append_at = path, append_at
         self._writer = None
         if path and append_at is None and Path(path).is_file():
-            Path(path).unlink()          # a fresh run: the old file describes another output
+            Path(path).unlink()          # it describes an earlier run
 
-    def write(self, record: dict, reasons: list[str]) -> None:
+    def write(self, line: dict) -> None:
         if not self.path:
             return
         if self._writer is None:
             from cai.io import RecordWriter
 
             self._writer = RecordWriter(self.path, append_at=self.append_at)
-        line = {**record} if self.keep_whole else {"id": record.get("id"), "principle": record.get("principle")}
-        self._writer.write({**line, "filter": {"reasons": reasons}})
+        self._writer.write(line)
 
     def sync(self) -> None:
         if self._writer is not None:
@@ -491,14 +459,40 @@ class _DropLog:
             self._writer = None
 
 
+class _FailureLog:
+    """Prompts whose conversation failed for good (a remote request that kept failing): one JSON
+    line each in the failures file (which a rerun replaces: it retries them), or a warning when
+    there is no file; --fail-fast stops the run."""
+
+    def __init__(self, path: str | None, fail_fast: bool):
+        self.file, self.fail_fast, self.count = _SideFile(path), fail_fast, 0
+
+    def __call__(self, job, stage: str, reason: str) -> None:
+        from datetime import datetime, timezone
+
+        if self.fail_fast:
+            raise BackendError(f"prompt {job.record_id} (input line {job.prompt.line}): {stage}: {reason} (--fail-fast)")
+        self.count += 1
+        log.warning("failed: prompt %s: %s: %s", job.record_id, stage, reason)
+        self.file.write({"id": job.record_id, "prompt": job.prompt.text, "stage": stage, "error": reason,
+                         "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+
+    def close(self) -> None:
+        self.file.close()
+
+
 class _Curation:
     """Filters and judge between the pipeline and the output: returns the pairs to write, sends
-    the others to the filtered file, and keeps the counts for the summary."""
+    the others to the filtered file (`drops`: id, principle and reasons, or with `keep_whole` the
+    whole record and its reasons; a rerun skips the ids it holds), and keeps the counts for the
+    summary."""
 
-    def __init__(self, filters, judge, min_preference: float | None, swap: bool, drops: _DropLog):
+    def __init__(self, filters, judge, min_preference: float | None, swap: bool, drops: _SideFile,
+                 keep_whole: bool = False):
         from collections import Counter
 
-        self.filters, self.judge, self.min_preference, self.swap, self.drops = filters, judge, min_preference, swap, drops
+        self.filters, self.judge, self.min_preference, self.swap = filters, judge, min_preference, swap
+        self.drops, self.keep_whole = drops, keep_whole
         self.reasons: Counter[str] = Counter()
         self.dropped = self.judged = self.unjudged = self.swapped = 0
         self.preferences: list[tuple[float, float]] = []
@@ -522,7 +516,8 @@ class _Curation:
             if verdict.reasons:
                 self.dropped += 1
                 self.reasons.update(verdict.reasons)
-                self.drops.write(verdict.record, verdict.reasons)
+                line = verdict.record if self.keep_whole else {k: verdict.record.get(k) for k in ("id", "principle")}
+                self.drops.write({**line, "filter": {"reasons": verdict.reasons}})
             else:
                 kept.append(verdict.record)
         self.drops.sync()
@@ -729,8 +724,6 @@ def judge(
     """AI-feedback preference labels (RL-CAI): the judge model answers the principle's question
     about the original (A/B) and the revision (B/A); its preference is read from the option tokens'
     log-probabilities and averaged over both orders. Adds a `judge` field to every record."""
-    from dataclasses import replace as replaced
-
     from cai.io import RecordWriter, check_writable, read_records
     from cai.judge import Judge
     from cai.models import resolve_model
@@ -740,7 +733,7 @@ def judge(
     _check_backend_options(backend_name, model, base_url, max_retries, request_timeout)
     if batch_size < 1:
         raise UsageError(f"--batch-size: must be at least 1 (got {batch_size})")
-    config = replaced(_judge_options(min_preference, clamp), prefix=prefix)
+    config = replace(_judge_options(min_preference, clamp), prefix=prefix)
     filtered_path = filtered or (f"{output}.filtered.jsonl" if output != "-" else None)
     if keep_filtered and not filtered_path:
         raise UsageError("--keep-filtered with -o - needs --filtered FILE")
@@ -758,7 +751,7 @@ def judge(
                             trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                             plain_chat_format=plain_chat_format, threads=threads)
     curation = _Curation(None, Judge(backend, constitution_obj, template_set, config), min_preference, swap,
-                         _DropLog(filtered_path, keep_filtered))
+                         _SideFile(filtered_path), keep_filtered)
     writer = RecordWriter(output)
     start = time.monotonic()
     try:

@@ -104,11 +104,16 @@ def _clip(text: str, limit: int = 60) -> str:
 
 # --- measures -------------------------------------------------------------------------------
 
-def words(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
+Words = list[str]
 
 
-def similarity(a: str, b: str) -> float:
+def words(text: str | Words) -> Words:
+    """Lower-cased words without punctuation (a list passes through: the measures below take
+    either, so a text used many times is split once)."""
+    return text if isinstance(text, list) else re.findall(r"\w+", text.lower())
+
+
+def similarity(a: str | Words, b: str | Words) -> float:
     """1.0 for the same words in the same order, 0.0 for nothing in common (difflib's ratio over
     lower-cased words, so punctuation, case and spacing do not count)."""
     wa, wb = words(a), words(b)
@@ -117,7 +122,7 @@ def similarity(a: str, b: str) -> float:
     return difflib.SequenceMatcher(None, wa, wb, autojunk=False).ratio()
 
 
-def containment(a: str, b: str, n: int = 4) -> float:
+def containment(a: str | Words, b: str | Words, n: int = 4) -> float:
     """The share of `a`'s word n-grams that also occur in `b` (how much of `a` is copied from `b`)."""
     wa, wb = words(a), words(b)
     if len(wa) < n:
@@ -127,7 +132,7 @@ def containment(a: str, b: str, n: int = 4) -> float:
     return len(grams & other) / len(grams)
 
 
-def distinct_ratio(text: str, n: int = 3) -> float:
+def distinct_ratio(text: str | Words, n: int = 3) -> float:
     """Distinct word n-grams over all n-grams: low when the text loops."""
     w = words(text)
     if len(w) < n:
@@ -201,6 +206,7 @@ class Filters:
         if unknown:
             raise ValueError(f"unknown filter(s): {', '.join(sorted(unknown))}")
         self.config = config
+        self._references = [words(text) for text in config.references]
 
     def apply(self, record: dict) -> Verdict:
         """Clean `record` (a standard-shape record as the pipeline makes it) and judge it. The raw
@@ -212,10 +218,11 @@ class Filters:
         cleaned = notes + [f"rejected {note}" for note in rejected_notes]
         if cleaned:
             record["meta"] = {**record.get("meta", {}), "cleaned": cleaned}
-        verdict = Verdict(record, similarity=similarity(chosen, rejected))
+        said = words(chosen)
+        verdict = Verdict(record, similarity=similarity(said, rejected))
         checks, c = self.config.checks, self.config
         found = verdict.reasons
-        if not words(chosen):
+        if not said:
             found.append("empty")
         else:
             if verdict.similarity >= c.similarity:
@@ -223,10 +230,11 @@ class Filters:
             if talks_about_itself(chosen, prompt):
                 found.append("meta")
             critiques = [r.get("critique", "") for r in record.get("rounds", [])] or [record.get("critique", "")]
-            if any(containment(chosen, text) >= c.copied or similarity(chosen, text) >= c.similarity
-                   for text in (*critiques, *c.references) if text):
+            sources = [words(text) for text in critiques if text] + self._references
+            if any(containment(said, source) >= c.copied or similarity(said, source) >= c.similarity
+                   for source in sources if source):
                 found.append("copied")
-            if len(words(chosen)) >= 24 and distinct_ratio(chosen) < c.repetition:
+            if len(said) >= 24 and distinct_ratio(said) < c.repetition:
                 found.append("repetitive")
             if is_refusal(chosen):
                 found.append("refusal")
@@ -239,7 +247,7 @@ class Filters:
 
 def references_of(constitution) -> tuple[str, ...]:
     """The texts of a constitution's worked examples that a revision should not reproduce: their
-    critiques and revisions (responses too, unless a revision keeps its response)."""
+    critiques and revisions."""
     texts = []
     for example in getattr(constitution, "few_shot", ()):
         texts += [example.critique, example.revision]

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -133,26 +134,52 @@ def _unique(name: str, items: list[PromptItem], bad) -> list[PromptItem]:
     return out
 
 
+def iter_jsonl(source: str, stdin: IO[bytes] | None = None, warn: Callable[[str], None] | None = None,
+               allow_torn: bool = True) -> Iterator[tuple[str, int, dict]]:
+    """(name, line number, object) for each line of `source` (a path or '-'), read as it goes.
+
+    A last line without its newline that is not JSON (a writer killed mid-line) is reported
+    through `warn` and skipped, or with `allow_torn=False` is an error; any other line that is
+    not a JSON object is an error naming file:line."""
+    name = "<stdin>" if source == "-" else source
+    if source == "-":
+        fp = stdin or sys.stdin.buffer
+    else:
+        path = Path(source)
+        if path.is_dir():
+            raise InputError(source, "is a directory, not a pairs file")
+        try:
+            fp = path.open("rb")
+        except FileNotFoundError:
+            raise InputError(source, "no such file") from None
+        except OSError as exc:
+            raise InputError(source, f"cannot read: {exc.strerror}") from None
+    try:
+        for number, raw in enumerate(fp, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                if allow_torn and not raw.endswith(b"\n"):      # only the last line can lack its newline
+                    if warn:
+                        warn(f"{name}:{number}: torn last line (no newline, not JSON); skipped")
+                    continue
+                raise InputError(name, "not a whole JSON record (a torn line? rerun cai generate to repair it)",
+                                 line=number) from None
+            if not isinstance(obj, dict):
+                raise InputError(name, f"expected a JSON object, got {type(obj).__name__}", line=number)
+            yield name, number, obj
+    finally:
+        if source != "-":
+            fp.close()
+
+
 def read_records(source: str) -> list[dict]:
     """Records of a cai output file (either format), each checked to be a whole pair."""
-    name = "<stdin>" if source == "-" else source
-    if source != "-" and Path(source).is_dir():
-        raise InputError(source, "is a directory, not a pairs file")
-    try:
-        data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
-    except FileNotFoundError:
-        raise InputError(source, "no such file") from None
     records = []
-    for number, raw in enumerate(data.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise InputError(name, "not a whole JSON record (a torn line? rerun cai generate to repair it)",
-                             line=number) from None
-        if not isinstance(record, dict):
-            raise InputError(name, "expected a JSON object", line=number)
+    name = "<stdin>" if source == "-" else source
+    for name, number, record in iter_jsonl(source, allow_torn=False):
         for field in ("prompt", "chosen", "rejected"):
             if not isinstance(record.get(field), (str, list)):
                 raise InputError(name, "missing or not a string / message list", line=number, field=field)

@@ -49,8 +49,8 @@ class Judge:
                 return choice
         return DEFAULT_QUESTION
 
-    def conversation(self, record: dict, a: str, b: str) -> list[dict[str, str]]:
-        content = self.templates.render(JUDGE, prompt=_text(record["prompt"]), question=self.question(record), a=a, b=b)
+    def conversation(self, record: dict, question: str, a: str, b: str) -> list[dict[str, str]]:
+        content = self.templates.render(JUDGE, prompt=_text(record["prompt"]), question=question, a=a, b=b)
         return [{"role": "user", "content": content}]
 
     def label(self, records: list[dict]) -> list[str | None]:
@@ -58,13 +58,15 @@ class Judge:
         it could not be judged. `judge.preference` is the probability that the revision is the
         better response, averaged over both orders; `judge.orders` holds the two orders' own
         figures (revision shown as (B), then as (A)); `judge.label` is the preference clamped."""
-        conversations = []
+        conversations, questions = [], []
         for record in records:
             if (record.get("judge") or {}).get("swapped"):      # judged and swapped before: judge it afresh
                 record["chosen"], record["rejected"] = record["rejected"], record["chosen"]
                 del record["judge"]
             original, revision = _text(record["rejected"]), _text(record["chosen"])
-            conversations += [self.conversation(record, original, revision), self.conversation(record, revision, original)]
+            questions.append(question := self.question(record))
+            conversations += [self.conversation(record, question, original, revision),
+                              self.conversation(record, question, revision, original)]
         scores = self.backend.score_choices(conversations, CHOICES, prefix=self.config.prefix)
         errors: list[str | None] = []
         for i, record in enumerate(records):
@@ -75,7 +77,7 @@ class Judge:
                 continue
             orders = [preference_of(second.logprobs, "B"), preference_of(first.logprobs, "A")]
             preference = sum(orders) / 2
-            record["judge"] = {"model": self.model_name, "question": self.question(record),
+            record["judge"] = {"model": self.model_name, "question": questions[i],
                                "preference": round(preference, 6), "orders": [round(p, 6) for p in orders],
                                "label": round(self.clamp(preference), 6), "swapped": False}
         return errors

@@ -7,18 +7,17 @@ Samples are kept in compact arrays, so a million records cost tens of MB.
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from difflib import SequenceMatcher
 from pathlib import Path
 from typing import IO
 
 from cai.errors import InputError, UsageError
 from cai.filters import words as normalised_words
+from cai.io import iter_jsonl
 from cai.records import _text
 
 NEAR_IDENTICAL = 0.9      # similarity ratio at or above which a pair counts as near-identical
@@ -29,46 +28,6 @@ PAIR_FIELDS = ("prompt", "chosen", "rejected")
 def side_file(records: str) -> str | None:
     """The default side file of dropped records next to `records`; none for stdin."""
     return None if records == "-" else f"{records}.filtered.jsonl"
-
-
-def iter_jsonl(source: str, stdin: IO[bytes] | None = None,
-               warn: Callable[[str], None] | None = None) -> Iterator[tuple[str, int, dict]]:
-    """(name, line number, object) for each line of `source` (a path or '-').
-
-    A last line without its newline that is not JSON (a writer killed mid-line) is reported
-    through `warn` and skipped; any other line that is not a JSON object is an error naming
-    file:line."""
-    name = "<stdin>" if source == "-" else source
-    if source == "-":
-        fp = stdin or sys.stdin.buffer
-    else:
-        path = Path(source)
-        if path.is_dir():
-            raise InputError(source, "is a directory, not a pairs file")
-        try:
-            fp = path.open("rb")
-        except FileNotFoundError:
-            raise InputError(source, "no such file") from None
-        except OSError as exc:
-            raise InputError(source, f"cannot read: {exc.strerror}") from None
-    try:
-        for number, raw in enumerate(fp, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                if not raw.endswith(b"\n"):          # only the last line can lack its newline
-                    if warn:
-                        warn(f"{name}:{number}: torn last line (no newline, not JSON); skipped")
-                    continue
-                raise InputError(name, "not a whole JSON record", line=number) from None
-            if not isinstance(obj, dict):
-                raise InputError(name, f"expected a JSON object, got {type(obj).__name__}", line=number)
-            yield name, number, obj
-    finally:
-        if source != "-":
-            fp.close()
 
 
 def percentile(ordered, q: float) -> float:

@@ -228,28 +228,20 @@ class HFBackend:
         candidates = {choice: self._choice_tokens(choice) for choice in choices}
         encoded = [self.tokenizer(self.render(c) + prefix, add_special_tokens=False)["input_ids"] for c in conversations]
         results: list[ChoiceScores | None] = [None] * len(encoded)
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        for i, ids in enumerate(encoded):
+            if self.context_length and len(ids) > self.context_length:
+                results[i] = ChoiceScores({}, error=f"the judge prompt of {len(ids)} tokens exceeds "
+                                                    f"the model's context of {self.context_length}")
+        order = sorted((i for i in range(len(encoded)) if results[i] is None), key=lambda i: len(encoded[i]))
         pad = self.tokenizer.pad_token_id
         start = 0
         while start < len(order):
             end = start + 1
             while end < len(order) and (end - start + 1) * len(encoded[order[end]]) <= self.SCORE_TOKENS:
                 end += 1
-            rows = [encoded[i] for i in order[start:end]]
-            width = max(len(r) for r in rows)
-            if self.context_length and width > self.context_length:
-                for i in order[start:end]:
-                    if len(encoded[i]) > self.context_length:
-                        results[i] = ChoiceScores({}, error=f"the judge prompt of {len(encoded[i])} tokens exceeds "
-                                                            f"the model's context of {self.context_length}")
-                rows_idx = [i for i in order[start:end] if results[i] is None]
-                rows = [encoded[i] for i in rows_idx]
-                width = max((len(r) for r in rows), default=0)
-            else:
-                rows_idx = order[start:end]
-            start = end
-            if not rows:
-                continue
+            rows_idx, start = order[start:end], end
+            rows = [encoded[i] for i in rows_idx]
+            width = len(rows[-1])                  # sorted by length: the last is the longest
             ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
             mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
