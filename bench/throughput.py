@@ -90,6 +90,7 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=None, help="default: cai's own default for the machine")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dtype", default="auto", help="as cai's --dtype: auto (float32 on CPU), int8, …")
     parser.add_argument("--repeat", type=int, default=1,
                         help="use each prompt this many times (as distinct prompts), e.g. 16 for a 1,024-prompt memory run")
     parser.add_argument("--no-few-shot", dest="few_shot", action="store_false")
@@ -98,7 +99,7 @@ def main() -> int:
 
     console = Console(stderr=True)
     source, name = resolve_model(args.model)
-    backend = HFBackend(source, name, HFOptions(threads=args.threads))
+    backend = HFBackend(source, name, HFOptions(threads=args.threads, dtype=args.dtype))
     constitution, templates = load_constitution(args.constitution), load_templates("default")
     items = read_prompts(args.prompts)
     if args.repeat > 1:
@@ -118,7 +119,7 @@ def main() -> int:
         backend.use_engine = True
     results.append(run(backend, constitution, templates, items, config, "cai pipeline", console))
 
-    table = Table(title=f"{name} · {args.constitution} · greedy · {args.max_new_tokens} new tokens a turn · "
+    table = Table(title=f"{backend.model_name} · {args.constitution} · greedy · {args.max_new_tokens} new tokens a turn · "
                         f"threads {__import__('torch').get_num_threads()}")
     for column in ("path", "prompts", "batch", "pairs/min", "gen tok/s", "prefill computed", "prefill reused",
                    "KV cache MB", "peak RSS MB", "wall s"):
@@ -127,7 +128,7 @@ def main() -> int:
         table.add_row(r["path"], str(r["prompts"]), str(r["batch_size"]), f"{r['pairs_per_min']:.2f}",
                       f"{r['generated_tok_per_s']:.1f}", f"{r['prefill_computed']:,}", f"{r['prefill_reused']:,}",
                       str(r["kv_cache_mb"]), str(r["peak_rss_mb"]), f"{r['wall_s']:.0f}")
-    summary = {"model": name, "constitution": args.constitution, "max_new_tokens": args.max_new_tokens,
+    summary = {"model": backend.model_name, "dtype": args.dtype, "constitution": args.constitution, "max_new_tokens": args.max_new_tokens,
                "few_shot": args.few_shot,
                "threads": __import__("torch").get_num_threads()}
     if len(results) == 2:

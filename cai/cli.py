@@ -116,7 +116,7 @@ ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU thread
 PlainChatOpt = Annotated[bool, typer.Option("--plain-chat-format", help="For a tokenizer without a chat template: use cai's plain 'User:/Assistant:' format.")]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickle (.bin) checkpoints, which can run code: only for models you trust.")]
 DeviceOpt = Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda|mps", help="Where the model runs.")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", metavar="auto|float32|bfloat16|float16", help="Weights dtype; auto is float32 on CPU, bfloat16/float16 on GPU.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", metavar="auto|float32|bfloat16|float16|int8", help="Weights dtype. GPU: auto is bfloat16 (float16 without bf16). CPU: auto and float16 keep linear weights in float16 and compute in float32 (fast, same results to float16 rounding); float32 is plain float32; int8 quantizes the decoder's linears (faster still, slightly less exact).")]
 RemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model's repository to run.")]
 # What to keep: shared by `generate --judge` and `judge`.
 MinPreferenceOpt = Annotated[Optional[float], typer.Option("--min-preference", metavar="P", help="Keep only pairs whose chosen side the judge prefers with probability at least P (0-1); the others go to the filtered file.", show_default=False)]
@@ -136,6 +136,17 @@ def _check_backend_options(backend_name: str, model: str | None, base_url: str |
         raise UsageError("--base-url is for --backend openai")
     if max_retries < 0 or request_timeout <= 0:
         raise UsageError("--max-retries must be at least 0, --timeout more than 0")
+
+
+def _model_source(backend_name: str, model: str | None, base_url: str | None, dtype: str) -> tuple[str, str]:
+    """(what the backend loads or calls, the model name records carry)."""
+    if backend_name != "hf":
+        return base_url, model
+    from cai.backends.hf import weights_name
+    from cai.models import resolve_model
+
+    source, model_name = resolve_model(model)
+    return source, weights_name(model_name, dtype)
 
 
 def _open_backend(backend_name: str, source: str, model_name: str, quiet: bool, *, base_url=None, api_key_env="OPENAI_API_KEY",
@@ -237,7 +248,6 @@ def generate(
     from cai.constitution import load_constitution
     from cai.errors import InputError
     from cai.io import RecordWriter, check_writable, read_prompts, scan_output
-    from cai.models import resolve_model
     from cai.pipeline import Pipeline, RunConfig, fingerprint_differences, run_fingerprint
     from cai.prompts import load_templates
     from cai.records import FORMATS, shard_of
@@ -284,7 +294,7 @@ def generate(
         seed=seed, batch_size=batch_size or 1, few_shot=few_shot,      # batch_size: set once the backend is known
         params=SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p),
     )
-    source, model_name = resolve_model(model) if backend_name == "hf" else (base_url, model)
+    source, model_name = _model_source(backend_name, model, base_url, dtype)
 
     # An existing output is continued when it holds records of this same run, refused otherwise.
     # The ids of pairs the filters dropped (the filtered file) count as done too.
@@ -726,7 +736,6 @@ def judge(
     log-probabilities and averaged over both orders. Adds a `judge` field to every record."""
     from cai.io import RecordWriter, check_writable, read_records
     from cai.judge import Judge
-    from cai.models import resolve_model
     from cai.prompts import load_templates
 
     _setup_logging(quiet)
@@ -745,7 +754,7 @@ def judge(
     constitution_obj = _judge_constitution(constitution, records)
     template_set = load_templates(templates)
     check_writable(output)
-    source, model_name = resolve_model(model) if backend_name == "hf" else (base_url, model)
+    source, model_name = _model_source(backend_name, model, base_url, dtype)
     backend = _open_backend(backend_name, source, model_name, quiet, base_url=base_url, api_key_env=api_key_env,
                             request_timeout=request_timeout, max_retries=max_retries, device=device, dtype=dtype,
                             trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,

@@ -48,6 +48,18 @@ def _run(engine: Engine, requests: dict[str, list[int]], max_new: int) -> dict:
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"])
 def test_engine_matches_generate_across_turns(model_type):
+    _check_turns(model_type)
+
+
+def test_engine_plain_attention_path_matches_generate(monkeypatch):
+    """The device-agnostic attention (used where PyTorch's CPU flash kernel is not) gives the same tokens."""
+    import cai.backends.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_flash", None)
+    _check_turns("llama")
+
+
+def _check_turns(model_type):
     model, reference = _tiny(model_type)
     assert supports(model) is None
     rng = random.Random(0)

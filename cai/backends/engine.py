@@ -175,34 +175,53 @@ _bound = threading.local()
 
 def cascade_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
     """Attention over [root prefix | each row's own positions], as a transformers attention
-    function. The root part is one matrix product for all rows at once (every row shares those
-    keys), so its keys and values are read once per layer instead of once per row; the two parts
-    are joined under one softmax. `key`/`value` [batch, kv_heads, kv, dim] are the rows' own
-    positions from `shared` on; the additive mask comes from `bind`."""
+    function. The root part is one product for all rows at once (every row shares those keys), so
+    its keys and values are read once per layer instead of once per row; the two parts are joined
+    under one softmax through their log-sum-exps. `key`/`value` [batch, kv_heads, kv, dim] are the
+    rows' own positions from `shared` on; the additive mask comes from `bind`."""
     cache: SlotCache = _bound.cache
     batch, q_heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     group = q_heads // kv_heads
     scale = scaling if scaling is not None else dim ** -0.5
-    # Query heads h*group … h*group+group-1 read kv head h (transformers' repeat_kv order).
-    queries = query.reshape(batch, kv_heads, group * q_len, dim) * scale
-    own = torch.matmul(queries, key.transpose(-1, -2))                       # [b, kv, g*q, own]
-    own = (own.view(batch, kv_heads, group, q_len, -1) + cache.mask[:, None, None]).view(
-        batch, kv_heads, group * q_len, -1)
+    # Query heads h*group … h*group+group-1 read kv head h (transformers' repeat_kv order), so a
+    # kv head's queries are one block of group*q_len rows, and one mask row serves each query.
+    queries = query.reshape(batch, kv_heads, group * q_len, dim)
+    mask = cache.mask[:, None, None].expand(batch, 1, group, q_len, -1).reshape(batch, 1, group * q_len, -1)
     shared = cache.shared
+    part = _flash if query.device.type == "cpu" and _flash is not None else _plain_part
+    out, lse = part(queries, key, value, mask, scale)                     # [b, kv, g*q, dim], [b, kv, g*q]
     if shared:
         root_k, root_v = cache.root[module.layer_idx]
-        flat = queries.transpose(0, 1).reshape(kv_heads, batch * group * q_len, dim)
-        common = torch.matmul(flat, root_k[:, :shared].transpose(-1, -2))      # [kv, b*g*q, shared]
-        common = common.view(kv_heads, batch, group * q_len, shared).transpose(0, 1)
-        probs = torch.softmax(torch.cat([common, own], dim=-1), dim=-1)
-        out = torch.matmul(probs[..., shared:], value)
-        head = probs[..., :shared].transpose(0, 1).reshape(kv_heads, batch * group * q_len, shared)
-        out += torch.matmul(head, root_v[:, :shared]).view(kv_heads, batch, group * q_len, dim).transpose(0, 1)
-    else:
-        out = torch.matmul(torch.softmax(own, dim=-1), value)
+        flat = queries.transpose(0, 1).reshape(1, kv_heads, batch * group * q_len, dim)
+        common, common_lse = part(flat, root_k[None, :, :shared], root_v[None, :, :shared], None, scale)
+        common = common[0].view(kv_heads, batch, group * q_len, dim).transpose(0, 1)
+        common_lse = common_lse[0].view(kv_heads, batch, group * q_len).transpose(0, 1)
+        top = torch.maximum(lse, common_lse)
+        own_w, common_w = (lse - top).exp_(), (common_lse - top).exp_()
+        out = (out * own_w[..., None] + common * common_w[..., None]) / (own_w + common_w)[..., None]
     out = out.view(batch, kv_heads, group, q_len, dim).permute(0, 3, 1, 2, 4)
     return out.reshape(batch, q_len, q_heads, dim), None
+
+
+def _plain_part(queries, key, value, mask, scale):
+    """Softmax attention of `queries` over `key`/`value` with an additive `mask`, and the
+    log-sum-exp of each query's scores (what joins two parts under one softmax)."""
+    scores = torch.matmul(queries * scale, key.transpose(-1, -2))
+    if mask is not None:
+        scores += mask
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.matmul(scores.sub_(lse[..., None]).exp_(), value), lse
+
+
+def _cpu_flash(queries, key, value, mask, scale):
+    """The same through PyTorch's CPU flash-attention kernel (blocked, no scores tensor)."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        queries, key, value, 0.0, False, attn_mask=mask, scale=scale)
+    return out, lse
+
+
+_flash = _cpu_flash if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu") else None
 
 
 ATTENTION = "cai_cascade"
@@ -390,13 +409,15 @@ class Engine:
             _bound.cache = None
         return self._logits(hidden).float()
 
-    # The output projection in slices of this many vocabulary rows: one [rows, hidden] × [hidden,
-    # 49k] product runs at a fraction of the speed of the same work in slices (26 against 41 ms
-    # at 16 rows for SmolLM2's head on this CPU), and each logit is the same dot product.
+    # A float32 output projection in slices of this many vocabulary rows: one [rows, hidden] ×
+    # [hidden, 49k] product runs at a fraction of the speed of the same work in slices (26 against
+    # 41 ms at 16 rows for SmolLM2's head on this CPU), and each logit is the same dot product.
     HEAD_SLICE = 1024
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.model.get_output_embeddings()
+        if not isinstance(head, torch.nn.Linear):        # cai.backends.quant's layers: their own kernel
+            return head(hidden)
         if self._head_slices is None:
             self._head_slices = head.weight.split(self.HEAD_SLICE)
         logits = torch.cat([torch.nn.functional.linear(hidden, w) for w in self._head_slices], dim=-1)

@@ -1,0 +1,107 @@
+"""How a CPU multiplies by the weights: fbgemm's reduced-precision linear layers.
+
+On a CPU without bf16 or int8 dot-product units, a transformers model in float32 spends most of a
+decode step in skinny float32 GEMMs, which MKL runs at a fraction of the machine's speed when a
+step has only a few rows (here 25-40 GFLOP/s for 1-4 rows against 140 for 128). fbgemm, which
+ships inside PyTorch, has kernels made for that shape:
+
+* `float16` (the CPU default): weights stored in float16 and widened to float32 inside the kernel;
+  activations and sums stay float32. Half the weight bytes to stream, 2-8× faster for a few rows,
+  and the same model to within float16 rounding of the weights (loss on held-out text changes in
+  the fifth digit; see README, Speed).
+* `int8`: the decoder's linears in 8-bit integers. Each weight row (output channel) has its own
+  scale; each input row (token) is scaled to max |x| = 1 and quantized with one fixed scale, so
+  integer sums are exact and a token's output does not depend on which other tokens share the
+  batch. About twice float32's speed at every batch size; a few percent higher loss. The output
+  projection stays float16 weights: it decides which token is picked."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+LINEAR_MODES = ("float16", "int8")
+
+# fbgemm's AVX2 kernel sums pairs of u8 × s8 products in 16 bits; 7-bit activations keep those
+# sums exact (`reduce_range`).
+REDUCE_RANGE = True
+
+
+def available() -> str | None:
+    """None when this PyTorch has fbgemm's kernels, else why not."""
+    engines = torch.backends.quantized.supported_engines
+    if not any(e in engines for e in ("x86", "fbgemm")):
+        return f"this PyTorch has no x86/fbgemm quantized engine (it has {', '.join(engines) or 'none'})"
+    return None
+
+
+class Float16WeightLinear(torch.nn.Module):
+    """A `torch.nn.Linear` whose weights are kept in float16 and multiplied in float32 by fbgemm."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        self._packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach().float(), bias)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, self.in_features).float(), self._packed)
+        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weights=float16"
+
+
+class Int8Linear(torch.nn.Module):
+    """A `torch.nn.Linear` with int8 weights (one scale per output channel) and int8 activations
+    (one scale per row), computed by fbgemm."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scales = (weight.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny).double()
+        zero = torch.zeros(weight.shape[0], dtype=torch.long)
+        with warnings.catch_warnings():
+            # PyTorch marks its quantized tensor type deprecated; fbgemm's packed int8 linear (the
+            # kernel used here) still takes its weights in that form.
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+            quantized = torch.quantize_per_channel(weight, scales, zero, 0, torch.qint8)
+        self._packed = torch.ops.quantized.linear_prepack(quantized, None)
+        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        # fbgemm picks each batch's quantization from its min and max; this row pins them to -1
+        # and 1, so every row is quantized alike, whatever else is in the batch.
+        calibration = torch.zeros(1, self.in_features)
+        calibration[0, 0], calibration[0, -1] = 1.0, -1.0
+        self.register_buffer("_calibration", calibration, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float()
+        scale = rows.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        unit = torch.cat([rows / scale, self._calibration])
+        out = torch.ops.quantized.linear_dynamic(unit, self._packed, REDUCE_RANGE)[:-1].mul_(scale)
+        if self.bias is not None:
+            out += self.bias
+        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
+def convert_linears(model, mode: str) -> int:
+    """Replaces the model's linear layers for `mode` (LINEAR_MODES); returns how many."""
+    if mode not in LINEAR_MODES:
+        raise ValueError(f"unknown linear mode '{mode}'")
+    decoder_kind = Int8Linear if mode == "int8" else Float16WeightLinear
+    replaced = 0
+    head = model.get_output_embeddings()
+    if type(head) is torch.nn.Linear:
+        model.set_output_embeddings(Float16WeightLinear(head))
+        replaced += 1
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(parent, name, decoder_kind(child))
+                replaced += 1
+    return replaced
