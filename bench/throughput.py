@@ -62,15 +62,18 @@ def run(backend, constitution, templates, items, config: RunConfig, label: str, 
     wall = time.perf_counter() - start
     generated = sum(r["meta"]["tokens"]["completion"] for r in records)
     if backend.engine is not None and backend.use_engine:
-        computed, reused = backend.engine.stats.prefill_computed, backend.engine.stats.prefill_reused
+        stats = backend.engine.stats
+        computed, reused = stats.prefill_computed, stats.prefill_reused
         cache_mb = backend.engine.cache.bytes / 2**20
+        steps = {"decode_steps": stats.decode_steps, "drafted": stats.drafted, "accepted": stats.accepted}
     else:
         computed, reused, cache_mb = sum(r["meta"]["tokens"]["prompt"] for r in records), 0, 0.0
+        steps = {}
     return {
         "path": label, "prompts": len(records), "batch_size": config.batch_size, "wall_s": round(wall, 1),
         "pairs_per_min": round(len(records) / wall * 60, 2), "generated_tokens": generated,
         "generated_tok_per_s": round(generated / wall, 1), "prefill_computed": computed, "prefill_reused": reused,
-        "kv_cache_mb": round(cache_mb), "peak_rss_mb": round(peak_rss_mb()), "rss_samples": samples,
+        "kv_cache_mb": round(cache_mb), "peak_rss_mb": round(peak_rss_mb()), **steps, "rss_samples": samples,
         "records": {r["id"]: r for r in records},
     }
 
@@ -90,7 +93,8 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=None, help="default: cai's own default for the machine")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--dtype", default="auto", help="as cai's --dtype: auto (float32 on CPU), int8, …")
+    parser.add_argument("--dtype", default="auto", help="as cai's --dtype: auto (float16 weights on CPU), float32, int8, …")
+    parser.add_argument("--no-draft", dest="draft", action="store_false", help="turn off the engine's prompt-lookup drafts")
     parser.add_argument("--repeat", type=int, default=1,
                         help="use each prompt this many times (as distinct prompts), e.g. 16 for a 1,024-prompt memory run")
     parser.add_argument("--no-few-shot", dest="few_shot", action="store_false")
@@ -99,7 +103,7 @@ def main() -> int:
 
     console = Console(stderr=True)
     source, name = resolve_model(args.model)
-    backend = HFBackend(source, name, HFOptions(threads=args.threads, dtype=args.dtype))
+    backend = HFBackend(source, name, HFOptions(threads=args.threads, dtype=args.dtype, draft=args.draft))
     constitution, templates = load_constitution(args.constitution), load_templates("default")
     items = read_prompts(args.prompts)
     if args.repeat > 1:
@@ -128,7 +132,7 @@ def main() -> int:
         table.add_row(r["path"], str(r["prompts"]), str(r["batch_size"]), f"{r['pairs_per_min']:.2f}",
                       f"{r['generated_tok_per_s']:.1f}", f"{r['prefill_computed']:,}", f"{r['prefill_reused']:,}",
                       str(r["kv_cache_mb"]), str(r["peak_rss_mb"]), f"{r['wall_s']:.0f}")
-    summary = {"model": backend.model_name, "dtype": args.dtype, "constitution": args.constitution, "max_new_tokens": args.max_new_tokens,
+    summary = {"model": backend.model_name, "dtype": args.dtype, "draft": args.draft, "constitution": args.constitution, "max_new_tokens": args.max_new_tokens,
                "few_shot": args.few_shot,
                "threads": __import__("torch").get_num_threads()}
     if len(results) == 2:
@@ -141,6 +145,10 @@ def main() -> int:
         table.add_row("ratio", "", "", f"{summary['speedup_pairs_per_min']:.1f}×",
                       f"{summary['speedup_tok_per_s']:.1f}×", "", "", "", "", "")
     Console(width=160).print(table)
+    cai_run = results[-1]
+    if "decode_steps" in cai_run:
+        Console().print(f"engine: {cai_run['decode_steps']:,} decode steps; prompt-lookup drafts {cai_run['drafted']:,} "
+                        f"ids, {cai_run['accepted']:,} accepted")
     if len(results) == 2:
         Console().print(f"records identical on the prompts both ran: {summary['identical_records']} of "
                         f"{summary['compared_records']}")

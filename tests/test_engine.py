@@ -14,13 +14,13 @@ from cai.backends.engine import Engine, supports
 VOCAB = 320
 
 
-def _tiny(model_type: str):
+def _tiny(model_type: str, init: float = 0.3):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     extra = {"head_dim": 16} if model_type in ("qwen3", "gemma") else {}
     config = AutoConfig.for_model(
         model_type, vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, initializer_range=0.3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, initializer_range=init,
         pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
     if hasattr(config, "sliding_window"):
         config.sliding_window = None
@@ -79,6 +79,40 @@ def _check_turns(model_type):
                 engine.release(key)
                 del conversations[key]
     assert engine.stats.prefill_reused > engine.stats.prefill_computed
+
+
+@pytest.mark.parametrize("draft", [True, False])
+def test_prompt_lookup_drafts_give_the_tokens_of_plain_decoding(draft):
+    """Small random weights make the model repeat itself, so prompt-lookup drafts are proposed and
+    mostly accepted; the tokens are those of `generate` either way, and with drafting off nothing
+    is drafted."""
+    model, reference = _tiny("llama", init=0.05)
+    rng = random.Random(0)
+    root = [rng.randrange(3, VOCAB) for _ in range(40)]
+    prompts = {f"c{i}": root + [rng.randrange(3, VOCAB) for _ in range(rng.randrange(3, 30))] for i in range(5)}
+    engine = Engine(model, slots=3, stop_ids=[], pad_id=0, draft=draft)
+    results = _run(engine, prompts, max_new=40)
+    for key, tokens in prompts.items():
+        assert results[key].tokens == _reference(reference, tokens, 40, []), key
+        assert len(results[key].tokens) == 40 and results[key].finish_reason == "length"
+    if draft:
+        assert engine.stats.accepted > 20 and engine.stats.drafted >= engine.stats.accepted
+        assert engine.stats.decode_steps < 60       # one id a step takes 79 here
+    else:
+        assert engine.stats.drafted == engine.stats.accepted == 0 and engine.stats.decode_steps >= 79
+
+
+def test_drafts_stop_at_a_stop_id_inside_the_draft():
+    model, reference = _tiny("llama", init=0.02)
+    prompt = list(range(10, 50))
+    free = _reference(reference, prompt, 30, [])
+    stop = free[12]                                  # the model loops, so this id recurs inside drafts
+    engine = Engine(model, slots=2, stop_ids=[stop], pad_id=0)
+    result = _run(engine, {"a": prompt}, max_new=30)["a"]
+    assert result.tokens == free[:free.index(stop) + 1] and result.finish_reason == "stop"
+    # the conversation's cache holds exactly the prompt and the ids before the stop
+    slot = engine.active[engine._index["a"]]
+    assert slot.tokens == prompt + result.tokens[:-1]
 
 
 def test_engine_stops_on_stop_ids_and_reports_lengths():

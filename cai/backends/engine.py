@@ -69,6 +69,9 @@ class EngineResult:
 class EngineStats:
     prefill_computed: int = 0    # prompt ids run through the model
     prefill_reused: int = 0      # prompt ids whose keys and values came from the cache
+    decode_steps: int = 0        # decode forwards
+    drafted: int = 0             # ids proposed by prompt lookup and checked
+    accepted: int = 0            # of those, how many the model agreed with (tokens gained for free)
 
 
 @dataclass
@@ -93,6 +96,8 @@ class _Slot:
     fresh: bool = False                                  # a new conversation, not yet matched to the root
     root_shared: int = 1 << 30                           # leading positions identical to the root's
     reused: int = 0
+    lookup: dict = field(default_factory=dict)           # (id, id) → where that pair last ended in tokens
+    indexed: int = 0                                     # tokens[:indexed] are in `lookup`
 
 
 class SlotCache:
@@ -246,7 +251,16 @@ class Engine:
     PREFILL_TOKENS = 4096
     PREFILL_SPREAD = 1.3
 
-    def __init__(self, model, slots: int, stop_ids: list[int], pad_id: int, context_length: int | None = None):
+    # Prompt-lookup drafting (greedy turns only): a row whose last two ids occurred earlier in its
+    # conversation proposes the ids that followed them there, up to DRAFT_MAX; one forward checks
+    # them all, and every id the model agrees with is a decode step saved. Checking costs compute
+    # for each proposed id, so drafts are made only while a decode forward holds at most
+    # DRAFT_BUDGET ids (rows × width): in the tail of a run, where a step's fixed cost dominates.
+    DRAFT_MAX = 6
+    DRAFT_BUDGET = 48
+
+    def __init__(self, model, slots: int, stop_ids: list[int], pad_id: int, context_length: int | None = None,
+                 draft: bool = True):
         reason = supports(model)
         if reason:
             raise ValueError(f"the engine cannot drive this model: {reason}")
@@ -256,6 +270,7 @@ class Engine:
         self.stop_ids = set(stop_ids)
         self.pad_id = pad_id
         self.context_length = context_length
+        self.draft = draft
         self.device = next(model.parameters()).device
         self._layout = dict(kv_layout(model.config), dtype=next(model.parameters()).dtype, device=self.device)
         self.cache: SlotCache | None = None
@@ -308,6 +323,7 @@ class Engine:
     def _start(self, slot: _Slot, request: _Request, reusable: int) -> None:
         reuse = min(reusable, len(request.tokens) - 1)     # at least one id must run to give logits
         slot.tokens = slot.tokens[:reuse]
+        slot.lookup, slot.indexed = {}, 0
         slot.pending = request.tokens[reuse:]
         slot.root_shared = min(slot.root_shared, reuse)
         slot.generated = []
@@ -396,18 +412,22 @@ class Engine:
         return groups
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, rows: slice | torch.Tensor,
-                 slots: list[_Slot]) -> torch.Tensor:
+                 slots: list[_Slot], keep: list[int] | None = None) -> torch.Tensor:
         """Runs the model on `input_ids` [batch, q], token j of row b at position positions[b, j],
-        attending to every earlier position of its own slot; returns the last position's logits."""
+        attending to every earlier position of its own slot; returns the last position's logits
+        [batch, vocab], or with `keep` (batch rows) every position's, [len(keep), q, vocab]."""
         shared = min(s.root_shared for s in slots) if self.cache.root else 0
         self.cache.bind(rows, positions, int(positions.max()) + 1, shared)
         _bound.cache = self.cache
         try:
             hidden = self.model.model(input_ids=input_ids, position_ids=positions, past_key_values=self.cache,
-                                      use_cache=True).last_hidden_state[:, -1, :]
+                                      use_cache=True).last_hidden_state
         finally:
             _bound.cache = None
-        return self._logits(hidden).float()
+        if keep is None:
+            return self._logits(hidden[:, -1, :]).float()
+        kept = hidden[keep]
+        return self._logits(kept.reshape(-1, kept.shape[-1])).float().view(*kept.shape[:2], -1)
 
     # A float32 output projection in slices of this many vocabulary rows: one [rows, hidden] ×
     # [hidden, 49k] product runs at a fraction of the speed of the same work in slices (26 against
@@ -446,27 +466,93 @@ class Engine:
     def _decode(self, finished: list) -> None:
         n = len(self.active)
         rows = [i for i, s in enumerate(self.active) if s.state == "decode"]
-        ids = [s.generated[-1] if s.state == "decode" else self.pad_id for s in self.active]
-        positions = torch.tensor([[len(s.tokens)] for s in self.active], device=self.device)
-        logits = self._forward(torch.tensor(ids, device=self.device)[:, None], positions, slice(0, n), self.active)
-        for i in rows:
+        drafts = self._drafts(rows, n)
+        width = 1 + max((len(d) for d in drafts.values()), default=0)
+        self.stats.decode_steps += 1
+        if width == 1:
+            ids = [s.generated[-1] if s.state == "decode" else self.pad_id for s in self.active]
+            positions = torch.tensor([[len(s.tokens)] for s in self.active], device=self.device)
+            logits = self._forward(torch.tensor(ids, device=self.device)[:, None], positions, slice(0, n), self.active)
+            for i in rows:
+                s = self.active[i]
+                s.tokens.append(s.generated[-1])
+            self._advance(rows, logits[rows] if len(rows) != n else logits, finished)
+            return
+        # Rows carry their last id and their draft, padded on the right: a pad's key and value land
+        # past the row's real end, where no query looks and the next real id overwrites them.
+        self._ensure_capacity(max(len(s.tokens) for s in self.active) + width)
+        ids = []
+        for i, s in enumerate(self.active):
+            row = ([s.generated[-1]] + drafts.get(i, [])) if s.state == "decode" else []
+            ids.append(row + [self.pad_id] * (width - len(row)))
+        positions = torch.tensor([[len(s.tokens) + j for j in range(width)] for s in self.active], device=self.device)
+        logits = self._forward(torch.tensor(ids, device=self.device), positions, slice(0, n), self.active, keep=rows)
+        plain = [k for k, i in enumerate(rows) if i not in drafts]
+        picks = dict(zip((rows[k] for k in plain), self._pick(logits[plain, 0], [self.active[rows[k]] for k in plain])))
+        greedy = logits.argmax(dim=-1).tolist()
+        for k, i in enumerate(rows):
             s = self.active[i]
             s.tokens.append(s.generated[-1])
-        self._advance(rows, logits[rows] if len(rows) != n else logits, finished)
+            if i in picks:
+                self._accept(s, picks[i], finished)
+                continue
+            draft = drafts[i]
+            self.stats.drafted += len(draft)
+            for j, token in enumerate(greedy[k]):
+                if not self._accept(s, token, finished) or j >= len(draft) or token != draft[j]:
+                    break
+                # the model agrees with the draft: that id's key and value, computed in this
+                # forward, are the conversation's own
+                s.tokens.append(token)
+                self.stats.accepted += 1
+
+    def _drafts(self, rows: list[int], n: int) -> dict[int, list[int]]:
+        """Prompt-lookup drafts for greedy rows, as many ids each as the budget allows."""
+        if not self.draft or not rows:
+            return {}
+        size = min(self.DRAFT_MAX, self.DRAFT_BUDGET // n - 1)
+        if size < 1:
+            return {}
+        drafts = {}
+        for i in rows:
+            s = self.active[i]
+            if s.request.temperature > 0 or len(s.tokens) < 2:
+                continue
+            # index every pair of ids whose continuation is known: (tokens[j-1], tokens[j]) → j
+            tokens = s.tokens
+            for j in range(max(s.indexed, 1), len(tokens) - 1):
+                s.lookup[(tokens[j - 1], tokens[j])] = j
+            s.indexed = max(s.indexed, len(tokens) - 1)
+            end = s.lookup.get((tokens[-1], s.generated[-1]))
+            if end is None:
+                continue
+            # what followed that pair then; one forward yields the draft plus one id, so no more
+            # than the turn has left
+            draft = tokens[end + 1:end + 1 + size]
+            if len(draft) < size:
+                draft.append(s.generated[-1])
+            draft = draft[:s.request.max_new_tokens - len(s.generated) - 1]
+            if draft:
+                drafts[i] = draft
+        return drafts
 
     def _advance(self, rows: list[int], logits: torch.Tensor, finished: list) -> None:
         picks = self._pick(logits, [self.active[i] for i in rows])
         for i, token in zip(rows, picks):
-            s = self.active[i]
-            s.generated.append(token)
-            stop = token in self.stop_ids
-            if stop or len(s.generated) >= s.request.max_new_tokens:
-                s.state = "done"
-                finished.append((s.key, EngineResult(
-                    tokens=list(s.generated), finish_reason="stop" if stop else "length",
-                    prompt_tokens=len(s.request.tokens), reused_tokens=s.reused)))
-            else:
-                s.state = "decode"
+            self._accept(self.active[i], token, finished)
+
+    def _accept(self, s: _Slot, token: int, finished: list) -> bool:
+        """Appends a generated id to the row's turn; False when that ended the turn."""
+        s.generated.append(token)
+        stop = token in self.stop_ids
+        if stop or len(s.generated) >= s.request.max_new_tokens:
+            s.state = "done"
+            finished.append((s.key, EngineResult(
+                tokens=list(s.generated), finish_reason="stop" if stop else "length",
+                prompt_tokens=len(s.request.tokens), reused_tokens=s.reused)))
+            return False
+        s.state = "decode"
+        return True
 
     @staticmethod
     def _pick(logits: torch.Tensor, slots: list[_Slot]) -> list[int]:

@@ -34,6 +34,7 @@ class HFOptions:
     plain_chat_format: bool = False
     engine: bool = True              # False: plain `generate` batches (the reference path)
     threads: int | None = None       # torch CPU threads (None: torch's default, one per core)
+    draft: bool = True               # the engine's prompt-lookup drafts (greedy turns)
 
 
 def pick_device(requested: str) -> str:
@@ -163,6 +164,7 @@ class HFBackend:
         self.context_length = getattr(self.model.config, "max_position_embeddings", None)
         self.attn_implementation = self.model.config._attn_implementation
         self.use_engine = options.engine
+        self.draft = options.draft
         self.engine = None
         log.info("loaded %s on %s (%s)", model_name, self.device,
                  f"{self.linears} linear weights, float32 arithmetic" if self.linears
@@ -194,7 +196,7 @@ class HFBackend:
                 log.info("%s: %s; using plain batched generate", self.model_name, reason)
             return LockstepStream(self, params, width)
         self.engine = Engine(self.model, slots=width, stop_ids=self.stop_ids, pad_id=self.tokenizer.pad_token_id,
-                             context_length=self.context_length)
+                             context_length=self.context_length, draft=self.draft)
         return EngineStream(self, self.engine, params)
 
     def default_width(self) -> int:
