@@ -253,11 +253,14 @@ class Engine:
 
     # Prompt-lookup drafting (greedy turns only): a row whose last two ids occurred earlier in its
     # conversation proposes the ids that followed them there, up to DRAFT_MAX; one forward checks
-    # them all, and every id the model agrees with is a decode step saved. Checking costs compute
-    # for each proposed id, so drafts are made only while a decode forward holds at most
-    # DRAFT_BUDGET ids (rows × width): in the tail of a run, where a step's fixed cost dominates.
-    DRAFT_MAX = 6
-    DRAFT_BUDGET = 48
+    # them all, and every id the model agrees with saves a decode step (the small model repeats
+    # itself and its revisions copy its answers). All rows of a forward share one width, so a
+    # draft is worth its columns only where the step's fixed cost (attention reads, per-op
+    # overhead; DRAFT_STEP_COST rows' worth of compute, measured on a 2-core CPU) shared among
+    # few rows outweighs the compute spent on padding and rejected ids: drafts are long in the
+    # tail of a run and absent in a full batch unless nearly every row has one.
+    DRAFT_MAX = 8
+    DRAFT_STEP_COST = 40
 
     def __init__(self, model, slots: int, stop_ids: list[int], pad_id: int, context_length: int | None = None,
                  draft: bool = True):
@@ -507,11 +510,8 @@ class Engine:
                 self.stats.accepted += 1
 
     def _drafts(self, rows: list[int], n: int) -> dict[int, list[int]]:
-        """Prompt-lookup drafts for greedy rows, as many ids each as the budget allows."""
+        """Prompt-lookup drafts for greedy rows, cut to the width that keeps padding in check."""
         if not self.draft or not rows:
-            return {}
-        size = min(self.DRAFT_MAX, self.DRAFT_BUDGET // n - 1)
-        if size < 1:
             return {}
         drafts = {}
         for i in rows:
@@ -528,13 +528,20 @@ class Engine:
                 continue
             # what followed that pair then; one forward yields the draft plus one id, so no more
             # than the turn has left
-            draft = tokens[end + 1:end + 1 + size]
-            if len(draft) < size:
+            draft = tokens[end + 1:end + 1 + self.DRAFT_MAX]
+            if len(draft) < self.DRAFT_MAX:
                 draft.append(s.generated[-1])
             draft = draft[:s.request.max_new_tokens - len(s.generated) - 1]
             if draft:
                 drafts[i] = draft
-        return drafts
+        # An accepted id saves its share of a step (STEP_COST / n columns) and costs nothing extra
+        # (it is computed now instead of later); every other extra column costs one column. The
+        # acceptance rate is this run's so far (from a prior of 80%).
+        rate = (self.stats.accepted + 8) / (self.stats.drafted + 10)
+        gain = 1 + self.DRAFT_STEP_COST / n
+        size = max((k for k in range(1, self.DRAFT_MAX + 1)
+                    if rate * sum(min(len(d), k) for d in drafts.values()) * gain >= n * k), default=0)
+        return {i: d[:size] for i, d in drafts.items()} if size else {}
 
     def _advance(self, rows: list[int], logits: torch.Tensor, finished: list) -> None:
         picks = self._pick(logits, [self.active[i] for i in rows])
