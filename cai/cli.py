@@ -116,7 +116,7 @@ ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU thread
 PlainChatOpt = Annotated[bool, typer.Option("--plain-chat-format", help="For a tokenizer without a chat template: use cai's plain 'User:/Assistant:' format.")]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickle (.bin) checkpoints, which can run code: only for models you trust.")]
 DeviceOpt = Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda|mps", help="Where the model runs.")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", metavar="auto|float32|bfloat16|float16|int8", help="Weights dtype. GPU: auto is bfloat16 (float16 without bf16). CPU: auto and float16 keep linear weights in float16 and compute in float32 (fast, same results to float16 rounding); float32 is plain float32; int8 quantizes the decoder's linears (faster still, slightly less exact).")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", metavar="auto|float32|bfloat16|float16|int8", help="Weights dtype. GPU: auto is bfloat16 (float16 without bf16). CPU: auto and float16 keep linear weights in float16 and compute in float32 (fast, same results to float16 rounding); float32 is plain float32; int8 quantizes the decoder's linears (faster still, slightly less exact, and its greedy output depends on how conversations are batched).")]
 RemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model's repository to run.")]
 # What to keep: shared by `generate --judge` and `judge`.
 MinPreferenceOpt = Annotated[Optional[float], typer.Option("--min-preference", metavar="P", help="Keep only pairs whose chosen side the judge prefers with probability at least P (0-1); the others go to the filtered file.", show_default=False)]

@@ -11,9 +11,14 @@ ships inside PyTorch, has kernels made for that shape:
   the fifth digit; see README, Speed).
 * `int8`: the decoder's linears in 8-bit integers. Each weight row (output channel) has its own
   scale; each input row (token) is scaled to max |x| = 1 and quantized with one fixed scale, so
-  integer sums are exact and a token's output does not depend on which other tokens share the
-  batch. About twice float32's speed at every batch size; a few percent higher loss. The output
-  projection stays float16 weights: it decides which token is picked."""
+  integer sums are exact and a linear layer's output for a token does not depend on which other
+  tokens share the batch. About twice float32's speed at every batch size; a few percent higher
+  loss. The output projection stays float16 weights: it decides which token is picked.
+  Rounding to 8 bits turns last-bit differences elsewhere (attention kernels differ between the
+  engine and plain `generate`, and with the batch) into visibly different activations, so int8
+  greedy output depends on how the conversations were batched: bench/throughput.py finds 1 of
+  16 records identical between the engine and the one-at-a-time loop (16 of 16 with float16
+  weights). Use it where speed matters more than reproducing a run exactly."""
 
 from __future__ import annotations
 
