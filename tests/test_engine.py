@@ -115,6 +115,23 @@ def test_drafts_stop_at_a_stop_id_inside_the_draft():
     assert slot.tokens == prompt + result.tokens[:-1]
 
 
+def test_drafts_never_grow_the_cache():
+    """A finished conversation still holding its slot sits near the end of the cache; a draft's
+    padding for it must not push the cache to grow (it is sized for the requests, nothing more)."""
+    model, reference = _tiny("llama", init=0.02)
+    long_prompt, short_prompt = list(range(3, 203)), list(range(10, 50))
+    engine = Engine(model, slots=2, stop_ids=[], pad_id=0)
+    engine.submit("long", long_prompt, 56)          # 200 + 56: exactly the first 256 positions
+    engine.submit("short", short_prompt, 100)
+    results = {}
+    while engine.busy:
+        for key, result in engine.step():
+            results[key] = result
+    assert engine.cache.capacity == 256
+    assert results["short"].tokens == _reference(reference, short_prompt, 100, [])
+    assert results["long"].tokens == _reference(reference, long_prompt, 56, [])
+
+
 def test_engine_stops_on_stop_ids_and_reports_lengths():
     model, reference = _tiny("llama")
     prompt = list(range(10, 40))

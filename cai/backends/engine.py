@@ -469,7 +469,10 @@ class Engine:
     def _decode(self, finished: list) -> None:
         n = len(self.active)
         rows = [i for i, s in enumerate(self.active) if s.state == "decode"]
-        drafts = self._drafts(rows, n)
+        # Drafts never grow the cache: every row's columns must fit in the positions it has.
+        room = self.cache.capacity - max(len(s.tokens) for s in self.active) - 1
+        drafts = self._drafts(rows, n) if room > 0 else {}
+        drafts = {i: d[:room] for i, d in drafts.items()}
         width = 1 + max((len(d) for d in drafts.values()), default=0)
         self.stats.decode_steps += 1
         if width == 1:
@@ -483,7 +486,6 @@ class Engine:
             return
         # Rows carry their last id and their draft, padded on the right: a pad's key and value land
         # past the row's real end, where no query looks and the next real id overwrites them.
-        self._ensure_capacity(max(len(s.tokens) for s in self.active) + width)
         ids = []
         for i, s in enumerate(self.active):
             row = ([s.generated[-1]] + drafts.get(i, [])) if s.state == "decode" else []
