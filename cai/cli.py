@@ -308,8 +308,11 @@ def generate(
                           and out_path.is_file() and not overwrite else None)
         if out_path.exists() and (out_path.stat().st_size > 0 or (dropped_before and dropped_before.ids)) and not overwrite:
             existing = scan_output(out_path)
-            changed = fingerprint_differences(existing.first, run_fingerprint(
-                model_name, constitution_obj, template_set, config)) if existing.first else []
+            # The run that wrote the file: its first record, else (every pair so far was dropped)
+            # its first dropped pair, whose line carries the same fingerprint.
+            first = existing.first or (dropped_before.first if dropped_before else None)
+            changed = fingerprint_differences(first, run_fingerprint(
+                model_name, constitution_obj, template_set, config)) if first else []
             if existing.first and isinstance(existing.first.get("prompt"), list) != (fmt == "conversational"):
                 changed.append(f"format → {fmt}")
             if changed and not force:
@@ -510,6 +513,7 @@ class _Curation:
 
     def __call__(self, records: list[dict]) -> list[dict]:
         from cai.filters import curate
+        from cai.pipeline import FINGERPRINT_KEYS
 
         kept = []
         for verdict in curate(records, self.filters, self.judge, self.min_preference, self.swap):
@@ -526,7 +530,10 @@ class _Curation:
             if verdict.reasons:
                 self.dropped += 1
                 self.reasons.update(verdict.reasons)
-                line = verdict.record if self.keep_whole else {k: verdict.record.get(k) for k in ("id", "principle")}
+                line = verdict.record if self.keep_whole else {
+                    "id": verdict.record.get("id"), "principle": verdict.record.get("principle"),
+                    # the run's fingerprint, so a rerun can tell whether this file is its own
+                    "meta": {k: v for k, v in verdict.record.get("meta", {}).items() if k in FINGERPRINT_KEYS}}
                 self.drops.write({**line, "filter": {"reasons": verdict.reasons}})
             else:
                 kept.append(verdict.record)

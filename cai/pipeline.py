@@ -214,6 +214,9 @@ class Pipeline:
         }
 
 
+FINGERPRINT_KEYS = ("model", "constitution", "templates", "seed", "params")
+
+
 def run_fingerprint(model_name: str, constitution: Constitution, templates: Templates, config: RunConfig) -> dict:
     """What makes two runs the same run: records may only be appended to a file whose records
     carry the same fingerprint (it is part of every record's meta)."""

@@ -180,7 +180,8 @@ def test_generate_accounts_for_every_prompt_and_resume_skips_dropped_ids(tiny_mo
     assert sorted(r["id"] for r in kept + dropped) == sorted(prompts), "kept + dropped = input"
     assert dropped, "the tiny model's random text gets dropped"
     for stub in dropped:
-        assert set(stub) == {"id", "principle", "filter"}
+        assert set(stub) == {"id", "principle", "meta", "filter"}
+        assert set(stub["meta"]) == {"model", "constitution", "templates", "seed", "params"}
         assert stub["filter"]["reasons"] and set(stub["filter"]["reasons"]) <= set(REASONS)
     summary = " ".join(first.stderr.split())
     assert f"dropped (filters) │ {len(dropped)} (" in summary
@@ -190,6 +191,20 @@ def test_generate_accounts_for_every_prompt_and_resume_skips_dropped_ids(tiny_mo
     assert again.exit_code == 0, again.output
     assert "pairs made │ 0" in " ".join(again.stderr.split()), "a finished run, rerun, makes nothing"
     assert (out.read_bytes(), out.with_name("pairs.jsonl.filtered.jsonl").read_bytes()) == before
+
+
+def test_a_run_that_dropped_every_pair_is_not_resumed_by_a_different_run(tiny_model, tmp_path):
+    """Regression: with every pair dropped the output is empty, and a rerun with other settings
+    took the dropped ids as done and made nothing; the dropped lines carry the run's fingerprint."""
+    out = tmp_path / "pairs.jsonl"
+    first = generate(tiny_model, out, "--limit", "3")
+    assert first.exit_code == 0, first.output
+    assert out.read_text() == "" and len(read_jsonl(f"{out}.filtered.jsonl")) == 3
+    other = generate(tiny_model, out, "--limit", "3", "--seed", "7")
+    assert other.exit_code == 2
+    assert "different run" in other.stderr and "seed: 0 → 7" in other.stderr
+    same = generate(tiny_model, out, "--limit", "3")
+    assert same.exit_code == 0 and "pairs made │ 0" in " ".join(same.stderr.split())
 
 
 def test_keep_filtered_writes_whole_records_and_overwrite_starts_afresh(tiny_model, tmp_path):
