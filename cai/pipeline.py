@@ -219,15 +219,10 @@ FINGERPRINT_KEYS = ("model", "constitution", "templates", "seed", "params")
 
 def run_fingerprint(model_name: str, constitution: Constitution, templates: Templates, config: RunConfig) -> dict:
     """What makes two runs the same run: records may only be appended to a file whose records
-    carry the same fingerprint (it is part of every record's meta)."""
-    return {
-        "model": model_name,
-        "constitution": constitution.ref,
-        "templates": templates.ref,
-        "seed": config.seed,
-        "params": {**config.params.to_dict(), "revisions": config.revisions,
-                   "sampling": config.sampling, "few_shot": config.few_shot},
-    }
+    carry the same fingerprint (it is part of every record's meta, under FINGERPRINT_KEYS)."""
+    params = {**config.params.to_dict(), "revisions": config.revisions, "sampling": config.sampling,
+              "few_shot": config.few_shot}
+    return dict(zip(FINGERPRINT_KEYS, (model_name, constitution.ref, templates.ref, config.seed, params), strict=True))
 
 
 def fingerprint_differences(record: dict, fingerprint: dict) -> list[str]:

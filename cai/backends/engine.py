@@ -221,9 +221,8 @@ def _plain_part(queries, key, value, mask, scale):
 
 def _cpu_flash(queries, key, value, mask, scale):
     """The same through PyTorch's CPU flash-attention kernel (blocked, no scores tensor)."""
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         queries, key, value, 0.0, False, attn_mask=mask, scale=scale)
-    return out, lse
 
 
 _flash = _cpu_flash if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu") else None
@@ -475,15 +474,6 @@ class Engine:
         drafts = {i: d[:room] for i, d in drafts.items()}
         width = 1 + max((len(d) for d in drafts.values()), default=0)
         self.stats.decode_steps += 1
-        if width == 1:
-            ids = [s.generated[-1] if s.state == "decode" else self.pad_id for s in self.active]
-            positions = torch.tensor([[len(s.tokens)] for s in self.active], device=self.device)
-            logits = self._forward(torch.tensor(ids, device=self.device)[:, None], positions, slice(0, n), self.active)
-            for i in rows:
-                s = self.active[i]
-                s.tokens.append(s.generated[-1])
-            self._advance(rows, logits[rows] if len(rows) != n else logits, finished)
-            return
         # Rows carry their last id and their draft, padded on the right: a pad's key and value land
         # past the row's real end, where no query looks and the next real id overwrites them.
         ids = []
@@ -493,8 +483,9 @@ class Engine:
         positions = torch.tensor([[len(s.tokens) + j for j in range(width)] for s in self.active], device=self.device)
         logits = self._forward(torch.tensor(ids, device=self.device), positions, slice(0, n), self.active, keep=rows)
         plain = [k for k, i in enumerate(rows) if i not in drafts]
-        picks = dict(zip((rows[k] for k in plain), self._pick(logits[plain, 0], [self.active[rows[k]] for k in plain])))
-        greedy = logits.argmax(dim=-1).tolist()
+        first = logits[:, 0] if len(plain) == len(rows) else logits[plain, 0]
+        picks = dict(zip((rows[k] for k in plain), self._pick(first, [self.active[rows[k]] for k in plain])))
+        greedy = logits.argmax(dim=-1).tolist() if drafts else []
         for k, i in enumerate(rows):
             s = self.active[i]
             s.tokens.append(s.generated[-1])
