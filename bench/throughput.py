@@ -4,13 +4,14 @@ The straightforward loop makes one pair at a time and re-encodes the whole conve
 turn (transformers' `generate`, batch 1, no cache kept between turns). cai's pipeline keeps up to
 --batch-size conversations in flight on its engine (static KV cache, continuous batching, the shared
 prefix and each conversation's earlier turns reused). Both run greedy with the same prompts, model,
-constitution and max tokens, and both go through the same Pipeline, so their records must be the
-same: the bench compares them and says how many agree.
+constitution, weight format (--dtype) and max tokens, and both go through the same Pipeline, so
+their records must be the same: the bench compares them and says how many agree.
 
     python bench/throughput.py                           # embedded model, 64 prompts, 128 tokens a turn
     python bench/throughput.py --naive-limit 64 --json bench/throughput.json
+    python bench/throughput.py --dtype int8 --json bench/throughput-int8.json
 
-The straightforward loop takes about 40 s a pair here, so by default it runs on the first 16
+The straightforward loop takes about 20-25 s a pair here, so by default it runs on the first 16
 prompts only (--naive-limit); rates are per pair and per token, and the records are compared on
 those prompts. Prints a table; --json writes the same figures."""
 
