@@ -34,6 +34,7 @@ class Job:
     record_id: str
     prompt: PromptItem
     principles: tuple[Principle, ...]
+    tokens: int | None = None       # most tokens the whole conversation can hold (None: not known)
 
 
 @dataclass
@@ -72,32 +73,34 @@ class Pipeline:
                 record_id = item.id if self.config.sampling != "all" else f"{item.id}/{principles[0].id}"
                 if record_id in skip:
                     continue
-                prompt, problem = self._fit(item, tuple(principles), truncate_long)
+                prompt, problem, tokens = self._fit(item, tuple(principles), truncate_long)
                 if problem:
                     left_out.append((item, problem))
                     break
-                jobs.append(Job(record_id, prompt, tuple(principles)))
+                jobs.append(Job(record_id, prompt, tuple(principles), tokens))
         return jobs, left_out
 
-    def _fit(self, item: PromptItem, principles: tuple[Principle, ...], truncate: bool) -> tuple[PromptItem, str | None]:
-        """The prompt as it will be used, or why it cannot be. The bound is the whole conversation:
-        the opening, every request, and every turn at --max-new-tokens."""
+    def _fit(self, item: PromptItem, principles: tuple[Principle, ...],
+             truncate: bool) -> tuple[PromptItem, str | None, int | None]:
+        """The prompt as it will be used, or why it cannot be, and the most tokens its whole
+        conversation can hold: the opening, every request, and every turn at --max-new-tokens."""
         context = self.backend.context_length
         if not context:
-            return item, None
-        room = context - self._fixed_tokens(principles)
+            return item, None, None
+        fixed = self._fixed_tokens(principles)
+        room = context - fixed
         used = self._prompt_tokens(item.text)
         if used <= room:
-            return item, None
-        reason = (f"the whole conversation needs about {used + context - room} tokens, more than the model's "
+            return item, None, fixed + used
+        reason = (f"the whole conversation needs about {used + fixed} tokens, more than the model's "
                   f"context of {context}")
         if not truncate or room < 16:
-            return item, reason
+            return item, reason, None
         text = item.text
         while used > room:
             text = text[: max(1, int(len(text) * room / used * 0.95))]
             used = self._prompt_tokens(text)
-        return PromptItem(item.id, text, item.line, truncated=True), None
+        return PromptItem(item.id, text, item.line, truncated=True), None, fixed + used
 
     def _fixed_tokens(self, principles: tuple[Principle, ...]) -> int:
         if principles not in self._fixed_cache:
@@ -133,7 +136,8 @@ class Pipeline:
         is true no new prompt starts, and the run ends when those in flight are done. A turn the
         backend could not produce (a remote request that failed after its retries) ends its
         conversation without a record and goes to `on_failure`; without one, it raises."""
-        stream = self.backend.stream(self.config.params, max(1, min(self.config.batch_size, len(jobs))))
+        longest = max((j.tokens or 0 for j in jobs), default=0) or None
+        stream = self.backend.stream(self.config.params, max(1, min(self.config.batch_size, len(jobs))), longest)
         waiting = deque(jobs)
         work: dict[str, _Work] = {}
         turns = 1 + 2 * self.config.revisions

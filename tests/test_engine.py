@@ -81,6 +81,25 @@ def _check_turns(model_type):
     assert engine.stats.prefill_reused > engine.stats.prefill_computed
 
 
+def test_engine_without_the_native_kernel_matches_generate(monkeypatch):
+    """Where the native decode attention cannot be built, PyTorch's flash kernel reads the own part."""
+    from cai.backends import kernels
+
+    monkeypatch.setattr(kernels, "decode_attention", lambda: None)
+    _check_turns("llama")
+
+
+def test_engine_uses_the_native_kernel_where_it_is_built():
+    from cai.backends import kernels
+
+    if kernels.decode_attention() is None:
+        pytest.skip("no native kernel here (no C compiler, or CAI_NO_KERNELS)")
+    model, _ = _tiny("llama")
+    engine = Engine(model, slots=2, stop_ids=[], pad_id=0)
+    _run(engine, {"a": [5, 6, 7]}, 3)
+    assert engine.cache._native is not None
+
+
 @pytest.mark.parametrize("draft", [True, False])
 def test_prompt_lookup_drafts_give_the_tokens_of_plain_decoding(draft):
     """Small random weights make the model repeat itself, so prompt-lookup drafts are proposed and
@@ -234,3 +253,34 @@ def test_pipeline_records_are_the_same_with_and_without_the_engine(tiny_model):
             assert backend.engine.stats.prefill_reused > backend.engine.stats.prefill_computed
     assert len(records[True]) == 7
     assert records[True] == records[False]
+
+
+def test_pipeline_sizes_the_cache_once_from_its_longest_conversation(tiny_model, monkeypatch):
+    """The pipeline's bound on a whole conversation (every turn at max_new_tokens) reaches the
+    engine, which allocates its cache once at that size: no grow (a copy of the whole cache)
+    mid-run, and no more positions than the bound needs."""
+    from pathlib import Path
+
+    from cai.backends.base import SamplingParams
+    from cai.backends.engine import SlotCache
+    from cai.backends.hf import HFBackend
+    from cai.constitution import load_constitution
+    from cai.io import read_prompts
+    from cai.pipeline import Pipeline, RunConfig
+    from cai.prompts import load_templates
+
+    def refuse(self, capacity):
+        raise AssertionError(f"the cache grew to {capacity}")
+
+    monkeypatch.setattr(SlotCache, "grow", refuse)
+    items = read_prompts(str(Path(__file__).resolve().parent.parent / "examples/prompts.jsonl"))[:5]
+    backend = HFBackend(str(tiny_model), "tiny")
+    pipeline = Pipeline(backend, load_constitution("harmless"), load_templates("default"),
+                        RunConfig(revisions=2, seed=0, batch_size=3,
+                                  params=SamplingParams(max_new_tokens=24, temperature=0)))
+    jobs, _ = pipeline.plan(items)
+    longest = max(j.tokens for j in jobs)
+    assert all(j.tokens > 5 * 24 for j in jobs)
+    records = [r for batch in pipeline.run(jobs) for r in batch]
+    assert len(records) == 5
+    assert backend.engine.cache.capacity == -(-longest // 256) * 256

@@ -20,3 +20,4 @@ def test_wheel_contains_shipped_data(tmp_path):
     for path in ROOT.glob("prompts/*/*.jinja"):
         assert f"cai/prompts/{path.parent.name}/{path.name}" in names
     assert "cai/backends/hf.py" in names
+    assert "cai/backends/decode_attention.c" in names       # compiled on first use by cai.backends.kernels

@@ -73,9 +73,10 @@ class Backend(Protocol):
         """One completion per conversation, in order. `seed` makes sampling reproducible."""
         ...
 
-    def stream(self, params: SamplingParams, width: int) -> Stream:
+    def stream(self, params: SamplingParams, width: int, longest: int | None = None) -> Stream:
         """Up to `width` conversations in flight (backends without one of their own return
-        `LockstepStream(self, params, width)`)."""
+        `LockstepStream(self, params, width)`). `longest`: the most tokens any conversation of
+        the run can hold, where known (a local engine sizes its cache once from it)."""
         ...
 
     def score_choices(self, conversations: list[list[dict[str, str]]], choices: tuple[str, ...],

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AttentionInterface
 
+from cai.backends import kernels
+
 # Architectures whose forward hands a cache object `update(k, v, layer)` and calls the configured
 # attention function, and whose attention is plain causal attention over the whole context (tests/test_engine.py
 # checks each against transformers' own generate).
@@ -107,8 +109,13 @@ class SlotCache:
     model then calls `update` once per layer (the one Cache method its forward uses) and the
     engine's attention function reads the rest from here."""
 
+    # Forwards of at most this many ids a row (decode steps, drafts included) take their own-part
+    # attention from the native kernel where there is one (cai/backends/decode_attention.c);
+    # longer ones (prefills) from PyTorch's flash kernel, whose blocked GEMMs suit many queries.
+    NATIVE_MAX_IDS = 16
+
     def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, native=None):
         shape = (slots, kv_heads, capacity, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
@@ -118,8 +125,11 @@ class SlotCache:
         self.mask: torch.Tensor | None = None
         self._rows: slice | torch.Tensor = slice(0, 0)
         self._batch_index: torch.Tensor | None = None
-        self._positions: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None   # [batch, q] of the forward being run
         self._kv_len = 0
+        self._native = native                # kernels.decode_attention() or None
+        self.native = None                   # this forward's native kernel, if it uses one
+        self.slot_index: torch.Tensor | None = None
 
     @property
     def bytes(self) -> int:
@@ -138,26 +148,37 @@ class SlotCache:
         `positions` [batch, q]: where each new token's key and value go; `kv_len`: how many
         positions attention reads; `shared`: how many leading positions come from the root."""
         self._rows = rows
-        self._positions = positions
+        self.positions = positions
         self._batch_index = torch.arange(positions.shape[0], device=positions.device)[:, None]
         self._kv_len = kv_len
         self.shared = shared
+        self.native = self._native if positions.shape[1] <= self.NATIVE_MAX_IDS else None
+        if self.native is not None:
+            # the kernel reads each row's own length from `positions`: no mask, no padded views
+            self.slot_index = torch.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows
+            self.mask = None
+            return
         keys = torch.arange(shared, kv_len, device=positions.device)
         allowed = keys[None, None, :] <= positions[:, :, None]                    # [batch, q, kv]
         self.mask = torch.zeros(allowed.shape, dtype=self.keys[0].dtype, device=positions.device)
         self.mask.masked_fill_(~allowed, float("-inf"))
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.native is not None:                           # the kernel reads the whole cache
+            for store, new in ((self.keys, key_states), (self.values, value_states)):
+                tensor = store[layer_idx]
+                tensor[self.slot_index[:, None], :, self.positions] = new.transpose(1, 2)
+            return self.keys[layer_idx], self.values[layer_idx]
         out = []
         for store, new in ((self.keys, key_states), (self.values, value_states)):
             tensor = store[layer_idx]
             new = new.transpose(1, 2)                         # [batch, q, heads, dim]
             if isinstance(self._rows, slice):
                 view = tensor[self._rows]
-                view[self._batch_index, :, self._positions] = new
+                view[self._batch_index, :, self.positions] = new
                 out.append(view[:, :, self.shared:self._kv_len])
             else:
-                tensor[self._rows[:, None], :, self._positions] = new
+                tensor[self._rows[:, None], :, self.positions] = new
                 out.append(tensor[self._rows, :, self.shared:self._kv_len])
         return out[0], out[1]
 
@@ -192,10 +213,14 @@ def cascade_attention(module, query, key, value, attention_mask=None, scaling=No
     # Query heads h*group … h*group+group-1 read kv head h (transformers' repeat_kv order), so a
     # kv head's queries are one block of group*q_len rows, and one mask row serves each query.
     queries = query.reshape(batch, kv_heads, group * q_len, dim)
-    mask = cache.mask[:, None, None].expand(batch, 1, group, q_len, -1).reshape(batch, 1, group * q_len, -1)
+    mask = None if cache.mask is None else \
+        cache.mask[:, None, None].expand(batch, 1, group, q_len, -1).reshape(batch, 1, group * q_len, -1)
     shared = cache.shared
     part = _flash if query.device.type == "cpu" and _flash is not None else _plain_part
-    out, lse = part(queries, key, value, mask, scale)                     # [b, kv, g*q, dim], [b, kv, g*q]
+    if cache.native is not None:
+        out, lse = cache.native(queries, key, value, cache.slot_index, cache.positions, shared, scale)
+    else:
+        out, lse = part(queries, key, value, mask, scale)                 # [b, kv, g*q, dim], [b, kv, g*q]
     if shared:
         root_k, root_v = cache.root[module.layer_idx]
         flat = queries.transpose(0, 1).reshape(1, kv_heads, batch * group * q_len, dim)
@@ -262,7 +287,10 @@ class Engine:
     DRAFT_STEP_COST = 40
 
     def __init__(self, model, slots: int, stop_ids: list[int], pad_id: int, context_length: int | None = None,
-                 draft: bool = True):
+                 draft: bool = True, capacity: int | None = None):
+        """`capacity`: positions a slot needs for the longest conversation expected, where known;
+        the cache is then allocated once at that size instead of growing (a grow copies the whole
+        cache) as longer conversations arrive."""
         reason = supports(model)
         if reason:
             raise ValueError(f"the engine cannot drive this model: {reason}")
@@ -274,8 +302,11 @@ class Engine:
         self.context_length = context_length
         self.draft = draft
         self.device = next(model.parameters()).device
-        self._layout = dict(kv_layout(model.config), dtype=next(model.parameters()).dtype, device=self.device)
+        dtype = next(model.parameters()).dtype
+        native = kernels.decode_attention() if self.device.type == "cpu" and dtype == torch.float32 else None
+        self._layout = dict(kv_layout(model.config), dtype=dtype, device=self.device, native=native)
         self.cache: SlotCache | None = None
+        self.capacity_hint = capacity or 0
         self.active: list[_Slot] = []          # slots 0..n-1 of the cache, in use
         self._index: dict[str, int] = {}
         self._waiting: deque[_Request] = deque()
@@ -368,7 +399,7 @@ class Engine:
                 s.tokens, s.pending, s.reused = s.pending[:reuse], s.pending[reuse:], reuse
 
     def _ensure_capacity(self, need: int) -> None:
-        need = -(-need // 256) * 256
+        need = -(-max(need, self.capacity_hint) // 256) * 256
         if self.cache is None:
             self.cache = SlotCache(slots=self.slots, capacity=need, **self._layout)
         elif need > self.cache.capacity:

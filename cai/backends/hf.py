@@ -187,7 +187,7 @@ class HFBackend:
     def encode(self, conversation: list[dict[str, str]]) -> list[int]:
         return self.tokenizer(self.render(conversation), add_special_tokens=False)["input_ids"]
 
-    def stream(self, params: SamplingParams, width: int):
+    def stream(self, params: SamplingParams, width: int, longest: int | None = None):
         from cai.backends.engine import Engine, supports
 
         reason = supports(self.model)
@@ -196,7 +196,7 @@ class HFBackend:
                 log.info("%s: %s; using plain batched generate", self.model_name, reason)
             return LockstepStream(self, params, width)
         self.engine = Engine(self.model, slots=width, stop_ids=self.stop_ids, pad_id=self.tokenizer.pad_token_id,
-                             context_length=self.context_length, draft=self.draft)
+                             context_length=self.context_length, draft=self.draft, capacity=longest)
         return EngineStream(self, self.engine, params)
 
     def default_width(self) -> int:

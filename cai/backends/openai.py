@@ -269,7 +269,7 @@ class OpenAIBackend:
         """Requests in flight when --batch-size is not given."""
         return 16
 
-    def stream(self, params: SamplingParams, width: int) -> OpenAIStream:
+    def stream(self, params: SamplingParams, width: int, longest: int | None = None) -> OpenAIStream:
         if self._closed:
             raise BackendError(f"{self.model_name}: the backend is closed")
         return OpenAIStream(self, params, width)

@@ -1,0 +1,210 @@
+/* Decode attention over each conversation's own cached positions, for cai's engine on a CPU.
+
+   A decode step asks, for every row of the batch and every kv head, for a handful of queries (the
+   query heads that share the kv head, times the step's 1 + draft ids) against that row's cached
+   keys and values. As a batched matrix product that is thousands of tiny GEMMs, which PyTorch
+   runs at a fifth of memory speed, and every row is padded to the longest row's length. Here each
+   (row, kv head) is one task that streams its own keys and values once, up to that row's own
+   length, with an online softmax: the work the memory bus allows and no more.
+
+   q      [batch, heads, m, dim]      queries; query i of a (row, head) has position
+                                      positions[row, i % q_len] (the engine's group-major order)
+   keys,
+   values [slots, heads, capacity, dim]  the engine's cache; row b reads slot slots[b]
+   keys read: positions start .. positions[row, i % q_len], inclusive (causal)
+   out    [batch, heads, m, dim]      softmax-weighted values
+   lse    [batch, heads, m]           log-sum-exp of each query's scaled scores (what joins this part
+                                      to another under one softmax); -1e30 when it saw no key
+
+   Built on first use by cai/backends/kernels.py with the machine's compiler (-O3 -march=native
+   -ffast-math -fopenmp); no infinities are used, so fast-math is safe. Thread pool: the process's
+   libgomp, which PyTorch has already loaded. */
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#define BLOCK 32          /* keys per block: their scores stay in L1 */
+#define MASKED -1e30f
+
+/* exp(x) for x <= 0, zero below -87 (Cephes' expf: range reduction by ln 2, degree-5 polynomial;
+   relative error about 2e-7). */
+static void exp_inplace(float *x, int n) {
+    int i = 0;
+#ifdef __AVX2__
+    const __m256 lo = _mm256_set1_ps(-87.0f), log2e = _mm256_set1_ps(1.44269504088896341f);
+    const __m256 c1 = _mm256_set1_ps(0.693359375f), c2 = _mm256_set1_ps(-2.12194440e-4f);
+    const __m256 p0 = _mm256_set1_ps(1.9875691500e-4f), p1 = _mm256_set1_ps(1.3981999507e-3f),
+                 p2 = _mm256_set1_ps(8.3334519073e-3f), p3 = _mm256_set1_ps(4.1665795894e-2f),
+                 p4 = _mm256_set1_ps(1.6666665459e-1f), p5 = _mm256_set1_ps(5.0000001201e-1f);
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        __m256 dead = _mm256_cmp_ps(v, lo, _CMP_LT_OQ);
+        v = _mm256_max_ps(v, lo);
+        __m256 k = _mm256_round_ps(_mm256_mul_ps(v, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m256 r = _mm256_fnmadd_ps(k, c1, v);
+        r = _mm256_fnmadd_ps(k, c2, r);
+        __m256 r2 = _mm256_mul_ps(r, r);
+        __m256 y = _mm256_fmadd_ps(p0, r, p1);
+        y = _mm256_fmadd_ps(y, r, p2);
+        y = _mm256_fmadd_ps(y, r, p3);
+        y = _mm256_fmadd_ps(y, r, p4);
+        y = _mm256_fmadd_ps(y, r, p5);
+        y = _mm256_fmadd_ps(y, r2, _mm256_add_ps(r, one));
+        __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+        y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+        _mm256_storeu_ps(x + i, _mm256_andnot_ps(dead, y));
+    }
+#endif
+    for (; i < n; i++)
+        x[i] = x[i] < -87.0f ? 0.0f : expf(x[i]);
+}
+
+static float dot(const float *a, const float *b, int n) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int d = 0; d < n; d++)
+        s += a[d] * b[d];
+    return s;
+}
+
+/* out[0..3] = the dot products of one key with four queries (a repeated pointer for fewer). Four
+   independent sums keep the FMA units busy, where one dot product at a time waits on its own sum. */
+static void dot4(const float *k, const float *q0, const float *q1, const float *q2, const float *q3, int dim,
+                 float *out) {
+#if defined(__AVX2__) && defined(__FMA__)
+    if (dim % 8 == 0) {
+        __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps(), c = _mm256_setzero_ps(), d = _mm256_setzero_ps();
+        for (int i = 0; i < dim; i += 8) {
+            __m256 kv = _mm256_loadu_ps(k + i);
+            a = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + i), kv, a);
+            b = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + i), kv, b);
+            c = _mm256_fmadd_ps(_mm256_loadu_ps(q2 + i), kv, c);
+            d = _mm256_fmadd_ps(_mm256_loadu_ps(q3 + i), kv, d);
+        }
+        __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+        _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+        return;
+    }
+#endif
+    out[0] = dot(q0, k, dim);
+    out[1] = dot(q1, k, dim);
+    out[2] = dot(q2, k, dim);
+    out[3] = dot(q3, k, dim);
+}
+
+/* acc[0..dim) += sum over j < n of p[j] * v[j * dim ..]. With AVX2, 64 columns at a time stay in
+   registers across all n rows (eight independent sums), instead of a load and store per row. */
+static void add_weighted(float *acc, const float *v, const float *p, int n, int64_t dim) {
+    int64_t d = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    for (; d + 64 <= dim; d += 64) {
+        __m256 a0 = _mm256_loadu_ps(acc + d), a1 = _mm256_loadu_ps(acc + d + 8), a2 = _mm256_loadu_ps(acc + d + 16),
+               a3 = _mm256_loadu_ps(acc + d + 24), a4 = _mm256_loadu_ps(acc + d + 32), a5 = _mm256_loadu_ps(acc + d + 40),
+               a6 = _mm256_loadu_ps(acc + d + 48), a7 = _mm256_loadu_ps(acc + d + 56);
+        for (int j = 0; j < n; j++) {
+            const float *row = v + j * dim + d;
+            const __m256 w = _mm256_set1_ps(p[j]);
+            a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(row), a0);
+            a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 8), a1);
+            a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 16), a2);
+            a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 24), a3);
+            a4 = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 32), a4);
+            a5 = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 40), a5);
+            a6 = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 48), a6);
+            a7 = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 56), a7);
+        }
+        _mm256_storeu_ps(acc + d, a0); _mm256_storeu_ps(acc + d + 8, a1); _mm256_storeu_ps(acc + d + 16, a2);
+        _mm256_storeu_ps(acc + d + 24, a3); _mm256_storeu_ps(acc + d + 32, a4); _mm256_storeu_ps(acc + d + 40, a5);
+        _mm256_storeu_ps(acc + d + 48, a6); _mm256_storeu_ps(acc + d + 56, a7);
+    }
+#endif
+    for (int j = 0; j < n; j++) {
+        const float *row = v + j * dim;
+        const float w = p[j];
+#pragma omp simd
+        for (int64_t e = d; e < dim; e++)
+            acc[e] += w * row[e];
+    }
+}
+
+void cai_decode_attention(const float *q, const float *keys, const float *values, const int64_t *slots,
+                          const int64_t *positions, int64_t start, int64_t batch, int64_t heads, int64_t m,
+                          int64_t q_len, int64_t dim, int64_t capacity, float scale, float *out, float *lse,
+                          int threads) {
+#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads)
+    for (int64_t b = 0; b < batch; b++) {
+        for (int64_t h = 0; h < heads; h++) {
+            const float *qs = q + (b * heads + h) * m * dim;
+            const float *ks = keys + (slots[b] * heads + h) * capacity * dim;
+            const float *vs = values + (slots[b] * heads + h) * capacity * dim;
+            const int64_t *pos = positions + b * q_len;
+            float *o = out + (b * heads + h) * m * dim;
+            float *l = lse + (b * heads + h) * m;
+            float top[m], total[m], scores[m][BLOCK];
+            int64_t limit[m], last = start - 1;
+            for (int64_t i = 0; i < m; i++) {
+                limit[i] = pos[i % q_len];
+                if (limit[i] > last) last = limit[i];
+            }
+            if (last >= capacity) last = capacity - 1;
+            for (int64_t i = 0; i < m; i++) {
+                top[i] = MASKED;
+                total[i] = 0.0f;
+            }
+            memset(o, 0, sizeof(float) * m * dim);
+            for (int64_t t0 = start; t0 <= last; t0 += BLOCK) {
+                int n = (int)(last - t0 + 1 < BLOCK ? last - t0 + 1 : BLOCK);
+                for (int j = 0; j < n; j++) {
+                    const float *k = ks + (t0 + j) * dim;
+                    for (int64_t i = 0; i < m; i += 4) {
+                        float four[4];
+                        const float *q0 = qs + i * dim;
+                        dot4(k, q0, i + 1 < m ? q0 + dim : q0, i + 2 < m ? q0 + 2 * dim : q0,
+                             i + 3 < m ? q0 + 3 * dim : q0, (int)dim, four);
+                        for (int64_t u = i; u < i + 4 && u < m; u++)
+                            scores[u][j] = t0 + j <= limit[u] ? four[u - i] * scale : MASKED;
+                    }
+                }
+                for (int64_t i = 0; i < m; i++) {
+                    float *s = scores[i], best = top[i];
+                    for (int j = 0; j < n; j++)
+                        best = s[j] > best ? s[j] : best;
+                    if (best <= MASKED)
+                        continue;                       /* every key of this block is after the query */
+                    float keep = top[i] <= MASKED ? 0.0f : expf(top[i] - best);
+                    for (int j = 0; j < n; j++)
+                        s[j] -= best;
+                    exp_inplace(s, n);
+                    float sum = 0.0f;
+                    for (int j = 0; j < n; j++)
+                        sum += s[j];
+                    total[i] = total[i] * keep + sum;
+                    top[i] = best;
+                    float *acc = o + i * dim;
+                    if (keep != 1.0f) {
+#pragma omp simd
+                        for (int64_t d = 0; d < dim; d++)
+                            acc[d] *= keep;
+                    }
+                    add_weighted(acc, vs + t0 * dim, s, n, dim);
+                }
+            }
+            for (int64_t i = 0; i < m; i++) {
+                if (total[i] > 0.0f) {
+                    const float inv = 1.0f / total[i];
+                    for (int64_t d = 0; d < dim; d++)
+                        o[i * dim + d] *= inv;
+                    l[i] = top[i] + logf(total[i]);
+                } else {
+                    l[i] = MASKED;
+                }
+            }
+        }
+    }
+}

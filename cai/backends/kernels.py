@@ -1,0 +1,120 @@
+"""Native CPU kernels, compiled on first use with the machine's C compiler.
+
+`decode_attention.c` (next to this file) is built once per machine into the cache
+(`cai.models.cache_dir()/kernels`, keyed by the source, the flags and the compiler) and loaded
+with ctypes. `-march=native` is safe because the build runs where it is used; the source stays a
+plain C file, so the package needs no build step and no compiler to install. With no compiler,
+a failed build or `CAI_NO_KERNELS=1`, `decode_attention()` returns None and the engine uses
+PyTorch's kernels instead (same results to float rounding, slower)."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("cai")
+
+SOURCE = Path(__file__).with_name("decode_attention.c")
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC")
+DISABLE = "CAI_NO_KERNELS"
+
+_lock = threading.Lock()
+_loaded: dict[str, object] = {}
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _build(compiler: str) -> Path:
+    """The shared library for this source, flags and compiler: from the cache, else compiled
+    into it (written under a temporary name and renamed, so concurrent runs never load half a file)."""
+    from cai.models import cache_dir
+
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version]).encode()).hexdigest()[:16]
+    for folder in (cache_dir() / "kernels", Path(tempfile.gettempdir()) / f"cai-kernels-{os.getuid()}"):
+        target = folder / f"{SOURCE.stem}-{key}.so"
+        if target.exists():
+            return target
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, partial = tempfile.mkstemp(dir=folder, suffix=".so.partial")
+            os.close(fd)
+        except OSError:
+            continue                           # not writable: try the next place
+        try:
+            result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial, "-lm"],
+                                    capture_output=True, text=True, timeout=300)
+            if result.returncode != 0:
+                raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else
+                                   f"{compiler} exited with {result.returncode}")
+            os.replace(partial, target)
+            return target
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
+    raise RuntimeError("no writable cache folder for the compiled kernel")
+
+
+def _library():
+    """The loaded kernel library, or None (and why, logged once)."""
+    with _lock:
+        if "lib" in _loaded:
+            return _loaded["lib"]
+        lib = None
+        compiler = _compiler()
+        if os.environ.get(DISABLE, "") not in ("", "0"):
+            reason = f"{DISABLE} is set"
+        elif compiler is None:
+            reason = "no C compiler found (cc, gcc or $CC)"
+        else:
+            try:
+                lib = ctypes.CDLL(str(_build(compiler)))
+                function = lib.cai_decode_attention
+                function.restype = None
+                function.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int64] * 7
+                                     + [ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int])
+                reason = None
+            except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as exc:
+                lib, reason = None, f"could not build {SOURCE.name}: {exc}"
+        if reason:
+            log.info("native decode attention off (%s); using PyTorch's kernels", reason)
+        _loaded["lib"] = lib
+        return lib
+
+
+def decode_attention():
+    """The native decode-attention function, or None where it cannot be had."""
+    lib = _library()
+    return None if lib is None else _call
+
+
+def _call(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
+          positions: torch.Tensor, start: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of `queries` [batch, heads, m, dim] over the cached positions `start` ..
+    positions[b, i % q_len] of slot slots[b] in `keys`/`values` [slots, heads, capacity, dim]
+    (float32 on the CPU). Returns (out [batch, heads, m, dim], lse [batch, heads, m])."""
+    lib = _loaded["lib"]
+    queries = queries.contiguous()
+    slots = slots.to(torch.int64).contiguous()
+    positions = positions.to(torch.int64).contiguous()
+    if keys.dtype != torch.float32 or queries.dtype != torch.float32 or not keys.is_contiguous() \
+            or not values.is_contiguous():
+        raise ValueError("decode_attention needs contiguous float32 tensors")
+    batch, heads, m, dim = queries.shape
+    out = torch.empty_like(queries)
+    lse = torch.empty((batch, heads, m), dtype=torch.float32)
+    lib.cai_decode_attention(queries.data_ptr(), keys.data_ptr(), values.data_ptr(), slots.data_ptr(),
+                             positions.data_ptr(), start, batch, heads, m, positions.shape[1], dim,
+                             keys.shape[2], scale, out.data_ptr(), lse.data_ptr(), torch.get_num_threads())
+    return out, lse
