@@ -12,42 +12,46 @@ import pytest
 import torch
 
 from cai.backends import kernels
-from cai.backends.engine import _plain_part
 
 needs_compiler = pytest.mark.skipif(kernels._compiler() is None or os.environ.get(kernels.DISABLE, "") not in ("", "0"),
                                     reason="no C compiler here (or CAI_NO_KERNELS is set)")
 
 
-def _reference(q, keys, values, slots, positions, start):
-    """Plain float64 attention of each row's queries over positions start..positions[b, i % q_len]."""
-    batch, heads, m, dim = q.shape
-    q_len = positions.shape[1]
-    last = int(positions.max()) + 1
-    k = keys[slots][:, :, start:last].double()
-    v = values[slots][:, :, start:last].double()
-    limits = positions[:, torch.arange(m) % q_len]                                     # [batch, m]
-    allowed = torch.arange(start, last)[None, None, :] <= limits[:, :, None]           # [batch, m, kv]
-    mask = torch.zeros(allowed.shape, dtype=torch.float64).masked_fill_(~allowed, float("-inf"))[:, None]
-    return _plain_part(q.double(), k, v, mask, dim ** -0.5)
+def _reference(q, keys, values, slots, offsets, positions, start):
+    """Plain float64 softmax attention, one id at a time: id t of row b, in every query head,
+    over positions start..positions[t] of slot slots[b]."""
+    heads, group, n_ids, dim = q.shape
+    out = torch.zeros(heads, group, n_ids, dim, dtype=torch.float64)
+    lse = torch.zeros(heads, group, n_ids, dtype=torch.float64)
+    for b in range(len(slots)):
+        for t in range(int(offsets[b]), int(offsets[b + 1])):
+            k = keys[slots[b], :, start:int(positions[t]) + 1].double()            # [heads, n, dim]
+            v = values[slots[b], :, start:int(positions[t]) + 1].double()
+            scores = torch.einsum("hgd,hnd->hgn", q[:, :, t].double(), k) * dim ** -0.5
+            lse[:, :, t] = torch.logsumexp(scores, dim=-1)
+            out[:, :, t] = torch.einsum("hgn,hnd->hgd", torch.softmax(scores, dim=-1), v)
+    return out, lse
 
 
 @needs_compiler
 @pytest.mark.parametrize("dim", [64, 128, 16, 40])
-@pytest.mark.parametrize("q_len", [1, 3, 9])
-def test_kernel_matches_plain_attention(dim, q_len):
+@pytest.mark.parametrize("counts", [(1, 1, 1, 1, 1), (1, 3, 9, 2, 16)])
+def test_kernel_matches_plain_attention(dim, counts):
+    """Rows of different lengths and different numbers of ids (a decode step with drafts), slots
+    out of order, GQA groups of 3, head sizes on and off the vectorized paths."""
     native = kernels.decode_attention()
     assert native is not None, "a C compiler is here but the kernel was not built"
-    gen = torch.Generator().manual_seed(dim * 10 + q_len)
+    gen = torch.Generator().manual_seed(dim * 10 + sum(counts))
     slots_total, heads, group, capacity, start = 7, 3, 3, 320, 40
     keys = torch.randn(slots_total, heads, capacity, dim, generator=gen)
     values = torch.randn(slots_total, heads, capacity, dim, generator=gen)
     slots = torch.tensor([5, 0, 3, 6, 2])
-    lengths = torch.tensor([1, 37, 200, 64, 250])        # own positions of each row, drafts included
-    positions = start + lengths[:, None] - q_len + torch.arange(q_len)[None, :]
-    positions = positions.clamp(min=start)
-    q = torch.randn(len(slots), heads, group * q_len, dim, generator=gen) * 2
-    out, lse = native(q, keys, values, slots, positions, start, dim ** -0.5)
-    ref, ref_lse = _reference(q, keys, values, slots, positions, start)
+    lengths = [20, 37, 200, 64, 250]                   # own positions of each row before this step
+    positions = torch.tensor([start + n + j for n, c in zip(lengths, counts) for j in range(c)])
+    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()])
+    q = torch.randn(heads, group, len(positions), dim, generator=gen) * 2
+    out, lse = native(q, keys, values, slots, offsets, positions, start, dim ** -0.5)
+    ref, ref_lse = _reference(q, keys, values, slots, offsets, positions, start)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=1e-5)
 

@@ -7,14 +7,16 @@
    (row, kv head) is one task that streams its own keys and values once, up to that row's own
    length, with an online softmax: the work the memory bus allows and no more.
 
-   q      [batch, heads, m, dim]      queries; query i of a (row, head) has position
-                                      positions[row, i % q_len] (the engine's group-major order)
+   The ids of all rows are packed into one sequence of `tokens` ids: row b owns ids
+   offsets[b] .. offsets[b + 1] - 1, and id t sits at cache position positions[t].
+
+   q      [heads, group, tokens, dim]   queries (query head h*group + g reads kv head h)
    keys,
-   values [slots, heads, capacity, dim]  the engine's cache; row b reads slot slots[b]
-   keys read: positions start .. positions[row, i % q_len], inclusive (causal)
-   out    [batch, heads, m, dim]      softmax-weighted values
-   lse    [batch, heads, m]           log-sum-exp of each query's scaled scores (what joins this part
-                                      to another under one softmax); -1e30 when it saw no key
+   values [slots, heads, capacity, dim] the engine's cache; row b reads slot slots[b]
+   keys read by id t of row b: positions start .. positions[t], inclusive (causal)
+   out    [heads, group, tokens, dim]   softmax-weighted values
+   lse    [heads, group, tokens]        log-sum-exp of each query's scaled scores (what joins this
+                                        part to another under one softmax); -1e30 when it saw no key
 
    Built on first use by cai/backends/kernels.py with the machine's compiler (-O3 -march=native
    -ffast-math -fopenmp); no infinities are used, so fast-math is safe. Thread pool: the process's
@@ -134,39 +136,44 @@ static void add_weighted(float *acc, const float *v, const float *p, int n, int6
 }
 
 void cai_decode_attention(const float *q, const float *keys, const float *values, const int64_t *slots,
-                          const int64_t *positions, int64_t start, int64_t batch, int64_t heads, int64_t m,
-                          int64_t q_len, int64_t dim, int64_t capacity, float scale, float *out, float *lse,
-                          int threads) {
+                          const int64_t *offsets, const int64_t *positions, int64_t start, int64_t rows,
+                          int64_t heads, int64_t group, int64_t tokens, int64_t dim, int64_t capacity, float scale,
+                          float *out, float *lse, int threads) {
 #pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads)
-    for (int64_t b = 0; b < batch; b++) {
+    for (int64_t b = 0; b < rows; b++) {
         for (int64_t h = 0; h < heads; h++) {
-            const float *qs = q + (b * heads + h) * m * dim;
+            const int64_t first = offsets[b], n_ids = offsets[b + 1] - offsets[b], m = group * n_ids;
+            if (m <= 0)
+                continue;
             const float *ks = keys + (slots[b] * heads + h) * capacity * dim;
             const float *vs = values + (slots[b] * heads + h) * capacity * dim;
-            const int64_t *pos = positions + b * q_len;
-            float *o = out + (b * heads + h) * m * dim;
-            float *l = lse + (b * heads + h) * m;
+            /* query i of this task: query head h*group + i / n_ids, id first + i % n_ids */
+            const float *qp[m];
+            float *op[m], *lp[m];
             float top[m], total[m], scores[m][BLOCK];
             int64_t limit[m], last = start - 1;
             for (int64_t i = 0; i < m; i++) {
-                limit[i] = pos[i % q_len];
-                if (limit[i] > last) last = limit[i];
-            }
-            if (last >= capacity) last = capacity - 1;
-            for (int64_t i = 0; i < m; i++) {
+                const int64_t row = (h * group + i / n_ids) * tokens + first + i % n_ids;
+                qp[i] = q + row * dim;
+                op[i] = out + row * dim;
+                lp[i] = lse + row;
+                limit[i] = positions[first + i % n_ids];
+                if (limit[i] > last)
+                    last = limit[i];
                 top[i] = MASKED;
                 total[i] = 0.0f;
+                memset(op[i], 0, sizeof(float) * dim);
             }
-            memset(o, 0, sizeof(float) * m * dim);
+            if (last >= capacity)
+                last = capacity - 1;
             for (int64_t t0 = start; t0 <= last; t0 += BLOCK) {
                 int n = (int)(last - t0 + 1 < BLOCK ? last - t0 + 1 : BLOCK);
                 for (int j = 0; j < n; j++) {
                     const float *k = ks + (t0 + j) * dim;
                     for (int64_t i = 0; i < m; i += 4) {
                         float four[4];
-                        const float *q0 = qs + i * dim;
-                        dot4(k, q0, i + 1 < m ? q0 + dim : q0, i + 2 < m ? q0 + 2 * dim : q0,
-                             i + 3 < m ? q0 + 3 * dim : q0, (int)dim, four);
+                        dot4(k, qp[i], qp[i + 1 < m ? i + 1 : i], qp[i + 2 < m ? i + 2 : i], qp[i + 3 < m ? i + 3 : i],
+                             (int)dim, four);
                         for (int64_t u = i; u < i + 4 && u < m; u++)
                             scores[u][j] = t0 + j <= limit[u] ? four[u - i] * scale : MASKED;
                     }
@@ -186,7 +193,7 @@ void cai_decode_attention(const float *q, const float *keys, const float *values
                         sum += s[j];
                     total[i] = total[i] * keep + sum;
                     top[i] = best;
-                    float *acc = o + i * dim;
+                    float *acc = op[i];
                     if (keep != 1.0f) {
 #pragma omp simd
                         for (int64_t d = 0; d < dim; d++)
@@ -199,10 +206,10 @@ void cai_decode_attention(const float *q, const float *keys, const float *values
                 if (total[i] > 0.0f) {
                     const float inv = 1.0f / total[i];
                     for (int64_t d = 0; d < dim; d++)
-                        o[i * dim + d] *= inv;
-                    l[i] = top[i] + logf(total[i]);
+                        op[i][d] *= inv;
+                    *lp[i] = top[i] + logf(total[i]);
                 } else {
-                    l[i] = MASKED;
+                    *lp[i] = MASKED;
                 }
             }
         }

@@ -74,6 +74,7 @@ class EngineStats:
     decode_steps: int = 0        # decode forwards
     drafted: int = 0             # ids proposed by prompt lookup and checked
     accepted: int = 0            # of those, how many the model agreed with (tokens gained for free)
+    rejected: int = 0            # drafts cut short where the model disagreed
 
 
 @dataclass
@@ -100,14 +101,17 @@ class _Slot:
     reused: int = 0
     lookup: dict = field(default_factory=dict)           # (id, id) → where that pair last ended in tokens
     indexed: int = 0                                     # tokens[:indexed] are in `lookup`
+    agreed: int = 0                                      # this turn's draft ids the model agreed with
+    disagreed: int = 0                                   # and drafts it cut short
 
 
 class SlotCache:
     """Per-layer key/value tensors of shape [slots, kv_heads, capacity, head_dim], plus the root
-    prefix (the first conversation's prompt) once per layer. Before each forward, `bind` says which
-    slots take part, where the new positions go and how much of the root every row shares; the
-    model then calls `update` once per layer (the one Cache method its forward uses) and the
-    engine's attention function reads the rest from here."""
+    prefix (the first conversation's prompt) once per layer. Every forward runs its rows' new ids
+    packed into one sequence (no padding goes through the model's linear layers). Before it,
+    `bind` says which slots take part, how many ids each brings and at which positions, and how
+    much of the root every row shares; the model then calls `update` once per layer (the one Cache
+    method its forward uses) and the engine's attention function reads the rest from here."""
 
     # Forwards of at most this many ids a row (decode steps, drafts included) take their own-part
     # attention from the native kernel where there is one (cai/backends/decode_attention.c);
@@ -122,14 +126,19 @@ class SlotCache:
         self.capacity = capacity
         self.root: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.shared = 0                     # root positions every row of this forward shares
-        self.mask: torch.Tensor | None = None
-        self._rows: slice | torch.Tensor = slice(0, 0)
-        self._batch_index: torch.Tensor | None = None
-        self.positions: torch.Tensor | None = None   # [batch, q] of the forward being run
+        self._native = native               # kernels.decode_attention() or None
+        # the forward being run (see `bind`)
+        self.native = None                  # the native kernel, if this forward uses it
+        self.slots: torch.Tensor | None = None        # [rows] slot of each row
+        self.offsets: torch.Tensor | None = None      # [rows + 1] row b's ids are offsets[b]:offsets[b+1]
+        self.positions: torch.Tensor | None = None    # [ids] cache position of each id
+        self._id_slots: torch.Tensor | None = None    # [ids] slot of each id
+        # PyTorch's kernels: the ids laid out padded, [rows, width], and the additive mask
+        self.pad_index: torch.Tensor | None = None    # [rows, width] id at each place (pads repeat the last)
+        self.id_row: torch.Tensor | None = None       # [ids] row of each id
+        self.id_column: torch.Tensor | None = None    # [ids] place of each id in its row
+        self.mask: torch.Tensor | None = None         # [rows, width, own positions]
         self._kv_len = 0
-        self._native = native                # kernels.decode_attention() or None
-        self.native = None                   # this forward's native kernel, if it uses one
-        self.slot_index: torch.Tensor | None = None
 
     @property
     def bytes(self) -> int:
@@ -143,44 +152,40 @@ class SlotCache:
                 store[i] = new
         self.capacity = capacity
 
-    def bind(self, rows: slice | torch.Tensor, positions: torch.Tensor, kv_len: int, shared: int) -> None:
-        """`rows`: the slots in batch order (a slice is a view, an index tensor a gather);
-        `positions` [batch, q]: where each new token's key and value go; `kv_len`: how many
-        positions attention reads; `shared`: how many leading positions come from the root."""
-        self._rows = rows
-        self.positions = positions
-        self._batch_index = torch.arange(positions.shape[0], device=positions.device)[:, None]
-        self._kv_len = kv_len
+    def bind(self, slots: list[int], counts: list[int], positions: list[int], shared: int) -> None:
+        """Row b of this forward is slot slots[b] and brings counts[b] ids, packed in row order;
+        `positions`: where each id's key and value go; `shared`: how many leading positions
+        every row takes from the root."""
+        device = self.keys[0].device
+        self.slots = torch.tensor(slots, device=device)
+        counts_t = torch.tensor(counts, device=device)
+        self.offsets = torch.nn.functional.pad(counts_t.cumsum(0), (1, 0))
+        self.positions = torch.tensor(positions, device=device)
+        self._id_slots = self.slots.repeat_interleave(counts_t)
+        self._kv_len = max(positions) + 1
         self.shared = shared
-        self.native = self._native if positions.shape[1] <= self.NATIVE_MAX_IDS else None
+        width = max(counts)
+        self.native = self._native if width <= self.NATIVE_MAX_IDS else None
         if self.native is not None:
-            # the kernel reads each row's own length from `positions`: no mask, no padded views
-            self.slot_index = torch.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows
-            self.mask = None
-            return
-        keys = torch.arange(shared, kv_len, device=positions.device)
-        allowed = keys[None, None, :] <= positions[:, :, None]                    # [batch, q, kv]
-        self.mask = torch.zeros(allowed.shape, dtype=self.keys[0].dtype, device=positions.device)
+            return                  # the kernel reads each id's own length from `positions`
+        self.id_row = torch.arange(len(counts), device=device).repeat_interleave(counts_t)
+        self.id_column = torch.arange(len(positions), device=device) - self.offsets[self.id_row]
+        column = torch.minimum(torch.arange(width, device=device)[None, :], counts_t[:, None] - 1)
+        self.pad_index = self.offsets[:-1, None] + column                             # [rows, width]
+        keys = torch.arange(shared, self._kv_len, device=device)
+        allowed = keys[None, None, :] <= self.positions[self.pad_index][:, :, None]    # [rows, width, kv]
+        self.mask = torch.zeros(allowed.shape, dtype=self.keys[0].dtype, device=device)
         self.mask.masked_fill_(~allowed, float("-inf"))
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if self.native is not None:                           # the kernel reads the whole cache
-            for store, new in ((self.keys, key_states), (self.values, value_states)):
-                tensor = store[layer_idx]
-                tensor[self.slot_index[:, None], :, self.positions] = new.transpose(1, 2)
-            return self.keys[layer_idx], self.values[layer_idx]
-        out = []
+        """Writes the forward's keys and values [1, kv_heads, ids, dim] into their slots. Returns
+        what attention reads: the whole cache for the native kernel (it indexes it itself), else
+        each row's own positions from `shared` on, [rows, kv_heads, own, dim]."""
         for store, new in ((self.keys, key_states), (self.values, value_states)):
-            tensor = store[layer_idx]
-            new = new.transpose(1, 2)                         # [batch, q, heads, dim]
-            if isinstance(self._rows, slice):
-                view = tensor[self._rows]
-                view[self._batch_index, :, self.positions] = new
-                out.append(view[:, :, self.shared:self._kv_len])
-            else:
-                tensor[self._rows[:, None], :, self.positions] = new
-                out.append(tensor[self._rows, :, self.shared:self._kv_len])
-        return out[0], out[1]
+            store[layer_idx][self._id_slots, :, self.positions] = new[0].transpose(0, 1)
+        if self.native is not None:
+            return self.keys[layer_idx], self.values[layer_idx]
+        return tuple(store[layer_idx][self.slots, :, self.shared:self._kv_len] for store in (self.keys, self.values))
 
     def copy(self, source: int, target: int, length: int) -> None:
         for store in (self.keys, self.values):
@@ -201,37 +206,38 @@ _bound = threading.local()
 
 def cascade_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
     """Attention over [root prefix | each row's own positions], as a transformers attention
-    function. The root part is one product for all rows at once (every row shares those keys), so
+    function. The root part is one product for all ids at once (every row shares those keys), so
     its keys and values are read once per layer instead of once per row; the two parts are joined
-    under one softmax through their log-sum-exps. `key`/`value` [batch, kv_heads, kv, dim] are the
-    rows' own positions from `shared` on; the additive mask comes from `bind`."""
+    under one softmax through their log-sum-exps. `query` [1, heads, ids, dim] holds the packed
+    ids of every row; `key`/`value` are what `SlotCache.update` returned."""
     cache: SlotCache = _bound.cache
-    batch, q_heads, q_len, dim = query.shape
-    kv_heads = key.shape[1]
+    _, q_heads, n_ids, dim = query.shape
+    kv_heads = cache.keys[0].shape[1]
     group = q_heads // kv_heads
     scale = scaling if scaling is not None else dim ** -0.5
     # Query heads h*group … h*group+group-1 read kv head h (transformers' repeat_kv order), so a
-    # kv head's queries are one block of group*q_len rows, and one mask row serves each query.
-    queries = query.reshape(batch, kv_heads, group * q_len, dim)
-    mask = None if cache.mask is None else \
-        cache.mask[:, None, None].expand(batch, 1, group, q_len, -1).reshape(batch, 1, group * q_len, -1)
-    shared = cache.shared
+    # kv head's queries are one block of group*ids rows.
+    queries = query[0].reshape(kv_heads, group, n_ids, dim)
     part = _flash if query.device.type == "cpu" and _flash is not None else _plain_part
     if cache.native is not None:
-        out, lse = cache.native(queries, key, value, cache.slot_index, cache.positions, shared, scale)
+        out, lse = cache.native(queries, key, value, cache.slots, cache.offsets, cache.positions, cache.shared, scale)
     else:
-        out, lse = part(queries, key, value, mask, scale)                 # [b, kv, g*q, dim], [b, kv, g*q]
-    if shared:
+        # PyTorch's kernels want rows padded to one width: lay the ids out so, run, and pick them back
+        rows, width = cache.pad_index.shape
+        padded = queries[:, :, cache.pad_index].permute(2, 0, 1, 3, 4).reshape(rows, kv_heads, group * width, dim)
+        mask = cache.mask[:, None, None].expand(rows, 1, group, width, -1).reshape(rows, 1, group * width, -1)
+        out, lse = part(padded, key, value, mask, scale)           # [rows, kv, g*width, dim], [rows, kv, g*width]
+        out = out.view(rows, kv_heads, group, width, dim)[cache.id_row, :, :, cache.id_column].permute(1, 2, 0, 3)
+        lse = lse.view(rows, kv_heads, group, width)[cache.id_row, :, :, cache.id_column].permute(1, 2, 0)
+    if cache.shared:
         root_k, root_v = cache.root[module.layer_idx]
-        flat = queries.transpose(0, 1).reshape(1, kv_heads, batch * group * q_len, dim)
-        common, common_lse = part(flat, root_k[None, :, :shared], root_v[None, :, :shared], None, scale)
-        common = common[0].view(kv_heads, batch, group * q_len, dim).transpose(0, 1)
-        common_lse = common_lse[0].view(kv_heads, batch, group * q_len).transpose(0, 1)
+        flat = queries.reshape(1, kv_heads, group * n_ids, dim)
+        common, common_lse = part(flat, root_k[None, :, :cache.shared], root_v[None, :, :cache.shared], None, scale)
+        common, common_lse = common.view(kv_heads, group, n_ids, dim), common_lse.view(kv_heads, group, n_ids)
         top = torch.maximum(lse, common_lse)
         own_w, common_w = (lse - top).exp_(), (common_lse - top).exp_()
         out = (out * own_w[..., None] + common * common_w[..., None]) / (own_w + common_w)[..., None]
-    out = out.view(batch, kv_heads, group, q_len, dim).permute(0, 3, 1, 2, 4)
-    return out.reshape(batch, q_len, q_heads, dim), None
+    return out.reshape(q_heads, n_ids, dim).transpose(0, 1)[None], None
 
 
 def _plain_part(queries, key, value, mask, scale):
@@ -277,14 +283,13 @@ class Engine:
 
     # Prompt-lookup drafting (greedy turns only): a row whose last two ids occurred earlier in its
     # conversation proposes the ids that followed them there, up to DRAFT_MAX; one forward checks
-    # them all, and every id the model agrees with saves a decode step (the small model repeats
-    # itself and its revisions copy its answers). All rows of a forward share one width, so a
-    # draft is worth its columns only where the step's fixed cost (attention reads, per-op
-    # overhead; DRAFT_STEP_COST rows' worth of compute, measured on a 2-core CPU) shared among
-    # few rows outweighs the compute spent on padding and rejected ids: drafts are long in the
-    # tail of a run and absent in a full batch unless nearly every row has one.
+    # them all, and every id the model agrees with saves the row a decode step (the small model
+    # repeats itself and its revisions copy its answers). Ids are packed, so a draft costs only its
+    # own columns; it is worth them where a step's fixed cost (reading the weights and the
+    # attention's keys, per-op overhead: DRAFT_STEP_COST ids' worth of compute, measured on a
+    # 2-core CPU as ~60 ms against ~5 ms an id) is shared among few rows. See `_draft_length`.
     DRAFT_MAX = 8
-    DRAFT_STEP_COST = 40
+    DRAFT_STEP_COST = 12
 
     def __init__(self, model, slots: int, stop_ids: list[int], pad_id: int, context_length: int | None = None,
                  draft: bool = True, capacity: int | None = None):
@@ -357,6 +362,7 @@ class Engine:
         reuse = min(reusable, len(request.tokens) - 1)     # at least one id must run to give logits
         slot.tokens = slot.tokens[:reuse]
         slot.lookup, slot.indexed = {}, 0
+        slot.agreed = slot.disagreed = 0
         slot.pending = request.tokens[reuse:]
         slot.root_shared = min(slot.root_shared, reuse)
         slot.generated = []
@@ -444,23 +450,26 @@ class Engine:
             groups.append([i])
         return groups
 
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, rows: slice | torch.Tensor,
-                 slots: list[_Slot], keep: list[int] | None = None) -> torch.Tensor:
-        """Runs the model on `input_ids` [batch, q], token j of row b at position positions[b, j],
-        attending to every earlier position of its own slot; returns the last position's logits
-        [batch, vocab], or with `keep` (batch rows) every position's, [len(keep), q, vocab]."""
+    def _forward(self, rows: list[int], ids: list[list[int]], every: bool = False) -> torch.Tensor:
+        """Runs the model on each row's new ids (slot rows[b]'s ids go at the positions after those
+        it holds), all rows packed into one sequence, each id attending to every earlier position of
+        its own conversation. Returns the logits of each row's last id, [rows, vocab], or with
+        `every` those of every id, packed in row order, [ids, vocab]."""
+        slots = [self.active[i] for i in rows]
+        counts = [len(x) for x in ids]
+        positions = [len(s.tokens) + j for s, n in zip(slots, counts) for j in range(n)]
         shared = min(s.root_shared for s in slots) if self.cache.root else 0
-        self.cache.bind(rows, positions, int(positions.max()) + 1, shared)
+        self.cache.bind(rows, counts, positions, shared)
+        packed = torch.tensor([[t for x in ids for t in x]], device=self.device)
         _bound.cache = self.cache
         try:
-            hidden = self.model.model(input_ids=input_ids, position_ids=positions, past_key_values=self.cache,
-                                      use_cache=True).last_hidden_state
+            hidden = self.model.model(input_ids=packed, position_ids=self.cache.positions[None],
+                                      past_key_values=self.cache, use_cache=True).last_hidden_state[0]
         finally:
             _bound.cache = None
-        if keep is None:
-            return self._logits(hidden[:, -1, :]).float()
-        kept = hidden[keep]
-        return self._logits(kept.reshape(-1, kept.shape[-1])).float().view(*kept.shape[:2], -1)
+        if not every:
+            hidden = hidden[self.cache.offsets[1:] - 1]
+        return self._logits(hidden).float()
 
     # A float32 output projection in slices of this many vocabulary rows: one [rows, hidden] ×
     # [hidden, 49k] product runs at a fraction of the speed of the same work in slices (26 against
@@ -478,17 +487,8 @@ class Engine:
 
     def _prefill(self, group: list[int], finished: list) -> None:
         slots = [self.active[i] for i in group]
-        width = max(len(s.pending) for s in slots)
-        self._ensure_capacity(max(len(s.tokens) for s in slots) + width)
-        ids, positions = [], []
-        for s in slots:
-            start, n = len(s.tokens), len(s.pending)
-            # Padding goes first, so every row's last real id is the last column; pad ids are
-            # written past the row's real end, where no real query looks.
-            ids.append([self.pad_id] * (width - n) + s.pending)
-            positions.append(list(range(start + n, start + width)) + list(range(start, start + n)))
-        logits = self._forward(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
-                               torch.tensor(group, device=self.device), slots)
+        self._ensure_capacity(max(len(s.tokens) + len(s.pending) for s in slots))
+        logits = self._forward(group, [s.pending for s in slots])
         for s in slots:
             self.stats.prefill_computed += len(s.pending)
             self.stats.prefill_reused += s.reused
@@ -497,24 +497,17 @@ class Engine:
         self._advance(group, logits, finished)
 
     def _decode(self, finished: list) -> None:
-        n = len(self.active)
         rows = [i for i, s in enumerate(self.active) if s.state == "decode"]
-        # Drafts never grow the cache: every row's columns must fit in the positions it has.
-        room = self.cache.capacity - max(len(s.tokens) for s in self.active) - 1
-        drafts = self._drafts(rows, n) if room > 0 else {}
-        drafts = {i: d[:room] for i, d in drafts.items()}
-        width = 1 + max((len(d) for d in drafts.values()), default=0)
+        drafts = self._drafts(rows)
         self.stats.decode_steps += 1
-        # Rows carry their last id and their draft, padded on the right: a pad's key and value land
-        # past the row's real end, where no query looks and the next real id overwrites them.
-        ids = []
-        for i, s in enumerate(self.active):
-            row = ([s.generated[-1]] + drafts.get(i, [])) if s.state == "decode" else []
-            ids.append(row + [self.pad_id] * (width - len(row)))
-        positions = torch.tensor([[len(s.tokens) + j for j in range(width)] for s in self.active], device=self.device)
-        logits = self._forward(torch.tensor(ids, device=self.device), positions, slice(0, n), self.active, keep=rows)
+        # Each row brings its last id and its draft (if any): one id more than it has accepted.
+        ids = [[self.active[i].generated[-1]] + drafts.get(i, []) for i in rows]
+        logits = self._forward(rows, ids, every=True)
+        starts = [0]
+        for row in ids:
+            starts.append(starts[-1] + len(row))
         plain = [k for k, i in enumerate(rows) if i not in drafts]
-        first = logits[:, 0] if len(plain) == len(rows) else logits[plain, 0]
+        first = logits if len(plain) == len(rows) else logits[[starts[k] for k in plain]]
         picks = dict(zip((rows[k] for k in plain), self._pick(first, [self.active[rows[k]] for k in plain])))
         greedy = logits.argmax(dim=-1).tolist() if drafts else []
         for k, i in enumerate(rows):
@@ -525,18 +518,24 @@ class Engine:
                 continue
             draft = drafts[i]
             self.stats.drafted += len(draft)
-            for j, token in enumerate(greedy[k]):
-                if not self._accept(s, token, finished) or j >= len(draft) or token != draft[j]:
+            for j, token in enumerate(greedy[starts[k]:starts[k + 1]]):
+                if not self._accept(s, token, finished) or j >= len(draft):
+                    break
+                if token != draft[j]:
+                    self.stats.rejected += 1
+                    s.disagreed += 1
                     break
                 # the model agrees with the draft: that id's key and value, computed in this
                 # forward, are the conversation's own
                 s.tokens.append(token)
                 self.stats.accepted += 1
+                s.agreed += 1
 
-    def _drafts(self, rows: list[int], n: int) -> dict[int, list[int]]:
-        """Prompt-lookup drafts for greedy rows, cut to the width that keeps padding in check."""
-        if not self.draft or not rows:
+    def _drafts(self, rows: list[int]) -> dict[int, list[int]]:
+        """Prompt-lookup drafts for greedy rows, as long as they are worth their columns."""
+        if not self.draft:
             return {}
+        worth = 1 + self.DRAFT_STEP_COST / len(rows)
         drafts = {}
         for i in rows:
             s = self.active[i]
@@ -550,22 +549,32 @@ class Engine:
             end = s.lookup.get((tokens[-1], s.generated[-1]))
             if end is None:
                 continue
-            # what followed that pair then; one forward yields the draft plus one id, so no more
-            # than the turn has left
-            draft = tokens[end + 1:end + 1 + self.DRAFT_MAX]
-            if len(draft) < self.DRAFT_MAX:
+            # agreement per draft id, from the turn's own record (a revision that copies its answer
+            # agrees far more often than a first answer does) and a prior of 90%
+            rate = (s.agreed + 3.6) / (s.agreed + s.disagreed + 4)
+            longest = self._draft_length(rate, worth)
+            # what followed that pair then (up to the row's last id, not yet in `tokens`)
+            draft = tokens[end + 1:end + 1 + longest]
+            if len(draft) < longest:
                 draft.append(s.generated[-1])
-            draft = draft[:s.request.max_new_tokens - len(s.generated) - 1]
+            # one forward yields the draft plus one id: no more than the turn has left, and never
+            # past the cache's room (drafts do not grow it)
+            draft = draft[:min(longest, s.request.max_new_tokens - len(s.generated) - 1,
+                               self.cache.capacity - len(tokens) - 2)]
             if draft:
                 drafts[i] = draft
-        # An accepted id saves its share of a step (STEP_COST / n columns) and costs nothing extra
-        # (it is computed now instead of later); every other extra column costs one column. The
-        # acceptance rate is this run's so far (from a prior of 80%).
-        rate = (self.stats.accepted + 8) / (self.stats.drafted + 10)
-        gain = 1 + self.DRAFT_STEP_COST / n
-        size = max((k for k in range(1, self.DRAFT_MAX + 1)
-                    if rate * sum(min(len(d), k) for d in drafts.values()) * gain >= n * k), default=0)
-        return {i: d[:size] for i, d in drafts.items()} if size else {}
+        return drafts
+
+    def _draft_length(self, rate: float, worth: float) -> int:
+        """How many draft ids a row may bring. A draft's j-th id counts only if the model agreed
+        with all before it: at `rate` of agreement per id, that is rate**j. An id that counts saves
+        its row a later step, worth DRAFT_STEP_COST / rows ids of compute; one that does not costs
+        its own; so the j-th id is worth bringing while rate**j * `worth` >= 1, `worth` being
+        1 + DRAFT_STEP_COST / rows: long drafts when few rows share a step, short in a full batch."""
+        length = 0
+        while length < self.DRAFT_MAX and rate ** (length + 1) * worth >= 1:
+            length += 1
+        return length
 
     def _advance(self, rows: list[int], logits: torch.Tensor, finished: list) -> None:
         picks = self._pick(logits, [self.active[i] for i in rows])

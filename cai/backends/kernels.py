@@ -82,7 +82,7 @@ def _library():
                 lib = ctypes.CDLL(str(_build(compiler)))
                 function = lib.cai_decode_attention
                 function.restype = None
-                function.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int64] * 7
+                function.argtypes = ([ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7
                                      + [ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int])
                 reason = None
             except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as exc:
@@ -100,21 +100,23 @@ def decode_attention():
 
 
 def _call(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
-          positions: torch.Tensor, start: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of `queries` [batch, heads, m, dim] over the cached positions `start` ..
-    positions[b, i % q_len] of slot slots[b] in `keys`/`values` [slots, heads, capacity, dim]
-    (float32 on the CPU). Returns (out [batch, heads, m, dim], lse [batch, heads, m])."""
+          offsets: torch.Tensor, positions: torch.Tensor, start: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of packed queries over each row's own cached positions.
+
+    queries [heads, group, tokens, dim]: the ids of all rows in one sequence, row b's at
+    offsets[b] .. offsets[b+1]-1; id t sees positions start .. positions[t] of slot slots[b] in
+    `keys`/`values` [slots, heads, capacity, dim] (float32, CPU, contiguous). Returns
+    (out [heads, group, tokens, dim], lse [heads, group, tokens])."""
     lib = _loaded["lib"]
     queries = queries.contiguous()
-    slots = slots.to(torch.int64).contiguous()
-    positions = positions.to(torch.int64).contiguous()
+    slots, offsets, positions = (t.to(torch.int64).contiguous() for t in (slots, offsets, positions))
     if keys.dtype != torch.float32 or queries.dtype != torch.float32 or not keys.is_contiguous() \
             or not values.is_contiguous():
         raise ValueError("decode_attention needs contiguous float32 tensors")
-    batch, heads, m, dim = queries.shape
+    heads, group, tokens, dim = queries.shape
     out = torch.empty_like(queries)
-    lse = torch.empty((batch, heads, m), dtype=torch.float32)
+    lse = torch.empty((heads, group, tokens), dtype=torch.float32)
     lib.cai_decode_attention(queries.data_ptr(), keys.data_ptr(), values.data_ptr(), slots.data_ptr(),
-                             positions.data_ptr(), start, batch, heads, m, positions.shape[1], dim,
-                             keys.shape[2], scale, out.data_ptr(), lse.data_ptr(), torch.get_num_threads())
+                             offsets.data_ptr(), positions.data_ptr(), start, slots.shape[0], heads, group, tokens,
+                             dim, keys.shape[2], scale, out.data_ptr(), lse.data_ptr(), torch.get_num_threads())
     return out, lse
