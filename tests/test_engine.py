@@ -97,7 +97,7 @@ def test_engine_uses_the_native_kernel_where_it_is_built():
     model, _ = _tiny("llama")
     engine = Engine(model, slots=2, stop_ids=[], pad_id=0)
     _run(engine, {"a": [5, 6, 7]}, 3)
-    assert engine.cache._native is not None
+    assert engine.cache.native is not None
 
 
 @pytest.mark.parametrize("draft", [True, False])

@@ -126,14 +126,15 @@ class SlotCache:
         self.capacity = capacity
         self.root: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.shared = 0                     # root positions every row of this forward shares
-        self._native = native               # kernels.decode_attention() or None
+        self.native = native                # kernels.decode_attention() or None
         # the forward being run (see `bind`)
-        self.native = None                  # the native kernel, if this forward uses it
         self.slots: torch.Tensor | None = None        # [rows] slot of each row
         self.offsets: torch.Tensor | None = None      # [rows + 1] row b's ids are offsets[b]:offsets[b+1]
         self.positions: torch.Tensor | None = None    # [ids] cache position of each id
         self._id_slots: torch.Tensor | None = None    # [ids] slot of each id
-        # PyTorch's kernels: the ids laid out padded, [rows, width], and the additive mask
+        self.native_rows = 0                          # leading rows the native kernel takes
+        self.first_padded = 0                         # first id of the rows PyTorch's kernels take
+        # for PyTorch's kernels: those rows' ids laid out padded, [rows, width], and the mask
         self.pad_index: torch.Tensor | None = None    # [rows, width] id at each place (pads repeat the last)
         self.id_row: torch.Tensor | None = None       # [ids] row of each id
         self.id_column: torch.Tensor | None = None    # [ids] place of each id in its row
@@ -155,37 +156,47 @@ class SlotCache:
     def bind(self, slots: list[int], counts: list[int], positions: list[int], shared: int) -> None:
         """Row b of this forward is slot slots[b] and brings counts[b] ids, packed in row order;
         `positions`: where each id's key and value go; `shared`: how many leading positions
-        every row takes from the root."""
+        every row takes from the root. Leading rows of at most NATIVE_MAX_IDS ids (decode rows
+        come first) go to the native kernel where there is one; the rest to PyTorch's kernels."""
         device = self.keys[0].device
         self.slots = torch.tensor(slots, device=device)
         counts_t = torch.tensor(counts, device=device)
         self.offsets = torch.nn.functional.pad(counts_t.cumsum(0), (1, 0))
         self.positions = torch.tensor(positions, device=device)
         self._id_slots = self.slots.repeat_interleave(counts_t)
-        self._kv_len = max(positions) + 1
         self.shared = shared
-        width = max(counts)
-        self.native = self._native if width <= self.NATIVE_MAX_IDS else None
-        if self.native is not None:
-            return                  # the kernel reads each id's own length from `positions`
-        self.id_row = torch.arange(len(counts), device=device).repeat_interleave(counts_t)
-        self.id_column = torch.arange(len(positions), device=device) - self.offsets[self.id_row]
-        column = torch.minimum(torch.arange(width, device=device)[None, :], counts_t[:, None] - 1)
-        self.pad_index = self.offsets[:-1, None] + column                             # [rows, width]
+        short = 0
+        while self.native is not None and short < len(counts) and counts[short] <= self.NATIVE_MAX_IDS:
+            short += 1
+        self.native_rows = short
+        self.first_padded = sum(counts[:short])       # ids from here on go to PyTorch's kernels
+        if short == len(counts):
+            self.pad_index = None
+            return
+        # PyTorch's kernels want rows padded to one width: row b's j-th id at [b, j]
+        rest = counts_t[short:]
+        rows, width = len(rest), int(rest.max())
+        starts = self.offsets[short:-1]
+        self.id_row = torch.arange(rows, device=device).repeat_interleave(rest)
+        self.id_column = torch.arange(self.first_padded, len(positions), device=device) - starts[self.id_row]
+        column = torch.minimum(torch.arange(width, device=device)[None, :], rest[:, None] - 1)
+        self.pad_index = starts[:, None] + column                                     # [rows, width]
+        self._kv_len = int(self.positions[self.first_padded:].max()) + 1
         keys = torch.arange(shared, self._kv_len, device=device)
         allowed = keys[None, None, :] <= self.positions[self.pad_index][:, :, None]    # [rows, width, kv]
         self.mask = torch.zeros(allowed.shape, dtype=self.keys[0].dtype, device=device)
         self.mask.masked_fill_(~allowed, float("-inf"))
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        """Writes the forward's keys and values [1, kv_heads, ids, dim] into their slots. Returns
-        what attention reads: the whole cache for the native kernel (it indexes it itself), else
-        each row's own positions from `shared` on, [rows, kv_heads, own, dim]."""
+        """Writes the forward's keys and values [1, kv_heads, ids, dim] into their slots and
+        returns the layer's whole cache (attention reads each row's part from it)."""
         for store, new in ((self.keys, key_states), (self.values, value_states)):
             store[layer_idx][self._id_slots, :, self.positions] = new[0].transpose(0, 1)
-        if self.native is not None:
-            return self.keys[layer_idx], self.values[layer_idx]
-        return tuple(store[layer_idx][self.slots, :, self.shared:self._kv_len] for store in (self.keys, self.values))
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def padded_part(self, keys: torch.Tensor) -> torch.Tensor:
+        """The own positions [shared, kv_len) of the rows PyTorch's kernels take: [rows, kv_heads, own, dim]."""
+        return keys[self.slots[self.native_rows:], :, self.shared:self._kv_len]
 
     def copy(self, source: int, target: int, length: int) -> None:
         for store in (self.keys, self.values):
@@ -219,16 +230,22 @@ def cascade_attention(module, query, key, value, attention_mask=None, scaling=No
     # kv head's queries are one block of group*ids rows.
     queries = query[0].reshape(kv_heads, group, n_ids, dim)
     part = _flash if query.device.type == "cpu" and _flash is not None else _plain_part
-    if cache.native is not None:
-        out, lse = cache.native(queries, key, value, cache.slots, cache.offsets, cache.positions, cache.shared, scale)
-    else:
+    out = lse = None
+    if cache.native_rows:
+        out, lse = cache.native(queries, key, value, cache.slots[:cache.native_rows],
+                                cache.offsets[:cache.native_rows + 1], cache.positions, cache.shared, scale)
+    if cache.pad_index is not None:
         # PyTorch's kernels want rows padded to one width: lay the ids out so, run, and pick them back
         rows, width = cache.pad_index.shape
         padded = queries[:, :, cache.pad_index].permute(2, 0, 1, 3, 4).reshape(rows, kv_heads, group * width, dim)
         mask = cache.mask[:, None, None].expand(rows, 1, group, width, -1).reshape(rows, 1, group * width, -1)
-        out, lse = part(padded, key, value, mask, scale)           # [rows, kv, g*width, dim], [rows, kv, g*width]
-        out = out.view(rows, kv_heads, group, width, dim)[cache.id_row, :, :, cache.id_column].permute(1, 2, 0, 3)
-        lse = lse.view(rows, kv_heads, group, width)[cache.id_row, :, :, cache.id_column].permute(1, 2, 0)
+        o, l = part(padded, cache.padded_part(key), cache.padded_part(value), mask, scale)
+        o = o.view(rows, kv_heads, group, width, dim)[cache.id_row, :, :, cache.id_column].permute(1, 2, 0, 3)
+        l = l.view(rows, kv_heads, group, width)[cache.id_row, :, :, cache.id_column].permute(1, 2, 0)
+        if out is None:
+            out, lse = o, l
+        else:
+            out[:, :, cache.first_padded:], lse[:, :, cache.first_padded:] = o, l
     if cache.shared:
         root_k, root_v = cache.root[module.layer_idx]
         flat = queries.reshape(1, kv_heads, group * n_ids, dim)
@@ -424,16 +441,19 @@ class Engine:
             # The first conversation goes alone and becomes the root the others start from.
             first = next((i for i in prefill if self.active[i].fresh), prefill[0])
             self.active[first].fresh = False
-            self._prefill([first], finished)
+            self._run([], [first], finished)
             self._root_tokens = list(self.active[first].tokens)
             self.active[first].root_shared = len(self._root_tokens)
             self.cache.save_root(first, len(self._root_tokens))
             prefill.remove(first)
         self._share_root(prefill)
-        for group in self._prefill_groups(prefill):
-            self._prefill(group, finished)
-        if any(s.state == "decode" for s in self.active):
-            self._decode(finished)
+        groups = self._prefill_groups(prefill)
+        for group in groups[:-1]:
+            self._run([], group, finished)
+        # the decode step carries the last prefill group: one forward's fixed cost instead of two
+        decode = [i for i, s in enumerate(self.active) if s.state == "decode"]
+        if decode or groups:
+            self._run(decode, groups[-1] if groups else [], finished)
         return finished
 
     def _prefill_groups(self, rows: list[int]) -> list[list[int]]:
@@ -450,11 +470,11 @@ class Engine:
             groups.append([i])
         return groups
 
-    def _forward(self, rows: list[int], ids: list[list[int]], every: bool = False) -> torch.Tensor:
+    def _forward(self, rows: list[int], ids: list[list[int]], every: int = 0) -> torch.Tensor:
         """Runs the model on each row's new ids (slot rows[b]'s ids go at the positions after those
         it holds), all rows packed into one sequence, each id attending to every earlier position of
-        its own conversation. Returns the logits of each row's last id, [rows, vocab], or with
-        `every` those of every id, packed in row order, [ids, vocab]."""
+        its own conversation. Returns logits [k, vocab]: those of every id of the first `every`
+        rows, then those of the last id of each other row."""
         slots = [self.active[i] for i in rows]
         counts = [len(x) for x in ids]
         positions = [len(s.tokens) + j for s, n in zip(slots, counts) for j in range(n)]
@@ -467,8 +487,9 @@ class Engine:
                                       past_key_values=self.cache, use_cache=True).last_hidden_state[0]
         finally:
             _bound.cache = None
-        if not every:
-            hidden = hidden[self.cache.offsets[1:] - 1]
+        offsets = self.cache.offsets
+        if every < len(rows):
+            hidden = torch.cat([hidden[:offsets[every]], hidden[offsets[every + 1:] - 1]])
         return self._logits(hidden).float()
 
     # A float32 output projection in slices of this many vocabulary rows: one [rows, hidden] ×
@@ -485,27 +506,32 @@ class Engine:
         logits = torch.cat([torch.nn.functional.linear(hidden, w) for w in self._head_slices], dim=-1)
         return logits + head.bias if head.bias is not None else logits
 
-    def _prefill(self, group: list[int], finished: list) -> None:
-        slots = [self.active[i] for i in group]
-        self._ensure_capacity(max(len(s.tokens) + len(s.pending) for s in slots))
-        logits = self._forward(group, [s.pending for s in slots])
-        for s in slots:
+    def _run(self, decode: list[int], prefill: list[int], finished: list) -> None:
+        """One forward: every decode row's last id (and its draft), every prefill row's pending ids."""
+        drafts = self._drafts(decode, len(decode) + len(prefill)) if decode else {}
+        pending = [self.active[i] for i in prefill]
+        if pending:
+            self._ensure_capacity(max(len(s.tokens) + len(s.pending) for s in pending))
+        # Each decode row brings its last id and its draft: one id more than it has accepted.
+        ids = [[self.active[i].generated[-1]] + drafts.get(i, []) for i in decode] + [s.pending for s in pending]
+        logits = self._forward(decode + prefill, ids, every=len(decode))
+        decoded = sum(len(x) for x in ids[:len(decode)])
+        if decode:
+            self._take_decoded(decode, drafts, logits[:decoded], finished)
+        for s in pending:
             self.stats.prefill_computed += len(s.pending)
             self.stats.prefill_reused += s.reused
             s.tokens = s.tokens + s.pending
             s.pending = []
-        self._advance(group, logits, finished)
+        if prefill:
+            self._advance(prefill, logits[decoded:], finished)
 
-    def _decode(self, finished: list) -> None:
-        rows = [i for i, s in enumerate(self.active) if s.state == "decode"]
-        drafts = self._drafts(rows)
+    def _take_decoded(self, rows: list[int], drafts: dict[int, list[int]], logits: torch.Tensor, finished: list) -> None:
+        """Each decode row's next id, and as many of its draft's as the model agreed with."""
         self.stats.decode_steps += 1
-        # Each row brings its last id and its draft (if any): one id more than it has accepted.
-        ids = [[self.active[i].generated[-1]] + drafts.get(i, []) for i in rows]
-        logits = self._forward(rows, ids, every=True)
         starts = [0]
-        for row in ids:
-            starts.append(starts[-1] + len(row))
+        for i in rows:
+            starts.append(starts[-1] + 1 + len(drafts.get(i, [])))
         plain = [k for k, i in enumerate(rows) if i not in drafts]
         first = logits if len(plain) == len(rows) else logits[[starts[k] for k in plain]]
         picks = dict(zip((rows[k] for k in plain), self._pick(first, [self.active[rows[k]] for k in plain])))
@@ -531,11 +557,12 @@ class Engine:
                 self.stats.accepted += 1
                 s.agreed += 1
 
-    def _drafts(self, rows: list[int]) -> dict[int, list[int]]:
-        """Prompt-lookup drafts for greedy rows, as long as they are worth their columns."""
+    def _drafts(self, rows: list[int], sharing: int) -> dict[int, list[int]]:
+        """Prompt-lookup drafts for greedy rows, as long as they are worth their columns;
+        `sharing`: how many rows share the step."""
         if not self.draft:
             return {}
-        worth = 1 + self.DRAFT_STEP_COST / len(rows)
+        worth = 1 + self.DRAFT_STEP_COST / sharing
         drafts = {}
         for i in rows:
             s = self.active[i]
