@@ -27,9 +27,11 @@ def test_generate_writes_one_record_per_prompt(tiny_model, tmp_path):
     assert result.exit_code == 0, result.output
     records = read_jsonl(out)
     source = [json.loads(line) for line in EXAMPLES.read_text().splitlines()]
-    assert [r["id"] for r in records] == [s["id"] for s in source]
-    assert [r["prompt"] for r in records] == [s["prompt"] for s in source]
+    # records come out as their conversations finish (continuous batching), not in input order
+    assert sorted(r["id"] for r in records) == sorted(s["id"] for s in source)
+    prompts = {s["id"]: s["prompt"] for s in source}
     for r in records:
+        assert r["prompt"] == prompts[r["id"]]
         assert set(r) == {"id", "prompt", "chosen", "rejected", "principle", "critique", "rounds", "meta"}
         assert isinstance(r["chosen"], str) and isinstance(r["rejected"], str)
         assert len(r["rounds"]) == 1
