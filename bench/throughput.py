@@ -11,7 +11,7 @@ their records must be the same: the bench compares them and says how many agree.
     python bench/throughput.py --naive-limit 64 --json bench/throughput.json
     python bench/throughput.py --dtype int8 --json bench/throughput-int8.json
 
-The straightforward loop takes about 20-25 s a pair here, so by default it runs on the first 16
+The straightforward loop takes about 15-25 s a pair here, so by default it runs on the first 16
 prompts only (--naive-limit); rates are per pair and per token, and the records are compared on
 those prompts. Prints a table; --json writes the same figures."""
 

@@ -10,7 +10,11 @@ What makes it fast on a CPU (and sound on a GPU):
     previous turn of the same conversation) or, for a new conversation, against the first
     conversation seen (the shared system prompt and few-shot turns); only the part that differs
     is encoded;
-  * prefills are grouped by length so that padding stays small.
+  * packed forwards: the rows' new ids run as one sequence, so no padding goes through the
+    linear layers; a step's decode rows and the turns waiting to be encoded share one forward;
+  * attention over each row's own positions by a native kernel (kernels.py) that reads each row
+    to its own length; rows encoding a long turn go, padded and grouped by length, through
+    PyTorch's flash kernel.
 
 The engine speaks token ids only: the HF backend owns the tokenizer and the chat template. It
 drives the model's own forward (so rotary embeddings, norms and MLPs are the model's), handing it
