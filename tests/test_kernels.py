@@ -86,3 +86,16 @@ def test_a_compile_error_falls_back_to_pytorch(tmp_path, monkeypatch):
     monkeypatch.delenv(kernels.DISABLE, raising=False)
     monkeypatch.setattr(kernels, "_loaded", {})
     assert kernels.decode_attention() is None
+
+
+@needs_compiler
+def test_each_cpu_gets_its_own_build(tmp_path, monkeypatch):
+    """`-march=native` code is only safe on the CPU that built it: a cache folder shared by machines
+    with other CPUs (a home on NFS) must hold one build per CPU, never hand one CPU another's."""
+    monkeypatch.setenv("CAI_CACHE_DIR", str(tmp_path))
+    compiler = kernels._compiler()
+    here = kernels._build(compiler)
+    assert kernels._build(compiler) == here                    # the same CPU: the cached build
+    monkeypatch.setattr(kernels, "_cpu", lambda: "x86_64 some other CPU flags : fpu sse2")
+    other = kernels._build(compiler)
+    assert other != here and other.exists() and here.exists()

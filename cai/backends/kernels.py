@@ -1,8 +1,9 @@
 """Native CPU kernels, compiled on first use with the machine's C compiler.
 
 `decode_attention.c` (next to this file) is built once per machine into the cache
-(`cai.models.cache_dir()/kernels`, keyed by the source, the flags and the compiler) and loaded
-with ctypes. `-march=native` is safe because the build runs where it is used; the source stays a
+(`cai.models.cache_dir()/kernels`, keyed by the source, the flags, the compiler and the CPU) and
+loaded with ctypes. `-march=native` is safe because the build runs where it is used, and a cache
+folder shared by machines with other CPUs (a home on NFS) holds one build each; the source stays a
 plain C file, so the package needs no build step and no compiler to install. With no compiler,
 a failed build or `CAI_NO_KERNELS=1`, `decode_attention()` returns None and the engine uses
 PyTorch's kernels instead (same results to float rounding, slower)."""
@@ -13,6 +14,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -35,13 +37,23 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
+def _cpu() -> str:
+    """What `-march=native` depends on: the architecture and the CPU's feature flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()} {platform.processor()} {flags.strip()}"
+
+
 def _build(compiler: str) -> Path:
     """The shared library for this source, flags and compiler: from the cache, else compiled
     into it (written under a temporary name and renamed, so concurrent runs never load half a file)."""
     from cai.models import cache_dir
 
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version, _cpu()]).encode()).hexdigest()[:16]
     for folder in (cache_dir() / "kernels", Path(tempfile.gettempdir()) / f"cai-kernels-{os.getuid()}"):
         target = folder / f"{SOURCE.stem}-{key}.so"
         if target.exists():
