@@ -70,20 +70,21 @@ def root(version: Annotated[bool, typer.Option("--version", callback=_version, i
 
 
 def _check_options(**values) -> None:
-    """Range and choice checks, reported as one line each (click's own are multi-line boxes)."""
+    """Range and choice checks of the options given, reported as one line each (click's own are
+    multi-line boxes). Commands pass the options they have; each is checked before any input is read."""
     from cai.backends.hf import DEVICES, DTYPES
     from cai.constitution import SAMPLING_MODES
 
     at_least_one = ("revisions", "batch_size", "max_new_tokens", "limit", "threads")
     for name in at_least_one:
-        if values[name] is not None and values[name] < 1:
+        if values.get(name) is not None and values[name] < 1:
             raise UsageError(f"--{name.replace('_', '-')}: must be at least 1 (got {values[name]})")
-    if values["temperature"] < 0:
+    if values.get("temperature", 0) < 0:
         raise UsageError(f"--temperature: must be 0 (greedy) or more (got {values['temperature']:g})")
-    if not 0 < values["top_p"] <= 1:
+    if not 0 < values.get("top_p", 1) <= 1:
         raise UsageError(f"--top-p: must be greater than 0 and at most 1 (got {values['top_p']:g})")
     for name, allowed in (("sampling", SAMPLING_MODES), ("device", DEVICES), ("dtype", DTYPES)):
-        if values[name] is not None and values[name] not in allowed:
+        if values.get(name) is not None and values[name] not in allowed:
             raise UsageError(f"--{name}: unknown value '{values[name]}'; choose from {', '.join(allowed)}")
 
 
@@ -747,8 +748,7 @@ def judge(
 
     _setup_logging(quiet)
     _check_backend_options(backend_name, model, base_url, max_retries, request_timeout)
-    if batch_size < 1:
-        raise UsageError(f"--batch-size: must be at least 1 (got {batch_size})")
+    _check_options(batch_size=batch_size, threads=threads, device=device, dtype=dtype)
     config = replace(_judge_options(min_preference, clamp), prefix=prefix)
     filtered_path = filtered or (f"{output}.filtered.jsonl" if output != "-" else None)
     if keep_filtered and not filtered_path:

@@ -177,7 +177,9 @@ def test_cai_judge_bad_input(pairs, tiny_model, tmp_path):
     exists.write_text("")
     torn = tmp_path / "torn.jsonl"
     torn.write_text(plain.read_text() + '{"id": "x", "prom')
-    for args, message in (([tmp_path / "missing.jsonl"], "missing.jsonl: no such file"),
+    for args, message in (([exists, "--dtype", "nonsense"], "--dtype: unknown value 'nonsense'"),   # before the input
+                          ([plain, "--threads", "0"], "--threads: must be at least 1"),
+                          ([plain, "--batch-size", "0"], "--batch-size: must be at least 1"),([tmp_path / "missing.jsonl"], "missing.jsonl: no such file"),
                           ([plain, "-o", exists], "exists; pass --overwrite"),
                           ([plain, "-o", plain], "exists; pass --overwrite"),
                           ([torn], "torn.jsonl:7: not a whole JSON record"),
