@@ -89,6 +89,21 @@ def test_engine_without_the_native_kernel_matches_generate(monkeypatch):
     _check_turns("llama")
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "phi3"])
+def test_engine_forward_uses_no_deprecated_argument(model_type):
+    """The engine hands its cache under the name this transformers' forward takes: no
+    FutureWarning reaches the user's stderr (transformers 5.24 renamed `past_key_values` to
+    `cache`, and the old name goes in 5.40)."""
+    import warnings
+
+    model, _ = _tiny(model_type)
+    engine = Engine(model, slots=2, stop_ids=[], pad_id=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        results = _run(engine, {"a": [5, 6, 7], "b": [5, 6, 9, 10]}, 3)
+    assert len(results["a"].tokens) == len(results["b"].tokens) == 3
+
+
 def test_engine_uses_the_native_kernel_where_it_is_built():
     from cai.backends import kernels
 

@@ -18,11 +18,12 @@ What makes it fast on a CPU (and sound on a GPU):
 
 The engine speaks token ids only: the HF backend owns the tokenizer and the chat template. It
 drives the model's own forward (so rotary embeddings, norms and MLPs are the model's), handing it
-this cache as `past_key_values` and switching the model to `cascade_attention`, which takes its
+this cache (as `cache`, or `past_key_values` before transformers renamed it) and switching the model to `cascade_attention`, which takes its
 mask from the cache; `supports()` says which architectures are known to follow that contract."""
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -338,6 +339,10 @@ class Engine:
         self._waiting: deque[_Request] = deque()
         self._root_tokens: list[int] | None = None
         self._head_slices: tuple[torch.Tensor, ...] | None = None
+        # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name warns,
+        # and goes in 5.40); take whichever this version's forward has
+        accepted = inspect.signature(model.model.forward).parameters
+        self._cache_argument = "cache" if "cache" in accepted else "past_key_values"
         self.stats = EngineStats()
 
     # -- requests ---------------------------------------------------------------------------
@@ -487,8 +492,8 @@ class Engine:
         packed = torch.tensor([[t for x in ids for t in x]], device=self.device)
         _bound.cache = self.cache
         try:
-            hidden = self.model.model(input_ids=packed, position_ids=self.cache.positions[None],
-                                      past_key_values=self.cache, use_cache=True).last_hidden_state[0]
+            hidden = self.model.model(input_ids=packed, position_ids=self.cache.positions[None], use_cache=True,
+                                      **{self._cache_argument: self.cache}).last_hidden_state[0]
         finally:
             _bound.cache = None
         offsets = self.cache.offsets
