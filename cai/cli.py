@@ -379,8 +379,11 @@ def generate(
     stats.update(skipped_invalid=len(invalid), skipped_long=len(left_out), resumed=len(done),
                  failed=failure_log.count, failures=failures_path, filtered=filtered_path)
     if stats["stopped"]:
-        _interrupted(writer.count, output)
-        raise typer.Exit(130)
+        if stats["made"] + failure_log.count < len(jobs):
+            _interrupted(writer.count, output)
+            raise typer.Exit(130)
+        # every prompt had started before the Ctrl-C, and each finished: the run is whole
+        log.info("Ctrl-C came after the last prompt had started; every prompt finished")
     if not quiet:
         _summary(stats, output, constitution_obj.ref, model_name)
     if failure_log.count:

@@ -106,6 +106,31 @@ def test_first_ctrl_c_finishes_what_is_in_flight_and_says_how_to_resume(tiny_mod
     assert sorted(r["id"] for r in read_jsonl(out)) == [f"p{i:03d}" for i in range(40)]
 
 
+def test_ctrl_c_after_the_last_prompt_started_ends_a_whole_run(tiny_model, many_prompts, tmp_path, monkeypatch):
+    """A graceful stop that leaves nothing undone (every prompt was in flight, and each finished)
+    is a finished run: exit 0 and the summary, not 'interrupted … run again' with nothing to run."""
+    from cai.pipeline import Pipeline
+
+    run = Pipeline.run
+
+    def ctrl_c_at_the_first_record(self, jobs, **kwargs):
+        for k, made in enumerate(run(self, jobs, **kwargs)):
+            if k == 0:
+                os.kill(os.getpid(), signal.SIGINT)       # the CLI's handler takes it: a graceful stop
+            yield made
+
+    monkeypatch.setattr(Pipeline, "run", ctrl_c_at_the_first_record)
+    out = tmp_path / "pairs.jsonl"
+    result = CliRunner().invoke(app, plumbing(["generate", many_prompts, "--model", tiny_model, "-o", out,
+                                               "--limit", "3", "--batch-size", "3", "--max-new-tokens", "12",
+                                               "--no-few-shot"]))
+    stderr = " ".join(result.stderr.split())
+    assert result.exit_code == 0, result.output
+    assert "stopping: finishing the conversations in flight" in stderr
+    assert "every prompt finished" in stderr and "interrupted" not in stderr
+    assert sorted(r["id"] for r in read_jsonl(out)) == ["p000", "p001", "p002"]
+
+
 # --- bad inputs ------------------------------------------------------------------------------
 
 def _write(name: str, content: bytes | str):
