@@ -249,7 +249,7 @@ def generate(
     from cai.constitution import load_constitution
     from cai.errors import InputError
     from cai.io import RecordWriter, check_writable, read_prompts, scan_output
-    from cai.pipeline import Pipeline, RunConfig, fingerprint_differences, run_fingerprint
+    from cai.pipeline import Pipeline, RunConfig, fingerprint_differences, record_plans, run_fingerprint
     from cai.prompts import load_templates
     from cai.records import FORMATS, shard_of
 
@@ -300,7 +300,7 @@ def generate(
     # An existing output is continued when it holds records of this same run, refused otherwise.
     # The ids of pairs the filters dropped (the filtered file) count as done too.
     done: set[str] = set()
-    append_at = drop_append_at = None
+    append_at = drop_append_at = dropped_before = None
     out_path = Path(output)
     if output != "-":
         if out_path.is_dir():
@@ -326,6 +326,13 @@ def generate(
             log.info("resuming %s: %d records already there%s%s", output, len(existing.ids),
                      f" and {len(dropped_before.ids)} dropped in {filtered_path}" if dropped_before and dropped_before.ids else "",
                      " (cutting a torn last line)" if existing.torn else "")
+
+    if done and all(record_id in done for _, records in record_plans(constitution_obj, config, items)
+                    for record_id, _ in records):
+        # a rerun of a finished run: say so without loading a model that would have nothing to do
+        log.info("nothing to do: every record of this run is already in %s%s", output,
+                 f" or dropped in {filtered_path}" if dropped_before and dropped_before.ids else "")
+        return
 
     from cai.filters import DEFAULT_CHECKS, FilterConfig, Filters, references_of
     from cai.judge import Judge

@@ -48,6 +48,16 @@ TurnCallback = Callable[[str, Completion], None]     # (stage, completion) as ea
 FailureCallback = Callable[[Job, str, str], None]   # (job, stage, reason) of a conversation that failed
 
 
+def record_plans(constitution: Constitution, config: RunConfig, prompts: Iterable[PromptItem]
+                 ) -> Iterator[tuple[PromptItem, list[tuple[str, tuple[Principle, ...]]]]]:
+    """Each prompt with the records it makes: (record id, the principle of each round). Needs no
+    model, so a finished run can be known as finished before one is loaded."""
+    for index, item in enumerate(prompts):
+        plans = plan_principles(constitution, item.id, index, config.revisions, config.sampling, config.seed)
+        yield item, [(item.id if config.sampling != "all" else f"{item.id}/{principles[0].id}", tuple(principles))
+                     for principles in plans]
+
+
 class Pipeline:
     def __init__(self, backend: Backend, constitution: Constitution, templates: Templates, config: RunConfig):
         self.backend = backend
@@ -66,18 +76,15 @@ class Pipeline:
         is skipped, or with `truncate_long` its prompt is cut to fit)."""
         jobs: list[Job] = []
         left_out: list[tuple[PromptItem, str]] = []
-        for index, item in enumerate(prompts):
-            plans = plan_principles(self.constitution, item.id, index, self.config.revisions,
-                                    self.config.sampling, self.config.seed)
-            for principles in plans:
-                record_id = item.id if self.config.sampling != "all" else f"{item.id}/{principles[0].id}"
+        for item, records in record_plans(self.constitution, self.config, prompts):
+            for record_id, principles in records:
                 if record_id in skip:
                     continue
-                prompt, problem, tokens = self._fit(item, tuple(principles), truncate_long)
+                prompt, problem, tokens = self._fit(item, principles, truncate_long)
                 if problem:
                     left_out.append((item, problem))
                     break
-                jobs.append(Job(record_id, prompt, tuple(principles), tokens))
+                jobs.append(Job(record_id, prompt, principles, tokens))
         return jobs, left_out
 
     def _fit(self, item: PromptItem, principles: tuple[Principle, ...],

@@ -120,6 +120,9 @@ def test_rerun_resumes_and_a_changed_config_is_refused(tiny_model, tmp_path):
     assert len(records) == 8 and len({r["id"] for r in records}) == 8
     again = run("generate", EXAMPLES, "--model", tiny_model, "-o", out, "--resume", *FAST)
     assert again.exit_code == 0 and read_jsonl(out) == records
+    # a finished run is known as finished before any model is loaded
+    assert "nothing to do: every record of this run is already in" in " ".join(again.stderr.split())
+    assert "loaded" not in again.stderr
 
 
 def test_force_appends_to_a_different_run_and_overwrite_replaces(tiny_model, tmp_path):
