@@ -66,7 +66,7 @@ def _check_turns(model_type):
     root = [rng.randrange(3, VOCAB) for _ in range(40)]            # a shared "system prompt"
     prompts = {f"c{i}": root + [rng.randrange(3, VOCAB) for _ in range(rng.randrange(3, 30))] for i in range(6)}
     prompts["odd"] = [rng.randrange(3, VOCAB) for _ in range(25)]    # shares nothing with the root
-    engine = Engine(model, slots=3, stop_ids=[], pad_id=0)            # fewer slots than conversations
+    engine = Engine(model, slots=3, stop_ids=[])            # fewer slots than conversations
     conversations = dict(prompts)
     for turn in range(3):
         results = _run(engine, conversations, max_new=6 + turn)
@@ -97,7 +97,7 @@ def test_engine_forward_uses_no_deprecated_argument(model_type):
     import warnings
 
     model, _ = _tiny(model_type)
-    engine = Engine(model, slots=2, stop_ids=[], pad_id=0)
+    engine = Engine(model, slots=2, stop_ids=[])
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         results = _run(engine, {"a": [5, 6, 7], "b": [5, 6, 9, 10]}, 3)
@@ -110,7 +110,7 @@ def test_engine_uses_the_native_kernel_where_it_is_built():
     if kernels.decode_attention() is None:
         pytest.skip("no native kernel here (no C compiler, or CAI_NO_KERNELS)")
     model, _ = _tiny("llama")
-    engine = Engine(model, slots=2, stop_ids=[], pad_id=0)
+    engine = Engine(model, slots=2, stop_ids=[])
     _run(engine, {"a": [5, 6, 7]}, 3)
     assert engine.cache.native is not None
 
@@ -124,7 +124,7 @@ def test_prompt_lookup_drafts_give_the_tokens_of_plain_decoding(draft):
     rng = random.Random(0)
     root = [rng.randrange(3, VOCAB) for _ in range(40)]
     prompts = {f"c{i}": root + [rng.randrange(3, VOCAB) for _ in range(rng.randrange(3, 30))] for i in range(5)}
-    engine = Engine(model, slots=3, stop_ids=[], pad_id=0, draft=draft)
+    engine = Engine(model, slots=3, stop_ids=[], draft=draft)
     results = _run(engine, prompts, max_new=40)
     for key, tokens in prompts.items():
         assert results[key].tokens == _reference(reference, tokens, 40, []), key
@@ -141,7 +141,7 @@ def test_drafts_stop_at_a_stop_id_inside_the_draft():
     prompt = list(range(10, 50))
     free = _reference(reference, prompt, 30, [])
     stop = free[12]                                  # the model loops, so this id recurs inside drafts
-    engine = Engine(model, slots=2, stop_ids=[stop], pad_id=0)
+    engine = Engine(model, slots=2, stop_ids=[stop])
     result = _run(engine, {"a": prompt}, max_new=30)["a"]
     assert result.tokens == free[:free.index(stop) + 1] and result.finish_reason == "stop"
     # the conversation's cache holds exactly the prompt and the ids before the stop
@@ -154,7 +154,7 @@ def test_drafts_never_grow_the_cache():
     padding for it must not push the cache to grow (it is sized for the requests, nothing more)."""
     model, reference = _tiny("llama", init=0.02)
     long_prompt, short_prompt = list(range(3, 203)), list(range(10, 50))
-    engine = Engine(model, slots=2, stop_ids=[], pad_id=0)
+    engine = Engine(model, slots=2, stop_ids=[])
     engine.submit("long", long_prompt, 56)          # 200 + 56: exactly the first 256 positions
     engine.submit("short", short_prompt, 100)
     results = {}
@@ -171,7 +171,7 @@ def test_engine_stops_on_stop_ids_and_reports_lengths():
     prompt = list(range(10, 40))
     free = _reference(reference, prompt, 8, [])
     stop = free[3]
-    engine = Engine(model, slots=2, stop_ids=[stop], pad_id=0)
+    engine = Engine(model, slots=2, stop_ids=[stop])
     result = _run(engine, {"a": prompt, "b": prompt[:20]}, max_new=8)
     first = free.index(stop)
     assert result["a"].tokens == free[:first + 1] and result["a"].finish_reason == "stop"
@@ -181,7 +181,7 @@ def test_engine_stops_on_stop_ids_and_reports_lengths():
 
 def test_turn_reuses_the_cache_of_the_previous_one():
     model, reference = _tiny("llama")
-    engine = Engine(model, slots=1, stop_ids=[], pad_id=0)
+    engine = Engine(model, slots=1, stop_ids=[])
     first = _run(engine, {"a": list(range(5, 45))}, max_new=5)["a"]
     assert first.reused_tokens == 0
     follow = list(range(5, 45)) + first.tokens + [7, 8, 9]
@@ -193,7 +193,7 @@ def test_turn_reuses_the_cache_of_the_previous_one():
 
 def test_cache_grows_when_a_conversation_outgrows_it():
     model, reference = _tiny("llama")
-    engine = Engine(model, slots=2, stop_ids=[], pad_id=0)
+    engine = Engine(model, slots=2, stop_ids=[])
     short = list(range(3, 23))
     first = _run(engine, {"a": short, "b": short[::-1]}, max_new=4)
     capacity = engine.cache.capacity
@@ -208,7 +208,7 @@ def test_sampling_is_seeded_per_request_whatever_else_is_in_flight():
     prompt = list(range(10, 50))
 
     def sample(others: int) -> list[int]:
-        engine = Engine(model, slots=4, stop_ids=[], pad_id=0)
+        engine = Engine(model, slots=4, stop_ids=[])
         engine.submit("x", prompt, 12, temperature=0.9, top_p=0.95, seed=123)
         for i in range(others):
             engine.submit(f"o{i}", list(range(60 + i, 90)), 12, temperature=0.9, seed=i)
@@ -219,7 +219,7 @@ def test_sampling_is_seeded_per_request_whatever_else_is_in_flight():
 
     alone = sample(0)
     assert alone == sample(3)
-    engine = Engine(model, slots=1, stop_ids=[], pad_id=0)
+    engine = Engine(model, slots=1, stop_ids=[])
     engine.submit("x", prompt, 12, temperature=0.9, top_p=0.95, seed=124)
     other = {}
     while engine.busy:
@@ -229,7 +229,7 @@ def test_sampling_is_seeded_per_request_whatever_else_is_in_flight():
 
 def test_engine_refuses_what_does_not_fit_the_context():
     model, _ = _tiny("llama")
-    engine = Engine(model, slots=1, stop_ids=[], pad_id=0, context_length=64)
+    engine = Engine(model, slots=1, stop_ids=[], context_length=64)
     with pytest.raises(ValueError, match="exceeds the model's context of 64"):
         engine.submit("a", list(range(3, 63)), 8)
 

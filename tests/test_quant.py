@@ -197,7 +197,7 @@ def test_engine_matches_generate_on_a_converted_model(mode):
     rng = random.Random(2)
     root = [rng.randrange(3, VOCAB) for _ in range(30)]
     conversations = {f"c{i}": root + [rng.randrange(3, VOCAB) for _ in range(5 + 4 * i)] for i in range(3)}
-    engine = Engine(model, slots=2, stop_ids=[], pad_id=0)               # fewer slots than conversations
+    engine = Engine(model, slots=2, stop_ids=[])               # fewer slots than conversations
     for turn in range(2):
         results = _run(engine, conversations, max_new=6)
         for key, tokens in conversations.items():

@@ -313,7 +313,7 @@ class Engine:
     DRAFT_MAX = 8
     DRAFT_STEP_COST = 12
 
-    def __init__(self, model, slots: int, stop_ids: list[int], pad_id: int, context_length: int | None = None,
+    def __init__(self, model, slots: int, stop_ids: list[int], context_length: int | None = None,
                  draft: bool = True, capacity: int | None = None):
         """`capacity`: positions a slot needs for the longest conversation expected, where known;
         the cache is then allocated once at that size instead of growing (a grow copies the whole
@@ -325,7 +325,6 @@ class Engine:
         model.set_attn_implementation(ATTENTION)
         self.slots = slots
         self.stop_ids = set(stop_ids)
-        self.pad_id = pad_id
         self.context_length = context_length
         self.draft = draft
         self.device = next(model.parameters()).device

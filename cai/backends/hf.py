@@ -195,7 +195,7 @@ class HFBackend:
             if reason:
                 log.info("%s: %s; using plain batched generate", self.model_name, reason)
             return LockstepStream(self, params, width)
-        self.engine = Engine(self.model, slots=width, stop_ids=self.stop_ids, pad_id=self.tokenizer.pad_token_id,
+        self.engine = Engine(self.model, slots=width, stop_ids=self.stop_ids,
                              context_length=self.context_length, draft=self.draft, capacity=longest)
         return EngineStream(self, self.engine, params)
 
