@@ -18,8 +18,9 @@ What makes it fast on a CPU (and sound on a GPU):
 
 The engine speaks token ids only: the HF backend owns the tokenizer and the chat template. It
 drives the model's own forward (so rotary embeddings, norms and MLPs are the model's), handing it
-this cache (as `cache`, or `past_key_values` before transformers renamed it) and switching the model to `cascade_attention`, which takes its
-mask from the cache; `supports()` says which architectures are known to follow that contract."""
+this cache (as `cache`, or `past_key_values` before transformers renamed it) and switching the
+model to `cascade_attention`, which takes its mask from the cache; `supports()` says which
+architectures are known to follow that contract."""
 
 from __future__ import annotations
 
