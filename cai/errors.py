@@ -25,6 +25,36 @@ class UsageError(CaiError):
     exit_code = 2
 
 
+class OptionError(UsageError):
+    """A bad value of one option. `option` is its name as the Python API spells it (`device`,
+    `max_new_tokens`). Other options named in the message are written in backquotes: `str()`
+    reads "device: … `dtype` …" without them, and the CLI shows "--device: … --dtype …"."""
+
+    def __init__(self, option: str, message: str):
+        self.option = option
+        self.detail = message
+        super().__init__(f"{option}: {message.replace('`', '')}")
+
+    def flag(self) -> str:
+        """The command-line spelling: '--max-new-tokens: … --other-option …'."""
+        import re
+
+        text = re.sub(r"`([a-z_]+)`", lambda m: "--" + m[1].replace("_", "-"), self.detail)
+        return f"--{self.option.replace('_', '-')}: {text}"
+
+
+class OutputError(CaiError):
+    """An output that cannot be written, locked or continued (full disk, another run holds it)."""
+
+    exit_code = 1
+
+    def __init__(self, path: str | Path, message: str, exit_code: int | None = None):
+        self.path = str(path)
+        if exit_code is not None:
+            self.exit_code = exit_code
+        super().__init__(f"{self.path}: {message}")
+
+
 class InputError(CaiError):
     """A problem in a file the user gave us, located by path, line and (optionally) field."""
 

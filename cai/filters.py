@@ -261,7 +261,7 @@ def curate(records: list[dict], filters: Filters | None = None, judge=None,
     chosen side it preferred less than `min_preference`. One verdict per record, in order; a
     pair the judge could not score is kept unlabelled (its `judge_error` says why), or dropped
     for "judge" when a minimum preference is asked for."""
-    from cai.judge import swap as swapped
+    from cai.judging import swap as swapped
 
     verdicts = [filters.apply(r) if filters else Verdict(r) for r in records]
     if judge is None:

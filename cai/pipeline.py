@@ -13,8 +13,9 @@ from cai import __version__
 from cai.backends.base import Backend, Completion, Request, SamplingParams, Stream
 from cai.constitution import Constitution, Principle, plan_principles
 from cai.errors import BackendError
-from cai.io import PromptItem
-from cai.prompts import ConversationBuilder, Message, Templates
+from cai.messages import PromptItem
+from cai.messages import Message
+from cai.prompts import ConversationBuilder, Templates
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,11 @@ FailureCallback = Callable[[Job, str, str], None]   # (job, stage, reason) of a 
 def record_plans(constitution: Constitution, config: RunConfig, prompts: Iterable[PromptItem]
                  ) -> Iterator[tuple[PromptItem, list[tuple[str, tuple[Principle, ...]]]]]:
     """Each prompt with the records it makes: (record id, the principle of each round). Needs no
-    model, so a finished run can be known as finished before one is loaded."""
-    for index, item in enumerate(prompts):
+    model, so a finished run can be known as finished before one is loaded. Round-robin sampling
+    counts by the prompt's place in the whole input (`PromptItem.index`), so a limit, a shard or
+    a skipped line never changes which principle a prompt gets."""
+    for position, item in enumerate(prompts):
+        index = item.index if item.index is not None else position
         plans = plan_principles(constitution, item.id, index, config.revisions, config.sampling, config.seed)
         yield item, [(item.id if config.sampling != "all" else f"{item.id}/{principles[0].id}", tuple(principles))
                      for principles in plans]
@@ -70,20 +74,20 @@ class Pipeline:
         self._empty_turn = 0
 
     def plan(self, prompts: Iterable[PromptItem], skip: set[str] = frozenset(),
-             truncate_long: bool = False) -> tuple[list[Job], list[tuple[PromptItem, str]]]:
+             truncate_long: bool = False) -> tuple[list[Job], list[tuple[PromptItem, str, str]]]:
         """The records this run will make, minus those already done (`skip`, by record id), and
-        the prompts left out with the reason (a conversation that cannot fit the model's context
-        is skipped, or with `truncate_long` its prompt is cut to fit)."""
+        the records left out as (prompt, record id, reason): a conversation that cannot fit the
+        model's context is skipped, or with `truncate_long` its prompt is cut to fit."""
         jobs: list[Job] = []
-        left_out: list[tuple[PromptItem, str]] = []
+        left_out: list[tuple[PromptItem, str, str]] = []
         for item, records in record_plans(self.constitution, self.config, prompts):
             for record_id, principles in records:
                 if record_id in skip:
                     continue
                 prompt, problem, tokens = self._fit(item, principles, truncate_long)
                 if problem:
-                    left_out.append((item, problem))
-                    break
+                    left_out.append((item, record_id, problem))
+                    continue
                 jobs.append(Job(record_id, prompt, principles, tokens))
         return jobs, left_out
 
@@ -107,7 +111,7 @@ class Pipeline:
         while used > room:
             text = text[: max(1, int(len(text) * room / used * 0.95))]
             used = self._prompt_tokens(text)
-        return PromptItem(item.id, text, item.line, truncated=True), None, fixed + used
+        return PromptItem(item.id, text, item.line, truncated=True, index=item.index), None, fixed + used
 
     def _fixed_tokens(self, principles: tuple[Principle, ...]) -> int:
         if principles not in self._fixed_cache:

@@ -21,8 +21,9 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from cai.backends.base import Message
-from cai.constitution import Constitution, Principle, data_dir
+from cai.messages import Message
+from cai.constitution import Constitution, Principle
+from cai.shipped import data_dir
 from cai.errors import TemplateError
 
 TEMPLATE_NAMES = ("system", "prompt", "critique", "revision")

@@ -9,17 +9,10 @@ Every shape keeps `id`, `principle`, `critique`, `rounds` and `meta`.
 
 from __future__ import annotations
 
+from cai.messages import text_of as _text
+
 FORMATS = ("standard", "conversational")
 EXPORT_FORMATS = ("standard", "conversational", "sft")
-
-
-def _text(value) -> str:
-    """A field's text whether it is a string or a list of chat messages."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        return next((m["content"] for m in reversed(value) if m.get("role") in ("user", "assistant")), "")
-    raise ValueError(f"expected a string or a list of messages, got {type(value).__name__}")
 
 
 def _system(record: dict) -> str | None:

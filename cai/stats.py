@@ -17,8 +17,8 @@ from typing import IO
 
 from cai.errors import InputError, UsageError
 from cai.filters import words as normalised_words
-from cai.io import iter_jsonl
-from cai.records import _text
+from cai.inputs import iter_jsonl
+from cai.messages import text_of as _text
 
 NEAR_IDENTICAL = 0.9      # similarity ratio at or above which a pair counts as near-identical
 HISTOGRAM_BINS = 10

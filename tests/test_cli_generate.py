@@ -152,7 +152,7 @@ def test_resume_cuts_a_torn_last_line(tiny_model, tmp_path):
     (["--constitution", "harmles"], "did you mean 'harmless'?"),
     (["--model", "./no/such/model"], "./no/such/model: no such model folder"),
     (["--prompt-field", "question"], "prompts.jsonl:1: question: missing"),
-    (["--resume", "-o", "-"], "--resume needs an output file"),
+    (["--resume", "-o", "-"], "--resume: needs an output file"),
     (["--top-p", "0"], "--top-p: must be greater than 0"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_model, args, message):

@@ -53,9 +53,9 @@ def test_engine_matches_generate_across_turns(model_type):
 
 def test_engine_plain_attention_path_matches_generate(monkeypatch):
     """The device-agnostic attention (used where PyTorch's CPU flash kernel is not) gives the same tokens."""
-    import cai.backends.engine as engine_module
+    from cai.backends import attention
 
-    monkeypatch.setattr(engine_module, "_flash", None)
+    monkeypatch.setattr(attention, "_flash", None)
     _check_turns("llama")
 
 
@@ -248,7 +248,7 @@ def test_pipeline_records_are_the_same_with_and_without_the_engine(tiny_model):
     from cai.backends.base import SamplingParams
     from cai.backends.hf import HFBackend, HFOptions
     from cai.constitution import load_constitution
-    from cai.io import read_prompts
+    from cai.inputs import read_prompts
     from cai.pipeline import Pipeline, RunConfig
     from cai.prompts import load_templates
 
@@ -280,7 +280,7 @@ def test_pipeline_sizes_the_cache_once_from_its_longest_conversation(tiny_model,
     from cai.backends.engine import SlotCache
     from cai.backends.hf import HFBackend
     from cai.constitution import load_constitution
-    from cai.io import read_prompts
+    from cai.inputs import read_prompts
     from cai.pipeline import Pipeline, RunConfig
     from cai.prompts import load_templates
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from cai.backends.base import ChoiceScores
 from cai.cli import app
 from cai.constitution import load_constitution
-from cai.judge import DEFAULT_QUESTION, Judge, JudgeConfig, preference_of
+from cai.judging import DEFAULT_QUESTION, Judge, JudgeConfig, preference_of
 from cai.prompts import load_templates
 from conftest import ROOT, read_jsonl
 

@@ -7,7 +7,7 @@ import hashlib
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
-Message = dict[str, str]
+from cai.messages import Message
 
 
 @dataclass(frozen=True)

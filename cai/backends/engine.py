@@ -1,9 +1,8 @@
-"""A continuous-batching decode engine over a transformers causal LM.
+"""A continuous-batching decode engine over a transformers causal LM: the scheduler (requests,
+slots, admission, prefill grouping, the decode loop and sampling).
 
 What makes it fast on a CPU (and sound on a GPU):
-  * a static per-slot KV cache: each conversation in flight owns one slot (a row of
-    [slots, kv_heads, capacity, head_dim] tensors per layer); new keys and values are written in
-    place, so no step ever copies the cache the way a growing `torch.cat` cache does;
+  * a static per-slot KV cache (kv_cache.py), written in place: no step ever copies the cache;
   * continuous batching: a conversation whose turn ends leaves the decode batch at once and the
     next request takes its place, so batches stay full rather than waiting for the longest;
   * prefix reuse: a request is matched token by token against what its slot already holds (the
@@ -12,9 +11,9 @@ What makes it fast on a CPU (and sound on a GPU):
     is encoded;
   * packed forwards: the rows' new ids run as one sequence, so no padding goes through the
     linear layers; a step's decode rows and the turns waiting to be encoded share one forward;
-  * attention over each row's own positions by a native kernel (kernels.py) that reads each row
-    to its own length; rows encoding a long turn go, padded and grouped by length, through
-    PyTorch's flash kernel.
+  * cascade attention (attention.py): the shared root prefix is read once for all rows, each
+    row's own positions by a native kernel (kernels.py) or PyTorch's flash kernel;
+  * prompt-lookup drafts for greedy turns (drafting.py), checked in the same forward.
 
 The engine speaks token ids only: the HF backend owns the tokenizer and the chat template. It
 drives the model's own forward (so rotary embeddings, norms and MLPs are the model's), handing it
@@ -25,265 +24,17 @@ architectures are known to follow that contract."""
 from __future__ import annotations
 
 import inspect
-import threading
 from collections import deque
-from dataclasses import dataclass, field
 
 import torch
-from transformers import AttentionInterface
 
-from cai.backends import kernels
+from cai.backends import attention, drafting, kernels
+from cai.backends.attention import ATTENTION, SUPPORTED_MODEL_TYPES, cascade_attention, supports
+from cai.backends.kv_cache import SlotCache, kv_bytes_per_token, kv_layout
+from cai.backends.slots import EngineResult, EngineStats, Request, Slot
 
-# Architectures whose forward hands a cache object `update(k, v, layer)` and calls the configured
-# attention function, and whose attention is plain causal attention over the whole context (tests/test_engine.py
-# checks each against transformers' own generate).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
-
-
-def supports(model) -> str | None:
-    """None when the engine can drive `model`, else why not."""
-    config = model.config
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        return f"model type '{config.model_type}' is not one the engine is tested with"
-    window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True) and window < (config.max_position_embeddings or 0):
-        return "sliding-window attention"
-    return None
-
-
-def kv_layout(config) -> dict:
-    """Shape of the model's KV cache per layer: layers, kv_heads, head_dim."""
-    heads = config.num_attention_heads
-    return dict(layers=config.num_hidden_layers,
-                kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-                head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads)
-
-
-def kv_bytes_per_token(model) -> int:
-    """Bytes of keys and values one cached position takes, all layers together."""
-    shape = kv_layout(model.config)
-    return 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * next(model.parameters()).element_size()
-
-
-@dataclass
-class EngineResult:
-    tokens: list[int]        # generated ids, the stop token included when one ended the turn
-    finish_reason: str       # "stop" or "length"
-    prompt_tokens: int       # ids in the request
-    reused_tokens: int       # of those, how many came from the cache instead of being encoded
-
-
-@dataclass
-class EngineStats:
-    prefill_computed: int = 0    # prompt ids run through the model
-    prefill_reused: int = 0      # prompt ids whose keys and values came from the cache
-    decode_steps: int = 0        # decode forwards
-    drafted: int = 0             # ids proposed by prompt lookup and checked
-    accepted: int = 0            # of those, how many the model agreed with (tokens gained for free)
-    rejected: int = 0            # drafts cut short where the model disagreed
-
-
-@dataclass
-class _Request:
-    key: str
-    tokens: list[int]
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
-
-
-@dataclass
-class _Slot:
-    key: str
-    tokens: list[int] = field(default_factory=list)      # ids whose K/V are in this slot, in order
-    pending: list[int] = field(default_factory=list)     # ids still to encode before decoding
-    generated: list[int] = field(default_factory=list)
-    request: _Request | None = None
-    generator: torch.Generator | None = None
-    state: str = "idle"                                  # prefill → decode → done
-    fresh: bool = False                                  # a new conversation, not yet matched to the root
-    root_shared: int = 1 << 30                           # leading positions identical to the root's
-    reused: int = 0
-    lookup: dict = field(default_factory=dict)           # (id, id) → where that pair last ended in tokens
-    indexed: int = 0                                     # tokens[:indexed] are in `lookup`
-    agreed: int = 0                                      # this turn's draft ids the model agreed with
-    disagreed: int = 0                                   # and drafts it cut short
-
-
-class SlotCache:
-    """Per-layer key/value tensors of shape [slots, kv_heads, capacity, head_dim], plus the root
-    prefix (the first conversation's prompt) once per layer. Every forward runs its rows' new ids
-    packed into one sequence (no padding goes through the model's linear layers). Before it,
-    `bind` says which slots take part, how many ids each brings and at which positions, and how
-    much of the root every row shares; the model then calls `update` once per layer (the one Cache
-    method its forward uses) and the engine's attention function reads the rest from here."""
-
-    # Forwards of at most this many ids a row (decode steps, drafts included) take their own-part
-    # attention from the native kernel where there is one (cai/backends/decode_attention.c);
-    # longer ones (prefills) from PyTorch's flash kernel, whose blocked GEMMs suit many queries.
-    NATIVE_MAX_IDS = 16
-
-    def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device, native=None):
-        shape = (slots, kv_heads, capacity, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.capacity = capacity
-        self.root: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.shared = 0                     # root positions every row of this forward shares
-        self.native = native                # kernels.decode_attention() or None
-        # the forward being run (see `bind`)
-        self.slots: torch.Tensor | None = None        # [rows] slot of each row
-        self.offsets: torch.Tensor | None = None      # [rows + 1] row b's ids are offsets[b]:offsets[b+1]
-        self.positions: torch.Tensor | None = None    # [ids] cache position of each id
-        self._id_slots: torch.Tensor | None = None    # [ids] slot of each id
-        self.native_rows = 0                          # leading rows the native kernel takes
-        self.first_padded = 0                         # first id of the rows PyTorch's kernels take
-        # for PyTorch's kernels: those rows' ids laid out padded, [rows, width], and the mask
-        self.pad_index: torch.Tensor | None = None    # [rows, width] id at each place (pads repeat the last)
-        self.id_row: torch.Tensor | None = None       # [ids] row of each id
-        self.id_column: torch.Tensor | None = None    # [ids] place of each id in its row
-        self.mask: torch.Tensor | None = None         # [rows, width, own positions]
-        self._kv_len = 0
-
-    @property
-    def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
-
-    def grow(self, capacity: int) -> None:
-        for store in (self.keys, self.values):
-            for i, old in enumerate(store):
-                new = old.new_zeros((*old.shape[:2], capacity, old.shape[3]))
-                new[:, :, :self.capacity] = old
-                store[i] = new
-        self.capacity = capacity
-
-    def bind(self, slots: list[int], counts: list[int], positions: list[int], shared: int) -> None:
-        """Row b of this forward is slot slots[b] and brings counts[b] ids, packed in row order;
-        `positions`: where each id's key and value go; `shared`: how many leading positions
-        every row takes from the root. Leading rows of at most NATIVE_MAX_IDS ids (decode rows
-        come first) go to the native kernel where there is one; the rest to PyTorch's kernels."""
-        device = self.keys[0].device
-        self.slots = torch.tensor(slots, device=device)
-        counts_t = torch.tensor(counts, device=device)
-        self.offsets = torch.nn.functional.pad(counts_t.cumsum(0), (1, 0))
-        self.positions = torch.tensor(positions, device=device)
-        self._id_slots = self.slots.repeat_interleave(counts_t)
-        self.shared = shared
-        short = 0
-        while self.native is not None and short < len(counts) and counts[short] <= self.NATIVE_MAX_IDS:
-            short += 1
-        self.native_rows = short
-        self.first_padded = sum(counts[:short])       # ids from here on go to PyTorch's kernels
-        if short == len(counts):
-            self.pad_index = None
-            return
-        # PyTorch's kernels want rows padded to one width: row b's j-th id at [b, j]
-        rest = counts_t[short:]
-        rows, width = len(rest), int(rest.max())
-        starts = self.offsets[short:-1]
-        self.id_row = torch.arange(rows, device=device).repeat_interleave(rest)
-        self.id_column = torch.arange(self.first_padded, len(positions), device=device) - starts[self.id_row]
-        column = torch.minimum(torch.arange(width, device=device)[None, :], rest[:, None] - 1)
-        self.pad_index = starts[:, None] + column                                     # [rows, width]
-        self._kv_len = int(self.positions[self.first_padded:].max()) + 1
-        keys = torch.arange(shared, self._kv_len, device=device)
-        allowed = keys[None, None, :] <= self.positions[self.pad_index][:, :, None]    # [rows, width, kv]
-        self.mask = torch.zeros(allowed.shape, dtype=self.keys[0].dtype, device=device)
-        self.mask.masked_fill_(~allowed, float("-inf"))
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        """Writes the forward's keys and values [1, kv_heads, ids, dim] into their slots and
-        returns the layer's whole cache (attention reads each row's part from it)."""
-        for store, new in ((self.keys, key_states), (self.values, value_states)):
-            store[layer_idx][self._id_slots, :, self.positions] = new[0].transpose(0, 1)
-        return self.keys[layer_idx], self.values[layer_idx]
-
-    def padded_part(self, keys: torch.Tensor) -> torch.Tensor:
-        """The own positions [shared, kv_len) of the rows PyTorch's kernels take: [rows, kv_heads, own, dim]."""
-        return keys[self.slots[self.native_rows:], :, self.shared:self._kv_len]
-
-    def copy(self, source: int, target: int, length: int) -> None:
-        for store in (self.keys, self.values):
-            for tensor in store:
-                tensor[target, :, :length] = tensor[source, :, :length]
-
-    def save_root(self, slot: int, length: int) -> None:
-        self.root = [(k[slot, :, :length].clone(), v[slot, :, :length].clone()) for k, v in zip(self.keys, self.values)]
-
-    def load_root(self, slot: int, length: int) -> None:
-        for (rk, rv), k, v in zip(self.root, self.keys, self.values):
-            k[slot, :, :length] = rk[:, :length]
-            v[slot, :, :length] = rv[:, :length]
-
-
-_bound = threading.local()
-
-
-def cascade_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
-    """Attention over [root prefix | each row's own positions], as a transformers attention
-    function. The root part is one product for all ids at once (every row shares those keys), so
-    its keys and values are read once per layer instead of once per row; the two parts are joined
-    under one softmax through their log-sum-exps. `query` [1, heads, ids, dim] holds the packed
-    ids of every row; `key`/`value` are what `SlotCache.update` returned."""
-    cache: SlotCache = _bound.cache
-    _, q_heads, n_ids, dim = query.shape
-    kv_heads = cache.keys[0].shape[1]
-    group = q_heads // kv_heads
-    scale = scaling if scaling is not None else dim ** -0.5
-    # Query heads h*group … h*group+group-1 read kv head h (transformers' repeat_kv order), so a
-    # kv head's queries are one block of group*ids rows.
-    queries = query[0].reshape(kv_heads, group, n_ids, dim)
-    part = _flash if query.device.type == "cpu" and _flash is not None else _plain_part
-    out = lse = None
-    if cache.native_rows:
-        out, lse = cache.native(queries, key, value, cache.slots[:cache.native_rows],
-                                cache.offsets[:cache.native_rows + 1], cache.positions, cache.shared, scale)
-    if cache.pad_index is not None:
-        # PyTorch's kernels want rows padded to one width: lay the ids out so, run, and pick them back
-        rows, width = cache.pad_index.shape
-        padded = queries[:, :, cache.pad_index].permute(2, 0, 1, 3, 4).reshape(rows, kv_heads, group * width, dim)
-        mask = cache.mask[:, None, None].expand(rows, 1, group, width, -1).reshape(rows, 1, group * width, -1)
-        o, l = part(padded, cache.padded_part(key), cache.padded_part(value), mask, scale)
-        o = o.view(rows, kv_heads, group, width, dim)[cache.id_row, :, :, cache.id_column].permute(1, 2, 0, 3)
-        l = l.view(rows, kv_heads, group, width)[cache.id_row, :, :, cache.id_column].permute(1, 2, 0)
-        if out is None:
-            out, lse = o, l
-        else:
-            out[:, :, cache.first_padded:], lse[:, :, cache.first_padded:] = o, l
-    if cache.shared:
-        root_k, root_v = cache.root[module.layer_idx]
-        flat = queries.reshape(1, kv_heads, group * n_ids, dim)
-        common, common_lse = part(flat, root_k[None, :, :cache.shared], root_v[None, :, :cache.shared], None, scale)
-        common, common_lse = common.view(kv_heads, group, n_ids, dim), common_lse.view(kv_heads, group, n_ids)
-        top = torch.maximum(lse, common_lse)
-        own_w, common_w = (lse - top).exp_(), (common_lse - top).exp_()
-        out = (out * own_w[..., None] + common * common_w[..., None]) / (own_w + common_w)[..., None]
-    return out.reshape(q_heads, n_ids, dim).transpose(0, 1)[None], None
-
-
-def _plain_part(queries, key, value, mask, scale):
-    """Softmax attention of `queries` over `key`/`value` with an additive `mask`, and the
-    log-sum-exp of each query's scores (what joins two parts under one softmax)."""
-    scores = torch.matmul(queries * scale, key.transpose(-1, -2))
-    if mask is not None:
-        scores += mask
-    lse = torch.logsumexp(scores, dim=-1)
-    return torch.matmul(scores.sub_(lse[..., None]).exp_(), value), lse
-
-
-def _cpu_flash(queries, key, value, mask, scale):
-    """The same through PyTorch's CPU flash-attention kernel (blocked, no scores tensor)."""
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        queries, key, value, 0.0, False, attn_mask=mask, scale=scale)
-
-
-_flash = _cpu_flash if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu") else None
-
-
-ATTENTION = "cai_cascade"
-AttentionInterface.register(ATTENTION, cascade_attention)
+__all__ = ["ATTENTION", "SUPPORTED_MODEL_TYPES", "Engine", "EngineResult", "EngineStats", "SlotCache",
+           "cascade_attention", "kv_bytes_per_token", "kv_layout", "supports"]
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -304,15 +55,10 @@ class Engine:
     PREFILL_TOKENS = 4096
     PREFILL_SPREAD = 1.3
 
-    # Prompt-lookup drafting (greedy turns only): a row whose last two ids occurred earlier in its
-    # conversation proposes the ids that followed them there, up to DRAFT_MAX; one forward checks
-    # them all, and every id the model agrees with saves the row a decode step (the small model
-    # repeats itself and its revisions copy its answers). Ids are packed, so a draft costs only its
-    # own columns; it is worth them where a step's fixed cost (reading the weights and the
-    # attention's keys, per-op overhead: DRAFT_STEP_COST ids' worth of compute, measured on a
-    # 2-core CPU as ~60 ms against ~5 ms an id) is shared among few rows. See `_draft_length`.
-    DRAFT_MAX = 8
-    DRAFT_STEP_COST = 12
+    # Prompt-lookup drafting (greedy turns only; see drafting.py): at most DRAFT_MAX ids a draft,
+    # and a step's fixed cost in ids' worth of compute, which decides how long a draft is worth.
+    DRAFT_MAX = drafting.DRAFT_MAX
+    DRAFT_STEP_COST = drafting.DRAFT_STEP_COST
 
     def __init__(self, model, slots: int, stop_ids: list[int], context_length: int | None = None,
                  draft: bool = True, capacity: int | None = None):
@@ -334,9 +80,9 @@ class Engine:
         self._layout = dict(kv_layout(model.config), dtype=dtype, device=self.device, native=native)
         self.cache: SlotCache | None = None
         self.capacity_hint = capacity or 0
-        self.active: list[_Slot] = []          # slots 0..n-1 of the cache, in use
+        self.active: list[Slot] = []          # slots 0..n-1 of the cache, in use
         self._index: dict[str, int] = {}
-        self._waiting: deque[_Request] = deque()
+        self._waiting: deque[Request] = deque()
         self._root_tokens: list[int] | None = None
         self._head_slices: tuple[torch.Tensor, ...] | None = None
         # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name warns,
@@ -355,7 +101,7 @@ class Engine:
         if self.context_length and len(tokens) + max_new_tokens > self.context_length:
             raise ValueError(f"a conversation of {len(tokens)} tokens plus max_new_tokens {max_new_tokens} "
                              f"exceeds the model's context of {self.context_length}")
-        request = _Request(key, list(tokens), max_new_tokens, temperature, top_p, seed)
+        request = Request(key, list(tokens), max_new_tokens, temperature, top_p, seed)
         if key in self._index:
             slot = self.active[self._index[key]]
             if slot.state != "done":
@@ -384,7 +130,7 @@ class Engine:
     def busy(self) -> bool:
         return bool(self._waiting) or any(s.state in ("prefill", "decode") for s in self.active)
 
-    def _start(self, slot: _Slot, request: _Request, reusable: int) -> None:
+    def _start(self, slot: Slot, request: Request, reusable: int) -> None:
         reuse = min(reusable, len(request.tokens) - 1)     # at least one id must run to give logits
         slot.tokens = slot.tokens[:reuse]
         slot.lookup, slot.indexed = {}, 0
@@ -411,7 +157,7 @@ class Engine:
             self.release(idle)
         while self._waiting and len(self.active) < self.slots:
             request = self._waiting.popleft()
-            slot = _Slot(key=request.key, fresh=True)
+            slot = Slot(key=request.key, fresh=True)
             self._index[request.key] = len(self.active)
             self.active.append(slot)
             self._start(slot, request, 0)
@@ -490,12 +236,12 @@ class Engine:
         shared = min(s.root_shared for s in slots) if self.cache.root else 0
         self.cache.bind(rows, counts, positions, shared)
         packed = torch.tensor([[t for x in ids for t in x]], device=self.device)
-        _bound.cache = self.cache
+        attention.bound.cache = self.cache
         try:
             hidden = self.model.model(input_ids=packed, position_ids=self.cache.positions[None], use_cache=True,
                                       **{self._cache_argument: self.cache}).last_hidden_state[0]
         finally:
-            _bound.cache = None
+            attention.bound.cache = None
         offsets = self.cache.offsets
         if every < len(rows):
             hidden = torch.cat([hidden[:offsets[every]], hidden[offsets[every + 1:] - 1]])
@@ -567,57 +313,24 @@ class Engine:
                 s.agreed += 1
 
     def _drafts(self, rows: list[int], sharing: int) -> dict[int, list[int]]:
-        """Prompt-lookup drafts for greedy rows, as long as they are worth their columns;
-        `sharing`: how many rows share the step."""
+        """Prompt-lookup drafts (drafting.py) for greedy rows, as long as they are worth their
+        columns; `sharing`: how many rows share the step."""
         if not self.draft:
             return {}
         worth = 1 + self.DRAFT_STEP_COST / sharing
         drafts = {}
         for i in rows:
-            s = self.active[i]
-            if s.request.temperature > 0 or len(s.tokens) < 2:
-                continue
-            # index every pair of ids whose continuation is known: (tokens[j-1], tokens[j]) → j
-            tokens = s.tokens
-            for j in range(max(s.indexed, 1), len(tokens) - 1):
-                s.lookup[(tokens[j - 1], tokens[j])] = j
-            s.indexed = max(s.indexed, len(tokens) - 1)
-            end = s.lookup.get((tokens[-1], s.generated[-1]))
-            if end is None:
-                continue
-            # agreement per draft id, from the turn's own record (a revision that copies its answer
-            # agrees far more often than a first answer does) and a prior of 90%
-            rate = (s.agreed + 3.6) / (s.agreed + s.disagreed + 4)
-            longest = self._draft_length(rate, worth)
-            # what followed that pair then (up to the row's last id, not yet in `tokens`)
-            draft = tokens[end + 1:end + 1 + longest]
-            if len(draft) < longest:
-                draft.append(s.generated[-1])
-            # one forward yields the draft plus one id: no more than the turn has left, and never
-            # past the cache's room (drafts do not grow it)
-            draft = draft[:min(longest, s.request.max_new_tokens - len(s.generated) - 1,
-                               self.cache.capacity - len(tokens) - 2)]
+            draft = drafting.propose(self.active[i], worth, self.DRAFT_MAX, self.cache.capacity)
             if draft:
                 drafts[i] = draft
         return drafts
-
-    def _draft_length(self, rate: float, worth: float) -> int:
-        """How many draft ids a row may bring. A draft's j-th id counts only if the model agreed
-        with all before it: at `rate` of agreement per id, that is rate**j. An id that counts saves
-        its row a later step, worth DRAFT_STEP_COST / rows ids of compute; one that does not costs
-        its own; so the j-th id is worth bringing while rate**j * `worth` >= 1, `worth` being
-        1 + DRAFT_STEP_COST / rows: long drafts when few rows share a step, short in a full batch."""
-        length = 0
-        while length < self.DRAFT_MAX and rate ** (length + 1) * worth >= 1:
-            length += 1
-        return length
 
     def _advance(self, rows: list[int], logits: torch.Tensor, finished: list) -> None:
         picks = self._pick(logits, [self.active[i] for i in rows])
         for i, token in zip(rows, picks):
             self._accept(self.active[i], token, finished)
 
-    def _accept(self, s: _Slot, token: int, finished: list) -> bool:
+    def _accept(self, s: Slot, token: int, finished: list) -> bool:
         """Appends a generated id to the row's turn; False when that ended the turn."""
         s.generated.append(token)
         stop = token in self.stop_ids
@@ -631,7 +344,7 @@ class Engine:
         return True
 
     @staticmethod
-    def _pick(logits: torch.Tensor, slots: list[_Slot]) -> list[int]:
+    def _pick(logits: torch.Tensor, slots: list[Slot]) -> list[int]:
         picks = logits.argmax(dim=-1).tolist()
         for row, s in enumerate(slots):
             r = s.request

@@ -7,7 +7,9 @@ import io
 import pytest
 
 from cai.errors import InputError
-from cai.io import RecordWriter, prompt_id, read_prompts, scan_output
+from cai.inputs import read_prompts
+from cai.messages import prompt_id
+from cai.output import RecordWriter, scan_output
 
 
 def test_jsonl_keeps_ids_and_hashes_the_rest(tmp_path):

@@ -1,33 +1,18 @@
-"""Reading prompts (JSONL, plain text, stdin) and writing records (JSONL, one whole line per
-write, flushed as each batch finishes, appended on resume)."""
+"""Reading what users bring: prompts (JSONL, plain text, stdin) and cai's own record files, each
+problem reported with file:line and field."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from cai.errors import InputError
+from cai.messages import PromptItem, prompt_id
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
-
-
-@dataclass(frozen=True)
-class PromptItem:
-    id: str
-    text: str
-    line: int                  # 1-based line in the source, for messages
-    truncated: bool = False    # cut to fit the model's context (--truncate-long)
-
-
-def prompt_id(text: str) -> str:
-    """Stable id of a prompt: the first 16 hex digits of the SHA-256 of its text."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def read_prompts(source: str, prompt_field: str = "prompt", stdin: IO[bytes] | None = None,
@@ -187,95 +172,3 @@ def read_records(source: str) -> list[dict]:
     if not records:
         raise InputError(name, "no records found")
     return records
-
-
-@dataclass
-class ExistingOutput:
-    """What an output file already holds: the ids written, the first record (to compare run
-    configs), and how many bytes are whole records (a torn last line from a killed run is cut
-    off when the file is reopened for appending)."""
-
-    ids: set[str]
-    first: dict | None
-    whole_bytes: int
-    torn: bool
-
-
-def scan_output(path: Path) -> ExistingOutput:
-    """Read an existing output without changing it. A broken line before the end is an error."""
-    ids: set[str] = set()
-    first = None
-    offset = 0
-    try:
-        fp = path.open("rb")
-    except OSError as exc:
-        raise InputError(path, f"cannot read existing output: {exc.strerror}") from None
-    with fp:
-        for number, raw in enumerate(fp, start=1):
-            try:
-                if not raw.endswith(b"\n"):
-                    raise ValueError("no newline")
-                record = json.loads(raw)
-                ids.add(str(record["id"]))
-            except (ValueError, KeyError, TypeError):
-                if fp.read().strip():
-                    raise InputError(path, "not a whole cai record; cannot resume from this file",
-                                     line=number) from None
-                return ExistingOutput(ids, first, offset, torn=True)
-            first = first or record
-            offset += len(raw)
-    return ExistingOutput(ids, first, offset, torn=False)
-
-
-def check_writable(target: str) -> None:
-    """Fail now, before a model loads, if `target` cannot be written; create nothing."""
-    if target == "-":
-        return
-    path = Path(target)
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.exists():
-        ok, reason = os.access(path, os.W_OK), "Permission denied"
-    elif not parent.is_dir():
-        ok, reason = False, "No such file or directory"
-    else:
-        ok, reason = os.access(parent, os.W_OK), "Permission denied"
-    if not ok:
-        raise InputError(target, f"cannot write output: {reason}")
-
-
-class RecordWriter:
-    """Appends JSON records to a file (or stdout). Each record is one `write` of one whole line
-    to an unbuffered file, so a killed run leaves at most a torn last line, never interleaved
-    halves. (jsonlines' Writer writes the line and its newline in two calls, hence our own.)
-    `sync` fsyncs at batch boundaries; `close` syncs too."""
-
-    def __init__(self, target: str, append_at: int | None = None):
-        """`append_at`: keep that many bytes of an existing file and append after them (resume);
-        None starts the file afresh."""
-        self.target = target
-        if target == "-":
-            self._fp = sys.stdout.buffer
-            self._owned = False
-        else:
-            try:
-                self._fp = open(target, "ab" if append_at is not None else "wb", buffering=0)
-                if append_at is not None and os.fstat(self._fp.fileno()).st_size > append_at:
-                    self._fp.truncate(append_at)
-            except OSError as exc:
-                raise InputError(target, f"cannot write output: {exc.strerror}") from None
-            self._owned = True
-        self.count = 0
-
-    def write(self, record: dict) -> None:
-        self._fp.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-        self.count += 1
-
-    def sync(self) -> None:
-        self._fp.flush()
-        if self._owned:
-            os.fsync(self._fp.fileno())
-
-    def close(self) -> None:
-        self.sync()
-        if self._owned:
-            self._fp.close()

@@ -1,0 +1,58 @@
+"""The Python API: the same runs as the command line, with options as keyword arguments named
+like the long flags (`max_new_tokens=8`, `filter=False` for `--no-filter`).
+
+>>> import cai
+>>> summary = cai.generate(["How do I pick a lock?"], max_new_tokens=8)   # doctest: +SKIP
+>>> summary.records[0]["chosen"]                                          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+
+def generate(prompts: str | Iterable[str | dict], output: str | None = None, *, model: str | None = None,
+             constitution: Any = "harmless", progress: Callable | None = None, stop: Callable[[], bool] | None = None,
+             **options: Any):
+    """Make (rejected, chosen) pairs from `prompts` (a path, or an iterable of prompt strings or
+    dicts with a `prompt` field). With `output` a path, records are written there and a rerun
+    resumes, as `cai generate -o` does; with `output=None` they come back as `summary.records`.
+    Returns a `Summary`: counts of kept, dropped, failed and skipped records, `complete`, and
+    `exit_code` (what the CLI would exit with). `progress(phase, summary)` is called as the run
+    goes; `stop()` returning True ends it gracefully (by default SIGINT/SIGTERM/SIGHUP do)."""
+    from cai.options import GenerateOptions, build
+    from cai.run.generate import run
+
+    opts = build(GenerateOptions, {"model": model, "constitution": constitution, **options})
+    return run(prompts, output, opts, progress=progress, stop=stop)
+
+
+def judge(pairs: str | list[dict], output: str | None = None, *, model: str | None = None, **options: Any):
+    """Label finished pairs with the judge's preference (`cai judge`); `output=None` returns them
+    as `summary.records`."""
+    from cai.options import JudgeOptions, build
+    from cai.run.judge import run
+
+    return run(pairs, output, build(JudgeOptions, {"model": model, **options}))
+
+
+def merge(output: str, inputs: list[str], *, overwrite: bool = False, on_conflict: str = "error", lock: bool = True):
+    """Combine output files of one run into `output` (`cai merge`)."""
+    from cai.run.merge import merge as merge_files
+
+    return merge_files(output, list(inputs), overwrite=overwrite, on_conflict=on_conflict, lock=lock)
+
+
+def export(pairs: str, output: str, **options: Any):
+    """Write pairs in another shape or file type (`cai export`)."""
+    from cai.run.export import export as export_pairs
+
+    return export_pairs(pairs, output, **options)
+
+
+def load_constitution(spec: str):
+    """A constitution by shipped name or path, validated (ConstitutionError names file:line)."""
+    from cai.constitution import load_constitution as load
+
+    return load(spec)

@@ -1,0 +1,103 @@
+"""How the engine plugs into a transformers model: the attention function it switches the model
+to (`cascade_attention`, registered with transformers as "cai_cascade"), which takes its mask
+from the engine's cache rather than from the forward's arguments, and `supports()`, which says
+which architectures are known to follow that contract.
+
+Each row's own positions are read by a native kernel (kernels.py) that reads each row to its own
+length; rows encoding a long turn go, padded and grouped by length, through PyTorch's flash
+kernel; the root prefix every row shares is one product for all rows."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from transformers import AttentionInterface
+
+from cai.backends.kv_cache import SlotCache
+
+# Architectures whose forward hands a cache object `update(k, v, layer)` and calls the configured
+# attention function, and whose attention is plain causal attention over the whole context (tests/test_engine.py
+# checks each against transformers' own generate).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
+
+
+def supports(model) -> str | None:
+    """None when the engine can drive `model`, else why not."""
+    config = model.config
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model type '{config.model_type}' is not one the engine is tested with"
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) and window < (config.max_position_embeddings or 0):
+        return "sliding-window attention"
+    return None
+
+
+# The cache of the forward under way: the engine sets it around each forward (the model calls
+# the attention function with no way to pass it through).
+bound = threading.local()
+
+
+def cascade_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
+    """Attention over [root prefix | each row's own positions], as a transformers attention
+    function. The root part is one product for all ids at once (every row shares those keys), so
+    its keys and values are read once per layer instead of once per row; the two parts are joined
+    under one softmax through their log-sum-exps. `query` [1, heads, ids, dim] holds the packed
+    ids of every row; `key`/`value` are what `SlotCache.update` returned."""
+    cache: SlotCache = bound.cache
+    _, q_heads, n_ids, dim = query.shape
+    kv_heads = cache.keys[0].shape[1]
+    group = q_heads // kv_heads
+    scale = scaling if scaling is not None else dim ** -0.5
+    # Query heads h*group … h*group+group-1 read kv head h (transformers' repeat_kv order), so a
+    # kv head's queries are one block of group*ids rows.
+    queries = query[0].reshape(kv_heads, group, n_ids, dim)
+    part = _flash if query.device.type == "cpu" and _flash is not None else _plain_part
+    out = lse = None
+    if cache.native_rows:
+        out, lse = cache.native(queries, key, value, cache.slots[:cache.native_rows],
+                                cache.offsets[:cache.native_rows + 1], cache.positions, cache.shared, scale)
+    if cache.pad_index is not None:
+        # PyTorch's kernels want rows padded to one width: lay the ids out so, run, and pick them back
+        rows, width = cache.pad_index.shape
+        padded = queries[:, :, cache.pad_index].permute(2, 0, 1, 3, 4).reshape(rows, kv_heads, group * width, dim)
+        mask = cache.mask[:, None, None].expand(rows, 1, group, width, -1).reshape(rows, 1, group * width, -1)
+        o, l = part(padded, cache.padded_part(key), cache.padded_part(value), mask, scale)
+        o = o.view(rows, kv_heads, group, width, dim)[cache.id_row, :, :, cache.id_column].permute(1, 2, 0, 3)
+        l = l.view(rows, kv_heads, group, width)[cache.id_row, :, :, cache.id_column].permute(1, 2, 0)
+        if out is None:
+            out, lse = o, l
+        else:
+            out[:, :, cache.first_padded:], lse[:, :, cache.first_padded:] = o, l
+    if cache.shared:
+        root_k, root_v = cache.root[module.layer_idx]
+        flat = queries.reshape(1, kv_heads, group * n_ids, dim)
+        common, common_lse = part(flat, root_k[None, :, :cache.shared], root_v[None, :, :cache.shared], None, scale)
+        common, common_lse = common.view(kv_heads, group, n_ids, dim), common_lse.view(kv_heads, group, n_ids)
+        top = torch.maximum(lse, common_lse)
+        own_w, common_w = (lse - top).exp_(), (common_lse - top).exp_()
+        out = (out * own_w[..., None] + common * common_w[..., None]) / (own_w + common_w)[..., None]
+    return out.reshape(q_heads, n_ids, dim).transpose(0, 1)[None], None
+
+
+def _plain_part(queries, key, value, mask, scale):
+    """Softmax attention of `queries` over `key`/`value` with an additive `mask`, and the
+    log-sum-exp of each query's scores (what joins two parts under one softmax)."""
+    scores = torch.matmul(queries * scale, key.transpose(-1, -2))
+    if mask is not None:
+        scores += mask
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.matmul(scores.sub_(lse[..., None]).exp_(), value), lse
+
+
+def _cpu_flash(queries, key, value, mask, scale):
+    """The same through PyTorch's CPU flash-attention kernel (blocked, no scores tensor)."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        queries, key, value, 0.0, False, attn_mask=mask, scale=scale)
+
+
+_flash = _cpu_flash if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu") else None
+
+
+ATTENTION = "cai_cascade"
+AttentionInterface.register(ATTENTION, cascade_attention)

@@ -1,0 +1,54 @@
+"""What the engine keeps for each conversation in flight (its request and the slot of the KV
+cache it owns) and what it reports (each finished turn, and counters over the run)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class EngineResult:
+    tokens: list[int]        # generated ids, the stop token included when one ended the turn
+    finish_reason: str       # "stop" or "length"
+    prompt_tokens: int       # ids in the request
+    reused_tokens: int       # of those, how many came from the cache instead of being encoded
+
+
+@dataclass
+class EngineStats:
+    prefill_computed: int = 0    # prompt ids run through the model
+    prefill_reused: int = 0      # prompt ids whose keys and values came from the cache
+    decode_steps: int = 0        # decode forwards
+    drafted: int = 0             # ids proposed by prompt lookup and checked
+    accepted: int = 0            # of those, how many the model agreed with (tokens gained for free)
+    rejected: int = 0            # drafts cut short where the model disagreed
+
+
+@dataclass
+class Request:
+    key: str
+    tokens: list[int]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+
+
+@dataclass
+class Slot:
+    key: str
+    tokens: list[int] = field(default_factory=list)      # ids whose K/V are in this slot, in order
+    pending: list[int] = field(default_factory=list)     # ids still to encode before decoding
+    generated: list[int] = field(default_factory=list)
+    request: Request | None = None
+    generator: torch.Generator | None = None
+    state: str = "idle"                                  # prefill → decode → done
+    fresh: bool = False                                  # a new conversation, not yet matched to the root
+    root_shared: int = 1 << 30                           # leading positions identical to the root's
+    reused: int = 0
+    lookup: dict = field(default_factory=dict)           # (id, id) → where that pair last ended in tokens
+    indexed: int = 0                                     # tokens[:indexed] are in `lookup`
+    agreed: int = 0                                      # this turn's draft ids the model agreed with
+    disagreed: int = 0                                   # and drafts it cut short

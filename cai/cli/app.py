@@ -1,0 +1,64 @@
+"""The typer app, its sub-apps, and the one place errors become a red line and an exit code."""
+
+import functools
+
+import typer
+from rich.markup import escape
+
+from cai import __version__
+from cai.cli.render import err
+from cai.errors import CaiError, OptionError
+
+app = typer.Typer(
+    name="cai", no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Constitutional-AI preference data: a model answers, critiques its answer against a "
+         "principle and revises it; each (original, revision) pair becomes one JSONL record for "
+         "DPO training (rejected, chosen).\n\n"
+         "[bold]Examples[/bold]\n\n"
+         "  cai generate examples/prompts.jsonl -o pairs.jsonl\n\n"
+         "  cai generate prompts.txt --model Qwen/Qwen2.5-0.5B-Instruct --revisions 2 -o - | head\n\n"
+         "  cai constitution list",
+)
+constitution_app = typer.Typer(no_args_is_help=True, help="List and check constitution files.")
+app.add_typer(constitution_app, name="constitution")
+
+
+def error_line(message: str) -> None:
+    err.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
+
+
+def reports_errors(command):
+    """Turn cai's errors into one red line on stderr and the error's exit code; an option's
+    error is shown with its flag (`--device: …`)."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from cai.signals import StopNow
+
+        try:
+            return command(*args, **kwargs)
+        except OptionError as exc:
+            error_line(exc.flag())
+            raise typer.Exit(exc.exit_code) from None
+        except CaiError as exc:
+            error_line(str(exc))
+            raise typer.Exit(exc.exit_code) from None
+        except StopNow as exc:          # before any work that a command reports itself
+            err.print(f"[yellow]interrupted[/yellow] ({exc})")
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/yellow]")
+            raise typer.Exit(130) from None
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"cai {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
+    """cai: constitutional-AI preference data."""

@@ -1,0 +1,70 @@
+"""`cai judge`: AI-feedback preference labels for finished pairs."""
+
+from typing import Annotated, Optional
+
+import typer
+
+from cai.cli.app import app, reports_errors
+from cai.cli.options import ClampOpt, FilteredOpt, KeepFilteredOpt, MinPreferenceOpt, NoLockOpt, SwapOpt, backend_options
+from cai.cli.render import err, judge_rows, setup_logging, summary_table
+
+
+@app.command("judge", epilog=(
+    "[bold]Examples[/bold]\n\n"
+    "  cai judge pairs.jsonl -o judged.jsonl                       [dim]# the embedded model as judge[/dim]\n\n"
+    "  cai judge pairs.jsonl --model Qwen/Qwen2.5-1.5B-Instruct --min-preference 0.6 -o kept.jsonl\n\n"
+    "  cai judge pairs.jsonl --backend openai --base-url http://gpu:8000/v1 --model judge --swap --clamp 0.4,0.6 -o -"))
+@reports_errors
+@backend_options
+def judge(
+    pairs: Annotated[str, typer.Argument(help="A file written by cai generate (either format), or - for stdin.", show_default=False)],
+    output: Annotated[str, typer.Option("--output", "-o", help="Where judged records go: a .jsonl file, or - for stdout.")] = "-",
+    constitution: Annotated[Optional[str], typer.Option("--constitution", "-c", help="Where the principles' judge questions (`choice`) come from [default: the shipped constitution the records name].", show_default=False)] = None,
+    templates: Annotated[str, typer.Option("--templates", help="Template set whose judge.jinja words the question.")] = "default",
+    prefix: Annotated[str, typer.Option("--prefix", help="How the judge's answer starts; the option letter is read right after it.")] = "The answer is: (",
+    min_preference: MinPreferenceOpt = None,
+    swap: SwapOpt = False,
+    clamp: ClampOpt = None,
+    keep_filtered: KeepFilteredOpt = False,
+    filtered: FilteredOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Pairs scored per call to the backend.")] = 8,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
+    no_lock: NoLockOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary; errors only.")] = False,
+    spec=None,
+) -> None:
+    """AI-feedback preference labels (RL-CAI): the judge model answers the principle's question
+    about the original (A/B) and the revision (B/A); its preference is read from the option tokens'
+    log-probabilities and averaged over both orders. Adds a `judge` field to every record."""
+    from dataclasses import asdict
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from cai.options import JudgeOptions
+    from cai.run.judge import run
+    from cai.run.summary import resolved
+
+    setup_logging(quiet)
+    options = JudgeOptions(**asdict(spec), constitution=constitution, templates=templates, prefix=prefix,
+                           min_preference=min_preference, swap=swap, clamp=clamp, keep_filtered=keep_filtered,
+                           filtered=filtered, batch_size=batch_size, overwrite=overwrite, lock=not no_lock)
+    with Progress(TextColumn("[bold]judging"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=err, disable=quiet) as bar:
+        task = bar.add_task("judging", total=None)
+        summary = run(pairs, output, options, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if summary.stopped_by:
+        err.print(f"[yellow]interrupted[/yellow]: {summary.written} judged records written", highlight=False)
+        raise typer.Exit(summary.exit_code)
+    if not quiet:
+        table = summary_table("cai judge")
+        table.add_row("judge", summary.model)
+        table.add_row("pairs read", str(summary.read))
+        table.add_row("records written", str(summary.written))
+        if summary.curation.get("active"):
+            reasons = " · ".join(f"{r} {c}" for r, c in summary.curation["reasons"].items())
+            table.add_row("dropped (filters)", f"{summary.curation['dropped']}" + (f" ({reasons})" if reasons else ""))
+        for name, value in judge_rows(summary.curation):
+            table.add_row(name, value)
+        table.add_row("time", f"{summary.elapsed:.1f} s")
+        table.add_row("output", resolved(output))
+        err.print(table)

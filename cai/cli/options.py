@@ -1,0 +1,56 @@
+"""Options shared by several commands, declared once. `backend_options` adds the backend block
+(which model, how to reach it) to a command and hands it over as one BackendSpec."""
+
+import functools
+import inspect
+from typing import Annotated, Optional
+
+import typer
+
+from cai.options import BackendSpec
+
+# (name, annotation, default): the backend block of `generate` and `judge`
+BACKEND_OPTIONS = [
+    ("model", Annotated[Optional[str], typer.Option("--model", "-m", help="Model: a local folder, a .gguf file or a Hub id. Default: the embedded SmolLM2-135M-Instruct.", show_default=False)], None),
+    ("backend", Annotated[str, typer.Option("--backend", metavar="hf|openai", help="hf: a local transformers model; openai: an OpenAI-compatible server (vLLM, SGLang, TGI, transformers serve) at --base-url.")], "hf"),
+    ("base_url", Annotated[Optional[str], typer.Option("--base-url", help="With --backend openai: the server's API root, e.g. http://127.0.0.1:8000/v1.", show_default=False)], None),
+    ("api_key_env", Annotated[str, typer.Option("--api-key-env", help="With --backend openai: the environment variable holding the API key (never printed or recorded).")], "OPENAI_API_KEY"),
+    ("concurrency", Annotated[int, typer.Option("--concurrency", help="With --backend openai: requests in flight at once (what --batch-size is for a local model).")], 16),
+    ("timeout", Annotated[float, typer.Option("--timeout", help="With --backend openai: seconds before a request is given up and retried.")], 120.0),
+    ("max_retries", Annotated[int, typer.Option("--max-retries", help="With --backend openai: retries of a failed request (connection errors, timeouts, 429, 5xx, replies without text).")], 5),
+    ("threads", Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch [default: one per core].", show_default=False)], None),
+    ("plain_chat_format", Annotated[bool, typer.Option("--plain-chat-format", help="For a tokenizer without a chat template: use cai's plain 'User:/Assistant:' format.")], False),
+    ("allow_pickle", Annotated[bool, typer.Option("--allow-pickle", help="Allow pickle (.bin) checkpoints, which can run code: only for models you trust.")], False),
+    ("device", Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda|mps", help="Where the model runs.")], "auto"),
+    ("dtype", Annotated[str, typer.Option("--dtype", metavar="auto|float32|bfloat16|float16|int8", help="Weights dtype. GPU: auto is bfloat16 (float16 without bf16). CPU: auto and float16 keep linear weights in float16 and compute in float32 (fast, same results to float16 rounding); float32 is plain float32; int8 quantizes the decoder's linears (faster still, slightly less exact, and its greedy output depends on how conversations are batched).")], "auto"),
+    ("trust_remote_code", Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model's repository to run.")], False),
+]
+
+# What to keep: shared by `generate --judge` and `judge`.
+MinPreferenceOpt = Annotated[Optional[float], typer.Option("--min-preference", metavar="P", help="Keep only pairs whose chosen side the judge prefers with probability at least P (0-1); the others go to the filtered file.", show_default=False)]
+SwapOpt = Annotated[bool, typer.Option("--swap", help="Where the judge prefers the original response, write it as chosen and the revision as rejected.")]
+ClampOpt = Annotated[Optional[str], typer.Option("--clamp", metavar="LO,HI", help="Soft labels: clamp judge.label into [LO, HI], e.g. 0.4,0.6 as in RL-CAI.", show_default=False)]
+KeepFilteredOpt = Annotated[bool, typer.Option("--keep-filtered", help="Write dropped pairs whole, with their reasons, to the filtered file (without it: their ids and reasons only).")]
+FilteredOpt = Annotated[Optional[str], typer.Option("--filtered", help="JSONL file of dropped pairs and their reasons [default: OUTPUT.filtered.jsonl]; a rerun skips the ids it holds.", show_default=False)]
+NoLockOpt = Annotated[bool, typer.Option("--no-lock", help="Do not lock the output (only where the file system cannot lock and you are sure no other run writes it).")]
+
+
+def backend_options(command):
+    """Give `command` the backend block: typer sees its parameters, the command receives them as
+    one BackendSpec argument `spec`."""
+    signature = inspect.signature(command)
+    own = [p for p in signature.parameters.values() if p.name != "spec"]
+    names = [name for name, _, _ in BACKEND_OPTIONS]
+    block = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+             for name, annotation, default in BACKEND_OPTIONS]
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        spec = BackendSpec(**{name: kwargs.pop(name) for name in names if name in kwargs})
+        return command(*args, spec=spec, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=[
+        *(p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own), *block])
+    wrapper.__annotations__ = {**{p.name: p.annotation for p in own}, **{p.name: p.annotation for p in block}}
+    del wrapper.__wrapped__          # typer must read the new signature, not the command's
+    return wrapper

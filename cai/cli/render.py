@@ -1,0 +1,211 @@
+"""Everything the CLI shows a person, on stderr: log lines, the loading spinner and progress bar,
+and the summary tables of each command. stdout is never touched here."""
+
+import logging
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+err = Console(stderr=True)
+
+
+class _StderrHandler(logging.Handler):
+    """Log lines on stderr, one line each however long (greppable, never wrapped mid-path)."""
+
+    STYLES = {"WARNING": "yellow", "ERROR": "red", "INFO": "dim"}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = Text(f"{record.levelname.lower()}: ", style=self.STYLES.get(record.levelname, ""))
+        line.append(record.getMessage())
+        err.print(line, soft_wrap=True, highlight=False)
+
+
+def setup_logging(quiet: bool) -> None:
+    logger = logging.getLogger("cai")
+    logger.handlers[:] = [_StderrHandler()]
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
+def summary_table(title: str) -> Table:
+    """A two-column (name, value) table for a command's summary on stderr."""
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    return table
+
+
+class RunProgress:
+    """The progress callback of a generation run: a spinner while the model loads, then a bar of
+    records with pairs/min and tok/s. Use as a context manager around the run."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self._status = None
+        self._bar = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"), TextColumn("[dim]ETA[/dim]"), TimeRemainingColumn(),
+            console=err, disable=quiet, transient=False)
+        self._task = None
+        self._shown = 0.0
+
+    def __call__(self, phase: str, summary) -> None:
+        if self.quiet:
+            return
+        if phase == "loading":
+            self._status = err.status(f"loading {summary.model}…", spinner="dots")
+            self._status.start()
+        elif phase == "running":
+            self._stop_status()
+            if summary.width:
+                logging.getLogger("cai").info("up to %d conversations in flight (--batch-size)", summary.width)
+            self._bar.start()
+            todo = summary.planned - summary.resumed - summary.skipped
+            self._task = self._bar.add_task("prompts", total=max(todo, 0), rate="")
+        elif self._task is not None:
+            now = time.monotonic()
+            if phase == "turn" and now - self._shown < 0.2:
+                return
+            self._shown = now
+            pairs, tokens = summary.rate
+            self._bar.update(self._task, completed=summary.kept + summary.dropped + summary.failed,
+                             rate=f"{pairs:.1f} pairs/min · {tokens:.1f} tok/s")
+
+    def _stop_status(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop_status()
+        if self._task is not None:
+            self._bar.stop()
+
+
+def generate_summary(summary) -> None:
+    from cai.run.summary import resolved
+
+    pairs, tokens = summary.rate
+    curation = summary.curation
+    table = summary_table("cai generate")
+    table.add_row("model", summary.model)
+    table.add_row("constitution", summary.constitution)
+    table.add_row("records planned", str(summary.planned))
+    if summary.resumed:
+        table.add_row("already there (resumed)", str(summary.resumed))
+    table.add_row("pairs made", str(summary.made))
+    table.add_row("records written", str(summary.kept))
+    if curation.get("dropped") is not None and (summary.dropped or curation.get("active")):
+        reasons = " · ".join(f"{reason} {count}" for reason, count in curation["reasons"].items())
+        table.add_row("dropped (filters)", f"{summary.dropped}" + (f" ({reasons})" if reasons else ""))
+    if summary.failed:
+        table.add_row("failed (retry: run again)", f"{summary.failed}" + (f" → {summary.failures}" if summary.failures else ""))
+    if summary.skipped_invalid:
+        table.add_row("invalid input lines skipped", str(summary.skipped_invalid))
+    if summary.skipped_long:
+        table.add_row("prompts too long for the context", str(summary.skipped_long))
+    if summary.not_made:
+        table.add_row("not made (stopped)", str(summary.not_made))
+    for name, value in judge_rows(curation):
+        table.add_row(name, value)
+    table.add_row("chosen ≠ rejected", f"{summary.changed} of {summary.kept}")
+    if not curation.get("active"):
+        table.add_row("truncated (hit max tokens)", str(summary.truncated))
+    table.add_row("generated tokens", f"{summary.tokens:,}")
+    table.add_row("time", f"{summary.elapsed:.1f} s")
+    table.add_row("speed", f"{pairs:.1f} pairs/min · {tokens:.1f} tok/s")
+    table.add_row("output", resolved(summary.output))
+    if summary.dropped and summary.filtered:
+        table.add_row("dropped pairs", resolved(summary.filtered))
+    if summary.skipped and summary.skipped_file:
+        table.add_row("skipped prompts", resolved(summary.skipped_file))
+    err.print(table)
+
+
+def judge_rows(curation: dict) -> list[tuple[str, str]]:
+    if not curation.get("judging"):
+        return []
+    if curation.get("preference") is None:
+        unjudged = curation.get("unjudged")
+        return [("judge", "no pair judged" + (f" ({unjudged} could not be)" if unjudged else ""))]
+    return [("judge: P(revision better)",
+             f"{curation['preference']:.3f} both orders · {curation['preference_revision_as_b']:.3f} revision as (B) only · "
+             f"{curation['judged']} judged" + (f", {curation['swapped']} swapped" if curation.get("swap") else "")
+             + (f", {curation['unjudged']} not judged" if curation["unjudged"] else ""))]
+
+
+def stats_tables(report: dict) -> None:
+    def fmt(value) -> str:
+        if value is None:
+            return "–"
+        return f"{value:,}" if isinstance(value, int) else f"{value:,.3f}".rstrip("0").rstrip(".")
+
+    def pct(part: int, whole: int) -> str:
+        return f"{part:,} ({part / whole:.1%})" if whole else f"{part:,}"
+
+    source = report["input"]
+    kept, total = source["kept"], source["total"]
+    table = summary_table("cai stats")
+    table.add_row("records", source["records"] if source["records"] != "-" else "stdin")
+    table.add_row("dropped records", source["filtered"] or "[dim]no side file: none dropped[/dim]")
+    table.add_row("kept", pct(kept, total))
+    table.add_row("dropped", pct(source["dropped"], total))
+    table.add_row("total", fmt(total))
+    for reason, count in source["dropped_by_reason"].items():
+        table.add_row(f"  dropped: {reason}", pct(count, total))
+    if source["torn_lines"]:
+        table.add_row("torn lines skipped", fmt(source["torn_lines"]))
+    table.add_row("cleaned (meta.cleaned)", pct(report["cleaned"], kept))
+    err.print(table)
+
+    table = Table(title="principles", title_justify="left")
+    for column in ("principle", "kept", "dropped", "judge mean"):
+        table.add_column(column, justify="left" if column == "principle" else "right")
+    for name, row in report["principles"].items():
+        table.add_row(name, fmt(row["kept"]), fmt(row["dropped"]), fmt(row["judge_mean"]))
+    err.print(table)
+
+    table = Table(title="distributions (words)", title_justify="left")
+    table.add_column("")
+    for column in ("min", "p10", "p50", "p90", "max", "mean"):
+        table.add_column(column, justify="right")
+    rows = {**report["lengths"], "word edits": report["edits"]["word_edits"], "similarity": report["edits"]["similarity"]}
+    for name, dist in rows.items():
+        table.add_row(name, *(fmt(dist[k]) for k in ("min", "p10", "p50", "p90", "max", "mean")))
+    err.print(table)
+    err.print(f"near-identical (similarity ≥ 0.9): {pct(report['edits']['near_identical'], kept)}; "
+              f"identical (whitespace aside): {pct(report['edits']['identical'], kept)}", highlight=False, soft_wrap=True)
+
+    judge = report["judge"]
+    if judge:
+        table = Table(title="judge: P(revision better)", show_header=False, title_justify="left")
+        table.add_column(style="bold", no_wrap=True)
+        table.add_column()
+        table.add_row("judged", pct(judge["judged"], kept))
+        table.add_row("mean (both orders)", fmt(judge["mean_preference"]))
+        table.add_row("mean, revision shown as B", fmt(judge["mean_revision_as_b"]))
+        table.add_row("mean, revision shown as A", fmt(judge["mean_revision_as_a"]))
+        table.add_row("preferred (> 0.5)", f"{judge['fraction_preferred']:.1%}")
+        if judge["swapped"]:
+            table.add_row("swapped (original kept as chosen)", pct(judge["swapped"], kept))
+        counts, edges = judge["histogram"]["counts"], judge["histogram"]["edges"]
+        widest = max(counts) or 1
+        for low, high, count in zip(edges, edges[1:], counts):
+            table.add_row(f"  {low:.1f}–{high:.1f}", f"{'█' * round(20 * count / widest):<20} {count:,}")
+        err.print(table)
+
+    finish = report["finish_reasons"]
+    table = Table(title="finish reasons", title_justify="left")
+    for column in ("reason", "response", "final revision"):
+        table.add_column(column, justify="left" if column == "reason" else "right")
+    for reason in dict.fromkeys([*finish["response"], *finish["revision"]]):
+        table.add_row(reason, pct(finish["response"].get(reason, 0), kept), pct(finish["revision"].get(reason, 0), kept))
+    err.print(table)
+
+

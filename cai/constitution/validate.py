@@ -1,0 +1,223 @@
+"""Parsing and validating constitution YAML: every problem found, each with file:line:column
+and the field's path, against the field specs of schema.py."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from cai.constitution.model import Constitution, Defaults, FewShot, Principle
+from cai.constitution.sampling import SAMPLING_MODES
+from cai.constitution.schema import DEFAULTS_FIELDS, FEW_SHOT_FIELDS, PRINCIPLE_FIELDS, SLUG, TOP_FIELDS, FieldSpec
+from cai.errors import ConstitutionError
+
+
+@dataclass
+class Problem:
+    line: int
+    column: int
+    field: str | None
+    message: str
+
+
+@dataclass
+class _Checker:
+    path: str
+    problems: list[Problem] = field(default_factory=list)
+
+    def add(self, node: yaml.Node, message: str, field_path: str | None = None) -> None:
+        mark = node.start_mark
+        self.problems.append(Problem(mark.line + 1, mark.column + 1, field_path, message))
+
+    def mapping(self, node: yaml.Node, spec: dict[str, FieldSpec], where: str) -> dict[str, Any]:
+        """Check a mapping node against `spec`; return {key: value} for keys that passed."""
+        if not isinstance(node, yaml.MappingNode):
+            self.add(node, f"expected a mapping, got {_kind(node)}", where or None)
+            return {}
+        values: dict[str, Any] = {}
+        seen: dict[str, yaml.Node] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            full = f"{where}.{key}" if where else str(key)
+            if key in seen:
+                self.add(key_node, f"duplicate key (first at line {seen[key].start_mark.line + 1})", full)
+                continue
+            seen[key] = key_node
+            if key not in spec:
+                hint = difflib.get_close_matches(str(key), spec, n=1)
+                extra = f"; did you mean '{hint[0]}'?" if hint else f"; allowed: {', '.join(spec)}"
+                self.add(key_node, f"unknown key{extra}", full)
+                continue
+            ok, value = self.value(value_node, spec[key], full)
+            if ok:
+                values[key] = (value, value_node)
+        for key, rule in spec.items():
+            if rule.required and key not in seen:
+                self.add(node, "missing required key", f"{where}.{key}" if where else key)
+        return values
+
+    def value(self, node: yaml.Node, rule: FieldSpec, where: str) -> tuple[bool, Any]:
+        if not node.tag.startswith("tag:yaml.org,2002:") or node.tag.rsplit(":", 1)[-1] not in _PLAIN_TAGS:
+            self.add(node, f"unsupported YAML tag '{node.tag}'; only plain values are allowed", where)
+            return False, None
+        if rule.kind in ("mapping", "list"):
+            want = yaml.MappingNode if rule.kind == "mapping" else yaml.SequenceNode
+            if not isinstance(node, want):
+                self.add(node, f"expected a {'mapping' if rule.kind == 'mapping' else 'list'}, got {_kind(node)}", where)
+                return False, None
+            if rule.kind == "list" and not node.value:
+                self.add(node, "must not be empty", where)
+                return False, None
+            return True, node
+        if rule.kind == "list[str]":
+            if not isinstance(node, yaml.SequenceNode):
+                self.add(node, f"expected a list of strings, got {_kind(node)}", where)
+                return False, None
+            items = []
+            for i, item in enumerate(node.value):
+                ok, v = self.value(item, FieldSpec("str"), f"{where}[{i}]")
+                if not ok:
+                    return False, None
+                items.append(v)
+            return True, tuple(items)
+        if not isinstance(node, yaml.ScalarNode):
+            self.add(node, f"expected {_article(rule.kind)}, got {_kind(node)}", where)
+            return False, None
+        value = _construct(node)
+        if rule.kind == "str":
+            if not isinstance(value, str) or node.tag != "tag:yaml.org,2002:str":
+                self.add(node, f"expected a string, got {_kind(node)}", where)
+                return False, None
+            if rule.nonempty and not value.strip():
+                self.add(node, "must not be empty", where)
+                return False, None
+            return True, value.strip()
+        if rule.kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                self.add(node, f"expected an integer, got {_kind(node)}", where)
+                return False, None
+            return True, value
+        if rule.kind == "number":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                self.add(node, f"expected a number, got {_kind(node)}", where)
+                return False, None
+            return True, float(value)
+        raise AssertionError(rule.kind)
+
+
+_PLAIN_TAGS = ("str", "int", "float", "bool", "null", "map", "seq")
+
+
+def _construct(node: yaml.ScalarNode) -> Any:
+    return yaml.SafeLoader("").construct_object(node)
+
+
+def _kind(node: yaml.Node) -> str:
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    tag = node.tag.rsplit(":", 1)[-1]
+    if tag == "null" or node.value in ("", "~", "null"):
+        return "nothing (empty value)"
+    names = {"str": "a string", "int": "an integer", "float": "a number", "bool": "a boolean"}
+    return names.get(tag, f"a {tag}")
+
+
+def _article(kind: str) -> str:
+    return {"str": "a string", "int": "an integer", "number": "a number"}.get(kind, kind)
+
+
+def parse_constitution(text: str | bytes, path: str = "<string>") -> Constitution:
+    """Parse and validate constitution text. Raises ConstitutionError listing every problem."""
+    raw = text.encode("utf-8") if isinstance(text, str) else text
+    try:
+        decoded = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConstitutionError(path, "file is not valid UTF-8", line=line) from None
+    checker = _Checker(path)
+    try:
+        root = yaml.compose(decoded, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        message = (exc.problem or exc.context or "invalid YAML").strip()
+        if "\t" in message or "'\\t'" in message:
+            message = "tab character; indent YAML with spaces"
+        elif exc.context and exc.context_mark and exc.problem_mark and exc.context_mark.line != exc.problem_mark.line:
+            message += f" {exc.context} that starts at line {exc.context_mark.line + 1}"
+        line = mark.line + 1 if mark else None
+        column = mark.column + 1 if mark else None
+        raise ConstitutionError(path, f"YAML syntax error: {message}", line=line, column=column) from None
+    if root is None:
+        raise ConstitutionError(path, "file is empty; a constitution needs a name and principles", line=1)
+    top = checker.mapping(root, TOP_FIELDS, "")
+
+    defaults = Defaults()
+    if "defaults" in top:
+        values = checker.mapping(top["defaults"][0], DEFAULTS_FIELDS, "defaults")
+        revisions = values.get("revisions", (1, None))
+        sampling = values.get("sampling", ("random", None))
+        if revisions[1] is not None and revisions[0] < 1:
+            checker.add(revisions[1], "must be at least 1", "defaults.revisions")
+        if sampling[1] is not None and sampling[0] not in SAMPLING_MODES:
+            checker.add(sampling[1], f"must be one of {', '.join(SAMPLING_MODES)}", "defaults.sampling")
+        defaults = Defaults(revisions=max(1, revisions[0]), sampling=sampling[0])
+
+    principles: list[Principle] = []
+    first_line: dict[str, int] = {}
+    if "principles" in top:
+        for i, item in enumerate(top["principles"][0].value):
+            where = f"principles[{i}]"
+            values = checker.mapping(item, PRINCIPLE_FIELDS, where)
+            if not {"id", "critique", "revision"} <= values.keys():
+                continue
+            pid, id_node = values["id"]
+            if not SLUG.match(pid):
+                checker.add(id_node, "must be a slug: lowercase letters, digits and '-' (e.g. 'harmful-content')", f"{where}.id")
+                continue
+            if pid in first_line:
+                checker.add(id_node, f"duplicate principle id '{pid}' (first at line {first_line[pid]})", f"{where}.id")
+                continue
+            first_line[pid] = id_node.start_mark.line + 1
+            weight = values.get("weight", (1.0, None))
+            if weight[1] is not None and not weight[0] > 0:
+                checker.add(weight[1], "must be greater than 0", f"{where}.weight")
+                continue
+            principles.append(Principle(
+                id=pid, critique=values["critique"][0], revision=values["revision"][0],
+                choice=values.get("choice", (None,))[0], tags=values.get("tags", ((),))[0],
+                weight=weight[0]))
+
+    if "version" in top and top["version"][0] < 1:
+        checker.add(top["version"][1], "must be at least 1", "version")
+
+    few_shot: list[FewShot] = []
+    if "few_shot" in top:
+        for i, item in enumerate(top["few_shot"][0].value):
+            where = f"few_shot[{i}]"
+            values = checker.mapping(item, FEW_SHOT_FIELDS, where)
+            if not {"prompt", "response", "critique", "revision"} <= values.keys():
+                continue
+            ref = values.get("principle")
+            if ref and ref[0] not in first_line:
+                checker.add(ref[1], f"no principle with id '{ref[0]}'", f"{where}.principle")
+                continue
+            few_shot.append(FewShot(**{k: v for k, (v, _) in values.items()}))
+
+    if checker.problems:
+        first = checker.problems[0]
+        more = len(checker.problems) - 1
+        message = first.message + (f" (and {more} more: cai constitution validate {path})" if more else "")
+        error = ConstitutionError(path, message, line=first.line, column=first.column, field=first.field)
+        error.problems = [ConstitutionError(path, p.message, line=p.line, column=p.column, field=p.field)
+                          for p in checker.problems]
+        raise error
+    return Constitution(
+        name=top["name"][0], principles=tuple(principles), path=path,
+        sha256=hashlib.sha256(raw).hexdigest(), version=top.get("version", (1,))[0],
+        description=top.get("description", ("",))[0], defaults=defaults, few_shot=tuple(few_shot))

@@ -1,0 +1,69 @@
+"""Curation between the pipeline and the output: filters, then the judge, then min-preference and
+swap. Pairs that pass are returned to be written; the others go to the filtered side file with
+their reasons. Keeps the counts a summary reports."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+from cai.output import SideFile
+from cai.pipeline import FINGERPRINT_KEYS
+
+log = logging.getLogger("cai")
+
+
+class Curation:
+    """`drops` receives, per dropped pair, its id, principle, the run's fingerprint and reasons
+    (with `keep_whole`, the whole record and its reasons); a rerun skips the ids it holds."""
+
+    def __init__(self, filters, judge, min_preference: float | None, swap: bool, drops: SideFile,
+                 keep_whole: bool = False):
+        self.filters, self.judge, self.min_preference, self.swap = filters, judge, min_preference, swap
+        self.drops, self.keep_whole = drops, keep_whole
+        self.reasons: Counter[str] = Counter()
+        self.dropped = self.judged = self.unjudged = self.swapped = 0
+        self.preferences: list[tuple[float, float]] = []      # (both orders, revision as (B))
+        self._errors_seen: set[str] = set()
+
+    @property
+    def active(self) -> bool:
+        """Whether anything can drop a pair."""
+        return self.filters is not None or self.min_preference is not None
+
+    def __call__(self, records: list[dict]) -> list[dict]:
+        from cai.filters import curate
+
+        kept = []
+        for verdict in curate(records, self.filters, self.judge, self.min_preference, self.swap):
+            judge = verdict.record.get("judge")
+            if verdict.judge_error:
+                self.unjudged += 1
+                if verdict.judge_error not in self._errors_seen and len(self._errors_seen) < 5:
+                    self._errors_seen.add(verdict.judge_error)      # each distinct reason once
+                    log.warning("not judged: %s: %s", verdict.record.get("id"), verdict.judge_error)
+            elif judge and self.judge is not None:
+                self.judged += 1
+                self.swapped += judge["swapped"]
+                self.preferences.append((judge["preference"], judge["orders"][0]))
+            if verdict.reasons:
+                self.dropped += 1
+                self.reasons.update(verdict.reasons)
+                line = verdict.record if self.keep_whole else {
+                    "id": verdict.record.get("id"), "principle": verdict.record.get("principle"),
+                    # the run's fingerprint, so a rerun can tell whether this file is its own
+                    "meta": {k: v for k, v in verdict.record.get("meta", {}).items() if k in FINGERPRINT_KEYS}}
+                self.drops.write({**line, "filter": {"reasons": verdict.reasons}})
+            else:
+                kept.append(verdict.record)
+        self.drops.sync()
+        return kept
+
+    def counts(self) -> dict:
+        """The figures of a summary: dropped by reason, judged, and the judge's mean preferences."""
+        n = len(self.preferences)
+        return {"active": self.active, "judging": self.judge is not None, "swap": self.swap,
+                "dropped": self.dropped, "reasons": dict(self.reasons.most_common()),
+                "judged": self.judged, "unjudged": self.unjudged, "swapped": self.swapped,
+                "preference": sum(p for p, _ in self.preferences) / n if n else None,
+                "preference_revision_as_b": sum(o for _, o in self.preferences) / n if n else None}

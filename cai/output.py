@@ -1,0 +1,197 @@
+"""Writing records: one whole line per write, fsynced at batch boundaries, appended on resume; and
+reading back what an existing output holds."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from cai.errors import InputError, OutputError
+
+
+@dataclass
+class ExistingOutput:
+    """What an output file already holds: the ids written, the first record (to compare run
+    configs), and how many bytes are whole records (a torn last line from a killed run is cut
+    off when the file is reopened for appending)."""
+
+    ids: set[str]
+    first: dict | None
+    whole_bytes: int
+    torn: bool
+
+
+def scan_output(path: Path) -> ExistingOutput:
+    """Read an existing output without changing it. A broken line before the end is an error."""
+    ids: set[str] = set()
+    first = None
+    offset = 0
+    try:
+        fp = path.open("rb")
+    except OSError as exc:
+        raise InputError(path, f"cannot read existing output: {exc.strerror}") from None
+    with fp:
+        for number, raw in enumerate(fp, start=1):
+            try:
+                if not raw.endswith(b"\n"):
+                    raise ValueError("no newline")
+                record = json.loads(raw)
+                ids.add(str(record["id"]))
+            except (ValueError, KeyError, TypeError):
+                if fp.read().strip():
+                    raise InputError(path, "not a whole cai record; cannot resume from this file",
+                                     line=number) from None
+                return ExistingOutput(ids, first, offset, torn=True)
+            first = first or record
+            offset += len(raw)
+    return ExistingOutput(ids, first, offset, torn=False)
+
+
+def check_writable(target: str) -> None:
+    """Fail now, before a model loads, if `target` cannot be written; create nothing."""
+    if target == "-":
+        return
+    path = Path(target)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.exists():
+        ok, reason = os.access(path, os.W_OK), "Permission denied"
+    elif not parent.is_dir():
+        ok, reason = False, "No such file or directory"
+    else:
+        ok, reason = os.access(parent, os.W_OK), "Permission denied"
+    if not ok:
+        raise InputError(target, f"cannot write output: {reason}")
+
+
+class RecordWriter:
+    """Appends JSON records to a file (or stdout). Each record is one whole line: written with as
+    many `write` calls as the OS needs, and cut back to the last whole line if anything (a full
+    disk, a signal) stops it halfway, so a file never holds half a record. `sync` fsyncs at batch
+    boundaries; `close` syncs too. A write error becomes an OutputError that says how many
+    records are safe and that a rerun continues."""
+
+    def __init__(self, target: str, append_at: int | None = None):
+        """`append_at`: keep that many bytes of an existing file and append after them (resume);
+        None starts the file afresh."""
+        self.target = target
+        self.count = 0
+        self.records: list[dict] | None = None
+        if target == "-":
+            self._fp = sys.stdout.buffer
+            self._owned = False
+            self.offset = 0
+        else:
+            try:
+                self._fp = open(target, "ab" if append_at is not None else "wb", buffering=0)
+                if append_at is not None and os.fstat(self._fp.fileno()).st_size > append_at:
+                    self._fp.truncate(append_at)
+                self.offset = append_at or 0
+            except OSError as exc:
+                raise OutputError(target, f"cannot write output: {exc.strerror}") from None
+            self._owned = True
+            self.before = self.offset > 0
+
+    def write(self, record: dict) -> None:
+        data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        if not self._owned:
+            self._fp.write(data)
+            self.count += 1
+            return
+        view = memoryview(data)
+        try:
+            while view:
+                written = self._fp.write(view)
+                view = view[written:]
+        except BaseException as exc:
+            self._cut_back()
+            if isinstance(exc, OSError):
+                raise self._error(exc) from None
+            raise
+        self.offset += len(data)
+        self.count += 1
+
+    def _cut_back(self) -> None:
+        try:
+            self._fp.truncate(self.offset)
+        except OSError:
+            pass
+
+    def _error(self, exc: OSError) -> OutputError:
+        safe = "no records" if not self.offset else f"{self.count} records of this run"
+        return OutputError(self.target, f"cannot write: {exc.strerror or exc}; {safe} written whole before it"
+                           + ("; fix it and run the same command again to continue" if self.count or self.before else ""))
+
+    def sync(self) -> None:
+        try:
+            self._fp.flush()
+            if self._owned:
+                os.fsync(self._fp.fileno())
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.EROFS, errno.ENOTSUP):   # a device or pipe: nothing to sync
+                return
+            raise self._error(exc) from None
+
+    def close(self) -> None:
+        try:
+            self.sync()
+        finally:
+            if self._owned and not self._fp.closed:
+                self._fp.close()
+
+
+class MemoryWriter:
+    """The RecordWriter of a run without an output file (`cai.generate(prompts)`): records are
+    kept in `records`."""
+
+    target = None
+
+    def __init__(self):
+        self.records: list[dict] = []
+        self.count = 0
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+        self.count += 1
+
+    def sync(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class SideFile:
+    """A JSONL file beside the output (dropped pairs, failures, skipped prompts), created at its
+    first line. A fresh run removes an old one; a resumed run appends after its `append_at`
+    whole bytes. Without a path its lines are kept in `lines` (a run in memory)."""
+
+    def __init__(self, path: str | None, append_at: int | None = None, *, memory: bool = False):
+        self.path, self.append_at = path, append_at
+        self.lines: list[dict] | None = [] if memory and not path else None
+        self.count = 0
+        self._writer: RecordWriter | None = None
+        if path and append_at is None and Path(path).is_file():
+            Path(path).unlink()          # it describes an earlier run
+
+    def write(self, line: dict) -> None:
+        self.count += 1
+        if self.lines is not None:
+            self.lines.append(line)
+        if not self.path:
+            return
+        if self._writer is None:
+            self._writer = RecordWriter(self.path, append_at=self.append_at)
+        self._writer.write(line)
+
+    def sync(self) -> None:
+        if self._writer is not None:
+            self._writer.sync()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            writer.close()

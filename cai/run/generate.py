@@ -1,0 +1,296 @@
+"""The resumable generation run, as a library: the CLI's `cai generate` and the Python API's
+`cai.generate` both call `run`. It locks the output, reads what is there (resume), selects the
+prompts, runs the pipeline, curates, writes records and side files, and returns a Summary.
+It prints nothing (messages go to the `cai` logger) and never decides how to show progress."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from cai.errors import BackendError, OptionError
+from cai.options import GenerateOptions
+from cai.output import MemoryWriter, RecordWriter, SideFile, check_writable, scan_output
+from cai.run.summary import SKIP_HINT, Summary
+from cai.signals import StopNow, StopSignals
+
+log = logging.getLogger("cai")
+
+Progress = Callable[[str, Summary], None]   # (phase, summary): loading, running, turn, records
+WARN_FIRST = 5                                # warnings of one kind shown before "and N more"
+
+
+class _Paths:
+    """The output and its side files (None: not written; in memory for a run without output)."""
+
+    def __init__(self, output: str | None, options: GenerateOptions):
+        self.output = output
+        named = output not in (None, "-")
+        self.filtered = options.filtered or (f"{output}.filtered.jsonl" if named else None)
+        self.failures = options.failures or (f"{output}.failures.jsonl" if named else None)
+        self.skipped = options.skipped or (f"{output}.skipped.jsonl" if named else None)
+        if options.keep_filtered and output == "-" and not options.filtered:
+            raise OptionError("keep_filtered", "with output to stdout needs `filtered` FILE")
+
+    def files(self) -> list[str]:
+        return [p for p in (self.output, self.filtered, self.failures, self.skipped) if p and p != "-"]
+
+
+def run(prompts: str | Iterable, output: str | None, options: GenerateOptions, *,
+        progress: Progress | None = None, stop: Callable[[], bool] | None = None, stdin=None) -> Summary:
+    """Make the records of `prompts` (a path, '-' for stdin, or an iterable of strings / dicts)
+    into `output` (a path, '-' for stdout, or None to return them as `summary.records`). An
+    output that holds records of the same run is continued. `stop()` true: start no new prompt
+    and end when those in flight are done; without one, SIGINT, SIGTERM and SIGHUP do that."""
+    from cai.backends.spec import resolve
+    from cai.constitution import Constitution, load_constitution
+    from cai.locks import Locks
+    from cai.pipeline import RunConfig
+    from cai.prompts import load_templates
+
+    options.check()
+    if options.resume and output in (None, "-"):
+        raise OptionError("resume", "needs an output file")
+    paths = _Paths(output, options)
+    source = _refuse_overlap(prompts, paths)
+    constitution = (options.constitution if isinstance(options.constitution, Constitution)
+                    else load_constitution(options.constitution))
+    templates = load_templates(options.templates)
+    config = RunConfig(
+        revisions=options.revisions or constitution.defaults.revisions,
+        sampling=options.sampling or constitution.defaults.sampling, seed=options.seed,
+        batch_size=options.batch_size or 1, few_shot=options.few_shot, params=_sampling(options))
+    from cai.run.select import select
+
+    selection = select(prompts, options, constitution, config, stdin)
+    resolved = resolve(options.backend_spec())
+    summary = Summary(model=resolved[1], constitution=constitution.ref, output=output, source=source,
+                      filtered=paths.filtered, failures=paths.failures, skipped_file=paths.skipped,
+                      planned=selection.planned, skipped_invalid=len(selection.invalid))
+    stopper = stop if stop is not None else StopSignals(options.grace, on_signal=_log_signal)
+    owned = isinstance(stopper, StopSignals) and stop is None
+    with (stopper if owned else _nothing()), Locks(paths.files(), enabled=options.lock and output is not None):
+        try:
+            _run(selection, paths, options, constitution, templates, config, resolved, summary, progress, stopper)
+        except StopNow as exc:
+            summary.stopped_by, summary.stop_exit = str(exc), exc.exit_code
+    summary.elapsed = time.monotonic() - summary.start
+    return summary
+
+
+def _run(selection, paths: _Paths, options: GenerateOptions, constitution, templates, config, resolved,
+         summary: Summary, progress: Progress | None, stop) -> None:
+    from dataclasses import replace
+
+    from cai.backends.spec import open_backend
+    from cai.pipeline import Pipeline, run_fingerprint
+
+    fingerprint = run_fingerprint(summary.model, constitution, templates, config)
+    done, append_at, drop_append_at = _existing(paths, options, fingerprint)
+    summary.resumed = sum(record_id in done for record_id in selection.ids)
+    summary.removed = len(done - selection.all_ids)
+    if summary.removed:
+        log.warning("%s holds %d records of prompts no longer in %s (left as they are)",
+                    paths.output, summary.removed, summary.source)
+    skips = SideFile(paths.skipped, memory=paths.output is None)
+    _skip_invalid(selection, skips)
+    if summary.resumed == summary.planned - summary.skipped_invalid:
+        log.info("nothing to do: every record of this run is already in %s%s", paths.output,
+                 f" (or dropped in {paths.filtered})" if paths.filtered else "")
+        summary.nothing_to_do = True
+        _finish_side(summary, skips, None, None)
+        return
+    for target in paths.files():
+        check_writable(target)
+    if progress:
+        progress("loading", summary)
+    backend = open_backend(options.backend_spec(), resolved)
+    try:
+        width = options.batch_size or backend.default_width()
+        summary.width = width
+        config = replace(config, batch_size=width)
+        pipeline = Pipeline(backend, constitution, templates, config)
+        jobs, left_out = pipeline.plan(selection.items, skip=done, truncate_long=options.truncate_long)
+        summary.skipped_long = len(left_out)
+        for number, (item, record_id, reason) in enumerate(left_out):
+            if number < WARN_FIRST:
+                log.warning("skipped: %s:%d: %s (%s)", summary.source, item.line, reason, SKIP_HINT)
+            skips.write({"id": record_id, "line": item.line, "kind": "too long", "reason": reason, "prompt": item.text})
+        if len(left_out) > WARN_FIRST:
+            log.warning("skipped: and %d more (see %s)", len(left_out) - WARN_FIRST, paths.skipped or "summary.side")
+        skips.close()
+        if summary.resumed:
+            log.info("%d records to go", len(jobs))
+        curation = _curation(options, constitution, templates, backend, paths, drop_append_at, config)
+        failures = _Failures(paths.failures, options.fail_fast, memory=paths.output is None)
+        writer = MemoryWriter() if paths.output is None else RecordWriter(paths.output, append_at=append_at)
+        try:
+            if hasattr(stop, "arm"):
+                stop.arm()
+            if progress:
+                progress("running", summary)
+            _loop(pipeline, jobs, writer, curation, failures, options.format, summary, progress, stop)
+        finally:
+            summary.curation = curation.counts()
+            summary.failed = failures.file.count
+            writer.close()
+            failures.close()
+            curation.drops.close()
+            _finish_side(summary, skips, curation.drops, failures.file)
+            summary.records = writer.records
+    finally:
+        backend.close()
+
+
+def _loop(pipeline, jobs, writer, curation, failures, fmt: str, summary: Summary, progress, stop) -> None:
+    from cai.records import to_format
+
+    def on_turn(stage: str, completion) -> None:
+        summary.tokens += completion.completion_tokens
+        if progress:
+            progress("turn", summary)
+
+    for made in pipeline.run(jobs, on_turn=on_turn, stop=stop, on_failure=failures):
+        summary.made += len(made)
+        kept = curation(made)
+        summary.dropped = curation.dropped
+        for record in kept:
+            writer.write(to_format(record, fmt) if fmt != "standard" else record)
+            summary.kept += 1
+            summary.changed += record["chosen"].strip() != record["rejected"].strip()
+            reasons = record["meta"]["finish_reasons"]
+            summary.truncated += "length" in (reasons["response"], *reasons["revision"])
+        writer.sync()
+        summary.failed = failures.file.count
+        if progress:
+            progress("records", summary)
+    if stop():
+        summary.stopped_by = getattr(stop, "name", None) or "stop"
+        summary.stop_exit = getattr(stop, "exit_code", 130)
+
+
+def _existing(paths: _Paths, options: GenerateOptions, fingerprint: dict) -> tuple[set[str], int | None, int | None]:
+    """(ids already done, bytes of the output to keep, bytes of the filtered file to keep): an
+    existing output is continued when it holds records of this same run, refused otherwise; the
+    ids of pairs the filters dropped (the filtered file) count as done too."""
+    from cai.pipeline import fingerprint_differences
+
+    output = paths.output
+    if output in (None, "-"):
+        return set(), None, None
+    out_path = Path(output)
+    if out_path.is_dir():
+        raise OptionError("output", f"{output} is a directory")
+    filtered = Path(paths.filtered) if paths.filtered else None
+    dropped = (scan_output(filtered) if filtered and filtered.is_file() and out_path.is_file()
+               and not options.overwrite else None)
+    if options.overwrite or not out_path.exists() or not (out_path.stat().st_size or (dropped and dropped.ids)):
+        return set(), None, None
+    existing = scan_output(out_path)
+    # the run that wrote the file: its first record, else (every pair so far was dropped) its
+    # first dropped pair, whose line carries the same fingerprint
+    first = existing.first or (dropped.first if dropped else None)
+    changed = fingerprint_differences(first, fingerprint) if first else []
+    if existing.first and isinstance(existing.first.get("prompt"), list) != (options.format == "conversational"):
+        changed.append(f"format → {options.format}")
+    if changed and not options.force:
+        raise OptionError("output", f"{output} holds records of a different run ({'; '.join(changed)}); use "
+                          "another output, `overwrite` to replace it, or `force` to append anyway")
+    done = set(existing.ids) | (dropped.ids if dropped else set())
+    log.info("resuming %s: %d records already there%s%s", output, len(existing.ids),
+             f" and {len(dropped.ids)} dropped in {paths.filtered}" if dropped and dropped.ids else "",
+             " (cutting a torn last line)" if existing.torn else "")
+    return done, existing.whole_bytes, dropped.whole_bytes if dropped else None
+
+
+def _refuse_overlap(prompts, paths: _Paths) -> str:
+    """The prompts' name for messages; refuses an output or side file that is the prompts file
+    (even with overwrite: it would destroy the input)."""
+    if not isinstance(prompts, (str, os.PathLike)):
+        return "<prompts>"
+    source = str(prompts)
+    if source == "-":
+        return "<stdin>"
+    for target in paths.files():
+        if Path(target).exists() and Path(source).exists() and Path(target).resolve() == Path(source).resolve():
+            raise OptionError("output", f"{target} is the prompts file; writing it would destroy the input")
+    return source
+
+
+def _skip_invalid(selection, skips: SideFile) -> None:
+    for number, error in enumerate(selection.invalid):
+        if number < WARN_FIRST:
+            log.warning("skipped: %s", error)
+        skips.write({"id": None, "line": error.line, "kind": "invalid", "reason": str(error)})
+    if len(selection.invalid) > WARN_FIRST:
+        log.warning("skipped: and %d more invalid lines (see %s)", len(selection.invalid) - WARN_FIRST,
+                    skips.path or "summary.side")
+    skips.sync()
+
+
+def _finish_side(summary: Summary, skips: SideFile, drops: SideFile | None, failures: SideFile | None) -> None:
+    skips.close()
+    for name, side in (("skipped", skips), ("filtered", drops), ("failures", failures)):
+        if side is not None and side.lines is not None:
+            summary.side[name] = side.lines
+    if not skips.count:
+        summary.skipped_file = None
+
+
+def _curation(options: GenerateOptions, constitution, templates, backend, paths: _Paths, drop_append_at, config):
+    from cai.curation import Curation
+    from cai.filters import DEFAULT_CHECKS, FilterConfig, Filters, references_of
+    from cai.judging import Judge
+
+    filters = Filters(FilterConfig(
+        checks=DEFAULT_CHECKS + (("refusal",) if options.drop_refusals else ()), similarity=options.similarity,
+        references=references_of(constitution) if config.few_shot else ())) if options.filter else None
+    judge = Judge(backend, constitution, templates, options.judge_config()) if options.judge else None
+    drops = SideFile(paths.filtered, drop_append_at, memory=paths.output is None)
+    return Curation(filters, judge, options.min_preference, options.swap, drops, options.keep_filtered)
+
+
+class _Failures:
+    """Conversations that failed for good (a remote request that kept failing): one JSON line
+    each in the failures file, which a rerun replaces (it retries them); `fail_fast` stops."""
+
+    def __init__(self, path: str | None, fail_fast: bool, memory: bool):
+        self.file, self.fail_fast = SideFile(path, memory=memory), fail_fast
+
+    def __call__(self, job, stage: str, reason: str) -> None:
+        from datetime import datetime, timezone
+
+        if self.fail_fast:
+            raise BackendError(f"prompt {job.record_id} (input line {job.prompt.line}): {stage}: {reason} (--fail-fast)")
+        if self.file.count < WARN_FIRST:
+            log.warning("failed: prompt %s: %s: %s", job.record_id, stage, reason)
+        self.file.write({"id": job.record_id, "prompt": job.prompt.text, "line": job.prompt.line, "stage": stage,
+                         "error": reason, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        self.file.sync()
+
+    def close(self) -> None:
+        if self.file.count > WARN_FIRST:
+            log.warning("failed: and %d more (see %s)", self.file.count - WARN_FIRST, self.file.path or "summary.side")
+        self.file.close()
+
+
+def _sampling(options: GenerateOptions):
+    from cai.backends.base import SamplingParams
+
+    return SamplingParams(max_new_tokens=options.max_new_tokens, temperature=options.temperature, top_p=options.top_p)
+
+
+def _log_signal(name: str, grace: float) -> None:
+    log.warning("%s: stopping: finishing the conversations in flight (up to %g s; again to stop at once)", name, grace)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+

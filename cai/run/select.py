@@ -1,0 +1,84 @@
+"""Choosing the prompts of a run: read the input, then keep those inside `limit` and the shard.
+Both are decided by a prompt's place in the whole input and its id, never by what an earlier
+step left out, so however a run is cut (limit, shards, skipped lines, resume) each prompt gets
+the same records."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from cai.errors import InputError
+from cai.messages import PromptItem
+
+
+@dataclass
+class Selection:
+    items: list[PromptItem]             # the prompts of this run
+    invalid: list[InputError]           # invalid lines of this run (skip_invalid)
+    ids: list[str]                      # the record ids this run plans (of `items`)
+    all_ids: set[str]                   # the record ids the whole input plans (every shard, no limit)
+
+    @property
+    def planned(self) -> int:
+        return len(self.ids) + len(self.invalid) * self.per_invalid
+
+    per_invalid: int = 1                # records an invalid line stands for (principles, with 'all')
+
+
+def select(prompts, options, constitution, config, stdin=None) -> Selection:
+    from cai.inputs import read_prompts
+    from cai.pipeline import record_plans
+    from cai.records import shard_of
+
+    invalid: list[InputError] = []
+    if isinstance(prompts, (str, bytes)) or hasattr(prompts, "__fspath__"):
+        source, stream = str(prompts), stdin
+    else:
+        source, stream = "-", io.BytesIO(_as_jsonl(prompts, options.prompt_field))
+    items = read_prompts(source, prompt_field=options.prompt_field, stdin=stream,
+                         invalid=invalid if options.skip_invalid else None)
+    indexed = _index_invalid(items, invalid)
+    shard_k, shard_n = options.shard_numbers()
+
+    def inside(index: int, key: str) -> bool:
+        return (options.limit is None or index < options.limit) and (shard_n == 1 or shard_of(key, shard_n) == shard_k)
+
+    chosen = [item for item in items if inside(_index(item), item.id)]
+    plans = {item.id: [record_id for record_id, _ in records] for item, records in record_plans(constitution, config, items)}
+    if shard_n > 1:
+        import logging
+
+        logging.getLogger("cai").info("shard %d/%d: %d prompts", shard_k, shard_n, len(chosen))
+    return Selection(
+        items=chosen,
+        invalid=[error for index, error in indexed if inside(index, f"{source}:{error.line}")],
+        ids=[record_id for item in chosen for record_id in plans[item.id]],
+        all_ids={record_id for ids in plans.values() for record_id in ids},
+        per_invalid=len(constitution.principles) if config.sampling == "all" else 1)
+
+
+def _index(item: PromptItem) -> int:
+    return item.index if item.index is not None else item.line - 1
+
+
+def _index_invalid(items: list[PromptItem], invalid: list[InputError]) -> list[tuple[int, InputError]]:
+    """Each invalid line's place among the prompt lines of the whole input: lines before it,
+    valid or not, that hold a prompt."""
+    lines = sorted([(item.line, 0) for item in items] + [(error.line or 0, 1) for error in invalid])
+    places = {}
+    for place, (line, kind) in enumerate(lines):
+        if kind:
+            places.setdefault(line, place)
+    return [(places.get(error.line or 0, 0), error) for error in invalid]
+
+
+def _as_jsonl(prompts: Iterable, prompt_field: str) -> bytes:
+    """An iterable of prompt strings or dicts as JSONL bytes, so it is read and checked exactly
+    as a file would be."""
+    lines = []
+    for prompt in prompts:
+        lines.append(json.dumps({prompt_field: prompt} if isinstance(prompt, str) else prompt, ensure_ascii=False))
+    return ("\n".join(lines) + "\n").encode("utf-8")

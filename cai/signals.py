@@ -1,0 +1,84 @@
+"""Stopping a run the way schedulers do: SIGINT (Ctrl-C), SIGTERM (Kubernetes, Slurm, systemd)
+and SIGHUP (a closed ssh session) all mean "finish what is in flight, then stop". No new prompt
+starts; conversations in flight get `grace` seconds; then, or at a second signal, the run stops
+at once (every line already written stays whole)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
+
+
+class StopNow(KeyboardInterrupt):
+    """Raised in the main thread to stop a run at once (a second signal, or the grace period
+    over). A KeyboardInterrupt, so code that catches Exception does not swallow it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.exit_code = EXIT_CODES.get(signum, 130)
+
+
+class StopSignals:
+    """A stop predicate (call it: True once a stop was asked for) that installs handlers for
+    SIGINT, SIGTERM and SIGHUP while in a `with` block (main thread only; elsewhere it is a plain
+    flag that `request()` sets). Until `arm()`, a signal stops at once: nothing is in flight to
+    finish (a model still loading)."""
+
+    def __init__(self, grace: float = 15.0, on_signal: Callable[[str, float], None] | None = None):
+        self.grace = grace
+        self.on_signal = on_signal
+        self.signum: int | None = None
+        self.armed = False
+        self._previous: dict[int, object] = {}
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str | None:
+        return signal.Signals(self.signum).name if self.signum is not None else None
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES.get(self.signum, 130)
+
+    def arm(self) -> None:
+        self.armed = True
+
+    def request(self, signum: int = signal.SIGINT) -> None:
+        """Ask for a graceful stop (what the first signal does)."""
+        if self.signum is None:
+            self.signum = signum
+
+    def _handler(self, signum, frame) -> None:
+        if self.signum is not None or not self.armed:
+            self.signum = self.signum or signum
+            raise StopNow(signum)
+        self.signum = signum
+        if self.on_signal:
+            self.on_signal(signal.Signals(signum).name, self.grace)
+        if self.grace > 0:
+            signal.setitimer(signal.ITIMER_REAL, self.grace)
+        else:
+            raise StopNow(signum)
+
+    def _expired(self, signum, frame) -> None:
+        raise StopNow(self.signum or signal.SIGINT)
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (*EXIT_CODES, signal.SIGALRM):
+                handler = self._expired if signum == signal.SIGALRM else self._handler
+                self._previous[signum] = signal.signal(signum, handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
+            self._previous.clear()
