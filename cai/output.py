@@ -130,6 +130,8 @@ class RecordWriter:
             self._fp.flush()
             if self._owned:
                 os.fsync(self._fp.fileno())
+        except BrokenPipeError:
+            raise                       # the reader went away: the CLI stops quietly
         except OSError as exc:
             if exc.errno in (errno.EINVAL, errno.EROFS, errno.ENOTSUP):   # a device or pipe: nothing to sync
                 return

@@ -10,7 +10,10 @@ forwarded to the upstream; forwarded requests are delayed by `delay` seconds at 
 "malformed": a 200 whose body is not JSON, "401": a 401 that echoes the Authorization header
 back as servers that quote a wrong key do); the rates take over after it. Responses always
 close the connection. Runs an asyncio server on 127.0.0.1 (a free port) in a background thread;
-forwarding uses httpx."""
+forwarding uses httpx.
+
+`FakeOpenAI` is the other half: a fake OpenAI-compatible server with no model behind it, whose
+every reply a test scripts (`chat_reply` makes a chat completion to answer with)."""
 
 from __future__ import annotations
 
@@ -211,3 +214,95 @@ class FaultProxy:
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
         await writer.drain()
         writer.close()
+
+
+# ---- a fake server ----------------------------------------------------------------------------
+
+DROP = object()       # a `respond` result: close the connection without any reply
+
+
+class FakeOpenAI:
+    """A local OpenAI-compatible HTTP server on a thread, no model behind it.
+
+    `respond(body, n)` (n counts POSTs from 0) returns (status, payload) for each POST: a dict
+    payload is sent as JSON, a str as it is; or DROP, to close the connection unanswered.
+    `models` is what `GET /models` answers: a list of ids (a 200 listing them), or an HTTP
+    status (404, 405, 401, …) to answer with instead; `models_respond(n)` overrides it with
+    (status, payload) or DROP. `bodies` holds the POST bodies, `gets` counts the GETs, and
+    `max_in_flight` is the most POSTs it held at once."""
+
+    def __init__(self, respond, models: list[str] | int = 404, models_respond=None):
+        import json as _json
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.respond, self.bodies = respond, []
+        self.models, self.models_respond = models, models_respond
+        self.gets = 0
+        self.in_flight = self.max_in_flight = 0
+        self._lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                with fake._lock:
+                    n = fake.gets
+                    fake.gets += 1
+                if fake.models_respond is not None:
+                    self._send(fake.models_respond(n))
+                elif isinstance(fake.models, int):
+                    self._send((fake.models, {"error": {"message": "Not Found"}}))
+                else:
+                    self._send((200, {"object": "list", "data": [{"id": m, "object": "model"} for m in fake.models]}))
+
+            def do_POST(self):
+                body = _json.loads(self.rfile.read(int(self.headers["content-length"])))
+                with fake._lock:
+                    n = len(fake.bodies)
+                    fake.bodies.append(body)
+                    fake.in_flight += 1
+                    fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+                try:
+                    result = fake.respond(body, n)
+                finally:
+                    with fake._lock:
+                        fake.in_flight -= 1
+                self._send(result)
+
+            def _send(self, result):
+                if result is DROP:
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                status, payload = result
+                data = (_json.dumps(payload) if isinstance(payload, dict) else payload).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+
+    def __enter__(self) -> str:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self.url
+
+    def __exit__(self, *exc):
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def chat_reply(text: str | None = "Hello.", finish_reason: str = "stop", **message) -> dict:
+    """A chat completion whose message content is `text` (None: null), with `message`'s extra fields."""
+    return {"id": "x", "object": "chat.completion", "model": "fake",
+            "choices": [{"index": 0, "finish_reason": finish_reason,
+                         "message": {"role": "assistant", "content": text, **message}}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12}}

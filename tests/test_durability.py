@@ -192,8 +192,8 @@ BAD_INPUTS = [
     ("unknown-device", EX, ["--device", "tpu"], "--device: unknown value 'tpu'; choose from auto, cpu, cuda, mps"),
     ("unknown-dtype", EX, ["--dtype", "int3"], "--dtype: unknown value 'int3'"),
     ("unknown-sampling", EX, ["--sampling", "sometimes"], "--sampling: unknown value 'sometimes'; choose from random, all, cycle"),
-    ("resume-and-overwrite", EX, ["--resume", "--overwrite"], "--resume and --overwrite contradict each other"),
-    ("resume-to-stdout", EX, ["--resume", "-o", "-"], "--resume needs an output file"),
+    ("resume-and-overwrite", EX, ["--resume", "--overwrite"], "--resume: contradicts --overwrite"),
+    ("resume-to-stdout", EX, ["--resume", "-o", "-"], "--resume: needs an output file"),
     ("unknown-constitution", EX, ["-c", "harmles"], "no such constitution; did you mean 'harmless'?"),
     ("broken-constitution", EX, ["-c", str(DATA / "bad" / "zero-weight.yaml")], "zero-weight.yaml:7:13: principles[0].weight: must be greater than 0"),
     ("missing-constitution-file", EX, ["-c", "nope.yaml"], "nope.yaml: no such file"),
@@ -258,10 +258,15 @@ def test_skip_invalid_counts_and_carries_on(tiny_model, tmp_path):
     out = tmp_path / "out.jsonl"
     result = CliRunner().invoke(app, plumbing(["generate", str(prompts), "--model", str(tiny_model), "-o", str(out),
                                       "--skip-invalid", "--max-new-tokens", "4"]))
-    assert result.exit_code == 0, result.output
-    assert [r["prompt"] for r in read_jsonl(out)] == ["one", "two"]
+    # skipped lines are data not made: exit 1, one line naming the count and the file
+    assert result.exit_code == 1, result.output
+    assert sorted(r["prompt"] for r in read_jsonl(out)) == ["one", "two"]
     assert "p.jsonl:2: invalid JSON" in result.stderr
     assert "invalid input lines skipped" in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "3 skipped as invalid input lines" in errors[0] and "out.jsonl.skipped.jsonl" in errors[0]
+    skipped = read_jsonl(f"{out}.skipped.jsonl")
+    assert [(s["line"], s["kind"]) for s in skipped] == [(2, "invalid"), (3, "invalid"), (4, "invalid")]
 
 
 def test_prompts_too_long_for_the_context_are_skipped_or_truncated(tiny_model, tmp_path):
@@ -271,10 +276,18 @@ def test_prompts_too_long_for_the_context_are_skipped_or_truncated(tiny_model, t
     out = tmp_path / "out.jsonl"
     base = ["generate", str(prompts), "--model", str(tiny_model), "--max-new-tokens", "8"]
     skipped = CliRunner().invoke(app, plumbing([*base, "-o", str(out)]))
-    assert skipped.exit_code == 0, skipped.output
+    assert skipped.exit_code == 1, skipped.output
     assert [r["id"] for r in read_jsonl(out)] == ["short"]
     assert "p.jsonl:2: the whole conversation needs about" in " ".join(skipped.stderr.split())
     assert "prompts too long for the context" in skipped.stderr
+    assert "try --no-few-shot or --truncate-long" in skipped.stderr.splitlines()[-1]
+    assert [(s["id"], s["kind"]) for s in read_jsonl(f"{out}.skipped.jsonl")] == [("long", "too long")]
+    # --quiet hides the summary, never the line that says data was not made
+    quiet = CliRunner().invoke(app, plumbing([*base, "-o", str(tmp_path / "q.jsonl"), "--quiet"]))
+    assert quiet.exit_code == 1
+    assert [line for line in quiet.stderr.splitlines() if line.strip()] == [
+        line for line in quiet.stderr.splitlines() if line.startswith(("error:", "warning:"))]
+    assert "1 skipped as too long" in quiet.stderr
     truncated = CliRunner().invoke(app, plumbing([*base, "-o", str(tmp_path / "t.jsonl"), "--truncate-long"]))
     assert truncated.exit_code == 0, truncated.output
     records = {r["id"]: r for r in read_jsonl(tmp_path / "t.jsonl")}

@@ -184,7 +184,7 @@ def test_cai_judge_bad_input(pairs, tiny_model, tmp_path):
                           ([plain, "-o", plain], "exists; pass --overwrite"),
                           ([torn], "torn.jsonl:7: not a whole JSON record"),
                           ([plain, "--clamp", "a,b"], "--clamp"),
-                          ([plain, "--backend", "openai"], "--backend openai needs --base-url")):
+                          ([plain, "--backend", "openai"], "--backend: openai needs --base-url")):
         result = run("judge", *args, "--model", tiny_model)
         assert result.exit_code == 2, (args, result.output)
         assert message in " ".join(result.stderr.split()) and "Traceback" not in result.output

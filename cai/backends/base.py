@@ -73,6 +73,12 @@ class Backend(Protocol):
         """One completion per conversation, in order. `seed` makes sampling reproducible."""
         ...
 
+    def default_width(self) -> int:
+        """Conversations in flight when the user names no width (no --batch-size): what the
+        backend handles best (a local model: what its KV cache fits; a server: its concurrency).
+        The run decides the width in one place: the batch size if given, else this."""
+        ...
+
     def stream(self, params: SamplingParams, width: int, longest: int | None = None) -> Stream:
         """Up to `width` conversations in flight (backends without one of their own return
         `LockstepStream(self, params, width)`). `longest`: the most tokens any conversation of

@@ -43,6 +43,13 @@ def reports_errors(command):
         except CaiError as exc:
             error_line(str(exc))
             raise typer.Exit(exc.exit_code) from None
+        except BrokenPipeError:
+            # the reader went away (`cai generate … -o - | head`): stop quietly, as Unix tools do
+            import os
+            import sys
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(141) from None
         except StopNow as exc:          # before any work that a command reports itself
             err.print(f"[yellow]interrupted[/yellow] ({exc})")
             raise typer.Exit(exc.exit_code) from None

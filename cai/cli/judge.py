@@ -48,10 +48,20 @@ def judge(
     options = JudgeOptions(**asdict(spec), constitution=constitution, templates=templates, prefix=prefix,
                            min_preference=min_preference, swap=swap, clamp=clamp, keep_filtered=keep_filtered,
                            filtered=filtered, batch_size=batch_size, overwrite=overwrite, lock=not no_lock)
-    with Progress(TextColumn("[bold]judging"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=err, disable=quiet) as bar:
-        task = bar.add_task("judging", total=None)
-        summary = run(pairs, output, options, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    bar = Progress(TextColumn("[bold]judging"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=err, disable=quiet)
+    tasks = []
+
+    def progress(done: int, total: int) -> None:
+        if not tasks:                   # the bar starts once the judge has loaded
+            bar.start()
+            tasks.append(bar.add_task("judging", total=total))
+        bar.update(tasks[0], completed=done)
+
+    try:
+        summary = run(pairs, output, options, progress=progress)
+    finally:
+        bar.stop()
     if summary.stopped_by:
         err.print(f"[yellow]interrupted[/yellow]: {summary.written} judged records written", highlight=False)
         raise typer.Exit(summary.exit_code)

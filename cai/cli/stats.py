@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 import typer
 
 from cai.cli.app import app, reports_errors
-from cai.cli.render import setup_logging, stats_tables
+from cai.cli.render import err, setup_logging, stats_tables
 
 log = logging.getLogger("cai")
 

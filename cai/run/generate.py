@@ -70,6 +70,8 @@ def run(prompts: str | Iterable, output: str | None, options: GenerateOptions, *
     summary = Summary(model=resolved[1], constitution=constitution.ref, output=output, source=source,
                       filtered=paths.filtered, failures=paths.failures, skipped_file=paths.skipped,
                       planned=selection.planned, skipped_invalid=len(selection.invalid))
+    for target in paths.files():
+        check_writable(target)          # before the lock: an unwritable output creates nothing
     stopper = stop if stop is not None else StopSignals(options.grace, on_signal=_log_signal)
     owned = isinstance(stopper, StopSignals) and stop is None
     with (stopper if owned else _nothing()), Locks(paths.files(), enabled=options.lock and output is not None):
@@ -103,8 +105,6 @@ def _run(selection, paths: _Paths, options: GenerateOptions, constitution, templ
         summary.nothing_to_do = True
         _finish_side(summary, skips, None, None)
         return
-    for target in paths.files():
-        check_writable(target)
     if progress:
         progress("loading", summary)
     backend = open_backend(options.backend_spec(), resolved)

@@ -72,6 +72,8 @@ def run(pairs: str | list[dict], output: str | None, options: JudgeOptions, *,
                                 options.min_preference, options.swap, SideFile(filtered, memory=output is None),
                                 options.keep_filtered)
             writer = MemoryWriter() if output is None else RecordWriter(output)
+            if progress:
+                progress(0, len(records))
             try:
                 for i in range(0, len(records), options.batch_size):
                     if stopper():

@@ -40,6 +40,7 @@ def select(prompts, options, constitution, config, stdin=None) -> Selection:
         source, stream = "-", io.BytesIO(_as_jsonl(prompts, options.prompt_field))
     items = read_prompts(source, prompt_field=options.prompt_field, stdin=stream,
                          invalid=invalid if options.skip_invalid else None)
+    invalid.sort(key=lambda error: error.line or 0)
     indexed = _index_invalid(items, invalid)
     shard_k, shard_n = options.shard_numbers()
 
