@@ -32,7 +32,7 @@ class BackendSpec:
     server (`openai`). `cai.backends.spec.open_backend` opens one."""
 
     backend: str = "hf"
-    model: str | None = None
+    model: Any = None                # a name, a path or Hub id; or (Python API) a backend already open
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
     timeout: float = 120.0
@@ -47,6 +47,10 @@ class BackendSpec:
 
     def check(self) -> None:
         _choice("backend", self.backend, BACKENDS)
+        if self.model is not None and not isinstance(self.model, str) and not hasattr(self.model, "stream"):
+            raise OptionError("model", f"expected a model name or path, or an open backend (got {type(self.model).__name__})")
+        if not isinstance(self.model, (str, type(None))):
+            return                       # an open backend: nothing else here applies
         if self.backend == "openai" and (not self.base_url or not self.model):
             raise OptionError("backend", "openai needs `base_url` URL and `model` NAME (the name the server serves)")
         if self.backend == "hf" and self.base_url:

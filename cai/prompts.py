@@ -190,7 +190,7 @@ def load_templates(spec: str = "default") -> Templates:
             tag = {"Extends": "extends", "Include": "include"}.get(type(other).__name__, "import")
             raise TemplateError(path, f"{{% {tag} %}} is not supported: a template is one self-contained file",
                                 line=other.lineno)
-        compiled[key] = env.from_string(source)
+        compiled[key] = env.from_string(tree)
         sources[key] = source
     templates = Templates(name=name, sources=sources, compiled=compiled, paths=paths)
     # each with the variables a run gives it (ConversationBuilder): the system message once, with

@@ -15,7 +15,7 @@ from difflib import SequenceMatcher
 from pathlib import Path
 from typing import IO
 
-from cai.errors import InputError, UsageError
+from cai.errors import InputError, OptionError
 from cai.filters import words as normalised_words
 from cai.inputs import iter_jsonl
 from cai.messages import text_of as _text
@@ -84,6 +84,9 @@ class Stats:
     def __init__(self) -> None:
         self.kept = 0
         self.dropped = 0
+        self.failed = 0
+        self.skipped: Counter[str] = Counter()       # by kind: "too long", "invalid"
+        self.side_files: dict[str, str] = {}
         self.torn = 0
         self.reasons: Counter[str] = Counter()
         self.principles: dict[str, dict] = {}
@@ -165,6 +168,13 @@ class Stats:
         for reason in dict.fromkeys(str(r) for r in reasons):   # once per reason, in order
             self.reasons[reason] += 1
 
+    def add_unmade(self, line: dict, kind: str) -> None:
+        """A line of the failures file (kind 'failed') or of the skipped file ('skipped')."""
+        if kind == "failed":
+            self.failed += 1
+        else:
+            self.skipped[str(line.get("kind") or "?")] += 1
+
     def report(self, records: str, filtered: str | None, filtered_found: bool) -> dict:
         judge = None
         if self.preference:
@@ -185,7 +195,10 @@ class Stats:
         return {
             "input": {
                 "records": records, "filtered": filtered if filtered_found else None,
-                "kept": self.kept, "dropped": self.dropped, "total": self.kept + self.dropped,
+                "kept": self.kept, "dropped": self.dropped, "failed": self.failed,
+                "skipped": sum(self.skipped.values()), "skipped_by_kind": dict(self.skipped.most_common()),
+                "total": self.kept + self.dropped + self.failed + sum(self.skipped.values()),
+                "side_files": self.side_files,
                 "dropped_by_reason": dict(self.reasons.most_common()), "torn_lines": self.torn,
             },
             "principles": {
@@ -230,6 +243,13 @@ def collect(records: str, filtered: str | None = None, *, stdin: IO[bytes] | Non
     if explicit or found:
         for _, _, record in iter_jsonl(filtered, warn=torn):
             stats.add_dropped(record)
+    if records != "-":           # what the run could not make: its failures and skipped files
+        for kind, suffix in (("failed", "failures"), ("skipped", "skipped")):
+            path = f"{records}.{suffix}.jsonl"
+            if Path(path).is_file():
+                stats.side_files[kind] = path
+                for _, _, line in iter_jsonl(path, warn=torn):
+                    stats.add_unmade(line, kind)
     return stats.report(records, filtered, found), stats
 
 
@@ -238,7 +258,7 @@ def check_plotting() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise UsageError("--plot needs matplotlib (pip install 'cai[plot]')") from None
+        raise OptionError("plot", "needs matplotlib (pip install 'cai[plot]')") from None
 
 
 def plot(report: dict, stats: Stats, target: str) -> None:

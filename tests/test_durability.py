@@ -83,27 +83,88 @@ def test_sigkill_at_random_moments_then_resume(tiny_model, many_prompts, tmp_pat
     assert sorted(ids) == [f"p{i:03d}" for i in range(40)], f"seed {seed}: every prompt exactly once"
 
 
-def test_first_ctrl_c_finishes_what_is_in_flight_and_says_how_to_resume(tiny_model, many_prompts, tmp_path):
-    out = tmp_path / "pairs.jsonl"
-    args = [many_prompts, "--model", tiny_model, "-o", out, "--batch-size", "2", "--max-new-tokens", "12",
-            "--no-few-shot"]
+def _start_and_wait_for_records(args, out: Path) -> subprocess.Popen:
+    """Start a run and return once it has written a record of its own (so it is in its loop)."""
+    before = _lines(out)
     proc = subprocess.Popen(cai_command(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (out.exists() and out.stat().st_size > 0):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    while time.monotonic() < deadline and _lines(out) <= before and proc.poll() is None:
+        time.sleep(0.05)
+    return proc
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)],
+                         ids=["SIGINT", "SIGTERM", "SIGHUP"])
+def test_first_signal_finishes_what_is_in_flight_and_says_how_to_resume(tiny_model, many_prompts, tmp_path, signum, code):
+    """Ctrl-C, and what schedulers send (SIGTERM: Kubernetes, Slurm, systemd; SIGHUP: a closed
+    ssh session): no new prompt starts, those in flight finish, one line says how to resume."""
+    out = tmp_path / "pairs.jsonl"
+    args = [many_prompts, "--model", tiny_model, "-o", out, "--batch-size", "2", "--max-new-tokens", "12",
+            "--no-few-shot"]
+    proc = _start_and_wait_for_records(args, out)
+    proc.send_signal(signum)
     written_then = out.read_bytes().count(b"\n")
     stderr = proc.communicate(timeout=120)[1].decode()
-    assert proc.returncode == 130
-    assert "stopping: finishing the conversations in flight" in stderr
+    assert proc.returncode == code, stderr
+    assert f"{signal.Signals(signum).name}: stopping: finishing the conversations in flight" in stderr
     assert "Run the same command again to continue" in stderr
     records = read_jsonl(out)
     # No new prompt starts after the signal; the (at most 2) conversations in flight finish.
     assert written_then <= len(records) <= written_then + 2 < 40
+    assert not Path(f"{out}.lock").exists()
     resumed = subprocess.run(cai_command(*args, "-q"), capture_output=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr.decode()
     assert sorted(r["id"] for r in read_jsonl(out)) == [f"p{i:03d}" for i in range(40)]
+
+
+def test_second_signal_or_the_grace_period_stops_at_once_with_whole_lines(tiny_model, many_prompts, tmp_path):
+    out = tmp_path / "pairs.jsonl"
+    args = [many_prompts, "--model", tiny_model, "-o", out, "--batch-size", "8", "--max-new-tokens", "64",
+            "--no-few-shot", "--grace", "0.5"]
+    proc = _start_and_wait_for_records(args, out)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=60)[1].decode()
+    assert proc.returncode == 143, stderr
+    assert time.monotonic() - started < 20
+    assert "Traceback" not in stderr and "interrupted (SIGTERM)" in stderr
+    records = read_jsonl(out)                 # every line whole
+    proc = _start_and_wait_for_records([*args[:-2], "--grace", "30"], out)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=60)[1].decode()
+    assert proc.returncode == 143, stderr
+    assert len(read_jsonl(out)) >= len(records)
+
+
+def test_two_runs_on_one_output_the_second_exits_2_naming_the_first(tiny_model, many_prompts, tmp_path):
+    out = tmp_path / "pairs.jsonl"
+    args = [many_prompts, "--model", tiny_model, "-o", out, "--batch-size", "2", "--max-new-tokens", "12",
+            "--no-few-shot", "-q"]
+    first = _start_and_wait_for_records(args, out)
+    for extra in ([], ["--overwrite"]):      # a resume and a fresh run alike
+        second = subprocess.run(cai_command(*args, *extra), capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stderr
+        assert f"another cai run is writing it (pid {first.pid} on " in second.stderr
+    assert first.wait(timeout=600) == 0, first.stderr.read().decode()
+    ids = [r["id"] for r in read_jsonl(out)]
+    assert sorted(ids) == [f"p{i:03d}" for i in range(40)]
+
+
+def test_a_full_disk_is_one_line_not_a_traceback(tiny_model, tmp_path):
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full")
+    result = CliRunner().invoke(app, plumbing(["generate", EXAMPLES, "--model", tiny_model, "-o", "/dev/full",
+                                               "--limit", "2", "--max-new-tokens", "4"]))
+    assert result.exit_code == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "/dev/full: cannot write: No space left on device" in errors[0], result.stderr
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"id": "a", "prompt": "p", "chosen": "c", "rejected": "r", "meta": {}}) + "\n")
+    exported = CliRunner().invoke(app, ["export", str(pairs), "-o", "/dev/full"])
+    assert exported.exit_code == 1 and "No space left on device" in exported.stderr
 
 
 def test_ctrl_c_after_the_last_prompt_started_ends_a_whole_run(tiny_model, many_prompts, tmp_path, monkeypatch):

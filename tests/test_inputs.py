@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
+import json
+import lzma
+import sys
 
 import pytest
 
 from cai.errors import InputError
-from cai.inputs import read_prompts
+from cai.inputs import iter_jsonl, read_prompts, read_records
 from cai.messages import prompt_id
 from cai.output import RecordWriter, scan_output
 
@@ -80,4 +85,188 @@ def test_invalid_lines_can_be_collected_instead_of_raised(tmp_path):
     invalid = []
     items = read_prompts(str(path), invalid=invalid)
     assert [i.text for i in items] == ["a", "b"]
-    assert [e.line for e in invalid] == [5, 2, 3, 4]
+    assert [e.line for e in invalid] == [2, 3, 4, 5]          # in the order of the file
+
+
+# --- index: a prompt's place in the whole input -------------------------------------------------
+
+def test_index_counts_every_prompt_line_invalid_ones_too_but_not_blank_ones(tmp_path):
+    """Skipping a bad line (--skip-invalid) must not move the prompts after it: round-robin
+    sampling counts by index, so a skipped line would change every later record's principle."""
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"prompt": "a"}\n\n{"prompt": ""}\nnot json\n\xff\n{"id": 1, "prompt": "b"}\n'
+                     b'{"id": 1, "prompt": "c"}\n{"prompt": "a"}\n\n{"prompt": "d"}\n')
+    invalid = []
+    items = read_prompts(str(path), invalid=invalid)
+    assert [(i.text, i.index, i.line) for i in items] == [("a", 0, 1), ("b", 4, 6), ("a", 6, 8), ("d", 7, 10)]
+    assert items[2].id == f"{prompt_id('a')}-2"          # a repeated text keeps its own index
+    assert [e.line for e in invalid] == [3, 4, 5, 7]     # the duplicate id on line 7 counts too
+    assert [e.index for e in invalid] == [1, 2, 3, 5]    # and each carries the place it would have had
+    fixed = tmp_path / "fixed.jsonl"
+    fixed.write_text('{"prompt": "a"}\n{"prompt": "x"}\n{"prompt": "x2"}\n{"prompt": "x3"}\n{"id": 1, "prompt": "b"}\n'
+                     '{"id": 2, "prompt": "c"}\n{"prompt": "a"}\n{"prompt": "d"}\n')
+    assert [i.index for i in read_prompts(str(fixed)) if i.text in ("b", "d")] == [4, 7]
+
+
+def test_index_in_text_files(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_bytes(b"\n one\n\n\xfe\ntwo\n  \nthree\n")
+    invalid = []
+    items = read_prompts(str(path), invalid=invalid)
+    assert [(i.text, i.index, i.line) for i in items] == [("one", 0, 2), ("two", 2, 5), ("three", 3, 7)]
+    assert [e.line for e in invalid] == [4]
+
+
+# --- CSV and TSV tables -----------------------------------------------------------------------
+
+def test_csv_reads_the_prompt_column_and_ids(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text('id,prompt,notes\n7,"Hello, world",x\n,"a ""quoted""\nprompt over lines",y\n\nq3,third,\n',
+                    encoding="utf-8")
+    items = read_prompts(str(path))
+    assert [(i.id, i.text, i.line, i.index) for i in items] == [
+        ("7", "Hello, world", 2, 0),
+        (prompt_id('a "quoted"\nprompt over lines'), 'a "quoted"\nprompt over lines', 3, 1),
+        ("q3", "third", 6, 2)]          # a row's line is the one it starts on; the blank line 5 is no row
+
+
+def test_tsv_and_prompt_field_and_bom(tmp_path):
+    path = tmp_path / "p.tsv"
+    path.write_bytes("\ufeffquestion\tanswer\nWhat is 2+2?\t4\nWhy, then?\tno\n".encode("utf-8"))
+    assert [i.text for i in read_prompts(str(path), prompt_field="question")] == ["What is 2+2?", "Why, then?"]
+
+
+def test_csv_missing_column_names_line_1_and_the_columns(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("question,answer\nhi,there\n")
+    with pytest.raises(InputError, match=r"p\.csv:1: prompt: missing \(columns present: question, answer; "
+                                         r"choose one with --prompt-field\)"):
+        read_prompts(str(path))
+
+
+def test_csv_bad_rows_name_their_line_and_can_be_skipped(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_bytes(b'prompt,id\nfine,1\n"",2\n  ,3\nhas,too,many\n\xff\xfe,5\n"multi\nline"\nnul\x00here,7\nlast,8\n')
+    with pytest.raises(InputError, match=r"p\.csv:3: prompt: empty prompt"):
+        read_prompts(str(path))
+    invalid = []
+    items = read_prompts(str(path), invalid=invalid)
+    assert [(i.text, i.id, i.index) for i in items] == [("fine", "1", 0), ("multi\nline", prompt_id("multi\nline"), 5),
+                                                      ("last", "8", 7)]
+    assert [(e.line, e.detail) for e in invalid] == [
+        (3, "empty prompt"), (4, "empty prompt"),
+        (5, "3 cells where the header (line 1) has 2 (a cell holding the delimiter must be quoted)"),
+        (6, "not valid UTF-8 text"), (9, "contains a NUL byte")]
+
+
+def test_csv_syntax_errors_and_long_cells(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text('prompt\nok\n"never closed\nand on\n')
+    with pytest.raises(InputError, match=r"p\.csv:3: invalid CSV: a quoted cell is never closed"):
+        read_prompts(str(path), invalid=[])
+    long = "word " * 60_000                              # past the csv module's default 128 KiB cell limit
+    path.write_text(f'prompt\n"{long}"\n')
+    assert read_prompts(str(path))[0].text == long.strip()
+
+
+# --- compressed input -------------------------------------------------------------------------
+
+COMPRESSORS = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}
+
+
+def _zstd():
+    zstandard = pytest.importorskip("zstandard")
+    return zstandard.ZstdCompressor().compress
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz", ".zst"])
+@pytest.mark.parametrize("inner, body, texts", [
+    (".jsonl", b'{"id": "a", "prompt": "one"}\n{"prompt": "two"}\n', ["one", "two"]),
+    (".csv", b"prompt,id\none,a\ntwo,\n", ["one", "two"]),
+    (".txt", b'{"looks like": "json"}\ntwo\n', ['{"looks like": "json"}', "two"]),
+])
+def test_compressed_files_read_by_the_suffix_before_the_compression(tmp_path, suffix, inner, body, texts):
+    """A .jsonl.gz was read as text and reported as "not valid UTF-8"."""
+    compress = _zstd() if suffix == ".zst" else COMPRESSORS[suffix]
+    path = tmp_path / f"prompts{inner}{suffix}"
+    path.write_bytes(compress(body))
+    items = read_prompts(str(path))
+    assert [i.text for i in items] == texts and [i.line for i in items] == ([1, 2] if inner != ".csv" else [2, 3])
+
+
+def test_compressed_stdin_and_concatenated_members(tmp_path):
+    data = gzip.compress(b'{"prompt": "one"}\n') + gzip.compress(b'{"prompt": "two"}\n')
+    assert [i.text for i in read_prompts("-", stdin=io.BytesIO(data))] == ["one", "two"]
+    assert [i.text for i in read_prompts("-", stdin=io.BytesIO(lzma.compress(b"plain\n")))] == ["plain"]
+
+
+@pytest.mark.parametrize("name, data, message", [
+    ("p.jsonl.gz", b'{"prompt": "not compressed"}\n', r"p\.jsonl\.gz: not a valid gzip file \(it does not start with the gzip signature\)"),
+    ("p.jsonl.gz", gzip.compress(b'{"prompt": "x"}\n' * 50)[:-9], r"p\.jsonl\.gz: not a valid gzip file \(it ends early: cut off\?\)"),
+    ("p.jsonl.gz", gzip.compress(b'{"prompt": "x"}\n')[:-8] + b"\0" * 8, r"p\.jsonl\.gz: not a valid gzip file \(.*check"),
+    ("p.txt.bz2", b"BZh9" + b"\0" * 40, r"p\.txt\.bz2: not a valid bzip2 file"),
+    ("p.csv.xz", lzma.compress(b"prompt\nx\n")[:20], r"p\.csv\.xz: not a valid xz file"),
+])
+def test_corrupt_compressed_files_are_one_input_error(tmp_path, name, data, message):
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(InputError, match=message):
+        read_prompts(str(path))
+
+
+def test_zstd_without_the_package_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "zstandard", None)
+    monkeypatch.setitem(sys.modules, "compression", None)
+    path = tmp_path / "p.jsonl.zst"
+    path.write_bytes(b"\x28\xb5\x2f\xfd" + b"\0" * 20)
+    with pytest.raises(InputError, match=r"p\.jsonl\.zst: is zstd-compressed: .*\(pip install zstandard\)"):
+        read_prompts(str(path))
+
+
+# --- NUL bytes ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, data, line, field", [
+    ("p.txt", b"fine\nnul\x00here\n", 2, None),
+    ("p.jsonl", b'{"prompt": "fine"}\n{"prompt": "nul\x00here"}\n', 2, None),
+    ("p.jsonl", b'{"prompt": "fine"}\n{"prompt": "escaped \\u0000 nul"}\n', 2, "prompt"),
+    ("p.jsonl", b'{"prompt": "fine"}\n{"id": "a\\u0000", "prompt": "x"}\n', 2, "id"),
+    ("p.csv", b"prompt\nfine\nnul\x00here\n", 3, "prompt"),
+])
+def test_nul_bytes_are_rejected_with_file_and_line(tmp_path, name, data, line, field):
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(InputError, match="contains a NUL byte") as caught:
+        read_prompts(str(path))
+    assert (caught.value.line, caught.value.field) == (line, field)
+    invalid = []
+    assert [i.text for i in read_prompts(str(path), invalid=invalid)] == ["fine"]
+    assert [e.line for e in invalid] == [line]
+
+
+# --- cai's own record files, compressed ---------------------------------------------------------
+
+def test_iter_jsonl_and_read_records_read_compressed_files(tmp_path):
+    records = [{"id": str(n), "prompt": "p", "chosen": "c", "rejected": "r"} for n in range(3)]
+    body = "".join(json.dumps(r) + "\n" for r in records).encode()
+    for suffix, compress in COMPRESSORS.items():
+        path = tmp_path / f"pairs.jsonl{suffix}"
+        path.write_bytes(compress(body))
+        assert [(n, r["id"]) for _, n, r in iter_jsonl(str(path))] == [(1, "0"), (2, "1"), (3, "2")]
+        assert read_records(str(path)) == records
+    plain_name = tmp_path / "pairs-no-suffix"                   # told by its first bytes
+    plain_name.write_bytes(gzip.compress(body))
+    assert len(read_records(str(plain_name))) == 3
+    assert [r["id"] for _, _, r in iter_jsonl("-", stdin=io.BytesIO(bz2.compress(body)))] == ["0", "1", "2"]
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gzip.compress(body * 20)[:-9])
+    with pytest.raises(InputError, match=r"cut\.jsonl\.gz: not a valid gzip file \(it ends early"):
+        list(iter_jsonl(str(cut)))
+
+
+def test_cut_off_zstd_is_an_error_not_a_short_read(tmp_path):
+    """zstandard's own stream reader ends quietly at a cut-off frame: records would go missing."""
+    compress = _zstd()
+    path = tmp_path / "p.txt.zst"
+    path.write_bytes(compress(b"a prompt\n" * 1000)[:-4])
+    with pytest.raises(InputError, match=r"p\.txt\.zst: not a valid zstd file \(it ends early"):
+        read_prompts(str(path))

@@ -232,3 +232,22 @@ def test_concurrency_is_the_default_width():
         backend(url, concurrency=0, check=False)
     with backend(refused_url(), check=False) as b:
         assert b.default_width() == 16
+
+
+def test_cai_generate_stops_when_the_server_goes_away(tmp_path):
+    from typer.testing import CliRunner
+
+    from cai.cli import app
+    from conftest import ROOT, plumbing
+
+    fake = FakeOpenAI(lambda body, n: DROP, models=["fake"])      # answers the check, then never again
+    with fake as url:
+        result = CliRunner().invoke(app, plumbing([
+            "generate", ROOT / "examples" / "prompts.jsonl", "--backend", "openai", "--base-url", url,
+            "--model", "fake", "-o", tmp_path / "pairs.jsonl", "--max-retries", "0", "--concurrency", "1",
+            "--max-new-tokens", "4"]))
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"{url}: every request failed (3 in a row): RemoteProtocolError" in text
+    assert "stopping (is the server up?)" in text
+    assert len(fake.bodies) == 3                  # not all 8 prompts: none after the third

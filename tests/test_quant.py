@@ -217,7 +217,8 @@ def test_pick_dtype():
         pick_dtype("nonsense", "cpu")
     for requested in ("auto", "float16", "int8", "float32"):
         assert pick_dtype(requested, "cpu") is torch.float32, requested
-    assert pick_dtype("bfloat16", "cpu") is torch.bfloat16
+    with pytest.raises(UsageError, match="bfloat16 on a CPU"):      # refused before any model loads
+        pick_dtype("bfloat16", "cpu")
     assert pick_dtype("float16", "cuda") is torch.float16
     assert pick_dtype("auto", "mps") is torch.float16
 
@@ -238,7 +239,7 @@ def test_linear_mode_without_fbgemm(monkeypatch):
     monkeypatch.setattr(quant, "available", lambda: "no fbgemm here")
     assert linear_mode("auto", "cpu") is None                 # auto falls back to float32
     for requested in ("float16", "int8"):
-        with pytest.raises(UsageError, match=f"--dtype {requested}: no fbgemm here"):
+        with pytest.raises(UsageError, match=f"dtype: {requested}: no fbgemm here"):
             linear_mode(requested, "cpu")
     assert linear_mode("float32", "cpu") is None
 

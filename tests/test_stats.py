@@ -48,9 +48,14 @@ def test_kept_dropped_and_reasons(tmp_path):
         {**record("d", principle="harm-2"), "filter": {"reasons": ["unchanged", "truncated", "unchanged"]}},
         {**record("e"), "filter": {"reasons": ["truncated"]}},
     ], tail='{"id": "f", "filt')                                                               # torn last line
+    # what the run could not make: every prompt is counted in exactly one place
+    write(tmp_path / "pairs.jsonl.failures.jsonl", [{"id": "g", "stage": "response", "error": "HTTP 500"}])
+    write(tmp_path / "pairs.jsonl.skipped.jsonl", [{"id": "h", "kind": "too long"}, {"id": None, "kind": "invalid"}])
     report, result = report_of(pairs)
     assert report["input"] == {
-        "records": str(pairs), "filtered": f"{pairs}.filtered.jsonl", "kept": 3, "dropped": 3, "total": 6,
+        "records": str(pairs), "filtered": f"{pairs}.filtered.jsonl", "kept": 3, "dropped": 3, "failed": 1,
+        "skipped": 2, "skipped_by_kind": {"too long": 1, "invalid": 1}, "total": 9,
+        "side_files": {"failed": f"{pairs}.failures.jsonl", "skipped": f"{pairs}.skipped.jsonl"},
         "dropped_by_reason": {"truncated": 2, "meta": 1, "unchanged": 1}, "torn_lines": 1}
     assert report["principles"] == {
         "harm-1": {"kept": 2, "dropped": 1, "judge_mean": None},
@@ -264,7 +269,7 @@ def test_plot_without_matplotlib(tmp_path, monkeypatch):
     pairs = write(tmp_path / "pairs.jsonl", [record("a")])
     result = run(pairs, "--plot", tmp_path / "x.png", "--json")
     assert result.exit_code == 2
-    assert result.stderr.strip() == "error: --plot needs matplotlib (pip install 'cai[plot]')"
+    assert result.stderr.strip() == "error: --plot: needs matplotlib (pip install 'cai[plot]')"
     assert result.stdout == "" and not (tmp_path / "x.png").exists()
 
 

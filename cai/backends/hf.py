@@ -7,7 +7,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from cai.backends.base import ChoiceScores, Completion, LockstepStream, Request, SamplingParams
-from cai.errors import ModelError, UsageError
+from cai.backends.hf_load import load_error
+from cai.errors import ModelError, OptionError, UsageError
 from cai.models import quiet_transformers
 
 log = logging.getLogger("cai")
@@ -41,7 +42,7 @@ def pick_device(requested: str) -> str:
     import torch
 
     if requested not in DEVICES:
-        raise UsageError(f"--device: unknown device '{requested}'; choose from {', '.join(DEVICES)}")
+        raise OptionError("device", f"unknown device '{requested}'; choose from {', '.join(DEVICES)}")
     if requested == "auto":
         if torch.cuda.is_available():
             return "cuda"
@@ -49,21 +50,39 @@ def pick_device(requested: str) -> str:
             return "mps"
         return "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+        raise OptionError("device", "cuda: no CUDA device is available (torch.cuda.is_available() is False)")
     if requested == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UsageError("--device mps: the MPS backend is not available on this machine")
+        raise OptionError("device", "mps: the MPS backend is not available on this machine")
     return requested
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX), as oneDNN sees it."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def pick_dtype(requested: str, device: str):
-    """The dtype the model is loaded in. On a CPU, float16 and int8 load float32 and then hand the
-    linear layers to fbgemm (see `linear_mode`)."""
+    """The dtype the model is loaded in, decided before anything loads. On a CPU, float16 and int8
+    load float32 and then hand the linear layers to fbgemm (see `linear_mode`); bfloat16 is refused
+    there: without bf16 hardware torch emulates it (a prefill 4-12x slower than float32 on a
+    2-core AVX2 CPU, for SmolLM2-135M's shapes), and cai's engine does not run it on a CPU (its
+    attention comes back in float32)."""
     import torch
 
     if requested not in DTYPES:
-        raise UsageError(f"--dtype: unknown dtype '{requested}'; choose from {', '.join(DTYPES)}")
+        raise OptionError("dtype", f"unknown dtype '{requested}'; choose from {', '.join(DTYPES)}")
     if requested == "int8" and device != "cpu":
-        raise UsageError(f"--dtype int8 is cai's CPU path; on {device} use bfloat16 or float16")
+        raise OptionError("dtype", f"int8 is cai's CPU path; on {device} use bfloat16 or float16")
+    if requested == "bfloat16" and device == "cpu":
+        why = ("bfloat16 on a CPU without bf16 hardware is emulated (prefill several times slower than float32) "
+               "and cai's engine does not run it" if not cpu_has_bf16()
+               else "bfloat16 on a CPU is not run by cai's engine yet")
+        raise OptionError("dtype", f"{why}; use auto (float16 weights, float32 arithmetic), float32, float16 or int8")
     if device == "cpu" and requested in ("auto", "float16", "int8"):
         return torch.float32      # CPUs without bf16/fp16 units compute in float32 fastest
     if requested == "auto":
@@ -85,7 +104,7 @@ def linear_mode(requested: str, device: str) -> str | None:
         if requested == "auto":
             log.info("%s; linear layers stay float32", reason)
             return None
-        raise UsageError(f"--dtype {requested}: {reason}")
+        raise OptionError("dtype", f"{requested}: {reason}")
     return "int8" if requested == "int8" else "float16"
 
 
@@ -136,11 +155,11 @@ class HFBackend:
                 self.model = AutoModelForCausalLM.from_pretrained(
                     source, dtype=self.dtype, trust_remote_code=options.trust_remote_code,
                     use_safetensors=None if options.allow_pickle else True)
-        except (OSError, ValueError) as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            if "pickle" in reason.lower() or ".bin" in reason or "safetensors" in reason.lower():
-                reason += " (cai loads safetensors weights only; --allow-pickle loads pickle checkpoints you trust)"
-            raise ModelError(f"cannot load model '{model_name}': {reason}") from None
+        except Exception as exc:  # noqa: BLE001 -- sorted by load_error; what it does not know goes on up
+            error = load_error(exc, source, model_name)
+            if error is None:
+                raise
+            raise error from None
         if options.threads:
             torch.set_num_threads(options.threads)
         if self.device == "cpu":
@@ -240,8 +259,8 @@ class HFBackend:
         batch = {k: v.to(self.device) for k, v in batch.items()}
         width = batch["input_ids"].shape[1]
         if self.context_length and width + params.max_new_tokens > self.context_length:
-            raise UsageError(f"a conversation of {width} tokens plus --max-new-tokens "
-                             f"{params.max_new_tokens} exceeds the model's context of {self.context_length}")
+            raise OptionError("max_new_tokens", f"a conversation of {width} tokens plus {params.max_new_tokens} "
+                                                f"new tokens exceeds the model's context of {self.context_length}")
         config = GenerationConfig(
             max_new_tokens=params.max_new_tokens, do_sample=not params.greedy,
             temperature=params.temperature if not params.greedy else None,

@@ -246,9 +246,6 @@ class OpenAIBackend:
     def _scoring_body(self, conversation: list[dict[str, str]], prefix: str) -> dict:
         return wire.scoring_body(self.model_name, conversation, prefix)
 
-    def _delay(self, attempt: int) -> float:
-        return self.policy.delay(attempt)
-
     async def _attempt(self, body: dict, parse):
         """One POST; `parse(json)` makes the result out of a 2xx body (a body of the wrong shape,
         or without text, makes the attempt retryable)."""

@@ -94,10 +94,11 @@ async def preflight(backend: OpenAIBackend, timeout: float, retries: int) -> Non
     if status == 404 and listing.status_code == 404 and model not in detail:
         raise BackendError(f"{root}: HTTP 404 for both /models and /chat/completions "
                            "(is this the API root, such as http://host:8000/v1?)")
-    if status == 404 or (400 <= status < 500 and status != 429 and (served is not None or wire.says_unknown_model(detail))):
+    refused = 400 <= status < 500 and status != 429          # a client error: the same request fails again
+    if status == 404 or (refused and (served is not None or wire.says_unknown_model(detail))):
         raise BackendError(backend._scrub(f"{root}: the server does not serve the model '{model}' "
                                           f"(HTTP {status}: {detail}){listed}"))
-    if 400 <= status < 500 and status != 429:
+    if refused:
         raise BackendError(backend._scrub(f"{root}: the server refused a one-token test request for "
                                           f"'{model}' (HTTP {status}: {detail})"))
     log.warning("%s: a one-token test request for '%s' got HTTP %d; going on (requests are retried)",

@@ -33,11 +33,12 @@ class OpenAIStream:
 
     A request that failed for good comes back as a Completion with `error`. When OUTAGE_LIMIT
     (3) of them in a row failed for connection reasons (refused, DNS, reset, timeout: no reply
-    from the server at all), with no request in between that got a reply, the poll that returns
-    the last of them still returns what finished, and every later poll with requests in flight
-    raises BackendError ("… every request failed: <reason>; stopping (is the server up?)"). Three, whatever the
-    width: each of them already failed its whole retry schedule, so three in a row is a server
-    that is down, not a blip, and it bounds the wait to three requests' retries even at width 1."""
+    from the server at all), with no request in between that got any reply, the poll that
+    returns the last of them still returns what finished; from then on `submit`, and `poll`
+    with requests in flight, raise BackendError ("… every request failed: <reason>; stopping
+    (is the server up?)"). Three whatever the width: each of them already failed its whole
+    retry schedule, so three in a row is a server that is down, not a blip, and even at width 1
+    the run stops after three requests' retries."""
 
     def __init__(self, backend: OpenAIBackend, params: SamplingParams, width: int,
                  outage_limit: int = OUTAGE_LIMIT):
@@ -56,6 +57,8 @@ class OpenAIStream:
         self._stopped: str | None = None
 
     def submit(self, request: Request) -> None:
+        if self._stopped:
+            raise BackendError(self._stopped)
         ticket = next(self._tickets)
         with self._lock:
             if request.key in self._pending:

@@ -156,6 +156,11 @@ def stats_tables(report: dict) -> None:
     table.add_row("dropped records", source["filtered"] or "[dim]no side file: none dropped[/dim]")
     table.add_row("kept", pct(kept, total))
     table.add_row("dropped", pct(source["dropped"], total))
+    if source["failed"]:
+        table.add_row("failed", pct(source["failed"], total) + f" ({source['side_files']['failed']})")
+    if source["skipped"]:
+        kinds = ", ".join(f"{kind} {count}" for kind, count in source["skipped_by_kind"].items())
+        table.add_row("skipped", pct(source["skipped"], total) + f" ({kinds}; {source['side_files']['skipped']})")
     table.add_row("total", fmt(total))
     for reason, count in source["dropped_by_reason"].items():
         table.add_row(f"  dropped: {reason}", pct(count, total))

@@ -66,7 +66,8 @@ def run(prompts: str | Iterable, output: str | None, options: GenerateOptions, *
     from cai.run.select import select
 
     selection = select(prompts, options, constitution, config, stdin)
-    resolved = resolve(options.backend_spec())
+    # `model` may be a backend already open (the caller keeps it open and closes it)
+    resolved = (None, options.model.model_name) if _given(options.model) else resolve(options.backend_spec())
     summary = Summary(model=resolved[1], constitution=constitution.ref, output=output, source=source,
                       filtered=paths.filtered, failures=paths.failures, skipped_file=paths.skipped,
                       planned=selection.planned, skipped_invalid=len(selection.invalid))
@@ -107,7 +108,8 @@ def _run(selection, paths: _Paths, options: GenerateOptions, constitution, templ
         return
     if progress:
         progress("loading", summary)
-    backend = open_backend(options.backend_spec(), resolved)
+    given = _given(options.model)
+    backend = options.model if given else open_backend(options.backend_spec(), resolved)
     try:
         width = options.batch_size or backend.default_width()
         summary.width = width
@@ -142,7 +144,8 @@ def _run(selection, paths: _Paths, options: GenerateOptions, constitution, templ
             _finish_side(summary, skips, curation.drops, failures.file)
             summary.records = writer.records
     finally:
-        backend.close()
+        if not given:
+            backend.close()
 
 
 def _loop(pipeline, jobs, writer, curation, failures, fmt: str, summary: Summary, progress, stop) -> None:
@@ -275,6 +278,11 @@ class _Failures:
         if self.file.count > WARN_FIRST:
             log.warning("failed: and %d more (see %s)", self.file.count - WARN_FIRST, self.file.path or "summary.side")
         self.file.close()
+
+
+def _given(model) -> bool:
+    """Whether `model` is an open backend rather than a model name or path."""
+    return model is not None and not isinstance(model, (str, os.PathLike))
 
 
 def _sampling(options: GenerateOptions):

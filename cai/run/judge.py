@@ -58,7 +58,8 @@ def run(pairs: str | list[dict], output: str | None, options: JudgeOptions, *,
     for target in (output, filtered):
         if target:
             check_writable(target)
-    resolved = resolve(options.backend_spec())
+    given = options.model is not None and not isinstance(options.model, str)    # an open backend
+    resolved = (None, options.model.model_name) if given else resolve(options.backend_spec())
     summary = JudgeSummary(model=resolved[1], output=output, read=len(records))
     start = time.monotonic()
     stopper = stop if stop is not None else StopSignals(0)
@@ -67,7 +68,7 @@ def run(pairs: str | list[dict], output: str | None, options: JudgeOptions, *,
         if owned:
             stopper.__enter__()
         try:
-            backend = open_backend(options.backend_spec(), resolved)
+            backend = options.model if given else open_backend(options.backend_spec(), resolved)
             curation = Curation(None, Judge(backend, constitution, templates, options.judge_config(options.prefix)),
                                 options.min_preference, options.swap, SideFile(filtered, memory=output is None),
                                 options.keep_filtered)
@@ -86,7 +87,8 @@ def run(pairs: str | list[dict], output: str | None, options: JudgeOptions, *,
             except StopNow as exc:
                 summary.stopped_by, summary.stop_exit = str(exc), exc.exit_code
             finally:
-                backend.close()
+                if not given:
+                    backend.close()
                 writer.close()
                 curation.drops.close()
                 summary.written, summary.curation, summary.records = writer.count, curation.counts(), writer.records

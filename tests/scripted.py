@@ -1,0 +1,82 @@
+"""A scripted backend: no model, deterministic text from the conversation, failures and context
+limits on request. It lets the run module's logic (resume, side files, curation, outcome) be
+tested in milliseconds, through the same Backend protocol a real model uses."""
+
+from __future__ import annotations
+
+import hashlib
+
+from cai.backends.base import ChoiceScores, Completion, Request
+
+
+class ScriptedBackend:
+    def __init__(self, *, fail: set[str] = frozenset(), unchanged: set[str] = frozenset(),
+                 context_length: int | None = None, model_name: str = "scripted", width: int = 4):
+        self.model_name = model_name
+        self.context_length = context_length
+        self.fail = set(fail)              # prompts whose every turn fails
+        self.unchanged = set(unchanged)    # prompts whose revision repeats the response (a filter drops it)
+        self.width = width
+        self.calls = 0
+        self.closed = False
+
+    def count_tokens(self, conversation) -> int:
+        return sum(len(m["content"].split()) + 4 for m in conversation) + 2
+
+    def default_width(self) -> int:
+        return self.width
+
+    def reply(self, conversation, turn: int) -> Completion:
+        """Turn 0 is the response, odd turns critiques, even ones revisions."""
+        self.calls += 1
+        text = " ".join(m["content"] for m in conversation)
+        hit = [p for p in self.fail if p in text]
+        if hit:
+            return Completion("", "error", 0, 0, error=f"scripted failure for {hit[0]!r}")
+        digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+        if turn == 0:
+            reply = f"Sure. Step one, boil water {digest}. Step two, wait. Step three, pour it slowly."
+        elif turn % 2:
+            reply = f"The reply {digest} skips safety notes and could warn about burns."
+        elif any(p in text for p in self.unchanged):
+            reply = conversation[-(2 * turn)]["content"]          # the response, repeated
+        else:
+            reply = f"Heat the kettle carefully ({digest}); keep children away; pour gently to avoid burns, then rest."
+        return Completion(reply, "stop", self.count_tokens(conversation), len(reply.split()))
+
+    def generate(self, conversations, params, seed=None):
+        return [self.reply(conversation, 0) for conversation in conversations]
+
+    def stream(self, params, width, longest=None):
+        return ScriptedStream(self, width)
+
+    def score_choices(self, conversations, choices, prefix=""):
+        return [ChoiceScores({"A": -1.0, "B": -0.5}) for _ in conversations]
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class ScriptedStream:
+    """Each poll answers up to `width` waiting turns; a conversation's turn number is counted
+    by its key, as a real engine keeps a conversation's state."""
+
+    def __init__(self, backend: ScriptedBackend, width: int):
+        self.backend, self.width = backend, width
+        self.waiting: list[Request] = []
+        self.turns: dict[str, int] = {}
+
+    def submit(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def poll(self):
+        batch, self.waiting = self.waiting[:self.width], self.waiting[self.width:]
+        out = []
+        for request in batch:
+            turn = self.turns.get(request.key, 0)
+            self.turns[request.key] = turn + 1
+            out.append((request.key, self.backend.reply(request.conversation, turn)))
+        return out
+
+    def release(self, key: str) -> None:
+        self.turns.pop(key, None)

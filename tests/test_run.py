@@ -1,0 +1,215 @@
+"""The run module (cai.run.generate) with a scripted backend: resume, side files, curation,
+accounting and outcome, sharding and limits, in milliseconds and without a model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cai.errors import OptionError, OutputError
+from cai.options import GenerateOptions
+from cai.run.generate import run
+from conftest import read_jsonl
+from scripted import ScriptedBackend
+
+PROMPTS = [f"How do I make tea number {i}?" for i in range(12)]
+
+
+def options(backend, **extra) -> GenerateOptions:
+    return GenerateOptions(model=backend, **{"filter": False, "max_new_tokens": 16, **extra})
+
+
+def without_created(records: list[dict]) -> dict[str, dict]:
+    out = {}
+    for r in records:
+        meta = {k: v for k, v in r["meta"].items() if k != "created"}
+        out[r["id"]] = {**r, "meta": meta}
+    return out
+
+
+def write_prompts(tmp_path, prompts=PROMPTS):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return path
+
+
+def test_a_whole_run_accounts_for_every_record(tmp_path):
+    out = tmp_path / "out.jsonl"
+    summary = run(write_prompts(tmp_path), str(out), options(ScriptedBackend()))
+    assert summary.complete and summary.exit_code == 0
+    assert (summary.planned, summary.kept, summary.dropped, summary.failed, summary.skipped) == (12, 12, 0, 0, 0)
+    assert len(read_jsonl(out)) == 12
+    assert not (tmp_path / "out.jsonl.lock").exists(), "the lock file goes with the run"
+    assert not (tmp_path / "out.jsonl.skipped.jsonl").exists()
+
+
+def test_output_none_returns_records_and_side_lines(tmp_path):
+    backend = ScriptedBackend(fail={PROMPTS[0]}, unchanged={PROMPTS[1]})
+    summary = run(PROMPTS[:4], None, options(backend, filter=True))
+    assert sorted(r["prompt"] for r in summary.records) == sorted(PROMPTS[2:4])
+    assert [line["id"] for line in summary.side["failures"]] == [summary.side["failures"][0]["id"]]
+    assert summary.side["filtered"][0]["filter"]["reasons"] == ["unchanged"]
+    assert (summary.kept, summary.dropped, summary.failed) == (2, 1, 1)
+    assert summary.exit_code == 1 and "1 failed after their retries" in summary.problem()
+    assert not backend.closed, "a backend the caller opened stays open"
+
+
+def test_limit_then_resume_equals_one_full_run(tmp_path):
+    prompts = write_prompts(tmp_path)
+    whole = tmp_path / "whole.jsonl"
+    run(prompts, str(whole), options(ScriptedBackend(), sampling="cycle"))
+    cut = tmp_path / "cut.jsonl"
+    first = run(prompts, str(cut), options(ScriptedBackend(), sampling="cycle", limit=3))
+    assert first.kept == 3 and first.complete
+    second = run(prompts, str(cut), options(ScriptedBackend(), sampling="cycle"))
+    assert (second.resumed, second.kept) == (3, 9)
+    assert without_created(read_jsonl(cut)) == without_created(read_jsonl(whole))
+
+
+@pytest.mark.parametrize("sampling", ["random", "all", "cycle"])
+def test_shards_merged_equal_the_unsharded_run(tmp_path, sampling):
+    from cai.run.merge import merge
+
+    prompts = write_prompts(tmp_path)
+    whole = tmp_path / "whole.jsonl"
+    run(prompts, str(whole), options(ScriptedBackend(), sampling=sampling, revisions=2))
+    shards = []
+    for k in (1, 2):
+        shard = tmp_path / f"shard{k}.jsonl"
+        run(prompts, str(shard), options(ScriptedBackend(), sampling=sampling, revisions=2, shard=f"{k}/2"))
+        shards.append(str(shard))
+    merged = tmp_path / "merged.jsonl"
+    merge(str(merged), shards)
+    assert without_created(read_jsonl(merged)) == without_created(read_jsonl(whole))
+
+
+def test_skip_invalid_does_not_shift_cycle_principles(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:6]))
+    bad = tmp_path / "bad.jsonl"
+    lines = [json.dumps({"prompt": p}) for p in PROMPTS[:6]]
+    lines[2] = '{"prompt": '              # the third prompt broken: later prompts keep their place
+    bad.write_text("\n".join(lines) + "\n")
+    a = run(good, str(tmp_path / "a.jsonl"), options(ScriptedBackend(), sampling="cycle"))
+    b = run(bad, str(tmp_path / "b.jsonl"), options(ScriptedBackend(), sampling="cycle", skip_invalid=True))
+    assert a.complete and b.skipped_invalid == 1 and b.exit_code == 1
+    principle = {r["prompt"]: r["principle"] for r in read_jsonl(tmp_path / "a.jsonl")}
+    for r in read_jsonl(tmp_path / "b.jsonl"):
+        assert r["principle"] == principle[r["prompt"]]
+
+
+def test_failures_then_rerun_retries_just_those(tmp_path):
+    prompts = write_prompts(tmp_path)
+    out = tmp_path / "out.jsonl"
+    first = run(prompts, str(out), options(ScriptedBackend(fail={PROMPTS[4], PROMPTS[7]})))
+    assert (first.kept, first.failed, first.exit_code) == (10, 2, 1)
+    assert sorted(line["prompt"] for line in read_jsonl(f"{out}.failures.jsonl")) == sorted([PROMPTS[4], PROMPTS[7]])
+    backend = ScriptedBackend()
+    second = run(prompts, str(out), options(backend))
+    assert (second.resumed, second.kept, second.exit_code) == (10, 2, 0)
+    assert backend.calls == 2 * 3, "only the two failed prompts run again (three turns each)"
+    assert not (tmp_path / "out.jsonl.failures.jsonl").exists()
+    assert len(read_jsonl(out)) == 12
+
+
+def test_dropped_pairs_go_to_the_filtered_file_and_count_as_done(tmp_path):
+    prompts = write_prompts(tmp_path, PROMPTS[:4])
+    out = tmp_path / "out.jsonl"
+    first = run(prompts, str(out), options(ScriptedBackend(unchanged={PROMPTS[2]}), filter=True))
+    assert (first.kept, first.dropped, first.exit_code) == (3, 1, 0)
+    assert [line["filter"]["reasons"] for line in read_jsonl(f"{out}.filtered.jsonl")] == [["unchanged"]]
+    again = run(prompts, str(out), options(ScriptedBackend(), filter=True))
+    assert again.nothing_to_do and again.resumed == 4
+
+
+def test_too_long_prompts_are_skipped_into_the_skipped_file(tmp_path):
+    prompts = write_prompts(tmp_path, ["short one", "long " * 400, "short two"])
+    out = tmp_path / "out.jsonl"
+    summary = run(prompts, str(out), options(ScriptedBackend(context_length=300), few_shot=False))
+    assert (summary.kept, summary.skipped_long, summary.exit_code) == (2, 1, 1)
+    assert [line["kind"] for line in read_jsonl(f"{out}.skipped.jsonl")] == ["too long"]
+    assert "try --no-few-shot or --truncate-long" in summary.problem()
+
+
+def test_no_record_made_at_all_says_so(tmp_path):
+    prompts = write_prompts(tmp_path, PROMPTS[:2])
+    summary = run(prompts, str(tmp_path / "out.jsonl"), options(ScriptedBackend(fail=set(PROMPTS[:2]))))
+    assert summary.nothing_made() and summary.problem().startswith("no record could be made")
+
+
+def test_a_stop_ends_the_run_with_the_rest_unmade(tmp_path):
+    prompts = write_prompts(tmp_path)
+    out = tmp_path / "out.jsonl"
+    backend = ScriptedBackend(width=2)
+    seen = []
+
+    def stop() -> bool:
+        return len(seen) >= 1
+
+    summary = run(prompts, str(out), options(backend, batch_size=2), stop=stop,
+                  progress=lambda phase, s: seen.append(s.kept) if phase == "records" else None)
+    assert summary.stopped_by == "stop" and summary.exit_code == 130
+    assert summary.kept + summary.not_made == 12 and 0 < summary.kept < 12
+    rest = run(prompts, str(out), options(ScriptedBackend()))
+    assert rest.complete and len(read_jsonl(out)) == 12
+
+
+def test_a_second_run_on_a_locked_output_fails_at_once(tmp_path):
+    from cai.locks import OutputLock
+
+    out = tmp_path / "out.jsonl"
+    with OutputLock(str(out)):
+        with pytest.raises(OutputError) as caught:
+            run(PROMPTS[:2], str(out), options(ScriptedBackend()))
+    assert caught.value.exit_code == 2 and "another cai run is writing it (pid" in str(caught.value)
+    assert not out.exists()
+
+
+def test_output_that_is_the_prompts_file_is_refused_even_with_overwrite(tmp_path):
+    prompts = write_prompts(tmp_path)
+    before = prompts.read_bytes()
+    with pytest.raises(OptionError, match="is the prompts file"):
+        run(prompts, str(prompts), options(ScriptedBackend(), overwrite=True))
+    assert prompts.read_bytes() == before
+
+
+def test_resume_says_how_many_records_are_of_removed_prompts(tmp_path, caplog):
+    out = tmp_path / "out.jsonl"
+    run(write_prompts(tmp_path, PROMPTS[:6]), str(out), options(ScriptedBackend()))
+    with caplog.at_level("WARNING", logger="cai"):
+        summary = run(write_prompts(tmp_path, PROMPTS[2:8]), str(out), options(ScriptedBackend()))
+    assert summary.removed == 2 and summary.kept == 2
+    assert "holds 2 records of prompts no longer in" in caplog.text
+
+
+def test_merge_conflict_lists_both_places_and_writes_nothing(tmp_path):
+    from cai.run.merge import MergeConflict, merge
+
+    a = tmp_path / "a.jsonl"
+    run(PROMPTS[:3], str(a), options(ScriptedBackend()))
+    records = read_jsonl(a)
+    records[1]["chosen"] = "something else entirely"
+    b = tmp_path / "b.jsonl"
+    b.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(MergeConflict) as caught:
+        merge(str(tmp_path / "m.jsonl"), [str(a), str(b)])
+    assert f"{a}:2 and {b}:2 differ" in str(caught.value) and caught.value.exit_code == 1
+    assert not (tmp_path / "m.jsonl").exists()
+    kept = merge(str(tmp_path / "m.jsonl"), [str(a), str(b)], on_conflict="last")
+    assert kept.kept == 3 and len(kept.conflicts) == 1
+    assert read_jsonl(tmp_path / "m.jsonl")[1]["chosen"] == "something else entirely"
+
+
+def test_write_error_is_one_error_naming_what_is_safe(tmp_path):
+    if not __import__("os").path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    with pytest.raises(OutputError, match="No space left on device"):
+        run(PROMPTS[:2], "/dev/full", options(ScriptedBackend()))
+
+
+def test_unknown_option_names_a_close_match():
+    import cai
+
+    with pytest.raises(OptionError, match="did you mean max_new_tokens"):
+        cai.generate(PROMPTS[:1], max_new_token=8)
