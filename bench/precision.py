@@ -23,7 +23,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from cai.backends.hf import HFBackend, HFOptions  # noqa: E402
-from cai.io import read_prompts  # noqa: E402
+from cai.inputs import read_prompts  # noqa: E402
 from cai.models import resolve_model  # noqa: E402
 
 

@@ -32,15 +32,11 @@ sys.path.insert(0, str(ROOT))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from cai.backends.base import SamplingParams  # noqa: E402
-from cai.backends.hf import HFBackend, HFOptions  # noqa: E402
-from cai.constitution import load_constitution  # noqa: E402
+import cai  # noqa: E402
 from cai.filters import (DEFAULT_CHECKS, FilterConfig, Filters, is_refusal, references_of, similarity,  # noqa: E402
                          starts_with_preamble)
-from cai.io import read_prompts  # noqa: E402
-from cai.judge import Judge  # noqa: E402
-from cai.models import resolve_model  # noqa: E402
-from cai.pipeline import Pipeline, RunConfig  # noqa: E402
+from cai.inputs import read_prompts  # noqa: E402
+from cai.judging import Judge  # noqa: E402
 from cai.prompts import load_templates  # noqa: E402
 
 NEAR = 0.9
@@ -64,16 +60,16 @@ def judge_figures(records: list[dict]) -> dict:
 
 
 def run_variant(backend, items, kinds, constitution_name: str, few_shot: bool, args, console) -> dict:
-    constitution, templates = load_constitution(constitution_name), load_templates(args.templates)
-    config = RunConfig(seed=0, few_shot=few_shot, batch_size=args.batch_size or backend.default_width(),
-                       params=SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                             top_p=0.95))
-    pipeline = Pipeline(backend, constitution, templates, config)
-    jobs, left_out = pipeline.plan(items)
-    assert not left_out, left_out
+    constitution, templates = cai.load_constitution(constitution_name), load_templates(args.templates)
     label = f"{constitution_name}:{'on' if few_shot else 'off'}"
     start = time.perf_counter()
-    records = [r for batch in pipeline.run(jobs) for r in batch]
+    # the raw pairs (no filters), so the figures before and after clean-up come from one run
+    summary = cai.generate([{"id": item.id, "prompt": item.text} for item in items], None, model=backend,
+                           constitution=constitution, templates=args.templates, few_shot=few_shot, seed=0,
+                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_p=0.95, filter=False)
+    assert summary.complete, summary.problem()
+    records = summary.records
     generation_s = time.perf_counter() - start
     console.print(f"[dim]{label}: {len(records)} pairs in {generation_s:.0f} s[/dim]", highlight=False)
 
@@ -135,8 +131,8 @@ def main() -> int:
     args = parser.parse_args()
 
     console = Console(stderr=True)
-    source, name = resolve_model(args.model)
-    backend = HFBackend(source, name, HFOptions())
+    backend = cai.open_backend(cai.BackendSpec(model=args.model))
+    name = backend.model_name
     items = read_prompts(args.prompts)[:args.limit]
     kinds = {json.loads(line)["id"]: json.loads(line).get("kind", "?")
              for line in Path(args.prompts).read_text().splitlines() if line.strip()}

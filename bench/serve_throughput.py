@@ -26,13 +26,9 @@ import httpx  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from cai.backends.base import SamplingParams  # noqa: E402
-from cai.backends.openai import OpenAIBackend  # noqa: E402
-from cai.constitution import load_constitution  # noqa: E402
-from cai.io import read_prompts  # noqa: E402
+import cai  # noqa: E402
+from cai.inputs import read_prompts  # noqa: E402
 from cai.models import resolve_model  # noqa: E402
-from cai.pipeline import Pipeline, RunConfig  # noqa: E402
-from cai.prompts import load_templates  # noqa: E402
 
 
 def start_server(model_dir: str, log_path: Path) -> tuple[subprocess.Popen, str]:
@@ -74,15 +70,13 @@ def main() -> int:
     try:
         items = read_prompts(args.prompts)[:args.limit]
         for width in args.concurrency:
-            backend = OpenAIBackend(url, model_dir, api_key_env="CAI_BENCH_NO_KEY", timeout=600)
-            config = RunConfig(seed=0, batch_size=width,
-                               params=SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0))
-            pipeline = Pipeline(backend, load_constitution("harmless"), load_templates("default"), config)
-            jobs, _ = pipeline.plan(items)
             start = time.perf_counter()
-            records = [r for batch in pipeline.run(jobs) for r in batch]
+            summary = cai.generate([{"id": item.id, "prompt": item.text} for item in items], None,
+                                   backend="openai", base_url=url, model=model_dir, api_key_env="CAI_BENCH_NO_KEY",
+                                   timeout=600, concurrency=width, seed=0, max_new_tokens=args.max_new_tokens,
+                                   temperature=0.0, filter=False)
             wall = time.perf_counter() - start
-            backend.close()
+            records = summary.records
             generated = sum(r["meta"]["tokens"]["completion"] for r in records)
             rows.append({"concurrency": width, "pairs": len(records), "wall_s": round(wall, 1),
                          "pairs_per_min": round(len(records) / wall * 60, 2),

@@ -31,13 +31,8 @@ sys.path.insert(0, str(ROOT))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from cai.backends.base import SamplingParams  # noqa: E402
-from cai.backends.hf import HFBackend, HFOptions  # noqa: E402
-from cai.constitution import load_constitution  # noqa: E402
-from cai.io import read_prompts  # noqa: E402
-from cai.models import resolve_model  # noqa: E402
-from cai.pipeline import Pipeline, RunConfig  # noqa: E402
-from cai.prompts import load_templates  # noqa: E402
+import cai  # noqa: E402
+from cai.inputs import read_prompts  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -49,17 +44,21 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run(backend, constitution, templates, items, config: RunConfig, label: str, console: Console) -> dict:
-    pipeline = Pipeline(backend, constitution, templates, config)
-    jobs, left_out = pipeline.plan(items)
-    assert not left_out, left_out
-    records, samples = [], []
+def run(backend, constitution: str, items, options: dict, label: str, console: Console) -> dict:
+    """One pass of `cai.generate` over `items` with the backend already loaded."""
+    samples = []
     start = time.perf_counter()
-    for batch in pipeline.run(jobs):
-        records += batch
-        samples.append((len(records), round(rss_mb())))
-        console.print(f"[dim]{label}: {len(records)}/{len(jobs)} pairs, {time.perf_counter() - start:.0f} s, "
-                      f"RSS {samples[-1][1]} MB[/dim]", highlight=False)
+
+    def progress(phase: str, summary) -> None:
+        if phase == "records":
+            samples.append((summary.kept, round(rss_mb())))
+            console.print(f"[dim]{label}: {summary.kept}/{summary.planned} pairs, {time.perf_counter() - start:.0f} s, "
+                          f"RSS {samples[-1][1]} MB[/dim]", highlight=False)
+
+    summary = cai.generate([{"id": item.id, "prompt": item.text} for item in items], None, model=backend,
+                           constitution=constitution, progress=progress, **options)
+    assert summary.complete, summary.problem()
+    records = summary.records
     wall = time.perf_counter() - start
     generated = sum(r["meta"]["tokens"]["completion"] for r in records)
     if backend.engine is not None and backend.use_engine:
@@ -71,7 +70,7 @@ def run(backend, constitution, templates, items, config: RunConfig, label: str, 
         computed, reused, cache_mb = sum(r["meta"]["tokens"]["prompt"] for r in records), 0, 0.0
         steps = {}
     return {
-        "path": label, "prompts": len(records), "batch_size": config.batch_size, "wall_s": round(wall, 1),
+        "path": label, "prompts": len(records), "batch_size": summary.width, "wall_s": round(wall, 1),
         "pairs_per_min": round(len(records) / wall * 60, 2), "generated_tokens": generated,
         "generated_tok_per_s": round(generated / wall, 1), "prefill_computed": computed, "prefill_reused": reused,
         "kv_cache_mb": round(cache_mb), "peak_rss_mb": round(peak_rss_mb()), **steps, "rss_samples": samples,
@@ -103,26 +102,24 @@ def main() -> int:
     args = parser.parse_args()
 
     console = Console(stderr=True)
-    source, name = resolve_model(args.model)
-    backend = HFBackend(source, name, HFOptions(threads=args.threads, dtype=args.dtype, draft=args.draft))
-    constitution, templates = load_constitution(args.constitution), load_templates("default")
+    backend = cai.open_backend(cai.BackendSpec(model=args.model, threads=args.threads, dtype=args.dtype))
+    backend.draft = args.draft
     items = read_prompts(args.prompts)
     if args.repeat > 1:
         items = [replace(item, id=f"{item.id}-{k}", text=f"{item.text} (Variant {k}.)")
                  for k in range(1, args.repeat + 1) for item in items]
     items = items[:args.limit]
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0)
-    config = RunConfig(seed=0, params=params, batch_size=args.batch_size or backend.default_width(),
-                       few_shot=args.few_shot)
+    options = dict(seed=0, max_new_tokens=args.max_new_tokens, temperature=0.0, few_shot=args.few_shot,
+                   filter=False, lock=False)
 
     results = []
     if args.naive_limit:
         backend.use_engine = False
-        results.append(run(backend, constitution, templates, items[:args.naive_limit],
-                           RunConfig(seed=0, params=params, batch_size=1, few_shot=args.few_shot),
+        results.append(run(backend, args.constitution, items[:args.naive_limit], {**options, "batch_size": 1},
                            "straightforward loop", console))
         backend.use_engine = True
-    results.append(run(backend, constitution, templates, items, config, "cai pipeline", console))
+    results.append(run(backend, args.constitution, items, {**options, "batch_size": args.batch_size},
+                       "cai pipeline", console))
 
     table = Table(title=f"{backend.model_name} · {args.constitution} · greedy · {args.max_new_tokens} new tokens a turn · "
                         f"threads {__import__('torch').get_num_threads()}")
@@ -137,11 +134,11 @@ def main() -> int:
                "few_shot": args.few_shot,
                "threads": __import__("torch").get_num_threads()}
     if len(results) == 2:
-        naive, cai = results
-        shared = [i for i in naive["records"] if i in cai["records"]]
-        identical = sum(same(naive["records"][i], cai["records"][i]) for i in shared)
-        summary.update(speedup_pairs_per_min=round(cai["pairs_per_min"] / naive["pairs_per_min"], 2),
-                       speedup_tok_per_s=round(cai["generated_tok_per_s"] / naive["generated_tok_per_s"], 2),
+        naive, ours = results
+        shared = [i for i in naive["records"] if i in ours["records"]]
+        identical = sum(same(naive["records"][i], ours["records"][i]) for i in shared)
+        summary.update(speedup_pairs_per_min=round(ours["pairs_per_min"] / naive["pairs_per_min"], 2),
+                       speedup_tok_per_s=round(ours["generated_tok_per_s"] / naive["generated_tok_per_s"], 2),
                        identical_records=identical, compared_records=len(shared))
         table.add_row("ratio", "", "", f"{summary['speedup_pairs_per_min']:.1f}×",
                       f"{summary['speedup_tok_per_s']:.1f}×", "", "", "", "", "")
