@@ -209,17 +209,40 @@ def test_closed_pipe_stops_quietly(tiny_model):
     assert proc.returncode == 141
 
 
-def test_two_shards_merged_equal_one_unsharded_run(tiny_model, tmp_path):
+def _content(path) -> dict:
+    """Records by id, all fields but meta.created."""
+    return {r["id"]: {**r, "meta": {k: v for k, v in r["meta"].items() if k != "created"}} for r in read_jsonl(path)}
+
+
+@pytest.mark.parametrize("sampling", ["random", "cycle"])
+def test_two_shards_merged_equal_one_unsharded_run(tiny_model, tmp_path, sampling):
     whole, one, two, merged = (tmp_path / f"{n}.jsonl" for n in ("whole", "one", "two", "merged"))
     for out, extra in ((whole, []), (one, ["--shard", "1/2"]), (two, ["--shard", "2/2"])):
-        result = run("generate", EXAMPLES, "--model", tiny_model, "-o", out, *FAST, *extra)
+        result = run("generate", EXAMPLES, "--model", tiny_model, "-o", out, "--sampling", sampling, *FAST, *extra)
         assert result.exit_code == 0, result.output
     ones, twos = {r["id"] for r in read_jsonl(one)}, {r["id"] for r in read_jsonl(two)}
     assert ones and twos and not ones & twos
     result = run("merge", merged, one, two)
     assert result.exit_code == 0, result.output
-    assert sorted(r["id"] for r in read_jsonl(merged)) == sorted(r["id"] for r in read_jsonl(whole))
+    assert _content(merged) == _content(whole), "record for record, not just the ids"
     assert "8 records, 0 duplicate ids dropped, 0 torn and 0 foreign lines" in result.output
+
+
+def test_merge_conflict_exits_1_listing_both_places(tiny_model, tmp_path):
+    out = tmp_path / "pairs.jsonl"
+    assert run("generate", EXAMPLES, "--model", tiny_model, "-o", out, "--limit", "2", *FAST).exit_code == 0
+    lines = out.read_text().splitlines(keepends=True)
+    changed = json.loads(lines[0])
+    changed["chosen"] += " (edited)"
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps(changed) + "\n")
+    merged = tmp_path / "merged.jsonl"
+    result = run("merge", merged, out, other)
+    assert result.exit_code == 1 and not merged.exists()
+    assert f"{out}:1 and {other}:1 differ" in " ".join(result.stderr.split())
+    result = run("merge", merged, out, other, "--on-conflict", "last")
+    assert result.exit_code == 0 and "1 conflicts (kept the last)" in result.stderr
+    assert read_jsonl(merged)[0]["chosen"].endswith("(edited)")
 
 
 def test_merge_drops_duplicates_and_reports_torn_and_foreign_lines(tiny_model, tmp_path):
