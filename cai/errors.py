@@ -66,6 +66,7 @@ class InputError(CaiError):
         self.line = line
         self.column = column
         self.field = field
+        self.index: int | None = None     # an invalid prompt line's place in the input (set by read_prompts)
         where = self.path
         if line is not None:
             where += f":{line}"

@@ -219,6 +219,9 @@ def _nopad_model(kind: str):
             state = load_file(copy / "model.safetensors")
             (copy / "model.safetensors").unlink()
             torch.save(state, copy / "pytorch_model.bin")
+        if kind == "truncated":
+            weights = copy / "model.safetensors"
+            weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
         if kind == "no-config":
             (copy / "config.json").unlink()
         return str(copy)
@@ -268,6 +271,19 @@ BAD_INPUTS = [
     ("output-dir-missing", EX, ["-o", "@missing/out.jsonl"], "cannot write output: No such file or directory"),
     ("output-of-another-run", EX, ["-o", "@other-run", "--seed", "3"], "seed: 0 → 3"),
     ("output-broken-mid-file", EX, ["-o", "@broken"], "not a whole cai record; cannot resume from this file"),
+    # what users bring, and what their machines do (issue: nothing lost without a word)
+    ("csv-header-is-not-a-prompt", _write("p.csv", "text,id\nhello,1\n"), [], "p.csv:1: prompt: missing (columns present: text, id"),
+    ("csv-empty-prompt", _write("p.csv", "prompt,id\nhello,1\n\"\",2\n"), [], "p.csv:3: prompt: empty prompt"),
+    ("gzip-jsonl-corrupt", _write("p.jsonl.gz", b"not gzip at all"), [], "p.jsonl.gz: not a valid gzip file"),
+    ("nul-byte-in-text", _write("p.txt", b"fine\nbad\x00line\n"), [], "p.txt:2: contains a NUL byte"),
+    ("nul-byte-in-jsonl", _write("p.jsonl", '{"prompt": "a\\u0000b"}\n'), [], "p.jsonl:1: prompt: contains a NUL byte"),
+    ("output-is-the-prompts-file", _write("same.jsonl", '{"prompt": "a"}\n'), ["-o", "@same", "--overwrite"], "is the prompts file; writing it would destroy the input"),
+    ("bfloat16-on-cpu", EX, ["--dtype", "bfloat16", "--device", "cpu", "--force"], "--dtype: bfloat16 on a CPU without bf16 hardware"),
+    ("truncated-weights", EX, ["--model", "@truncated", "--force"], "model.safetensors is truncated or corrupt"),
+    ("template-include", EX, ["--templates", "@tpl:{% include 'x.jinja' %}"], "critique.jinja:1: {% include %} is not supported"),
+    ("template-huge-range", EX, ["--templates", "@tpl:{% for i in range(10**9) %}x{% endfor %}"], "critique.jinja:1: cannot render: range() of 1,000,000,000 items"),
+    ("concurrency-0", EX, ["--concurrency", "0"], "--concurrency: must be at least 1 (got 0)"),
+    ("negative-grace", EX, ["--grace", "-1"], "--grace: must be 0 or more seconds"),
 ]
 
 
@@ -281,7 +297,14 @@ def test_bad_input_gives_one_line_exit_2_and_an_untouched_output(case, tiny_mode
     for arg in extra:
         if arg.startswith("@"):
             key = arg[1:]
-            if key in ("no-config", "no-template", "pickle"):
+            if key.startswith("tpl:"):
+                folder = tmp_path / "templates"
+                shutil.copytree(ROOT / "prompts" / "default", folder)
+                (folder / "critique.jinja").write_text(key[4:])
+                arg = str(folder)
+            elif key == "same":
+                arg = str(tmp_path / "same.jsonl")
+            elif key in ("no-config", "no-template", "pickle", "truncated"):
                 arg = _nopad_model(key)(tmp_path, tiny_model)
             elif key == "dir":
                 arg = str(tmp_path)
@@ -309,8 +332,8 @@ def test_bad_input_gives_one_line_exit_2_and_an_untouched_output(case, tiny_mode
     assert len(errors) == 1 and message in errors[0], result.stderr
 
 
-def test_there_are_at_least_30_bad_inputs():
-    assert len(BAD_INPUTS) >= 30
+def test_there_are_at_least_50_bad_inputs():
+    assert len(BAD_INPUTS) >= 50
 
 
 def test_skip_invalid_counts_and_carries_on(tiny_model, tmp_path):

@@ -77,7 +77,9 @@ def cascade_attention(module, query, key, value, attention_mask=None, scaling=No
         top = torch.maximum(lse, common_lse)
         own_w, common_w = (lse - top).exp_(), (common_lse - top).exp_()
         out = (out * own_w[..., None] + common * common_w[..., None]) / (own_w + common_w)[..., None]
-    return out.reshape(q_heads, n_ids, dim).transpose(0, 1)[None], None
+    # the log-sum-exp weights are float32; in bfloat16 or float16 the result must come back in the
+    # model's dtype, or the next linear layer refuses it
+    return out.to(query.dtype).reshape(q_heads, n_ids, dim).transpose(0, 1)[None], None
 
 
 def _plain_part(queries, key, value, mask, scale):

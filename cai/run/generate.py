@@ -132,6 +132,7 @@ def _run(selection, paths: _Paths, options: GenerateOptions, constitution, templ
         try:
             if hasattr(stop, "arm"):
                 stop.arm()
+            summary.start = time.monotonic()        # speed is of the generation, not of the model load
             if progress:
                 progress("running", summary)
             _loop(pipeline, jobs, writer, curation, failures, options.format, summary, progress, stop)

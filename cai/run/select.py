@@ -66,14 +66,15 @@ def _index(item: PromptItem) -> int:
 
 
 def _index_invalid(items: list[PromptItem], invalid: list[InputError]) -> list[tuple[int, InputError]]:
-    """Each invalid line's place among the prompt lines of the whole input: lines before it,
-    valid or not, that hold a prompt."""
+    """Each invalid line's place among the prompt lines of the whole input (`read_prompts` sets
+    it as `index`; else it is counted from the lines before it that hold a prompt)."""
     lines = sorted([(item.line, 0) for item in items] + [(error.line or 0, 1) for error in invalid])
     places = {}
     for place, (line, kind) in enumerate(lines):
         if kind:
             places.setdefault(line, place)
-    return [(places.get(error.line or 0, 0), error) for error in invalid]
+    return [(getattr(error, "index", None) if getattr(error, "index", None) is not None
+             else places.get(error.line or 0, 0), error) for error in invalid]
 
 
 def _as_jsonl(prompts: Iterable, prompt_field: str) -> bytes:
