@@ -62,7 +62,7 @@ def run(prompts: str | Iterable, output: str | None, options: GenerateOptions, *
     config = RunConfig(
         revisions=options.revisions or constitution.defaults.revisions,
         sampling=options.sampling or constitution.defaults.sampling, seed=options.seed,
-        batch_size=options.batch_size or 1, few_shot=options.few_shot, params=_sampling(options))
+        few_shot=options.few_shot, params=_sampling(options))     # the width is decided once the backend is open
     from cai.run.select import select
 
     selection = select(prompts, options, constitution, config, stdin)
