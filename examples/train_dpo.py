@@ -2,6 +2,7 @@
 
     cai generate examples/prompts.jsonl -o - | tee pairs.jsonl | wc -l
     python examples/train_dpo.py pairs.jsonl --model HuggingFaceTB/SmolLM2-135M-Instruct --output-dir dpo-out
+    cai generate examples/prompts.jsonl -o - | python examples/train_dpo.py - --model MODEL   # a real pipe
 
 Both record formats work unmodified: standard (prompt/chosen/rejected strings; TRL applies the
 chat template when the tokenizer has one) and conversational (lists of chat messages).
@@ -20,8 +21,17 @@ def train(pairs: str, model, tokenizer, output_dir: str, max_steps: int = -1, ep
     from datasets import load_dataset
     from trl import DPOConfig, DPOTrainer
 
-    data = load_dataset("json", data_files=pairs, split="train")
-    data = data.select_columns(["prompt", "chosen", "rejected"])   # the metadata stays in the file
+    if pairs == "-":                 # a pipe: `cai generate … -o - | python train_dpo.py -`
+        import json
+        import sys
+
+        from datasets import Dataset
+
+        rows = [json.loads(line) for line in sys.stdin if line.strip()]
+        data = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+    else:
+        data = load_dataset("json", data_files=pairs, split="train")
+        data = data.select_columns(["prompt", "chosen", "rejected"])   # the metadata stays in the file
     config = DPOConfig(
         output_dir=output_dir, max_steps=max_steps, num_train_epochs=epochs, learning_rate=learning_rate,
         per_device_train_batch_size=batch_size, beta=beta, logging_steps=1, save_strategy="no",
@@ -35,7 +45,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("pairs", help="JSONL written by cai generate (or cai export)")
+    parser.add_argument("pairs", help="JSONL written by cai generate (or cai export), or - for stdin")
     parser.add_argument("--model", required=True, help="model id or folder to train (usually the one that generated)")
     parser.add_argument("--output-dir", default="dpo-out")
     parser.add_argument("--max-steps", type=int, default=-1)

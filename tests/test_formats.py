@@ -109,3 +109,21 @@ def test_dpo_trainer_trains_on_cai_output(pairs, tiny_model, tmp_path, fmt):
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     changed = [k for k, v in model.named_parameters() if not torch.equal(v.detach(), before[k])]
     assert changed, "training must change the weights"
+
+
+def test_a_real_pipe_into_the_trainer(tiny_model, tmp_path):
+    """`cai generate … -o - | python examples/train_dpo.py -`: the trainer reads the pipe."""
+    pytest.importorskip("trl")
+    import shlex
+    import subprocess
+    import sys
+
+    out = tmp_path / "dpo"
+    command = (f"set -o pipefail; {shlex.quote(sys.executable)} -m cai generate {shlex.quote(str(EXAMPLES))} "
+               f"--model {shlex.quote(str(tiny_model))} -o - --limit 3 --max-new-tokens 8 --no-filter -q | "
+               f"{shlex.quote(sys.executable)} {shlex.quote(str(ROOT / 'examples' / 'train_dpo.py'))} - "
+               f"--model {shlex.quote(str(tiny_model))} --max-steps 2 --output-dir {shlex.quote(str(out))}")
+    proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "trained 2 logged steps" in proc.stdout
+    assert (out / "config.json").exists()
