@@ -18,8 +18,21 @@ from cai.errors import OutputError
 _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
+SIDE_SUFFIXES = (".filtered.jsonl", ".failures.jsonl", ".skipped.jsonl")
+
+
+def owner(target: str) -> str:
+    """The file whose lock covers `target`: itself, or the output a side file is named after
+    (OUT.filtered.jsonl is covered by OUT.lock, whichever run names it), symlinks resolved."""
+    real = os.path.realpath(target)
+    for suffix in SIDE_SUFFIXES:
+        if real.endswith(suffix) and len(real) > len(suffix):
+            return real[: -len(suffix)]
+    return real
+
+
 def lock_path(target: str) -> Path:
-    return Path(f"{target}.lock")
+    return Path(f"{owner(target)}.lock")
 
 
 def lockable(target: str | None) -> bool:
@@ -116,7 +129,7 @@ class Locks:
     def __enter__(self) -> Locks:
         try:
             for target in self.targets:
-                if any(target.startswith(f"{held.target}.") for held in self._held):
+                if any(held.path == lock_path(target) for held in self._held):
                     continue            # OUT.filtered.jsonl is covered by OUT's lock
                 self._held.append(OutputLock(target).acquire())
         except BaseException:

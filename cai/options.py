@@ -5,6 +5,7 @@ raises OptionError naming the option."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -47,6 +48,8 @@ class BackendSpec:
 
     def check(self) -> None:
         _choice("backend", self.backend, BACKENDS)
+        if isinstance(self.model, os.PathLike):
+            self.model = os.fspath(self.model)
         if self.model is not None and not isinstance(self.model, str) and not hasattr(self.model, "stream"):
             raise OptionError("model", f"expected a model name or path, or an open backend (got {type(self.model).__name__})")
         if not isinstance(self.model, (str, type(None))):

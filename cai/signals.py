@@ -33,6 +33,7 @@ class StopSignals:
         self.on_signal = on_signal
         self.signum: int | None = None
         self.armed = False
+        self.finished = False
         self._previous: dict[int, object] = {}
 
     def __call__(self) -> bool:
@@ -49,29 +50,45 @@ class StopSignals:
     def arm(self) -> None:
         self.armed = True
 
+    def finish(self) -> None:
+        """The loop is over: cancel the grace timer, and let a signal during the cleanup that
+        follows (closing files, the backend) be noted rather than cut it short."""
+        self.finished = True
+        if self._previous:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
     def request(self, signum: int = signal.SIGINT) -> None:
         """Ask for a graceful stop (what the first signal does)."""
         if self.signum is None:
             self.signum = signum
 
     def _handler(self, signum, frame) -> None:
+        if self.finished:
+            self.signum = self.signum or signum
+            return
         if self.signum is not None or not self.armed:
             self.signum = self.signum or signum
             raise StopNow(signum)
         self.signum = signum
         if self.on_signal:
-            self.on_signal(signal.Signals(signum).name, self.grace)
+            try:
+                self.on_signal(signal.Signals(signum).name, self.grace)
+            except BaseException:       # a closed stderr (a dead ssh tty) must not end the run here
+                pass
         if self.grace > 0:
             signal.setitimer(signal.ITIMER_REAL, self.grace)
         else:
             raise StopNow(signum)
 
     def _expired(self, signum, frame) -> None:
-        raise StopNow(self.signum or signal.SIGINT)
+        if not self.finished:
+            raise StopNow(self.signum or signal.SIGINT)
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for signum in (*EXIT_CODES, signal.SIGALRM):
+                if signal.getsignal(signum) is signal.SIG_IGN and signum != signal.SIGALRM:
+                    continue            # `nohup cai …` ignores SIGHUP: keep it so
                 handler = self._expired if signum == signal.SIGALRM else self._handler
                 self._previous[signum] = signal.signal(signum, handler)
         return self

@@ -213,3 +213,118 @@ def test_unknown_option_names_a_close_match():
 
     with pytest.raises(OptionError, match="did you mean max_new_tokens"):
         cai.generate(PROMPTS[:1], max_new_token=8)
+
+
+# --- found in review ------------------------------------------------------------------------
+
+def test_a_side_file_named_after_another_output_is_covered_by_its_lock(tmp_path):
+    from cai.locks import Locks, OutputLock
+
+    a, b = tmp_path / "A.jsonl", tmp_path / "B.jsonl"
+    with OutputLock(str(a)):
+        with pytest.raises(OutputError, match="another cai run is writing it"):
+            run(PROMPTS[:2], str(b), options(ScriptedBackend(), filtered=f"{a}.filtered.jsonl"))
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(b)
+    with OutputLock(str(b)):
+        with pytest.raises(OutputError, match="another cai run"):
+            Locks([str(link)]).__enter__()
+
+
+def test_output_and_a_side_file_must_differ(tmp_path):
+    out = tmp_path / "m.jsonl"
+    with pytest.raises(OptionError, match="is also the output file"):
+        run(PROMPTS[:2], str(out), options(ScriptedBackend(), skipped=str(out)))
+
+
+def test_invalid_lines_under_sampling_all_are_counted_as_records(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": PROMPTS[0]}) + "\n{broken\n")
+    out = tmp_path / "out.jsonl"
+    first = run(bad, str(out), options(ScriptedBackend(), sampling="all", skip_invalid=True))
+    principles = first.planned // 2
+    assert (first.kept, first.skipped_invalid, first.not_made, first.exit_code) == (principles, principles, 0, 1)
+    again = run(bad, str(out), options(ScriptedBackend(), sampling="all", skip_invalid=True))
+    assert again.nothing_to_do and again.exit_code == 1, "the invalid line is still not made"
+    assert "skipped as invalid input lines" in again.problem()
+
+
+def test_an_empty_shard_writes_an_empty_file(tmp_path):
+    prompts = write_prompts(tmp_path, PROMPTS[:1])
+    outs = [tmp_path / f"s{k}.jsonl" for k in range(1, 9)]
+    for k, out in enumerate(outs, start=1):
+        summary = run(prompts, str(out), options(ScriptedBackend(), shard=f"{k}/8"))
+        assert summary.exit_code == 0
+    assert all(out.exists() for out in outs)
+    assert sum(len(read_jsonl(out)) for out in outs) == 1
+
+
+def test_an_invalid_line_is_in_one_shard_however_the_path_is_spelled(tmp_path, monkeypatch):
+    from cai.run.select import select
+    from cai.constitution import load_constitution
+    from cai.pipeline import RunConfig
+
+    monkeypatch.chdir(tmp_path)
+    lines = [json.dumps({"prompt": p}) for p in PROMPTS] + ["{broken"]
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
+    constitution = load_constitution("harmless")
+    placements = []
+    for spelling in ("p.jsonl", "./p.jsonl", str(tmp_path / "p.jsonl")):
+        placements.append([len(select(spelling, options(None, skip_invalid=True, shard=f"{k}/3"), constitution,
+                                      RunConfig()).invalid) for k in (1, 2, 3)])
+    assert all(sum(found) == 1 for found in placements) and placements[0] == placements[1] == placements[2]
+
+
+def test_api_prompts_must_be_strings_or_dicts():
+    import cai
+
+    with pytest.raises(OptionError, match="item 1: expected a prompt string or a dict, got int"):
+        cai.generate([5, {"prompt": "x"}], model=ScriptedBackend())
+    with pytest.raises(OptionError, match="no prompts given"):
+        cai.generate([], model=ScriptedBackend())
+
+
+def test_signals_nohup_a_failing_message_and_the_cleanup(monkeypatch):
+    import os
+    import signal
+
+    from cai.signals import StopSignals
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with StopSignals(5) as stopper:               # `nohup`: SIGHUP stays ignored
+            stopper.arm()
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert not stopper()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+    def broken_stderr(name, grace):
+        raise SystemExit(1)                           # what rich does when stderr is gone
+
+    with StopSignals(5, on_signal=broken_stderr) as stopper:
+        stopper.arm()
+        os.kill(os.getpid(), signal.SIGTERM)          # noted, not fatal
+        assert stopper() and stopper.name == "SIGTERM"
+        stopper.finish()
+        os.kill(os.getpid(), signal.SIGTERM)          # during the cleanup: noted, nothing raised
+        assert signal.getitimer(signal.ITIMER_REAL)[0] == 0
+
+
+def test_merge_writes_through_a_symlink_and_refuses_a_device(tmp_path):
+    import os
+
+    from cai.run.merge import merge
+
+    a = tmp_path / "a.jsonl"
+    run(PROMPTS[:2], str(a), options(ScriptedBackend()))
+    real = tmp_path / "real.jsonl"
+    real.write_text("")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(real)
+    merge(str(link), [str(a)], overwrite=True)
+    assert link.is_symlink() and len(read_jsonl(real)) == 2
+    if os.path.exists("/dev/full"):
+        with pytest.raises(OptionError, match="not a regular file"):
+            merge("/dev/full", [str(a)], overwrite=True)
+        assert not os.path.isfile("/dev/full")

@@ -85,7 +85,9 @@ def generate(
     with StopSignals(grace, on_signal=on_signal) as stopper, RunProgress(quiet) as progress:
         summary = run(prompts, output, options, progress=progress, stop=stopper)
     if summary.nothing_to_do:
-        return
+        if summary.problem():
+            error_line(summary.problem())
+        raise typer.Exit(summary.exit_code)
     if summary.stopped_by and summary.not_made:
         where = "stdout" if output == "-" else output
         err.print(f"[yellow]interrupted[/yellow] ({summary.stopped_by}): {summary.kept} records written to {where}."

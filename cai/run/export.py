@@ -26,8 +26,8 @@ def export(pairs: str, output: str = "-", *, format: str = "standard", test_size
         raise OptionError("format", f"unknown value '{format}'; choose from {', '.join(EXPORT_FORMATS)}")
     if test_size is not None and not 0 < test_size < 1:
         raise OptionError("test_size", f"must be between 0 and 1 (got {test_size:g})")
-    if test_size is not None and output == "-":
-        raise OptionError("test_size", "needs an output file (-o FILE)")
+    if test_size is not None and (output == "-" or (Path(output).exists() and not Path(output).is_file())):
+        raise OptionError("test_size", "needs an output file (-o FILE) to name OUT.train and OUT.test after")
     records = [to_format(r, format) for r in read_records(pairs)]
     parts = {output: records} if test_size is None else {
         with_part(output, name): part for name, part in zip(("train", "test"), split_by_id(records, test_size, seed))}

@@ -34,6 +34,14 @@ class _Paths:
         self.skipped = options.skipped or (f"{output}.skipped.jsonl" if named else None)
         if options.keep_filtered and output == "-" and not options.filtered:
             raise OptionError("keep_filtered", "with output to stdout needs `filtered` FILE")
+        seen: dict[str, str] = {}
+        for option, path in (("output", output), ("filtered", self.filtered), ("failures", self.failures),
+                             ("skipped", self.skipped)):
+            if path and path != "-":
+                real = os.path.realpath(path)
+                if real in seen:
+                    raise OptionError(option, f"{path} is also the `{seen[real]}` file; each needs its own")
+                seen[real] = option
 
     def files(self) -> list[str]:
         return [p for p in (self.output, self.filtered, self.failures, self.skipped) if p and p != "-"]
@@ -70,7 +78,7 @@ def run(prompts: str | Iterable, output: str | None, options: GenerateOptions, *
     resolved = (None, options.model.model_name) if _given(options.model) else resolve(options.backend_spec())
     summary = Summary(model=resolved[1], constitution=constitution.ref, output=output, source=source,
                       filtered=paths.filtered, failures=paths.failures, skipped_file=paths.skipped,
-                      planned=selection.planned, skipped_invalid=len(selection.invalid))
+                      planned=selection.planned, skipped_invalid=len(selection.invalid) * selection.per_invalid)
     for target in paths.files():
         check_writable(target)          # before the lock: an unwritable output creates nothing
     stopper = stop if stop is not None else StopSignals(options.grace, on_signal=_log_signal)
@@ -101,10 +109,16 @@ def _run(selection, paths: _Paths, options: GenerateOptions, constitution, templ
     skips = SideFile(paths.skipped, memory=paths.output is None)
     _skip_invalid(selection, skips)
     if summary.resumed == summary.planned - summary.skipped_invalid:
-        log.info("nothing to do: every record of this run is already in %s%s", paths.output,
-                 f" (or dropped in {paths.filtered})" if paths.filtered else "")
         summary.nothing_to_do = True
         _finish_side(summary, skips, None, None)
+        if not selection.ids:
+            log.info("nothing to do: no prompt of %s falls in this run (limit, shard)", summary.source)
+            if paths.output not in (None, "-") and not Path(paths.output).exists():
+                RecordWriter(paths.output).close()       # an empty shard is an empty file, for `cai merge`
+        else:
+            log.info("nothing to do: every record of this run is already in %s%s", paths.output,
+                     f" (or dropped in {paths.filtered})" if paths.filtered else "")
+        summary.records = [] if paths.output is None else None
         return
     if progress:
         progress("loading", summary)
@@ -137,6 +151,9 @@ def _run(selection, paths: _Paths, options: GenerateOptions, constitution, templ
                 progress("running", summary)
             _loop(pipeline, jobs, writer, curation, failures, options.format, summary, progress, stop)
         finally:
+            if hasattr(stop, "finish"):
+                stop.finish()                       # the grace timer must not cut the cleanup short
+            summary.dropped = curation.dropped
             summary.curation = curation.counts()
             summary.failed = failures.file.count
             writer.close()

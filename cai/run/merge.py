@@ -60,6 +60,8 @@ def merge(output: str, inputs: list[str], *, overwrite: bool = False, on_conflic
         if not Path(path).is_file():
             raise OptionError("inputs", f"{path}: no such file")
     check_writable(output)
+    if output != "-" and Path(output).exists() and not Path(output).is_file():
+        raise OptionError("output", f"{output} is not a regular file (merge replaces its output whole)")
     summary = MergeSummary(output, len(inputs))
     chosen: dict[str, tuple[str, bytes, dict]] = {}      # id → (where, line, content)
     reference = None
@@ -110,13 +112,14 @@ def merge(output: str, inputs: list[str], *, overwrite: bool = False, on_conflic
         sys.stdout.flush()
         return summary
     with Locks([output], enabled=lock):
-        tmp = Path(f"{output}.tmp-{os.getpid()}")
+        target = os.path.realpath(output)          # through a symlink, not over it
+        tmp = Path(f"{target}.tmp-{os.getpid()}")
         try:
             with open(tmp, "wb") as fp:
                 fp.write(data)
                 fp.flush()
                 os.fsync(fp.fileno())
-            os.replace(tmp, output)
+            os.replace(tmp, target)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             from cai.errors import OutputError

@@ -55,7 +55,7 @@ def select(prompts, options, constitution, config, stdin=None) -> Selection:
         logging.getLogger("cai").info("shard %d/%d: %d prompts", shard_k, shard_n, len(chosen))
     return Selection(
         items=chosen,
-        invalid=[error for index, error in indexed if inside(index, f"{source}:{error.line}")],
+        invalid=[error for index, error in indexed if inside(index, f"line\x1f{index}")],
         ids=[record_id for item in chosen for record_id in plans[item.id]],
         all_ids={record_id for ids in plans.values() for record_id in ids},
         per_invalid=len(constitution.principles) if config.sampling == "all" else 1)
@@ -80,7 +80,13 @@ def _index_invalid(items: list[PromptItem], invalid: list[InputError]) -> list[t
 def _as_jsonl(prompts: Iterable, prompt_field: str) -> bytes:
     """An iterable of prompt strings or dicts as JSONL bytes, so it is read and checked exactly
     as a file would be."""
+    from cai.errors import OptionError
+
     lines = []
-    for prompt in prompts:
+    for number, prompt in enumerate(prompts, start=1):
+        if not isinstance(prompt, (str, dict)):
+            raise OptionError("prompts", f"item {number}: expected a prompt string or a dict, got {type(prompt).__name__}")
         lines.append(json.dumps({prompt_field: prompt} if isinstance(prompt, str) else prompt, ensure_ascii=False))
+    if not lines:
+        raise OptionError("prompts", "no prompts given")
     return ("\n".join(lines) + "\n").encode("utf-8")
