@@ -1,4 +1,4 @@
-"""`cai export`: pairs into other shapes and files."""
+"""`cai export`: pairs into other shapes and files, or into a folder a trainer reads."""
 
 from typing import Annotated, Optional
 
@@ -11,22 +11,48 @@ from cai.cli.render import err
 
 @app.command("export", epilog=(
     "[bold]Examples[/bold]\n\n"
+    "  cai export pairs.jsonl --to trl dpo-data/                     [dim]# data, trl_dpo.yaml, README.md card[/dim]\n\n"
+    "  cai export pairs.jsonl --to llamafactory lf-data/ --test-size 0.05\n\n"
     "  cai export pairs.jsonl --format conversational -o pairs.chat.jsonl\n\n"
     "  cai export pairs.jsonl --format sft -o sft.jsonl            [dim]# prompt + final revision (SL-CAI)[/dim]\n\n"
     "  cai export pairs.jsonl -o pairs.parquet --test-size 0.1     [dim]# pairs.train.parquet, pairs.test.parquet[/dim]"))
 @reports_errors
 def export(
-    pairs: Annotated[str, typer.Argument(help="A file written by cai generate (either format), or - for stdin.", show_default=False)],
-    output: Annotated[str, typer.Option("--output", "-o", help="Output .jsonl or .parquet file, or - for stdout (JSONL).")] = "-",
-    fmt: Annotated[str, typer.Option("--format", "-f", metavar="standard|conversational|sft", help="Shape to write.")] = "standard",
-    test_size: Annotated[Optional[float], typer.Option("--test-size", help="Fraction (0-1) held out into OUT.test.*; the rest goes to OUT.train.*.", show_default=False)] = None,
+    pairs: Annotated[str, typer.Argument(help="A file written by cai generate (either format), or - for stdin (not with --to).", show_default=False)],
+    folder: Annotated[Optional[str], typer.Argument(metavar="[DIR]", help="With --to: the folder to write.", show_default=False)] = None,
+    to: Annotated[Optional[str], typer.Option("--to", metavar="trl|axolotl|openrlhf|llamafactory|nemo-rl", help="Write DIR for this trainer: its data shape, its config, a dataset card (README.md) and the command that trains.", show_default=False)] = None,
+    output: Annotated[str, typer.Option("--output", "-o", help="Without --to: output .jsonl or .parquet file, or - for stdout (JSONL).")] = "-",
+    fmt: Annotated[str, typer.Option("--format", "-f", metavar="standard|conversational|sft", help="Without --to: shape to write.")] = "standard",
+    test_size: Annotated[Optional[float], typer.Option("--test-size", help="Fraction (0-1) held out as a test split (by record id).", show_default=False)] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the train/test split (by record id, so stable under reordering).")] = 0,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="With --to: the model the config trains [default: the one that made the pairs].", show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="With --to: write into a folder that is not empty.")] = False,
+    push_to_hub: Annotated[Optional[str], typer.Option("--push-to-hub", metavar="REPO", help="With --to: upload the folder as a Hub dataset repository (needs network and a token).", show_default=False)] = None,
     no_lock: NoLockOpt = False,
 ) -> None:
-    """Convert pairs between shapes: standard, conversational, or an SFT file; JSONL or Parquet."""
-    from cai.run.export import export as export_pairs
+    """Convert pairs between shapes (standard, conversational, SFT; JSONL or Parquet), or write a
+    folder that a trainer reads as it is (--to)."""
+    from cai.errors import UsageError
 
-    summary = export_pairs(pairs, output, format=fmt, test_size=test_size, seed=seed, lock=not no_lock)
-    for target, count in summary.written.items():
-        if target != "-":
-            err.print(f"wrote {count} {fmt} records to {target}", highlight=False)
+    if to is None:
+        if folder is not None or model or overwrite or push_to_hub:
+            raise UsageError("DIR, --model, --overwrite and --push-to-hub go with --to TRAINER")
+        from cai.run.export import export as export_pairs
+
+        summary = export_pairs(pairs, output, format=fmt, test_size=test_size, seed=seed, lock=not no_lock)
+        for target, count in summary.written.items():
+            if target != "-":
+                err.print(f"wrote {count} {fmt} records to {target}", highlight=False)
+        return
+    if folder is None:
+        raise UsageError("--to needs the folder to write: cai export PAIRS --to TRAINER DIR")
+    from cai.run.export import export_for
+
+    result = export_for(pairs, to, folder, test_size=test_size, seed=seed, model=model, overwrite=overwrite,
+                        push_to_hub=push_to_hub, lock=not no_lock)
+    counts = ", ".join(f"{split} {n}" for split, n in result.records.items())
+    err.print(f"wrote {result.folder} for {to}: {counts} records; {', '.join(result.files)}", highlight=False, soft_wrap=True)
+    if result.pushed:
+        err.print(f"pushed to {result.pushed}", highlight=False)
+    err.print("train with:", highlight=False)
+    print(result.command)

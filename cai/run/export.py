@@ -69,3 +69,107 @@ def _parquet(target: str, part: list[dict]) -> None:
 def with_part(path: str, part: str) -> str:
     p = Path(path)
     return str(p.with_name(f"{p.stem}.{part}{p.suffix}"))
+
+
+@dataclass
+class TrainerExport:
+    trainer: str
+    folder: str
+    files: list[str] = field(default_factory=list)        # written, relative to the folder
+    records: dict[str, int] = field(default_factory=dict)  # split → records
+    command: str = ""
+    pushed: str | None = None
+
+
+def export_for(pairs: str, trainer: str, folder: str, *, test_size: float | None = None, seed: int = 0,
+               model: str | None = None, overwrite: bool = False, push_to_hub: str | None = None,
+               lock: bool = True) -> TrainerExport:
+    """Write `pairs` into `folder` in the shape `trainer` reads, the config that points it at
+    them, and a dataset card (README.md) that `datasets.load_dataset(folder)` follows."""
+    from cai import stats
+    from cai.inputs import read_records
+    from cai.locks import Locks
+    from cai.output import RecordWriter
+    from cai.records import split_by_id
+    from cai.run.card import card
+    from cai.trainers import TRAINERS, configs, layout
+
+    if trainer not in TRAINERS:
+        raise OptionError("to", f"unknown trainer '{trainer}'; choose from {', '.join(TRAINERS)}")
+    if test_size is not None and not 0 < test_size < 1:
+        raise OptionError("test_size", f"must be between 0 and 1 (got {test_size:g})")
+    if pairs == "-":
+        raise OptionError("to", "needs the pairs as a file (its side files feed the dataset card), not stdin")
+    root = Path(folder)
+    if root.exists() and not root.is_dir():
+        raise OptionError("to", f"{folder} exists and is not a folder")
+    if root.is_dir() and any(root.iterdir()) and not overwrite:
+        raise OptionError("to", f"{folder} is not empty; pass `overwrite` to write into it")
+    records = read_records(pairs)
+    report, _ = stats.collect(pairs)
+    model = model or _model_of(records)
+    splits = {"train": records} if test_size is None else dict(zip(("train", "test"), split_by_id(records, test_size, seed)))
+    if test_size is not None and not splits["test"]:
+        raise OptionError("test_size", f"leaves no record for the test split ({len(records)} records)")
+    root.mkdir(parents=True, exist_ok=True)
+    folder = str(root.resolve())
+    result = TrainerExport(trainer, folder, records={s: len(part) for s, part in splits.items()})
+    texts, result.command = configs(trainer, folder, model, list(splits))
+    with Locks([str(root / "README.md")], enabled=lock):
+        for shape in layout(trainer, list(splits)):
+            for split, relative in shape.files.items():
+                (root / relative).parent.mkdir(parents=True, exist_ok=True)
+                writer = RecordWriter(str(root / relative))
+                try:
+                    for record in splits[split]:
+                        writer.write(shape.shape(record))
+                finally:
+                    writer.close()
+                result.files.append(relative)
+        for relative, text in texts.items():
+            _write_text(root / relative, text)
+            result.files.append(relative)
+        card_files = layout(trainer, list(splits))[0].files
+        _write_text(root / "README.md", card(report, records, card_files, trainer, result.command,
+                                             f"The configs name this folder's files by absolute path ({folder}); "
+                                             "after moving the folder, export again or edit them."))
+        result.files.append("README.md")
+    if push_to_hub:
+        result.pushed = _push(folder, push_to_hub)
+    return result
+
+
+def _model_of(records: list[dict]) -> str:
+    names = {str((r.get("meta") or {}).get("model", "")).removesuffix(" (int8)") for r in records} - {""}
+    if len(names) != 1:
+        raise OptionError("model", f"the records name {len(names)} models ({', '.join(sorted(names)) or 'none'}); "
+                          "say which to train with `model`")
+    return names.pop()
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(path, f"cannot write: {exc.strerror or exc}") from None
+
+
+def _push(folder: str, repo: str) -> str:
+    """Upload the folder as a dataset repository; one line on any failure (offline, no token)."""
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        raise OutputError(repo, "cannot push to the Hub: HF_HUB_OFFLINE is set; the export folder is written")
+    try:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(repo, repo_type="dataset", exist_ok=True)
+        api.upload_folder(folder_path=folder, repo_id=repo, repo_type="dataset")
+    except ImportError:
+        raise OutputError(repo, "cannot push to the Hub: pip install huggingface_hub") from None
+    except Exception as exc:            # network, auth, permissions: all one line
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OutputError(repo, f"cannot push to the Hub: {reason}; the export folder is written") from None
+    return f"https://huggingface.co/datasets/{repo}"
