@@ -72,7 +72,7 @@ def layout(trainer: str, splits: list[str]) -> list[Layout]:
     raise ValueError(trainer)
 
 
-def configs(trainer: str, folder: str, model: str, splits: list[str]) -> tuple[dict[str, str], str]:
+def configs(trainer: str, folder: str, model: str, splits: list[str], train_records: int = 128) -> tuple[dict[str, str], str]:
     """({file name: text} of the configs to write beside the data, the command that trains).
     `folder` is absolute: the configs name their data by absolute path, so they work from any
     working directory."""
@@ -106,7 +106,9 @@ def configs(trainer: str, folder: str, model: str, splits: list[str]) -> tuple[d
                  ("--data.prompt_key", "prompt"), ("--data.chosen_key", "chosen"), ("--data.rejected_key", "rejected"),
                  ("--data.apply_chat_template", None), ("--data.max_len", "2048"),
                  *((("--eval.dataset", f"{folder}/data/test.jsonl"), ("--eval.split", "train")) if test else ()),
-                 ("--train.batch_size", "128"), ("--train.micro_batch_size", "2"), ("--train.max_epochs", "1"),
+                 # steps are records // batch size: a small export gets a batch it can fill
+                 ("--train.batch_size", str(128 if train_records >= 128 else max(2, train_records // 2 * 2))),
+                 ("--train.micro_batch_size", "2"), ("--train.max_epochs", "1"),
                  ("--model.beta", "0.1"), ("--adam.lr", "5e-7"), ("--ds.zero_stage", "2"), ("--ds.param_dtype", "bf16"),
                  ("--ckpt.output_dir", f"{folder}/openrlhf-dpo-out")]
         lines = [f"  {flag}" + (f" {shlex.quote(value)}" if value is not None else "") for flag, value in flags]
@@ -129,7 +131,8 @@ def configs(trainer: str, folder: str, model: str, splits: list[str]) -> tuple[d
                             "system": "system"}}
         config = {"model_name_or_path": model, "stage": "dpo", "do_train": True, "finetuning_type": "full",
                   "pref_beta": 0.1, "pref_loss": "sigmoid", "dataset": "cai_sharegpt",
-                  **({"eval_dataset": "cai_sharegpt_test"} if test else {}),
+                  **({"eval_dataset": "cai_sharegpt_test", "eval_strategy": "epoch", "per_device_eval_batch_size": 2}
+                     if test else {}),
                   "dataset_dir": f"{folder}/llamafactory", "cutoff_len": 2048,
                   "output_dir": f"{folder}/llamafactory-dpo-out", "per_device_train_batch_size": 2,
                   "gradient_accumulation_steps": 8, "num_train_epochs": 1.0, "learning_rate": 5.0e-7,
@@ -140,11 +143,12 @@ def configs(trainer: str, folder: str, model: str, splits: list[str]) -> tuple[d
                 f"llamafactory-cli train {shlex.quote(folder + '/llamafactory_dpo.yaml')}")
     if trainer == "nemo-rl":
         overrides = [f"policy.model_name={model}", f"policy.tokenizer.name={model}",
-                     "data.train.dataset_name=PreferenceDataset", f"data.train.data_path={folder}/nemo_rl/train.jsonl",
+                     # `++`: dpo.yaml's data entries have no data_path key; a plain override of a missing key is refused
+                     "data.train.dataset_name=PreferenceDataset", f"++data.train.data_path={folder}/nemo_rl/train.jsonl",
                      "data.train.split=train"]
         if test:
             overrides += ["data.validation.dataset_name=PreferenceDataset",
-                          f"data.validation.data_path={folder}/nemo_rl/test.jsonl", "data.validation.split=train"]
+                          f"++data.validation.data_path={folder}/nemo_rl/test.jsonl", "data.validation.split=train"]
         else:
             overrides += ["dpo.val_period=0", "dpo.val_at_start=false", "dpo.val_at_end=false"]
         command = "uv run examples/run_dpo.py " + " ".join(shlex.quote(o) for o in overrides)

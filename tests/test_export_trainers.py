@@ -91,6 +91,8 @@ def test_conversational_rows_for_trl_axolotl_openrlhf(made, tmp_path):
                  f"--data.dataset {tmp_path.resolve() / 'openrlhf' / 'data' / 'train.jsonl'}"):
         assert flag in script, flag
     assert subprocess.run(["bash", "-n", str(tmp_path / "openrlhf" / "openrlhf_dpo.sh")]).returncode == 0
+    n = len(read_jsonl(tmp_path / "openrlhf" / "data" / "train.jsonl"))
+    assert f"--train.batch_size {max(2, n // 2 * 2)} " in script, "a small export gets a batch it fills (128 makes no step)"
 
 
 def test_llamafactory_dataset_info_and_rows(made, tmp_path):
@@ -121,6 +123,8 @@ def test_nemo_rl_rows(made, tmp_path):
         assert all(c["completion"][0]["role"] == "assistant" for c in row["completions"])
     script = (folder / "nemo_rl_dpo.sh").read_text()
     assert "data.train.dataset_name=PreferenceDataset" in script and "data.validation.split=train" in script
+    # NeMo-RL's dpo.yaml has no data_path key: a plain override of it is refused, `++` adds it
+    assert f"++data.train.data_path={folder.resolve() / 'nemo_rl' / 'train.jsonl'}" in script
 
 
 def test_export_errors_are_one_line(made, tmp_path):

@@ -114,7 +114,7 @@ def export_for(pairs: str, trainer: str, folder: str, *, test_size: float | None
     root.mkdir(parents=True, exist_ok=True)
     folder = str(root.resolve())
     result = TrainerExport(trainer, folder, records={s: len(part) for s, part in splits.items()})
-    texts, result.command = configs(trainer, folder, model, list(splits))
+    texts, result.command = configs(trainer, folder, model, list(splits), len(splits["train"]))
     with Locks([str(root / "README.md")], enabled=lock):
         for shape in layout(trainer, list(splits)):
             for split, relative in shape.files.items():
