@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
+received: list[int] = []           # every stop signal this process has handled, in order
 
 
 class StopNow(KeyboardInterrupt):
@@ -28,9 +29,14 @@ class StopSignals:
     flag that `request()` sets). Until `arm()`, a signal stops at once: nothing is in flight to
     finish (a model still loading)."""
 
-    def __init__(self, grace: float = 15.0, on_signal: Callable[[str, float], None] | None = None):
+    def __init__(self, grace: float = 15.0, on_signal: Callable[[str, float], None] | None = None,
+                 keep: bool = False):
+        """`keep`: leave the handlers installed after the block, noting (not obeying) later
+        signals: for a command line that exits right after, so a scheduler's second SIGTERM
+        during the exit does not turn a clean 143 into a kill."""
         self.grace = grace
         self.on_signal = on_signal
+        self.keep = keep
         self.signum: int | None = None
         self.armed = False
         self.finished = False
@@ -63,6 +69,7 @@ class StopSignals:
             self.signum = signum
 
     def _handler(self, signum, frame) -> None:
+        received.append(signum)
         if self.finished:
             self.signum = self.signum or signum
             return
@@ -94,6 +101,9 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._previous and self.keep:
+            self.finish()
+            return
         if self._previous:
             signal.setitimer(signal.ITIMER_REAL, 0)
             for signum, handler in self._previous.items():

@@ -6,7 +6,31 @@ from cai.cli.app import app
 
 
 def main() -> None:
-    app(prog_name="cai")
+    import importlib
+
+    app_module = importlib.import_module("cai.cli.app")     # the module (`cai.cli.app` the name is the Typer app)
+
+    app_module.standalone = True
+    try:
+        app(prog_name="cai")
+    except SystemExit as exc:
+        from cai import signals
+
+        if not signals.received:
+            raise
+        # A run stopped by a signal has written and synced everything: leave now, rather than
+        # through an interpreter shutdown during which a scheduler's next SIGTERM would kill
+        # the process and turn its exit code 143 into a signal death.
+        import os
+        import sys
+
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        os._exit(code)
 
 
 __all__ = ["app", "main"]

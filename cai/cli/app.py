@@ -20,6 +20,10 @@ app = typer.Typer(
          "  cai generate prompts.txt --model Qwen/Qwen2.5-0.5B-Instruct --revisions 2 -o - | head\n\n"
          "  cai constitution list",
 )
+# True when `cai` runs as its own process (main()), not inside another program (tests, notebooks):
+# only then may a command leave its signal handlers in place until the process exits
+standalone = False
+
 constitution_app = typer.Typer(no_args_is_help=True, help="List and check constitution files.")
 app.add_typer(constitution_app, name="constitution")
 

@@ -82,7 +82,11 @@ def generate(
         err.print(f"[yellow]{name}: stopping: finishing the conversations in flight[/yellow] (up to {seconds:g} s; "
                   "Ctrl-C again to stop at once)", highlight=False)
 
-    with StopSignals(grace, on_signal=on_signal) as stopper, RunProgress(quiet) as progress:
+    import importlib
+
+    app_module = importlib.import_module("cai.cli.app")     # the module (`cai.cli.app` the name is the Typer app)
+
+    with StopSignals(grace, on_signal=on_signal, keep=app_module.standalone) as stopper, RunProgress(quiet) as progress:
         summary = run(prompts, output, options, progress=progress, stop=stopper)
     if summary.nothing_to_do:
         if summary.problem():
