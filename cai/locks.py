@@ -18,14 +18,15 @@ from cai.errors import OutputError
 _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
-SIDE_SUFFIXES = (".filtered.jsonl", ".failures.jsonl", ".skipped.jsonl")
 
 
 def owner(target: str) -> str:
     """The file whose lock covers `target`: itself, or the output a side file is named after
     (OUT.filtered.jsonl is covered by OUT.lock, whichever run names it), symlinks resolved."""
+    from cai.output import SIDE_FILES
+
     real = os.path.realpath(target)
-    for suffix in SIDE_SUFFIXES:
+    for suffix in SIDE_FILES.values():
         if real.endswith(suffix) and len(real) > len(suffix):
             return real[: -len(suffix)]
     return real

@@ -12,6 +12,30 @@ from pathlib import Path
 
 from cai.errors import InputError, OutputError
 
+SIDE_FILES = {"filtered": ".filtered.jsonl", "failures": ".failures.jsonl", "skipped": ".skipped.jsonl"}
+
+
+def side_path(output: str | None, kind: str) -> str | None:
+    """The default side file of `kind` beside `output` (OUT.filtered.jsonl, …); none for stdout or
+    a run in memory."""
+    return f"{output}{SIDE_FILES[kind]}" if output not in (None, "-") else None
+
+
+def write_whole(target: str, data: bytes) -> None:
+    """Replace `target` (through a symlink, not over it) with `data` at once: written to a
+    temporary file beside it, fsynced, renamed. A failure leaves the old file as it was."""
+    real = os.path.realpath(target)
+    tmp = f"{real}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fp:
+            fp.write(data)
+            fp.flush()
+            os.fsync(fp.fileno())
+        os.replace(tmp, real)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputError(target, f"cannot write: {exc.strerror or exc}; the file is as it was") from None
+
 
 @dataclass
 class ExistingOutput:

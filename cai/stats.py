@@ -18,6 +18,7 @@ from typing import IO
 from cai.errors import InputError, OptionError
 from cai.filters import words as normalised_words
 from cai.inputs import iter_jsonl
+from cai.output import side_path
 from cai.messages import text_of as _text
 
 NEAR_IDENTICAL = 0.9      # similarity ratio at or above which a pair counts as near-identical
@@ -27,7 +28,7 @@ PAIR_FIELDS = ("prompt", "chosen", "rejected")
 
 def side_file(records: str) -> str | None:
     """The default side file of dropped records next to `records`; none for stdin."""
-    return None if records == "-" else f"{records}.filtered.jsonl"
+    return side_path(records, "filtered")
 
 
 def percentile(ordered, q: float) -> float:
@@ -244,8 +245,8 @@ def collect(records: str, filtered: str | None = None, *, stdin: IO[bytes] | Non
         for _, _, record in iter_jsonl(filtered, warn=torn):
             stats.add_dropped(record)
     if records != "-":           # what the run could not make: its failures and skipped files
-        for kind, suffix in (("failed", "failures"), ("skipped", "skipped")):
-            path = f"{records}.{suffix}.jsonl"
+        for kind, side in (("failed", "failures"), ("skipped", "skipped")):
+            path = side_path(records, side)
             if Path(path).is_file():
                 stats.side_files[kind] = path
                 for _, _, line in iter_jsonl(path, warn=torn):

@@ -3,7 +3,15 @@ reach it; `resolve` says what will be loaded and the name records carry, `open_b
 
 from __future__ import annotations
 
+import os
+
 from cai.options import BackendSpec
+
+
+def is_open_backend(model) -> bool:
+    """Whether `model` is a backend already open (the Python API's `model=`) rather than a name
+    or path; its caller keeps it open and closes it."""
+    return model is not None and not isinstance(model, (str, os.PathLike))
 
 
 def resolve(spec: BackendSpec) -> tuple[str, str]:

@@ -101,7 +101,7 @@ def generate_summary(summary) -> None:
         table.add_row("already there (resumed)", str(summary.resumed))
     table.add_row("pairs made", str(summary.made))
     table.add_row("records written", str(summary.kept))
-    if curation.get("dropped") is not None and (summary.dropped or curation.get("active")):
+    if curation.get("active"):
         reasons = " · ".join(f"{reason} {count}" for reason, count in curation["reasons"].items())
         table.add_row("dropped (filters)", f"{summary.dropped}" + (f" ({reasons})" if reasons else ""))
     if summary.failed:

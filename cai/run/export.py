@@ -148,13 +148,9 @@ def _model_of(records: list[dict]) -> str:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(path, f"cannot write: {exc.strerror or exc}") from None
+    from cai.output import write_whole
+
+    write_whole(str(path), text.encode("utf-8"))
 
 
 def _push(folder: str, repo: str) -> str:

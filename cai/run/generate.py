@@ -8,12 +8,13 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import nullcontext
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from cai.errors import BackendError, OptionError
 from cai.options import GenerateOptions
-from cai.output import MemoryWriter, RecordWriter, SideFile, check_writable, scan_output
+from cai.output import MemoryWriter, RecordWriter, SideFile, check_writable, scan_output, side_path
 from cai.run.summary import SKIP_HINT, Summary
 from cai.signals import StopNow, StopSignals
 
@@ -28,10 +29,9 @@ class _Paths:
 
     def __init__(self, output: str | None, options: GenerateOptions):
         self.output = output
-        named = output not in (None, "-")
-        self.filtered = options.filtered or (f"{output}.filtered.jsonl" if named else None)
-        self.failures = options.failures or (f"{output}.failures.jsonl" if named else None)
-        self.skipped = options.skipped or (f"{output}.skipped.jsonl" if named else None)
+        self.filtered = options.filtered or side_path(output, "filtered")
+        self.failures = options.failures or side_path(output, "failures")
+        self.skipped = options.skipped or side_path(output, "skipped")
         if options.keep_filtered and output == "-" and not options.filtered:
             raise OptionError("keep_filtered", "with output to stdout needs `filtered` FILE")
         seen: dict[str, str] = {}
@@ -53,11 +53,12 @@ def run(prompts: str | Iterable, output: str | None, options: GenerateOptions, *
     into `output` (a path, '-' for stdout, or None to return them as `summary.records`). An
     output that holds records of the same run is continued. `stop()` true: start no new prompt
     and end when those in flight are done; without one, SIGINT, SIGTERM and SIGHUP do that."""
-    from cai.backends.spec import resolve
+    from cai.backends.spec import is_open_backend, resolve
     from cai.constitution import Constitution, load_constitution
     from cai.locks import Locks
     from cai.pipeline import RunConfig
     from cai.prompts import load_templates
+    from cai.run.select import select
 
     options.check()
     if options.resume and output in (None, "-"):
@@ -71,19 +72,16 @@ def run(prompts: str | Iterable, output: str | None, options: GenerateOptions, *
         revisions=options.revisions or constitution.defaults.revisions,
         sampling=options.sampling or constitution.defaults.sampling, seed=options.seed,
         few_shot=options.few_shot, params=_sampling(options))     # the width is decided once the backend is open
-    from cai.run.select import select
-
     selection = select(prompts, options, constitution, config, stdin)
     # `model` may be a backend already open (the caller keeps it open and closes it)
-    resolved = (None, options.model.model_name) if _given(options.model) else resolve(options.backend_spec())
+    resolved = (None, options.model.model_name) if is_open_backend(options.model) else resolve(options.backend_spec())
     summary = Summary(model=resolved[1], constitution=constitution.ref, output=output, source=source,
                       filtered=paths.filtered, failures=paths.failures, skipped_file=paths.skipped,
                       planned=selection.planned, skipped_invalid=len(selection.invalid) * selection.per_invalid)
     for target in paths.files():
         check_writable(target)          # before the lock: an unwritable output creates nothing
     stopper = stop if stop is not None else StopSignals(options.grace, on_signal=_log_signal)
-    owned = isinstance(stopper, StopSignals) and stop is None
-    with (stopper if owned else _nothing()), Locks(paths.files(), enabled=options.lock and output is not None):
+    with (stopper if stop is None else nullcontext()), Locks(paths.files(), enabled=options.lock and output is not None):
         try:
             _run(selection, paths, options, constitution, templates, config, resolved, summary, progress, stopper)
         except StopNow as exc:
@@ -96,7 +94,7 @@ def _run(selection, paths: _Paths, options: GenerateOptions, constitution, templ
          summary: Summary, progress: Progress | None, stop) -> None:
     from dataclasses import replace
 
-    from cai.backends.spec import open_backend
+    from cai.backends.spec import is_open_backend, open_backend
     from cai.pipeline import Pipeline, run_fingerprint
 
     fingerprint = run_fingerprint(summary.model, constitution, templates, config)
@@ -122,7 +120,7 @@ def _run(selection, paths: _Paths, options: GenerateOptions, constitution, templ
         return
     if progress:
         progress("loading", summary)
-    given = _given(options.model)
+    given = is_open_backend(options.model)
     backend = options.model if given else open_backend(options.backend_spec(), resolved)
     try:
         width = options.batch_size or backend.default_width()
@@ -298,11 +296,6 @@ class _Failures:
         self.file.close()
 
 
-def _given(model) -> bool:
-    """Whether `model` is an open backend rather than a model name or path."""
-    return model is not None and not isinstance(model, (str, os.PathLike))
-
-
 def _sampling(options: GenerateOptions):
     from cai.backends.base import SamplingParams
 
@@ -312,11 +305,4 @@ def _sampling(options: GenerateOptions):
 def _log_signal(name: str, grace: float) -> None:
     log.warning("%s: stopping: finishing the conversations in flight (up to %g s; again to stop at once)", name, grace)
 
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cai.errors import BackendError, OptionError
 from cai.options import JudgeOptions
-from cai.output import MemoryWriter, RecordWriter, SideFile, check_writable
+from cai.output import MemoryWriter, RecordWriter, SideFile, check_writable, side_path
 
 log = logging.getLogger("cai")
 
@@ -35,7 +36,7 @@ class JudgeSummary:
 
 def run(pairs: str | list[dict], output: str | None, options: JudgeOptions, *,
         progress: Callable[[int, int], None] | None = None, stop: Callable[[], bool] | None = None) -> JudgeSummary:
-    from cai.backends.spec import open_backend, resolve
+    from cai.backends.spec import is_open_backend, open_backend, resolve
     from cai.curation import Curation
     from cai.inputs import read_records
     from cai.judging import Judge
@@ -44,7 +45,7 @@ def run(pairs: str | list[dict], output: str | None, options: JudgeOptions, *,
     from cai.signals import StopNow, StopSignals
 
     options.check()
-    filtered = options.filtered or (f"{output}.filtered.jsonl" if output not in (None, "-") else None)
+    filtered = options.filtered or side_path(output, "filtered")
     if options.keep_filtered and output == "-" and not options.filtered:
         raise OptionError("keep_filtered", "with output to stdout needs `filtered` FILE")
     if output not in (None, "-") and Path(output).exists() and not options.overwrite:
@@ -58,43 +59,37 @@ def run(pairs: str | list[dict], output: str | None, options: JudgeOptions, *,
     for target in (output, filtered):
         if target:
             check_writable(target)
-    given = options.model is not None and not isinstance(options.model, str)    # an open backend
+    given = is_open_backend(options.model)
     resolved = (None, options.model.model_name) if given else resolve(options.backend_spec())
     summary = JudgeSummary(model=resolved[1], output=output, read=len(records))
     start = time.monotonic()
     stopper = stop if stop is not None else StopSignals(0)
-    owned = stop is None
-    with Locks([output, filtered], enabled=options.lock and output is not None):
-        if owned:
-            stopper.__enter__()
+    with Locks([output, filtered], enabled=options.lock and output is not None), \
+            (stopper if stop is None else nullcontext()):
+        backend = options.model if given else open_backend(options.backend_spec(), resolved)
+        curation = Curation(None, Judge(backend, constitution, templates, options.judge_config(options.prefix)),
+                            options.min_preference, options.swap, SideFile(filtered, memory=output is None),
+                            options.keep_filtered)
+        writer = MemoryWriter() if output is None else RecordWriter(output)
+        if progress:
+            progress(0, len(records))
         try:
-            backend = options.model if given else open_backend(options.backend_spec(), resolved)
-            curation = Curation(None, Judge(backend, constitution, templates, options.judge_config(options.prefix)),
-                                options.min_preference, options.swap, SideFile(filtered, memory=output is None),
-                                options.keep_filtered)
-            writer = MemoryWriter() if output is None else RecordWriter(output)
-            if progress:
-                progress(0, len(records))
-            try:
-                for i in range(0, len(records), options.batch_size):
-                    if stopper():
-                        break
-                    for record in curation(records[i:i + options.batch_size]):
-                        writer.write(record)
-                    writer.sync()
-                    if progress:
-                        progress(min(i + options.batch_size, len(records)), len(records))
-            except StopNow as exc:
-                summary.stopped_by, summary.stop_exit = str(exc), exc.exit_code
-            finally:
-                if not given:
-                    backend.close()
-                writer.close()
-                curation.drops.close()
-                summary.written, summary.curation, summary.records = writer.count, curation.counts(), writer.records
+            for i in range(0, len(records), options.batch_size):
+                if stopper():
+                    break
+                for record in curation(records[i:i + options.batch_size]):
+                    writer.write(record)
+                writer.sync()
+                if progress:
+                    progress(min(i + options.batch_size, len(records)), len(records))
+        except StopNow as exc:
+            summary.stopped_by, summary.stop_exit = str(exc), exc.exit_code
         finally:
-            if owned:
-                stopper.__exit__()
+            if not given:
+                backend.close()
+            writer.close()
+            curation.drops.close()
+            summary.written, summary.curation, summary.records = writer.count, curation.counts(), writer.records
     if stopper() and not summary.stopped_by:
         summary.stopped_by = getattr(stopper, "name", None) or "stop"
         summary.stop_exit = getattr(stopper, "exit_code", 130)

@@ -6,7 +6,6 @@ merge unless `on_conflict` says which to keep."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +46,7 @@ def _content(record: dict) -> dict:
 def merge(output: str, inputs: list[str], *, overwrite: bool = False, on_conflict: str = "error",
           lock: bool = True) -> MergeSummary:
     from cai.locks import Locks
-    from cai.output import check_writable
+    from cai.output import check_writable, write_whole
     from cai.pipeline import fingerprint_differences
 
     if on_conflict not in ON_CONFLICT:
@@ -112,17 +111,5 @@ def merge(output: str, inputs: list[str], *, overwrite: bool = False, on_conflic
         sys.stdout.flush()
         return summary
     with Locks([output], enabled=lock):
-        target = os.path.realpath(output)          # through a symlink, not over it
-        tmp = Path(f"{target}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as fp:
-                fp.write(data)
-                fp.flush()
-                os.fsync(fp.fileno())
-            os.replace(tmp, target)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            from cai.errors import OutputError
-
-            raise OutputError(output, f"cannot write: {exc.strerror or exc}; nothing written (the inputs are untouched)") from None
+        write_whole(output, data)
     return summary

@@ -21,11 +21,11 @@ class Selection:
     ids: list[str]                      # the record ids this run plans (of `items`)
     all_ids: set[str]                   # the record ids the whole input plans (every shard, no limit)
 
+    per_invalid: int = 1                # records an invalid line stands for (principles, with 'all')
+
     @property
     def planned(self) -> int:
         return len(self.ids) + len(self.invalid) * self.per_invalid
-
-    per_invalid: int = 1                # records an invalid line stands for (principles, with 'all')
 
 
 def select(prompts, options, constitution, config, stdin=None) -> Selection:
@@ -41,7 +41,6 @@ def select(prompts, options, constitution, config, stdin=None) -> Selection:
     items = read_prompts(source, prompt_field=options.prompt_field, stdin=stream,
                          invalid=invalid if options.skip_invalid else None)
     invalid.sort(key=lambda error: error.line or 0)
-    indexed = _index_invalid(items, invalid)
     shard_k, shard_n = options.shard_numbers()
 
     def inside(index: int, key: str) -> bool:
@@ -55,7 +54,7 @@ def select(prompts, options, constitution, config, stdin=None) -> Selection:
         logging.getLogger("cai").info("shard %d/%d: %d prompts", shard_k, shard_n, len(chosen))
     return Selection(
         items=chosen,
-        invalid=[error for index, error in indexed if inside(index, f"line\x1f{index}")],
+        invalid=[error for error in invalid if inside(error.index or 0, f"line\x1f{error.index}")],
         ids=[record_id for item in chosen for record_id in plans[item.id]],
         all_ids={record_id for ids in plans.values() for record_id in ids},
         per_invalid=len(constitution.principles) if config.sampling == "all" else 1)
@@ -63,18 +62,6 @@ def select(prompts, options, constitution, config, stdin=None) -> Selection:
 
 def _index(item: PromptItem) -> int:
     return item.index if item.index is not None else item.line - 1
-
-
-def _index_invalid(items: list[PromptItem], invalid: list[InputError]) -> list[tuple[int, InputError]]:
-    """Each invalid line's place among the prompt lines of the whole input (`read_prompts` sets
-    it as `index`; else it is counted from the lines before it that hold a prompt)."""
-    lines = sorted([(item.line, 0) for item in items] + [(error.line or 0, 1) for error in invalid])
-    places = {}
-    for place, (line, kind) in enumerate(lines):
-        if kind:
-            places.setdefault(line, place)
-    return [(getattr(error, "index", None) if getattr(error, "index", None) is not None
-             else places.get(error.line or 0, 0), error) for error in invalid]
 
 
 def _as_jsonl(prompts: Iterable, prompt_field: str) -> bytes:
