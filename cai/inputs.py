@@ -12,10 +12,12 @@ import re
 import sys
 import zlib
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import IO
 
 from cai.errors import InputError
+from cai.conversations import Fields, item_from_row
 from cai.messages import PromptItem, prompt_id
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -24,7 +26,7 @@ COMPRESSED_SUFFIXES = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz", ".zst": "zst
 
 
 def read_prompts(source: str, prompt_field: str = "prompt", stdin: IO[bytes] | None = None,
-                 invalid: list[InputError] | None = None) -> list[PromptItem]:
+                 invalid: list[InputError] | None = None, fields: Fields | None = None) -> list[PromptItem]:
     """Every prompt of `source` (a path, or '-' for stdin), validated in full before any model
     work starts, so a bad line 90,000 fails now rather than hours into a run. With an `invalid`
     list, bad lines are collected there and skipped instead of raised.
@@ -35,7 +37,11 @@ def read_prompts(source: str, prompt_field: str = "prompt", stdin: IO[bytes] | N
     Compressed data without a compression suffix (stdin) is recognised by its first bytes.
 
     Each prompt's `index` is its place among the prompt lines (table rows) of the whole input,
-    invalid ones included and blank ones not, so skipping a line never moves a later prompt's."""
+    invalid ones included and blank ones not, so skipping a line never moves a later prompt's.
+    `fields` says where a row keeps its prompt (or conversation), a given response and its id
+    (default: `prompt_field`, no response, `id`); see cai.conversations."""
+    fields = fields or Fields(prompt=prompt_field)
+    prompt_field = fields.prompt
     name = "<stdin>" if source == "-" else source
     if source == "-":
         raw = (stdin or sys.stdin.buffer).read()
@@ -60,7 +66,7 @@ def read_prompts(source: str, prompt_field: str = "prompt", stdin: IO[bytes] | N
         invalid.append(error)
 
     if fmt in TABLE_SUFFIXES:
-        entries = _table_entries(name, lines, prompt_field, TABLE_SUFFIXES[fmt])
+        entries = _table_entries(name, lines, fields, TABLE_SUFFIXES[fmt])
     else:
         decoded: list[tuple[int, str | None]] = []
         for number, line in enumerate(lines, start=1):
@@ -71,13 +77,13 @@ def read_prompts(source: str, prompt_field: str = "prompt", stdin: IO[bytes] | N
         if decoded and decoded[0][1] and decoded[0][1].startswith("\ufeff"):
             decoded[0] = (1, decoded[0][1][1:])
         jsonl = fmt in JSONL_SUFFIXES or (fmt is None and _looks_jsonl(decoded))
-        entries = _line_entries(name, decoded, prompt_field, jsonl)
+        entries = _line_entries(name, decoded, fields, jsonl)
 
     items: list[PromptItem] = []
     seen: dict[str, int] = {}           # id → line it was first seen on
     for index, entry in enumerate(entries):
         item = entry
-        if isinstance(entry, PromptItem) and item.id in seen and item.id != prompt_id(item.text):
+        if isinstance(entry, PromptItem) and item.id in seen and item.id != item.content_id:
             # Ids must be unique: resume and merging rely on them. A repeated explicit id is an
             # error; a repeated prompt text (hashed id) gets a suffix (`-2`, `-3`).
             entry = InputError(name, f"duplicate id '{item.id}' (first on line {seen[item.id]})",
@@ -90,9 +96,9 @@ def read_prompts(source: str, prompt_field: str = "prompt", stdin: IO[bytes] | N
             n = 2
             while f"{item.id}-{n}" in seen:
                 n += 1
-            item = PromptItem(f"{item.id}-{n}", item.text, item.line)
+            item = replace(item, id=f"{item.id}-{n}")
         seen[item.id] = item.line
-        items.append(PromptItem(item.id, item.text, item.line, index=index))
+        items.append(replace(item, index=index))
     if not items:
         raise InputError(name, "no prompts found" + (f" ({len(invalid)} invalid lines skipped)" if invalid else ""))
     return items
@@ -119,7 +125,7 @@ def _looks_jsonl(lines: list[tuple[int, str | None]]) -> bool:
     return first.lstrip().startswith("{")
 
 
-def _line_entries(name: str, lines: list[tuple[int, str | None]], prompt_field: str,
+def _line_entries(name: str, lines: list[tuple[int, str | None]], fields: Fields,
                   jsonl: bool) -> Iterator[PromptItem | InputError]:
     """A PromptItem or the InputError of each non-blank line, in order."""
     for number, text in lines:
@@ -132,41 +138,20 @@ def _line_entries(name: str, lines: list[tuple[int, str | None]], prompt_field: 
             yield InputError(name, "contains a NUL byte", line=number)
             continue
         try:
-            yield _parse_jsonl_line(name, number, text, prompt_field) if jsonl else \
+            yield _parse_jsonl_line(name, number, text, fields) if jsonl else \
                 PromptItem(prompt_id(text.strip()), text.strip(), number)
         except InputError as error:
             yield error
 
 
-def _parse_jsonl_line(name: str, number: int, text: str, prompt_field: str) -> PromptItem:
+def _parse_jsonl_line(name: str, number: int, text: str, fields: Fields) -> PromptItem:
     try:
         record = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InputError(name, f"invalid JSON: {exc.msg} (column {exc.colno})", line=number) from None
     if not isinstance(record, dict):
         raise InputError(name, f"expected a JSON object, got {type(record).__name__}", line=number)
-    if prompt_field not in record:
-        fields = ", ".join(record) or "none"
-        raise InputError(name, f"missing (fields present: {fields}; choose one with --prompt-field)",
-                         line=number, field=prompt_field)
-    value = record[prompt_field]
-    if not isinstance(value, str):
-        raise InputError(name, f"expected a string, got {type(value).__name__}", line=number, field=prompt_field)
-    rid = record.get("id")
-    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int)) or not str(rid).strip()):
-        raise InputError(name, "expected a non-empty string or integer", line=number, field="id")
-    return _item(name, number, value, None if rid is None else str(rid), prompt_field)
-
-
-def _item(name: str, number: int, text: str, rid: str | None, prompt_field: str) -> PromptItem:
-    """The prompt of one line or row, checked the same whatever the format."""
-    if not text.strip():
-        raise InputError(name, "empty prompt", line=number, field=prompt_field)
-    for field, value in ((prompt_field, text), ("id", rid or "")):
-        if "\x00" in value:
-            raise InputError(name, "contains a NUL byte", line=number, field=field)
-    text = text.strip()
-    return PromptItem(prompt_id(text) if rid is None else rid, text, number)
+    return item_from_row(name, number, record, fields)
 
 
 # Table cells are decoded with surrogateescape (so one row with bad bytes is one invalid row, not a
@@ -176,12 +161,13 @@ _NUL = "\udc00"
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
 
 
-def _table_entries(name: str, lines: list[bytes], prompt_field: str,
+def _table_entries(name: str, lines: list[bytes], fields: Fields,
                    delimiter: str) -> Iterator[PromptItem | InputError]:
     """A PromptItem or the InputError of each non-blank row of a CSV/TSV table, in order: the
     header row names the columns, `prompt_field` picks the prompt's and an `id` column, where
     there is one, gives ids (an empty cell: the text's hash, as for JSONL without one). A row's
     line is the physical line it starts on (a quoted cell may span lines)."""
+    prompt_field = fields.prompt
     text_lines = (line.decode("utf-8", "surrogateescape").replace("\x00", _NUL) for line in lines)
     reader = csv.reader(text_lines, delimiter=delimiter, strict=True)
     header: list[str] | None = None
@@ -206,14 +192,12 @@ def _table_entries(name: str, lines: list[bytes], prompt_field: str,
                 header, header_line = [cell.strip() for cell in row], number
                 if any(_NUL in cell or _UNDECODABLE.search(cell) for cell in header):
                     raise InputError(name, "header row is not valid UTF-8 text or contains a NUL byte", line=number)
-                if prompt_field not in header:
+                if prompt_field.split(".")[0] not in header:
                     raise InputError(name, f"missing (columns present: {', '.join(header)}; choose one with "
                                            f"--prompt-field)", line=number, field=prompt_field)
-                for field in (prompt_field, "id"):
-                    if header.count(field) > 1:
+                for field in (prompt_field, fields.id, fields.response):
+                    if field and header.count(field) > 1:
                         raise InputError(name, "column appears more than once in the header", line=number, field=field)
-                prompt_at = header.index(prompt_field)
-                id_at = header.index("id") if "id" in header else None
                 continue
             if len(row) > len(header):
                 yield InputError(name, f"{len(row)} cells where the header (line {header_line}) has {len(header)} "
@@ -223,9 +207,11 @@ def _table_entries(name: str, lines: list[bytes], prompt_field: str,
                 yield InputError(name, "not valid UTF-8 text", line=number)
                 continue
             row = [cell.replace(_NUL, "\x00") for cell in row]
-            rid = row[id_at].strip() if id_at is not None and id_at < len(row) else ""
+            cells = dict(zip(header, row + [""] * (len(header) - len(row))))
+            if not cells.get(fields.id, "").strip():
+                cells.pop(fields.id, None)      # an empty id cell: the text's hash, as for JSONL without one
             try:
-                yield _item(name, number, row[prompt_at] if prompt_at < len(row) else "", rid or None, prompt_field)
+                yield item_from_row(name, number, cells, fields)
             except InputError as error:
                 yield error
     finally:

@@ -4,6 +4,7 @@ of a record's field (a string or a list of chat messages). Imports nothing of ca
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 
 Message = dict[str, str]
@@ -17,6 +18,26 @@ class PromptItem:
     truncated: bool = False    # cut to fit the model's context (--truncate-long)
     index: int | None = None   # 0-based place among the prompts of the whole input (before any
                                # limit, shard or skipped line): what round-robin sampling counts by
+    history: tuple[Message, ...] = ()   # earlier turns of a conversation (a system turn first, if any)
+    response: str | None = None         # the answer as given (existing answers): only critique and
+                                        # revision run
+
+    @property
+    def content_id(self) -> str:
+        """The id its content gives it when the input names none."""
+        return content_id(self.text, self.history, self.response)
+
+
+def content_id(text: str, history: tuple[Message, ...] = (), response: str | None = None) -> str:
+    """A prompt's id from its content: the hash of the prompt text alone when there is nothing
+    else (so plain prompts keep the ids they always had), else of the whole conversation and the
+    given response."""
+    if not history and response is None:
+        return prompt_id(text)
+    whole = [*history, {"role": "user", "content": text}]
+    if response is not None:
+        whole.append({"role": "assistant", "content": response})
+    return prompt_id(json.dumps(whole, ensure_ascii=False, sort_keys=True, separators=(",", ":")))
 
 
 def prompt_id(text: str) -> str:

@@ -166,7 +166,7 @@ def test_bad_input_is_one_line_and_exit_2(tiny_model, args, message):
 @pytest.mark.parametrize("content, message", [
     ('{"prompt": "fine"}\n{"prompt": "broken\n', "prompts.jsonl:2: invalid JSON"),
     ('{"prompt": "fine"}\n{"prompt": "   "}\n', "prompts.jsonl:2: prompt: empty prompt"),
-    ('{"prompt": 3}\n', "prompts.jsonl:1: prompt: expected a string, got int"),
+    ('{"prompt": 3}\n', "prompts.jsonl:1: prompt: expected a string or a list of chat messages, got int"),
     ('{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}\n', "prompts.jsonl:2: id: duplicate id 'a' (first on line 1)"),
     ('[1, 2]\n', "prompts.jsonl:1: expected a JSON object, got list"),
 ])
