@@ -22,8 +22,9 @@ REASONS = {
     "repetitive": "the revision repeats itself",
     "refusal": "the revision refuses (--drop-refusals)",
     "judge": "the judge preferred the revision less than --min-preference",
+    "reasoning": "a reasoning tag (<think>…) is left in the revision or the original response",
 }
-DEFAULT_CHECKS = ("empty", "unchanged", "truncated", "meta", "copied", "repetitive")
+DEFAULT_CHECKS = ("empty", "unchanged", "truncated", "meta", "copied", "repetitive", "reasoning")
 
 # --- clean-up -------------------------------------------------------------------------------
 
@@ -186,6 +187,7 @@ class FilterConfig:
     copied: float = 0.7          # copied: this share of the revision's 4-grams found in a critique or example
     repetition: float = 0.5      # repetitive: distinct 3-grams below this share, in a revision of 24+ words
     references: tuple[str, ...] = ()   # texts a revision must not copy: the worked examples' turns
+    reasoning_tags: tuple[str, str] = ("<think>", "</think>")   # none of them may be left in a pair
 
 
 @dataclass
@@ -238,6 +240,8 @@ class Filters:
                 found.append("repetitive")
             if is_refusal(chosen):
                 found.append("refusal")
+        if any(tag in text for tag in c.reasoning_tags for text in (chosen, rejected)):
+            found.append("reasoning")
         reasons = (record.get("meta") or {}).get("finish_reasons") or {}
         if "length" in (reasons.get("response"), *(reasons.get("revision") or ())[-1:]):
             found.append("truncated")

@@ -12,6 +12,7 @@ from typing import Any
 from cai.backends.hf import DEVICES, DTYPES
 from cai.constitution import SAMPLING_MODES
 from cai.errors import OptionError
+from cai.reasoning import MODES as REASONING_MODES
 from cai.records import FORMATS
 
 BACKENDS = ("hf", "openai")
@@ -118,6 +119,11 @@ class GenerateOptions(BackendSpec, CurationOptions):
     constitution: Any = "harmless"              # a name, a path, or a Constitution
     templates: str = "default"
     prompt_field: str = "prompt"
+    response_field: str | None = None
+    regenerate: bool = False
+    split: str | None = None
+    reasoning: str = "auto"
+    reasoning_tags: str = "<think>,</think>"
     revisions: int | None = None
     sampling: str | None = None
     seed: int = 0
@@ -151,11 +157,30 @@ class GenerateOptions(BackendSpec, CurationOptions):
             raise OptionError("top_p", f"must be greater than 0 and at most 1 (got {self.top_p:g})")
         _choice("sampling", self.sampling, SAMPLING_MODES)
         _choice("format", self.format, FORMATS)
+        _choice("reasoning", self.reasoning, REASONING_MODES)
+        self.tags()
+        if self.regenerate and self.response_field:
+            raise OptionError("regenerate", "contradicts `response_field` (a given response to revise); pick one")
         if self.grace < 0:
             raise OptionError("grace", f"must be 0 or more seconds (got {self.grace:g})")
         BackendSpec.check(self)
         CurationOptions.check(self, self.judge)
         self.shard_numbers()
+
+    def tags(self) -> tuple[str, str]:
+        """The (open, close) reasoning tags of `reasoning_tags`."""
+        from cai.reasoning import parse_tags
+
+        try:
+            return parse_tags(self.reasoning_tags)
+        except ValueError as exc:
+            raise OptionError("reasoning_tags", str(exc)) from None
+
+    def fields(self):
+        """Where an input row keeps its prompt, its given response and its id."""
+        from cai.conversations import Fields
+
+        return Fields(prompt=self.prompt_field, response=self.response_field, regenerate=self.regenerate)
 
     def shard_numbers(self) -> tuple[int, int]:
         """(K, N) of `shard` ('K/N' or a pair); (1, 1) without one."""

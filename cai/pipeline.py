@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Callable, Iterable, Iterator
 
@@ -16,6 +16,7 @@ from cai.errors import BackendError
 from cai.messages import PromptItem
 from cai.messages import Message
 from cai.prompts import ConversationBuilder, Templates
+from cai import reasoning as thinking
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class RunConfig:
     batch_size: int = 8
     few_shot: bool = True
     params: SamplingParams = SamplingParams()
+    reasoning: str = "auto"                              # cai.reasoning.MODES
+    reasoning_tags: tuple[str, str] = thinking.DEFAULT_TAGS
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,12 @@ class Pipeline:
         self._fixed_cache: dict[tuple[Principle, ...], int] = {}
         self._mentions: int | None = None
         self._empty_turn = 0
+        switch = getattr(backend, "thinking_switch", None)
+        self.reasoning = thinking.resolve(config.reasoning, switch)
+        if hasattr(backend, "set_thinking"):
+            # off: the template's (or server's) switch; keep/drop: thinking on where there is a
+            # switch, else the model's own default
+            backend.set_thinking(False if self.reasoning == "off" else True if switch else None)
 
     def plan(self, prompts: Iterable[PromptItem], skip: set[str] = frozenset(),
              truncate_long: bool = False) -> tuple[list[Job], list[tuple[PromptItem, str, str]]]:
@@ -99,6 +108,11 @@ class Pipeline:
         if not context:
             return item, None, None
         fixed = self._fixed_tokens(principles)
+        if item.history or item.response is not None:
+            try:
+                fixed += self._extra_tokens(item)
+            except Exception as exc:  # noqa: BLE001 -- the chat template refused this conversation
+                return item, f"the model's chat template refuses this conversation: {_one_line(exc)}", None
         room = context - fixed
         used = self._prompt_tokens(item.text)
         if used <= room:
@@ -111,7 +125,17 @@ class Pipeline:
         while used > room:
             text = text[: max(1, int(len(text) * room / used * 0.95))]
             used = self._prompt_tokens(text)
-        return PromptItem(item.id, text, item.line, truncated=True, index=item.index), None, fixed + used
+        return replace(item, text=text, truncated=True), None, fixed + used
+
+    def _extra_tokens(self, item: PromptItem) -> int:
+        """Tokens of a conversation's earlier turns and of its given response, beyond those of the
+        opening and of the prompt itself."""
+        base = self.builder.opening("")
+        whole = self.builder.opening("", item.history)
+        if item.response is not None:
+            whole = [*whole, {"role": "assistant", "content": item.response}]
+            base = [*base, {"role": "assistant", "content": ""}]
+        return max(0, self.backend.count_tokens(whole) - self.backend.count_tokens(base))
 
     def _fixed_tokens(self, principles: tuple[Principle, ...]) -> int:
         if principles not in self._fixed_cache:
@@ -155,7 +179,10 @@ class Pipeline:
         while True:
             while waiting and len(work) < self.config.batch_size and not (stop and stop()):
                 job = waiting.popleft()
-                w = work[job.record_id] = _Work(job, self.builder.opening(job.prompt.text))
+                w = work[job.record_id] = _Work(job, self.builder.opening(job.prompt.text, job.prompt.history))
+                if job.prompt.response is not None:
+                    self._add_turn(w, Completion(job.prompt.response, "given", 0, 0))
+                    self._next_request(w)
                 self._submit(stream, w)
             if not work:
                 return
@@ -173,8 +200,7 @@ class Pipeline:
                         raise BackendError(f"{w.job.record_id}: {stage}: {completion.error}")
                     on_failure(w.job, stage, completion.error)
                     continue
-                w.messages.append({"role": "assistant", "content": completion.text})
-                w.completions.append(completion)
+                self._add_turn(w, completion)
                 if on_turn:
                     on_turn(_stage(len(w.completions) - 1), completion)
                 if len(w.completions) == turns:
@@ -182,13 +208,24 @@ class Pipeline:
                     stream.release(key)
                     del work[key]
                     continue
-                round_no = (len(w.completions) + 1) // 2
-                principle, prompt = w.job.principles[round_no - 1], w.job.prompt.text
-                w.messages.append(self.builder.critique_request(principle, round_no, prompt)
-                                  if len(w.completions) % 2 else self.builder.revision_request(principle, round_no, prompt))
+                self._next_request(w)
                 self._submit(stream, w)
             if done:
                 yield done
+
+    def _add_turn(self, w: _Work, completion: Completion) -> None:
+        """A finished turn joins the conversation without its reasoning (kept on the completion)."""
+        part = thinking.split(completion.text, completion.reasoning, self.config.reasoning_tags)
+        completion = replace(completion, text=part.answer, reasoning=part.reasoning,
+                             finish_reason="length" if part.unfinished else completion.finish_reason)
+        w.messages.append({"role": "assistant", "content": completion.text})
+        w.completions.append(completion)
+
+    def _next_request(self, w: _Work) -> None:
+        round_no = (len(w.completions) + 1) // 2
+        principle, prompt = w.job.principles[round_no - 1], w.job.prompt.text
+        w.messages.append(self.builder.critique_request(principle, round_no, prompt)
+                          if len(w.completions) % 2 else self.builder.revision_request(principle, round_no, prompt))
 
     def _submit(self, stream: Stream, w: _Work) -> None:
         stage = _stage(len(w.completions))
@@ -199,23 +236,32 @@ class Pipeline:
 
     def _record(self, w: _Work) -> dict:
         response, *turns = w.completions
+        keep = self.reasoning == "keep"
         rounds = []
         for i, principle in enumerate(w.job.principles):
             critique, revision = turns[2 * i], turns[2 * i + 1]
-            rounds.append({"principle": principle.id, "critique": critique.text, "revision": revision.text})
+            rounds.append({"principle": principle.id, "critique": critique.text, "revision": revision.text,
+                           **({"reasoning": {"critique": critique.reasoning, "revision": revision.reasoning}}
+                              if keep else {})})
         last = rounds[-1]
+        item = w.job.prompt
+        system = next((m["content"] for m in item.history[:1] if m["role"] == "system"), self.builder.system)
         return {
             "id": w.job.record_id,
-            "prompt": w.job.prompt.text,
+            "prompt": item.text,
+            **({"history": list(item.history)} if item.history else {}),
             "chosen": last["revision"],
             "rejected": response.text,
+            **({"reasoning": response.reasoning} if keep else {}),
             "principle": last["principle"],
             "critique": last["critique"],
             "rounds": rounds,
             "meta": {
                 **self.fingerprint(),
-                **({"system": self.builder.system} if self.builder.system else {}),
-                **({"prompt_truncated": True} if w.job.prompt.truncated else {}),
+                **({"system": system} if system else {}),
+                **({"prompt_truncated": True} if item.truncated else {}),
+                **({"given_response": True} if item.response is not None else {}),
+                "reasoning": self.reasoning,
                 "finish_reasons": {
                     "response": response.finish_reason,
                     "critique": [turns[2 * i].finish_reason for i in range(len(rounds))],
@@ -230,13 +276,16 @@ class Pipeline:
 
 
 FINGERPRINT_KEYS = ("model", "constitution", "templates", "seed", "params")
+# Run parameters added after records were first written, with the value that makes the same
+# records as before: a file written without one continues under that value.
+LATER_PARAMS = {"reasoning": "auto", "reasoning_tags": ",".join(thinking.DEFAULT_TAGS)}
 
 
 def run_fingerprint(model_name: str, constitution: Constitution, templates: Templates, config: RunConfig) -> dict:
     """What makes two runs the same run: records may only be appended to a file whose records
     carry the same fingerprint (it is part of every record's meta, under FINGERPRINT_KEYS)."""
     params = {**config.params.to_dict(), "revisions": config.revisions, "sampling": config.sampling,
-              "few_shot": config.few_shot}
+              "few_shot": config.few_shot, "reasoning": config.reasoning, "reasoning_tags": ",".join(config.reasoning_tags)}
     return dict(zip(FINGERPRINT_KEYS, (model_name, constitution.ref, templates.ref, config.seed, params), strict=True))
 
 
@@ -247,6 +296,7 @@ def fingerprint_differences(record: dict, fingerprint: dict) -> list[str]:
     for key, value in fingerprint.items():
         if key == "params":
             old = meta.get("params") if isinstance(meta.get("params"), dict) else {}
+            old = {**LATER_PARAMS, **old}
             found += [f"{k}: {old.get(k)!r} → {v!r}" for k, v in value.items() if old.get(k) != v]
         elif meta.get(key) != value:
             found.append(f"{key}: {meta.get(key)!r} → {value!r}")
@@ -263,3 +313,7 @@ def _derive_seed(seed: int, stage: str, record_id: str) -> int:
     generated, not on what else is in flight or how many turns came before."""
     digest = hashlib.sha256(f"{seed}\x1f{stage}\x1f{record_id}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__

@@ -236,8 +236,17 @@ class ConversationBuilder:
     def user_prompt(self, prompt: str) -> Message:
         return {"role": "user", "content": self.templates.render("prompt", prompt=prompt)}
 
-    def opening(self, prompt: str) -> list[Message]:
-        return [*self.prefix, self.user_prompt(prompt)]
+    def opening(self, prompt: str, history: tuple[Message, ...] | list[Message] = ()) -> list[Message]:
+        """The conversation up to the prompt: [system] [worked examples] [earlier turns] prompt. A
+        conversation's own system turn takes the place of the template's; its earlier turns come
+        as they are (only the last user turn goes through prompt.jinja)."""
+        if not history:
+            return [*self.prefix, self.user_prompt(prompt)]
+        prefix = list(self.prefix)
+        if history[0]["role"] == "system":
+            prefix = [dict(history[0]), *(prefix[1:] if self.system else prefix)]
+            history = history[1:]
+        return [*prefix, *(dict(m) for m in history), self.user_prompt(prompt)]
 
     def critique_request(self, principle: Principle, round_no: int, prompt: str) -> Message:
         text = self.templates.render("critique", principle=principle.as_template_vars(), round=round_no, prompt=prompt)

@@ -4,6 +4,9 @@ standard        prompt / chosen / rejected as strings (what `cai generate` write
 conversational  prompt as a list of messages (system turn included), chosen / rejected as
                 one-assistant-message lists; the trainer applies the chat template itself
 sft             prompt / completion strings: the prompt and its final revision (SL-CAI)
+A prompt that is a conversation with earlier turns (chat transcripts) has only the
+conversational shape: its `prompt` list holds the whole history. (The pipeline's own records keep
+those turns in `history` until they are written.)
 Every shape keeps `id`, `principle`, `critique`, `rounds` and `meta`.
 """
 
@@ -22,16 +25,33 @@ def _system(record: dict) -> str | None:
     return (record.get("meta") or {}).get("system")
 
 
+def conversation_of(record: dict) -> tuple[str | None, list[dict], str]:
+    """(system message, earlier turns, the last user turn) of a record in either shape: the
+    standard shape keeps a conversation's earlier turns in `history`, the conversational one in
+    its `prompt` list."""
+    prompt = record["prompt"]
+    if isinstance(prompt, list):
+        turns = [m for m in prompt if m.get("role") != "system"]
+        return _system(record), turns[:-1], _text(prompt)
+    history = [m for m in record.get("history") or () if m.get("role") != "system"]
+    return _system(record), history, prompt
+
+
 def to_format(record: dict, fmt: str) -> dict:
-    """The same record in another shape. Converting back and forth loses nothing."""
-    extra = {k: v for k, v in record.items() if k not in ("prompt", "chosen", "rejected", "completion")}
-    prompt, system = _text(record["prompt"]), _system(record)
+    """The same record in another shape. Converting back and forth loses nothing; a conversation
+    with earlier turns has no string shape (standard, sft) and raises ValueError."""
+    extra = {k: v for k, v in record.items() if k not in ("prompt", "chosen", "rejected", "completion", "history")}
+    system, history, prompt = conversation_of(record)
     chosen = _text(record["chosen"] if "chosen" in record else record["completion"])
+    if history and fmt in ("standard", "sft"):
+        raise ValueError(f"record {record.get('id')}: a conversation with {len(history)} earlier turns cannot "
+                         f"be a {fmt} record (its prompt is one string); use the conversational format")
     if fmt == "standard":
         return {"id": record.get("id"), "prompt": prompt, "chosen": chosen,
                 "rejected": _text(record["rejected"]), **extra}
     if fmt == "conversational":
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        messages = [*([{"role": "system", "content": system}] if system else []), *history,
+                    {"role": "user", "content": prompt}]
         return {"id": record.get("id"), "prompt": messages,
                 "chosen": [{"role": "assistant", "content": chosen}],
                 "rejected": [{"role": "assistant", "content": _text(record["rejected"])}], **extra}

@@ -38,11 +38,17 @@ def sharegpt(record: dict) -> dict:
 
 
 def alpaca(record: dict) -> dict:
-    """LLaMA-Factory's alpaca ranking row."""
+    """LLaMA-Factory's alpaca ranking row; a conversation's earlier turns are its `history` of
+    [user, assistant] pairs."""
     row = conversational(record)
     system = next((m["content"] for m in row["prompt"] if m["role"] == "system"), "")
-    user = next(m["content"] for m in reversed(row["prompt"]) if m["role"] == "user")
-    return {"instruction": user, "input": "", "system": system,
+    turns = [m for m in row["prompt"] if m["role"] != "system"]
+    earlier, user = turns[:-1], turns[-1]["content"]
+    if [m["role"] for m in earlier] != ["user", "assistant"] * (len(earlier) // 2):
+        raise ValueError(f"record {record.get('id')}: its earlier turns do not alternate user, assistant, "
+                         "as an alpaca history must")
+    history = [[earlier[i]["content"], earlier[i + 1]["content"]] for i in range(0, len(earlier), 2)]
+    return {"instruction": user, "input": "", "system": system, **({"history": history} if history else {}),
             "chosen": row["chosen"][0]["content"], "rejected": row["rejected"][0]["content"]}
 
 
@@ -128,7 +134,7 @@ def configs(trainer: str, folder: str, model: str, splits: list[str], train_reco
             info[f"cai_alpaca{suffix}"] = {
                 "file_name": f"cai_alpaca_{split}.jsonl", "ranking": True,
                 "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected",
-                            "system": "system"}}
+                            "system": "system", "history": "history"}}
         config = {"model_name_or_path": model, "stage": "dpo", "do_train": True, "finetuning_type": "full",
                   "pref_beta": 0.1, "pref_loss": "sigmoid", "dataset": "cai_sharegpt",
                   **({"eval_dataset": "cai_sharegpt_test", "eval_strategy": "epoch", "per_device_eval_batch_size": 2}

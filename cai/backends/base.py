@@ -31,6 +31,8 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None  # set (with finish_reason "error") when a remote request failed for good
+    reasoning: str | None = None  # reasoning the backend returned apart from the text (a server's
+                                  # `reasoning_content`); inline <think> blocks stay in `text`
 
 
 @dataclass(frozen=True)

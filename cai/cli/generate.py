@@ -23,7 +23,12 @@ def generate(
     output: Annotated[str, typer.Option("--output", "-o", help="Where records go: a .jsonl file, or - for stdout.")] = "-",
     constitution: Annotated[str, typer.Option("--constitution", "-c", help="A shipped constitution by name (see `cai constitution list`) or a path to a YAML file.")] = "harmless",
     templates: Annotated[str, typer.Option("--templates", help="Prompt templates: a shipped set by name or a folder of .jinja files.")] = "default",
-    prompt_field: Annotated[str, typer.Option("--prompt-field", help="JSONL field (or CSV column) that holds the prompt.")] = "prompt",
+    prompt_field: Annotated[str, typer.Option("--prompt-field", help="Field (or column) that holds the prompt: a string, a chat transcript (a messages list, ShareGPT conversations, or hh-rlhf 'Human: … Assistant: …' text), or a dotted path into nested fields. Without a 'prompt' field, 'messages' or 'conversations' is used.")] = "prompt",
+    response_field: Annotated[Optional[str], typer.Option("--response-field", help="Field holding an existing answer to revise: only critique and revision run (a conversation ending with an assistant turn is taken the same way).", show_default=False)] = None,
+    regenerate: Annotated[bool, typer.Option("--regenerate", help="Drop a conversation's final assistant turn and have the model answer anew.")] = False,
+    split: Annotated[Optional[str], typer.Option("--split", help="The split of a datasets folder or dataset id (train, test, …).", show_default=False)] = None,
+    reasoning: Annotated[str, typer.Option("--reasoning", metavar="auto|off|keep|drop", help="Reasoning models: off tells the model not to think (its chat template's switch, or chat_template_kwargs to a server); keep lets it think and stores each turn's reasoning apart; drop lets it think and discards it; auto is off where the template has the switch, else drop. Reasoning never enters chosen, rejected or the history of later turns.")] = "auto",
+    reasoning_tags: Annotated[str, typer.Option("--reasoning-tags", metavar="OPEN,CLOSE", help="The tags around inline reasoning.")] = "<think>,</think>",
     revisions: Annotated[Optional[int], typer.Option("--revisions", "-r", help="Critique → revise rounds per prompt. Default: the constitution's (1).", show_default=False)] = None,
     sampling: Annotated[Optional[str], typer.Option("--sampling", metavar="random|all|cycle", help="Principle per prompt: random (weighted), all (one record per principle), cycle (round robin by the prompt's place in the input). Default: the constitution's (random).", show_default=False)] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for principle choice and sampling: same seed, same records.")] = 0,
@@ -70,7 +75,9 @@ def generate(
 
     setup_logging(quiet)
     options = GenerateOptions(
-        **asdict(spec), constitution=constitution, templates=templates, prompt_field=prompt_field, revisions=revisions,
+        **asdict(spec), constitution=constitution, templates=templates, prompt_field=prompt_field,
+        response_field=response_field, regenerate=regenerate, split=split, reasoning=reasoning,
+        reasoning_tags=reasoning_tags, revisions=revisions,
         sampling=sampling, seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature,
         top_p=top_p, few_shot=few_shot, limit=limit, resume=resume, overwrite=overwrite, force=force,
         skip_invalid=skip_invalid, truncate_long=truncate_long, format=fmt, failures=failures, skipped=skipped,

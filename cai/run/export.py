@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cai.errors import OptionError, OutputError
+from cai.errors import InputError, OptionError, OutputError
 
 
 @dataclass
@@ -28,7 +28,7 @@ def export(pairs: str, output: str = "-", *, format: str = "standard", test_size
         raise OptionError("test_size", f"must be between 0 and 1 (got {test_size:g})")
     if test_size is not None and (output == "-" or (Path(output).exists() and not Path(output).is_file())):
         raise OptionError("test_size", "needs an output file (-o FILE) to name OUT.train and OUT.test after")
-    records = [to_format(r, format) for r in read_records(pairs)]
+    records = _shaped(pairs, read_records(pairs), lambda r: to_format(r, format))
     parts = {output: records} if test_size is None else {
         with_part(output, name): part for name, part in zip(("train", "test"), split_by_id(records, test_size, seed))}
     if output != "-" and any(Path(t).exists() and Path(t).resolve() == Path(pairs).resolve() for t in parts):
@@ -115,14 +115,16 @@ def export_for(pairs: str, trainer: str, folder: str, *, test_size: float | None
     folder = str(root.resolve())
     result = TrainerExport(trainer, folder, records={s: len(part) for s, part in splits.items()})
     texts, result.command = configs(trainer, folder, model, list(splits), len(splits["train"]))
+    shapes = [(shape, {split: _shaped(pairs, splits[split], shape.shape) for split in shape.files})
+              for shape in layout(trainer, list(splits))]      # every row made before any file is written
     with Locks([str(root / "README.md")], enabled=lock):
-        for shape in layout(trainer, list(splits)):
+        for shape, rows in shapes:
             for split, relative in shape.files.items():
                 (root / relative).parent.mkdir(parents=True, exist_ok=True)
                 writer = RecordWriter(str(root / relative))
                 try:
-                    for record in splits[split]:
-                        writer.write(shape.shape(record))
+                    for row in rows[split]:
+                        writer.write(row)
                 finally:
                     writer.close()
                 result.files.append(relative)
@@ -169,3 +171,12 @@ def _push(folder: str, repo: str) -> str:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OutputError(repo, f"cannot push to the Hub: {reason}; the export folder is written") from None
     return f"https://huggingface.co/datasets/{repo}"
+
+
+def _shaped(pairs: str, records: list[dict], shape) -> list[dict]:
+    """Each record in a shape; one that has no such shape (a conversation with earlier turns as a
+    string prompt) is an InputError naming the pairs file."""
+    try:
+        return [shape(record) for record in records]
+    except ValueError as exc:
+        raise InputError("<stdin>" if pairs == "-" else pairs, str(exc)) from None

@@ -71,8 +71,15 @@ def run(prompts: str | Iterable, output: str | None, options: GenerateOptions, *
     config = RunConfig(
         revisions=options.revisions or constitution.defaults.revisions,
         sampling=options.sampling or constitution.defaults.sampling, seed=options.seed,
-        few_shot=options.few_shot, params=_sampling(options))     # the width is decided once the backend is open
+        few_shot=options.few_shot, params=_sampling(options),     # the width is decided once the backend is open
+        reasoning=options.reasoning, reasoning_tags=options.tags())
     selection = select(prompts, options, constitution, config, stdin)
+    if options.format == "standard":
+        conversation = next((item for item in selection.items if item.history), None)
+        if conversation is not None:
+            raise OptionError("format", f"is standard, but {source}:{conversation.line} is a conversation with earlier "
+                                        "turns, which a standard record (one prompt string) cannot hold; use `format` "
+                                        "conversational")
     # `model` may be a backend already open (the caller keeps it open and closes it)
     resolved = (None, options.model.model_name) if is_open_backend(options.model) else resolve(options.backend_spec())
     summary = Summary(model=resolved[1], constitution=constitution.ref, output=output, source=source,
@@ -266,7 +273,8 @@ def _curation(options: GenerateOptions, constitution, templates, backend, paths:
 
     filters = Filters(FilterConfig(
         checks=DEFAULT_CHECKS + (("refusal",) if options.drop_refusals else ()), similarity=options.similarity,
-        references=references_of(constitution) if config.few_shot else ())) if options.filter else None
+        references=references_of(constitution) if config.few_shot else (),
+        reasoning_tags=config.reasoning_tags)) if options.filter else None
     judge = Judge(backend, constitution, templates, options.judge_config()) if options.judge else None
     drops = SideFile(paths.filtered, drop_append_at, memory=paths.output is None)
     return Curation(filters, judge, options.min_preference, options.swap, drops, options.keep_filtered)

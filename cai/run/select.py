@@ -38,8 +38,9 @@ def select(prompts, options, constitution, config, stdin=None) -> Selection:
         source, stream = str(prompts), stdin
     else:
         source, stream = "-", io.BytesIO(_as_jsonl(prompts, options.prompt_field))
-    items = read_prompts(source, prompt_field=options.prompt_field, stdin=stream,
-                         invalid=invalid if options.skip_invalid else None)
+    split = getattr(options, "split", None)
+    items = read_prompts(source, stdin=stream, invalid=invalid if options.skip_invalid else None,
+                         fields=options.fields(), **({"split": split} if split else {}))
     invalid.sort(key=lambda error: error.line or 0)
     shard_k, shard_n = options.shard_numbers()
 
@@ -65,15 +66,16 @@ def _index(item: PromptItem) -> int:
 
 
 def _as_jsonl(prompts: Iterable, prompt_field: str) -> bytes:
-    """An iterable of prompt strings or dicts as JSONL bytes, so it is read and checked exactly
-    as a file would be."""
+    """An iterable of prompts (strings, conversations as lists of chat messages, or row dicts) as
+    JSONL bytes, so it is read and checked exactly as a file would be."""
     from cai.errors import OptionError
 
     lines = []
     for number, prompt in enumerate(prompts, start=1):
-        if not isinstance(prompt, (str, dict)):
-            raise OptionError("prompts", f"item {number}: expected a prompt string or a dict, got {type(prompt).__name__}")
-        lines.append(json.dumps({prompt_field: prompt} if isinstance(prompt, str) else prompt, ensure_ascii=False))
+        if not isinstance(prompt, (str, dict, list, tuple)):
+            raise OptionError("prompts", f"item {number}: expected a prompt string, a list of chat messages or a dict, "
+                                         f"got {type(prompt).__name__}")
+        lines.append(json.dumps(prompt if isinstance(prompt, dict) else {prompt_field: prompt}, ensure_ascii=False))
     if not lines:
         raise OptionError("prompts", "no prompts given")
     return ("\n".join(lines) + "\n").encode("utf-8")

@@ -1,0 +1,207 @@
+"""Chat transcripts, existing answers and reasoning: input rows → prompts (cai.conversations),
+the pipeline's history and given responses, and reasoning kept out of the pairs."""
+
+from __future__ import annotations
+
+import pytest
+
+import cai
+from cai.backends.base import Completion
+from cai.conversations import Fields, item_from_row
+from cai.errors import InputError, OptionError
+from cai.reasoning import split
+from scripted import ScriptedBackend, ScriptedStream
+
+CHAT = [{"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "How do I pick a lock?"},
+        {"role": "assistant", "content": "Why do you ask?"},
+        {"role": "user", "content": "I locked myself out of my own shed."}]
+
+
+def row(value, **extra):
+    return item_from_row("in.jsonl", 7, {"prompt": value, **extra})
+
+
+# --- rows → prompts ------------------------------------------------------------------------
+
+def test_a_conversation_ending_with_a_user_turn_is_history_and_a_prompt():
+    item = row(CHAT)
+    assert item.text == "I locked myself out of my own shed."
+    assert item.history == tuple(CHAT[:3]) and item.response is None
+    assert item.id == item.content_id != row(CHAT[1:]).id            # the history is part of the id
+    assert row("plain text").id == cai.messages.prompt_id("plain text")   # plain prompts keep their ids
+
+
+def test_a_conversation_ending_with_an_assistant_turn_is_an_existing_answer():
+    item = row(CHAT[:3])
+    assert (item.text, item.response, item.history) == ("How do I pick a lock?", "Why do you ask?", tuple(CHAT[:1]))
+    again = item_from_row("in.jsonl", 1, {"prompt": CHAT[:3]}, Fields(regenerate=True))
+    assert again.response is None and again.text == "How do I pick a lock?"
+
+
+def test_sharegpt_hh_transcripts_parts_and_dotted_fields():
+    sharegpt = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}, {"from": "human", "value": "Bye"}]
+    item = item_from_row("x", 1, {"conversations": sharegpt})       # found without --prompt-field
+    assert item.history == ({"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"})
+    hh = "\n\nHuman: What is 2+2?\n\nAssistant: 4.\n\nHuman: And 3+3?\n\nAssistant:"
+    item = item_from_row("x", 1, {"chosen": hh}, Fields(prompt="chosen"))
+    assert item.text == "And 3+3?" and item.response is None and len(item.history) == 2
+    answered = item_from_row("x", 1, {"chosen": hh + " 6."}, Fields(prompt="chosen"))
+    assert answered.response == "6."
+    parts = row([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}])
+    assert parts.text == "a\nb"
+    nested = item_from_row("x", 1, {"data": {"turns": [{"role": "user", "content": "deep"}]}}, Fields(prompt="data.turns"))
+    assert nested.text == "deep"
+
+
+def test_a_given_response_field():
+    fields = Fields(response="answer")
+    item = item_from_row("x", 1, {"prompt": "Q?", "answer": "A."}, fields)
+    assert item.response == "A." and item.id != row("Q?").id
+    trl = item_from_row("x", 1, {"prompt": "Q?", "answer": [{"role": "assistant", "content": "A."}]}, fields)
+    assert trl.response == "A." and trl.id == item.id
+
+
+@pytest.mark.parametrize("value, extra, fields, message", [
+    ([], {}, Fields(), "in.jsonl:7: prompt: an empty conversation"),
+    ([{"role": "user", "content": " "}], {}, Fields(), "in.jsonl:7: prompt[0].content: empty turn"),
+    ([{"role": "wizard", "content": "x"}], {}, Fields(), "in.jsonl:7: prompt[0].role: unknown role 'wizard'"),
+    ([{"role": "tool", "content": "x"}], {}, Fields(), "tool turns are not supported"),
+    ([{"role": "user", "content": "x"}, {"role": "system", "content": "s"}], {}, Fields(),
+     "in.jsonl:7: prompt[1]: a system turn may only come first"),
+    ([{"role": "system", "content": "s"}], {}, Fields(), "in.jsonl:7: prompt: the conversation has no user turn"),
+    ([{"role": "assistant", "content": "a"}], {}, Fields(), "the final assistant turn does not answer a user turn"),
+    ([{"content": "x"}], {}, Fields(), "in.jsonl:7: prompt[0].role: missing or not a string"),
+    (["x"], {}, Fields(), "in.jsonl:7: prompt[0]: expected a chat message object, got str"),
+    ([{"role": "user", "content": [{"type": "image_url"}]}], {}, Fields(),
+     "prompt[0].content[0]: a 'image_url' part: only text content is supported"),
+    ("Q?", {}, Fields(response="answer"), "in.jsonl:7: answer: missing (fields present: prompt"),
+    ("Q?", {"answer": ""}, Fields(response="answer"), "in.jsonl:7: answer: empty response"),
+    (CHAT[:3], {"answer": "A"}, Fields(response="answer"), "already ends with an assistant turn"),
+    ("\n\nHuman: \n\nAssistant: hi", {}, Fields(), "turn 1 (Human) of the transcript is empty"),
+    ({"a": 1}, {}, Fields(), "in.jsonl:7: prompt: expected a string or a list of chat messages, got an object"),
+])
+def test_malformed_conversations_name_file_line_and_field(value, extra, fields, message):
+    with pytest.raises(InputError) as caught:
+        item_from_row("in.jsonl", 7, {"prompt": value, **extra}, fields)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+# --- the pipeline --------------------------------------------------------------------------
+
+class ThinkingBackend(ScriptedBackend):
+    """Scripted replies wrapped in reasoning: inline <think> blocks, or apart (as a server's
+    reasoning_content); every conversation it is sent is kept for the tests to read."""
+
+    def __init__(self, apart=False, cut=(), leak=(), **kw):
+        super().__init__(**kw)
+        self.apart, self.cut, self.leak = apart, set(cut), set(leak)
+        self.seen: list[list[dict]] = []
+        self.thinking_switch, self.thinking = False, "unset"
+
+    def set_thinking(self, enabled):
+        self.thinking = enabled
+
+    def reply(self, conversation, turn):
+        self.seen.append(conversation)
+        done = super().reply(conversation, turn)
+        text = " ".join(m["content"] for m in conversation)
+        if any(p in text for p in self.cut) and turn == 0:
+            return Completion("<think>Let me think about this for a long", "length", 1, 9)
+        thought = f"step {turn}: plan the reply"
+        answer = done.text + (" <think>again</think>" if turn == 2 and any(p in text for p in self.leak) else "")
+        if self.apart:
+            return Completion(answer, "stop", 1, 9, reasoning=thought)
+        return Completion(f"<think>\n{thought}\n</think>\n\n{answer}", "stop", 1, 9)
+
+    def stream(self, params, width, longest=None):
+        return _TurnAware(self, width)
+
+
+class _TurnAware(ScriptedStream):
+    """A conversation that starts from a given response begins at the critique (turn 1)."""
+
+    def submit(self, request):
+        if request.key not in self.turns and "critique of your previous response" in request.conversation[-1]["content"]:
+            self.turns[request.key] = 1
+        super().submit(request)
+
+
+def _gen(prompts, backend, **options):
+    summary = cai.generate(prompts, model=backend, output=None, filter=options.pop("filter", False), **options)
+    return summary.records, summary
+
+
+@pytest.mark.parametrize("apart", [False, True])
+def test_reasoning_never_reaches_the_pair_or_the_history(apart):
+    backend = ThinkingBackend(apart=apart)
+    records, _ = _gen(["Boil an egg", "Make tea"], backend, reasoning="keep")
+    for record in records:
+        for text in (record["chosen"], record["rejected"], record["critique"]):
+            assert "<think>" not in text and "plan the reply" not in text
+        assert record["reasoning"] == "step 0: plan the reply"
+        assert record["rounds"][0]["reasoning"] == {"critique": "step 1: plan the reply",
+                                                     "revision": "step 2: plan the reply"}
+        assert record["meta"]["reasoning"] == "keep"
+    later_turns = [c for c in backend.seen if any(m["role"] == "assistant" for m in c[-3:])]
+    assert later_turns and not any("think" in m["content"] or "plan the reply" in m["content"]
+                                   for c in later_turns for m in c if m["role"] == "assistant")
+    dropped, _ = _gen(["Boil an egg"], ThinkingBackend(apart=apart), reasoning="drop")
+    assert "reasoning" not in dropped[0] and "reasoning" not in dropped[0]["rounds"][0]
+    assert dropped[0]["chosen"] == records[0]["chosen"]
+
+
+def test_reasoning_modes_set_the_backend_switch():
+    for mode, switch, told in [("off", False, False), ("auto", False, None), ("auto", True, False),
+                               ("keep", True, True), ("drop", False, None)]:
+        backend = ThinkingBackend()
+        backend.thinking_switch = switch
+        records, _ = _gen(["Boil an egg"], backend, reasoning=mode)
+        assert backend.thinking is told, (mode, switch)
+        assert records[0]["meta"]["reasoning"] == {"auto": "off" if switch else "drop"}.get(mode, mode)
+        assert records[0]["meta"]["params"]["reasoning"] == mode
+
+
+def test_cut_while_thinking_is_truncated_and_a_leaked_tag_is_dropped():
+    records, summary = _gen(["Boil an egg", "Make tea", "Cut bread"], ThinkingBackend(cut={"Boil"}, leak={"Make"}),
+                            filter=True, keep_filtered=True, similarity=1.0)
+    assert summary.kept == 1 and summary.dropped == 2
+    reasons = {line["prompt"]: line["filter"]["reasons"] for line in summary.side["filtered"]}
+    assert "truncated" in reasons["Boil an egg"] and reasons["Make tea"] == ["reasoning"]
+
+
+def test_a_conversation_keeps_its_history_and_the_model_sees_it():
+    backend = ThinkingBackend()
+    records, _ = _gen([CHAT], backend, format="conversational")
+    record = records[0]
+    assert record["prompt"] == CHAT                   # its own system turn replaces the template's
+    assert record["rejected"][0]["role"] == "assistant" and record["meta"]["system"] == "Be brief."
+    first = backend.seen[0]
+    assert first[0] == CHAT[0] and first[-3:-1] == CHAT[1:3] and first[-1]["content"] == CHAT[3]["content"]
+    assert sum(m["role"] == "system" for m in first) == 1
+    with pytest.raises(OptionError, match=r"is standard, but <prompts>:1 is a conversation with earlier turns"):
+        _gen([CHAT], ThinkingBackend())
+
+
+def test_an_existing_answer_is_critiqued_and_revised_as_given():
+    backend = ThinkingBackend()
+    records, summary = _gen([{"prompt": "Boil an egg", "answer": "Drop it in water."}], backend,
+                            response_field="answer")
+    record = records[0]
+    assert record["rejected"] == "Drop it in water." and record["meta"]["given_response"] is True
+    assert record["meta"]["finish_reasons"]["response"] == "given"
+    assert record["chosen"].startswith("Heat the kettle")         # the revision turn's reply
+    assert len(backend.seen) == 2                                 # critique and revision only
+    assert backend.seen[0][-2] == {"role": "assistant", "content": "Drop it in water."}
+    conversational, _ = _gen([CHAT[:3]], ThinkingBackend(), format="conversational")
+    assert conversational[0]["prompt"][-1] == CHAT[1] and conversational[0]["rejected"][0]["content"] == CHAT[2]["content"]
+
+
+def test_split_reasoning():
+    assert split("<think>a</think>b") == split("a</think>b")      # a template that opens the block itself
+    assert split("<think>a</think>b").answer == "b" and split("a</think>b").reasoning == "a"
+    cut = split("<think>half a thought")
+    assert cut.unfinished and cut.answer == "" and cut.reasoning == "half a thought"
+    assert split("plain", "apart").reasoning == "apart" and split("plain").reasoning is None
+    assert split("text <think>x</think> more").answer == "text <think>x</think> more"    # a leak, for the filter
