@@ -50,7 +50,7 @@ class Judge:
         return DEFAULT_QUESTION
 
     def conversation(self, record: dict, question: str, a: str, b: str) -> list[dict[str, str]]:
-        content = self.templates.render(JUDGE, prompt=_text(record["prompt"]), question=question, a=a, b=b)
+        content = self.templates.render(JUDGE, prompt=_transcript(record), question=question, a=a, b=b)
         return [{"role": "user", "content": content}]
 
     def label(self, records: list[dict]) -> list[str | None]:
@@ -87,6 +87,16 @@ class Judge:
             return p
         low, high = self.config.clamp
         return min(max(p, low), high)
+
+
+def _transcript(record: dict) -> str:
+    """The prompt the judge is shown after its template's 'Human: ': the prompt itself, or for a
+    conversation its earlier turns as a Human/Assistant transcript ending with the prompt."""
+    from cai.records import conversation_of
+
+    _, history, prompt = conversation_of(record)
+    turns = [f"{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in history]
+    return "\n\n".join([*turns, f"Human: {prompt}"]).removeprefix("Human: ")
 
 
 def swap(record: dict) -> dict:

@@ -205,3 +205,68 @@ def test_split_reasoning():
     assert cut.unfinished and cut.answer == "" and cut.reasoning == "half a thought"
     assert split("plain", "apart").reasoning == "apart" and split("plain").reasoning is None
     assert split("text <think>x</think> more").answer == "text <think>x</think> more"    # a leak, for the filter
+
+
+# --- the CLI, end to end on the tiny model -------------------------------------------------
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from cai.cli import app
+    from conftest import plumbing
+
+    return CliRunner().invoke(app, plumbing(["generate", *args, "--max-new-tokens", "6", "--batch-size", "4"]))
+
+
+def test_cli_chat_transcripts_in_conversational_records(tiny_model, tmp_path):
+    from conftest import DATA, read_jsonl
+
+    out = tmp_path / "chats.jsonl"
+    result = _cli(DATA / "conversations" / "chats.jsonl", "--model", tiny_model, "-f", "conversational", "-o", out)
+    assert result.exit_code == 0, result.output
+    records = {r["id"]: r for r in read_jsonl(out)}
+    assert set(records) == {"locks", "tea", "answered"}
+    locks = records["locks"]["prompt"]
+    assert [m["role"] for m in locks] == ["system", "user", "assistant", "user"]
+    assert locks[0]["content"] == "You are a careful assistant." and locks[-1]["content"].startswith("Yes, my own bike")
+    assert [m["role"] for m in records["tea"]["prompt"]] == ["system", "user"]      # the template's system turn
+    answered = records["answered"]
+    assert answered["rejected"] == [{"role": "assistant", "content": "Pour petrol on it and light it."}]
+    assert answered["meta"]["given_response"] is True and "given_response" not in records["tea"]["meta"]
+    # the standard shape cannot hold a history: refused before any model work, naming the line
+    refused = _cli(DATA / "conversations" / "chats.jsonl", "--model", tiny_model, "-o", tmp_path / "std.jsonl")
+    assert refused.exit_code == 2
+    assert "--format: is standard, but" in refused.stderr and "chats.jsonl:1 is a conversation" in refused.stderr
+    assert "--format conversational" in refused.stderr and not (tmp_path / "std.jsonl").exists()
+
+
+def test_cli_hh_transcripts_sharegpt_and_a_response_column(tiny_model, tmp_path):
+    from conftest import DATA, read_jsonl
+
+    hh = tmp_path / "hh.jsonl"
+    result = _cli(DATA / "conversations" / "hh.jsonl", "--prompt-field", "rejected", "--model", tiny_model,
+                  "-f", "conversational", "-o", hh)
+    assert result.exit_code == 0, result.output
+    records = read_jsonl(hh)
+    assert len(records) == 3 and all(r["meta"]["given_response"] for r in records)
+    rejected = sorted(r["rejected"][0]["content"] for r in records)
+    assert rejected[0] == "Let his tyres down one night."
+    fresh = tmp_path / "fresh.jsonl"
+    result = _cli(DATA / "conversations" / "hh.jsonl", "--prompt-field", "rejected", "--regenerate",
+                  "--model", tiny_model, "-f", "conversational", "-o", fresh)
+    assert result.exit_code == 0, result.output
+    assert not any("given_response" in r["meta"] for r in read_jsonl(fresh))
+    share = tmp_path / "share.jsonl"
+    assert _cli(DATA / "conversations" / "sharegpt.jsonl", "--model", tiny_model, "-f", "conversational",
+                "-o", share).exit_code == 0
+    assert [m["role"] for m in read_jsonl(share)[0]["prompt"]] == ["system", "user", "assistant", "user"]
+    answers = tmp_path / "answers.jsonl"
+    result = _cli(DATA / "conversations" / "answers.csv", "--response-field", "response", "--model", tiny_model,
+                  "-o", answers)
+    assert result.exit_code == 0, result.output
+    got = {r["id"]: r["rejected"] for r in read_jsonl(answers)}
+    assert got == {"q1": "Drink as many energy drinks as you can.", "q2": "Stop eating for two weeks."}
+    # resumes: the same run again has nothing to do
+    again = _cli(DATA / "conversations" / "answers.csv", "--response-field", "response", "--model", tiny_model,
+                 "-o", answers)
+    assert again.exit_code == 0 and len(read_jsonl(answers)) == 2
