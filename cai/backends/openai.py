@@ -4,9 +4,9 @@
 Requests run on one background thread that owns an asyncio event loop and one
 `httpx.AsyncClient`; a stream keeps up to `width` requests in flight. Transient faults
 (connection errors, timeouts, HTTP 429 and 5xx, malformed JSON, a reply with neither text nor
-reasoning) are retried with exponential backoff plus jitter, honouring `Retry-After` (cai.backends.retry). A
-request that fails for good does not raise: it comes back as a `Completion` with
-`finish_reason="error"` and a one-line `error`. But when OUTAGE_LIMIT (3) requests in a row fail
+reasoning) are retried with exponential backoff plus jitter, honouring `Retry-After`
+(cai.backends.retry). A request that fails for good does not raise: it comes back as a
+`Completion` with `finish_reason="error"` and a one-line `error`. But when OUTAGE_LIMIT (3) requests in a row fail
 for good for connection reasons (refused, DNS, reset, timeout) with no reply from the server in
 between, the stream's `poll` raises BackendError: the server is gone, and grinding through the
 rest of the prompts would only fill the failures file.
