@@ -1,5 +1,6 @@
-"""Shared fixtures: a tiny random-weight Llama chat model built on the fly, the real embedded
-model when installed, and a cache directory that never touches the user's."""
+"""Shared fixtures: tiny random-weight Llama chat models built on the fly (one with a plain ChatML
+template, one whose template switches thinking as Qwen3's does), the real embedded model when
+installed, and a cache directory that never touches the user's."""
 
 from __future__ import annotations
 
@@ -14,6 +15,18 @@ DATA = Path(__file__).resolve().parent / "data"
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
     "+ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# ChatML that thinks as Qwen3's template does: past assistant turns lose their <think> block, and
+# `enable_thinking=false` opens the reply with an empty one (the model's cue not to think).
+THINKING_CHATML = (
+    "{%- for message in messages %}{%- set content = message['content'] %}"
+    "{%- if message['role'] == 'assistant' and '</think>' in content %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\n') %}{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' + content + '<|im_end|>\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}"
+    "{%- endif %}"
 )
 
 
@@ -31,15 +44,13 @@ def _corpus() -> list[str]:
     return lines + ["the quick brown fox jumps over the lazy dog"] * 10
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    """A 2-layer Llama with a 600-token byte-level BPE tokenizer and a ChatML chat template.
-    Its weights are random (seeded): it tests the plumbing, not the prose."""
+def _tiny_llama(out: Path, chat_template: str) -> Path:
+    """Save into `out` a 2-layer Llama with random (seeded) weights and a 600-token byte-level BPE
+    tokenizer whose only special tokens are <|endoftext|>, <|im_start|> and <|im_end|>."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    out = tmp_path_factory.mktemp("tiny-model")
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -49,7 +60,7 @@ def tiny_model(tmp_path_factory) -> Path:
     tok.train_from_iterator(_corpus(), trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                         pad_token="<|endoftext|>", unk_token=None)
-    tokenizer.chat_template = CHATML
+    tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(out)
 
     torch.manual_seed(0)
@@ -61,6 +72,20 @@ def tiny_model(tmp_path_factory) -> Path:
     model = LlamaForCausalLM(config)
     model.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-layer Llama with a 600-token byte-level BPE tokenizer and a ChatML chat template.
+    Its weights are random (seeded): it tests the plumbing, not the prose."""
+    return _tiny_llama(tmp_path_factory.mktemp("tiny-model"), CHATML)
+
+
+@pytest.fixture(scope="session")
+def thinking_model(tmp_path_factory) -> Path:
+    """The tiny Llama with THINKING_CHATML: its template takes `enable_thinking` (default true) as
+    Qwen3's does. <think> and </think> are plain text, not special tokens, so decoding keeps them."""
+    return _tiny_llama(tmp_path_factory.mktemp("thinking-model"), THINKING_CHATML)
 
 
 @pytest.fixture(scope="session")

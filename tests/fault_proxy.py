@@ -13,7 +13,8 @@ close the connection. Runs an asyncio server on 127.0.0.1 (a free port) in a bac
 forwarding uses httpx.
 
 `FakeOpenAI` is the other half: a fake OpenAI-compatible server with no model behind it, whose
-every reply a test scripts (`chat_reply` makes a chat completion to answer with)."""
+every reply a test scripts (`chat_reply` makes a chat completion to answer with, `stream_reply`
+the chunks of a streamed one, reasoning apart or not)."""
 
 from __future__ import annotations
 
@@ -225,7 +226,8 @@ class FakeOpenAI:
     """A local OpenAI-compatible HTTP server on a thread, no model behind it.
 
     `respond(body, n)` (n counts POSTs from 0) returns (status, payload) for each POST: a dict
-    payload is sent as JSON, a str as it is; or DROP, to close the connection unanswered.
+    payload is sent as JSON, a str as it is, a list as a server-sent event stream (one `data:`
+    event per item, then `data: [DONE]`); or DROP, to close the connection unanswered.
     `models` is what `GET /models` answers: a list of ids (a 200 listing them), or an HTTP
     status (404, 405, 401, …) to answer with instead; `models_respond(n)` overrides it with
     (status, payload) or DROP. `bodies` holds the POST bodies, `gets` counts the GETs, and
@@ -274,9 +276,13 @@ class FakeOpenAI:
                     self.connection.shutdown(2)
                     return
                 status, payload = result
+                kind = "application/json"
+                if isinstance(payload, list):
+                    kind = "text/event-stream"
+                    payload = "".join(f"data: {_json.dumps(chunk)}\n\n" for chunk in payload) + "data: [DONE]\n\n"
                 data = (_json.dumps(payload) if isinstance(payload, dict) else payload).encode()
                 self.send_response(status)
-                self.send_header("content-type", "application/json")
+                self.send_header("content-type", kind)
                 self.send_header("content-length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -306,3 +312,18 @@ def chat_reply(text: str | None = "Hello.", finish_reason: str = "stop", **messa
             "choices": [{"index": 0, "finish_reason": finish_reason,
                          "message": {"role": "assistant", "content": text, **message}}],
             "usage": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12}}
+
+
+def stream_reply(content: list[str], reasoning: list[str] = (), field: str = "reasoning_content",
+                 finish_reason: str = "stop") -> list[dict]:
+    """The chunks of a streamed chat completion: a role delta, a delta per piece of `reasoning`
+    (under `field`), one per piece of `content`, then the finish reason, and usage last."""
+    def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> dict:
+        choices = [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish}]
+        return {"id": "x", "object": "chat.completion.chunk", "model": "fake", "choices": choices,
+                **({"usage": usage} if usage else {})}
+
+    return ([chunk({"role": "assistant", "content": ""})] + [chunk({field: r}) for r in reasoning]
+            + [chunk({"content": c}) for c in content] + [chunk({}, finish_reason)]
+            + [chunk({}, usage={"prompt_tokens": 10, "completion_tokens": len(content) + len(reasoning),
+                                "total_tokens": 10 + len(content) + len(reasoning)})])

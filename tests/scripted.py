@@ -19,6 +19,11 @@ class ScriptedBackend:
         self.width = width
         self.calls = 0
         self.closed = False
+        self.thinking_switch: bool | None = False     # no chat template to switch
+        self.thinking: bool | None = None
+
+    def set_thinking(self, enabled: bool | None) -> None:
+        self.thinking = enabled
 
     def count_tokens(self, conversation) -> int:
         return sum(len(m["content"].split()) + 4 for m in conversation) + 2

@@ -55,14 +55,48 @@ def test_a_reply_without_text_raises_no_text(data, reason):
     assert str(caught.value) == reason
 
 
-def test_a_reasoning_reply_without_content_says_where_its_text_went():
-    data = reply({"role": "assistant", "content": None, "reasoning_content": "Let me think..."},
-                 finish_reason="length")
-    with pytest.raises(wire.NoText) as caught:
-        wire.parse_completion(data)
-    message = str(caught.value)
-    assert message.startswith("the reply has no text (content is null); it has only reasoning_content")
-    assert "--max-new-tokens" in message and "\n" not in message
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+def test_reasoning_apart_from_the_content(field):
+    completion = wire.parse_completion(reply({"role": "assistant", "content": "\n\nIt is 4.", field: " 2+2 is 4. "}))
+    assert (completion.text, completion.reasoning, completion.finish_reason) == ("It is 4.", "2+2 is 4.", "stop")
+    # cut by max_tokens while still thinking: a completion with no text, not a failure
+    for content in (None, ""):
+        cut = wire.parse_completion(reply({"role": "assistant", "content": content, field: "Let me think..."},
+                                          finish_reason="length"))
+        assert (cut.text, cut.reasoning, cut.finish_reason, cut.error) == ("", "Let me think...", "length", None)
+    # an empty or non-string reasoning field is no reasoning; the other name is read instead
+    both = reply({"role": "assistant", "content": "A", "reasoning_content": "", "reasoning": "R"})
+    assert wire.parse_completion(both).reasoning == "R"
+    assert wire.parse_completion(reply({"role": "assistant", "content": "A", field: ["x"]})).reasoning is None
+    with pytest.raises(wire.NoText):
+        wire.parse_completion(reply({"role": "assistant", "content": None, field: "  "}))
+
+
+def test_inline_think_tags_stay_in_the_text():
+    completion = wire.parse_completion(reply({"role": "assistant", "content": "<think>hm</think>\n\nYes."}))
+    assert (completion.text, completion.reasoning) == ("<think>hm</think>\n\nYes.", None)
+
+
+def test_an_event_stream_is_put_back_together():
+    import json
+
+    def events(*chunks):
+        return "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+
+    def delta(finish=None, **d):
+        return {"choices": [{"index": 0, "delta": d, "finish_reason": finish}]}
+
+    text = events(delta(role="assistant", content=""), delta(reasoning_content="Two "), delta(reasoning="plus"),
+                  delta(content="Fo"), delta(content="ur."), delta("length"),
+                  {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 4}})
+    completion = wire.parse_completion(wire.assemble_stream(": keep-alive\n" + text))
+    assert (completion.text, completion.reasoning, completion.finish_reason) == ("Four.", "Two plus", "length")
+    assert (completion.prompt_tokens, completion.completion_tokens) == (5, 4)
+    assert wire.assemble_stream(events())["choices"] == []
+    with pytest.raises(wire.NoText, match="the stream ended in an error: overloaded"):
+        wire.assemble_stream(events(delta(content="x"), {"error": {"message": "overloaded"}}))
+    assert wire.is_event_stream({"content-type": "text/event-stream; charset=utf-8"})
+    assert not wire.is_event_stream({"content-type": "application/json"})
 
 
 def test_bodies():
@@ -72,6 +106,9 @@ def test_bodies():
     sampled = wire.chat_body("m", conv, SamplingParams(max_new_tokens=8, temperature=0.8, top_p=0.9), 7)
     assert sampled["top_p"] == 0.9 and sampled["seed"] == 7
     assert wire.probe_body("m") == {"model": "m", "messages": conv, "max_tokens": 1, "temperature": 0}
+    assert "chat_template_kwargs" not in wire.chat_body("m", conv, SamplingParams(), None, None)
+    assert wire.chat_body("m", conv, SamplingParams(), None, False)["chat_template_kwargs"] == {"enable_thinking": False}
+    assert wire.scoring_body("m", conv, "(", True)["chat_template_kwargs"] == {"enable_thinking": True}
 
 
 def test_model_listings_and_unknown_model_errors():

@@ -31,8 +31,9 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None  # set (with finish_reason "error") when a remote request failed for good
-    reasoning: str | None = None  # reasoning the backend returned apart from the text (a server's
-                                  # `reasoning_content`); inline <think> blocks stay in `text`
+    # What the server returned as reasoning apart from `text` (reasoning_content / reasoning);
+    # None when it returned none. `text` is as generated: inline <think> blocks stay in it.
+    reasoning: str | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,15 @@ class Stream(Protocol):
 class Backend(Protocol):
     model_name: str                 # what records name as meta.model
     context_length: int | None      # tokens a conversation plus its completion may hold (None: unknown)
+    # Whether the model can be told not to think: True when its chat template takes
+    # `enable_thinking`, False when it does not, None when the backend cannot see the template.
+    thinking_switch: bool | None
+
+    def set_thinking(self, enabled: bool | None) -> None:
+        """Render every later conversation with `enable_thinking=enabled` where the chat template
+        takes it (a server: ask for it in each request). None, the default, leaves the
+        template's own default alone."""
+        ...
 
     def count_tokens(self, conversation: list[dict[str, str]]) -> int:
         """Tokens of the conversation as the model sees it, generation prompt included."""

@@ -136,6 +136,12 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 256 << 20))
 
 
+def has_thinking_switch(template) -> bool:
+    """Whether a chat template (a string, or a dict of named ones) reads `enable_thinking`."""
+    texts = template.values() if isinstance(template, dict) else [template]
+    return any(isinstance(t, str) and "enable_thinking" in t for t in texts)
+
+
 class HFBackend:
     """Generates with a transformers causal LM; conversations are rendered with the tokenizer's
     chat template. `stream` runs cai's continuous-batching engine (KV cache kept across turns and
@@ -176,6 +182,8 @@ class HFBackend:
                 raise ModelError(f"{model_name}: the tokenizer has no chat template; use a chat model, or pass "
                                  "--plain-chat-format to use cai's plain 'User:/Assistant:' format")
             self.tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+        self.thinking_switch = has_thinking_switch(self.tokenizer.chat_template)
+        self.thinking: bool | None = None
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -241,8 +249,16 @@ class HFBackend:
         return Completion(text=self.tokenizer.decode(kept, skip_special_tokens=True).strip(),
                           finish_reason=finish_reason, prompt_tokens=prompt_tokens, completion_tokens=len(tokens))
 
+    def set_thinking(self, enabled: bool | None) -> None:
+        """Render with `enable_thinking=enabled` from now on, where the template takes it (None:
+        the template's default). Without the switch the rendering stays as it is."""
+        self.thinking = None if enabled is None else bool(enabled)
+
     def render(self, conversation: list[dict[str, str]]) -> str:
-        return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        """The conversation as the model sees it, generation prompt included: the one place every
+        path (encode, count_tokens, generate, score_choices) renders through."""
+        extra = {"enable_thinking": self.thinking} if self.thinking_switch and self.thinking is not None else {}
+        return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True, **extra)
 
     def count_tokens(self, conversation: list[dict[str, str]]) -> int:
         return len(self.encode(conversation))

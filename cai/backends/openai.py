@@ -3,10 +3,10 @@
 
 Requests run on one background thread that owns an asyncio event loop and one
 `httpx.AsyncClient`; a stream keeps up to `width` requests in flight. Transient faults
-(connection errors, timeouts, HTTP 429 and 5xx, malformed JSON, a reply without text) are
-retried with exponential backoff plus jitter, honouring `Retry-After` (cai.backends.retry). A
-request that fails for good does not raise: it comes back as a `Completion` with
-`finish_reason="error"` and a one-line `error`. But when OUTAGE_LIMIT (3) requests in a row fail
+(connection errors, timeouts, HTTP 429 and 5xx, malformed JSON, a reply with neither text nor
+reasoning) are retried with exponential backoff plus jitter, honouring `Retry-After`
+(cai.backends.retry). A request that fails for good does not raise: it comes back as a
+`Completion` with `finish_reason="error"` and a one-line `error`. But when OUTAGE_LIMIT (3) requests in a row fail
 for good for connection reasons (refused, DNS, reset, timeout) with no reply from the server in
 between, the stream's `poll` raises BackendError: the server is gone, and grinding through the
 rest of the prompts would only fill the failures file.
@@ -21,6 +21,12 @@ within seconds.
 assistant's reply is sent as a final assistant message with `continue_final_message` (the
 vLLM / SGLang extension); servers without these (`transformers serve` ignores `logprobs` and
 rejects `continue_final_message`) give each conversation an error saying so.
+
+Reasoning the server returns apart from the answer (`reasoning_content` or `reasoning`, whole
+or in an event stream) comes back as `Completion.reasoning`; a reply that is all reasoning (cut
+by max_tokens while thinking) is a completion with text "", not a failure. `set_thinking` asks
+the server's chat template for `enable_thinking` through `chat_template_kwargs`; whether the
+template takes it cannot be seen from here (`thinking_switch` is None).
 
 The API key is read from an environment variable and only ever put in the Authorization
 header: it is scrubbed from every error message this module produces and never logged."""
@@ -71,6 +77,8 @@ class OpenAIBackend:
             raise OptionError("concurrency", f"must be at least 1 (got {concurrency})")
         self.model_name = model
         self.context_length: int | None = None
+        self.thinking_switch: bool | None = None      # the server's chat template is out of sight
+        self.thinking: bool | None = None
         self.root = wire.api_root(base_url)
         self.url = wire.chat_url(base_url)
         self.timeout = float(timeout)
@@ -132,6 +140,11 @@ class OpenAIBackend:
         token), so length checks made with it are conservative."""
         chars = sum(len(m.get("content") or "") for m in conversation)
         return chars // CHARS_PER_TOKEN + TOKENS_PER_MESSAGE * len(conversation)
+
+    def set_thinking(self, enabled: bool | None) -> None:
+        """Send `chat_template_kwargs: {"enable_thinking": enabled}` with every later request (vLLM,
+        SGLang and llama.cpp's server pass it to the template); None sends no such field."""
+        self.thinking = None if enabled is None else bool(enabled)
 
     def default_width(self) -> int:
         """Requests in flight when the caller names no width: the `concurrency` it was built with."""
@@ -241,14 +254,15 @@ class OpenAIBackend:
         return text.replace(self._api_key, "***") if self._api_key else text
 
     def _body(self, conversation: list[dict[str, str]], params: SamplingParams, seed: int | None) -> dict:
-        return wire.chat_body(self.model_name, conversation, params, seed)
+        return wire.chat_body(self.model_name, conversation, params, seed, self.thinking)
 
     def _scoring_body(self, conversation: list[dict[str, str]], prefix: str) -> dict:
-        return wire.scoring_body(self.model_name, conversation, prefix)
+        return wire.scoring_body(self.model_name, conversation, prefix, self.thinking)
 
     async def _attempt(self, body: dict, parse):
-        """One POST; `parse(json)` makes the result out of a 2xx body (a body of the wrong shape,
-        or without text, makes the attempt retryable)."""
+        """One POST; `parse(json)` makes the result out of a 2xx body, an event stream being put
+        back together first (a body of the wrong shape, or without text, makes the attempt
+        retryable)."""
         import httpx
 
         try:
@@ -260,7 +274,8 @@ class OpenAIBackend:
         if not 200 <= status < 300:
             raise from_status(status, response.headers, lambda: wire.error_detail(response))
         try:
-            return parse(response.json())
+            data = wire.assemble_stream(response.text) if wire.is_event_stream(response.headers) else response.json()
+            return parse(data)
         except wire.NoText as exc:
             raise Retryable(str(exc)) from None
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
@@ -272,9 +287,16 @@ class OpenAIBackend:
                                      what=f"{self.model_name}: request {key}", scrub=self._scrub)
 
     async def _complete(self, request: Request, params: SamplingParams) -> Completion:
-        """The completion of one request; raises Failed when it failed for good."""
-        return await self._post(request.key, self._body(request.conversation, params, request.seed),
-                                wire.parse_completion)
+        """The completion of one request; raises Failed when it failed for good (a refusal of
+        `chat_template_kwargs` says that is what was refused)."""
+        body = self._body(request.conversation, params, request.seed)
+        try:
+            return await self._post(request.key, body, wire.parse_completion)
+        except Failed as failure:
+            error = wire.rejected_fields(failure.error, failure.status, body, ("chat_template_kwargs",))
+            if error == failure.error:
+                raise
+            raise Failed(error, failure.status, failure.connection) from None
 
     async def _score(self, key: str, conversation: list[dict[str, str]], choices: tuple[str, ...],
                      prefix: str) -> ChoiceScores:

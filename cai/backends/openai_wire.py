@@ -1,9 +1,14 @@
 """The wire format of OpenAI-compatible chat-completion servers: URLs, request bodies, and the
-reading of replies (completions, logprobs, error bodies, model listings). Pure functions: no
-HTTP client, no event loop."""
+reading of replies (completions, logprobs, error bodies, model listings, event streams). Pure
+functions: no HTTP client, no event loop.
+
+Reasoning a server returns apart from the answer (`message.reasoning_content`, as vLLM, SGLang
+and DeepSeek name it, or `message.reasoning`; `delta.…` in a stream) goes to
+`Completion.reasoning`; inline `<think>` blocks in the content are left in the text."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from urllib.parse import urlsplit
@@ -14,7 +19,9 @@ from cai.errors import UsageError
 TOP_LOGPROBS = 20           # score_choices: alternatives asked for (OpenAI's maximum, vLLM's default cap)
 
 # Fields score_choices sends that a server may not take; a 400/422 is explained by naming them.
-SCORING_FIELDS = ("logprobs", "top_logprobs", "continue_final_message", "add_generation_prompt")
+SCORING_FIELDS = ("logprobs", "top_logprobs", "continue_final_message", "add_generation_prompt",
+                  "chat_template_kwargs")
+REASONING_FIELDS = ("reasoning_content", "reasoning")     # where servers put reasoning apart from content
 
 _LENGTH_REASONS = {"length", "max_tokens", "model_length", "max_length"}
 
@@ -25,8 +32,8 @@ _UNKNOWN_MODEL = re.compile(r"does not exist|not found|unknown model|no such mod
 
 
 class NoText(ValueError):
-    """A 2xx reply that carries no text: no choices, no message, or content null. The attempt is
-    retried like a 5xx."""
+    """A 2xx reply that carries no text: no choices, no message, or content null with no
+    reasoning either. The attempt is retried like a 5xx."""
 
 
 def api_root(base_url: str) -> str:
@@ -84,18 +91,29 @@ def finish_reason(value) -> str:
     return "length" if value in _LENGTH_REASONS else "stop"
 
 
-def chat_body(model: str, conversation: list[dict[str, str]], params: SamplingParams, seed: int | None) -> dict:
-    """A generation request: top_p only when sampling, seed only when given."""
+def with_thinking(body: dict, thinking: bool | None) -> dict:
+    """`body` asking the server's chat template for `enable_thinking=thinking` (the
+    `chat_template_kwargs` of vLLM, SGLang and llama.cpp's server); as it is when None."""
+    if thinking is not None:
+        body["chat_template_kwargs"] = {"enable_thinking": bool(thinking)}
+    return body
+
+
+def chat_body(model: str, conversation: list[dict[str, str]], params: SamplingParams, seed: int | None,
+              thinking: bool | None = None) -> dict:
+    """A generation request: top_p only when sampling, seed only when given, chat_template_kwargs
+    only when thinking is switched (see `with_thinking`)."""
     body = {"model": model, "messages": conversation,
             "max_tokens": params.max_new_tokens, "temperature": params.temperature}
     if not params.greedy:
         body["top_p"] = params.top_p
     if seed is not None:
         body["seed"] = seed
-    return body
+    return with_thinking(body, thinking)
 
 
-def scoring_body(model: str, conversation: list[dict[str, str]], prefix: str) -> dict:
+def scoring_body(model: str, conversation: list[dict[str, str]], prefix: str,
+                 thinking: bool | None = None) -> dict:
     """A greedy one-token request with the top alternatives' logprobs; a prefix of the reply goes
     in as a final assistant message that the server continues."""
     body = {"model": model, "messages": list(conversation), "max_tokens": 1, "temperature": 0,
@@ -104,7 +122,7 @@ def scoring_body(model: str, conversation: list[dict[str, str]], prefix: str) ->
         body["messages"].append({"role": "assistant", "content": prefix})
         body["continue_final_message"] = True
         body["add_generation_prompt"] = False
-    return body
+    return with_thinking(body, thinking)
 
 
 def probe_body(model: str) -> dict:
@@ -123,9 +141,21 @@ def _text_of(content) -> str | None:
     return None
 
 
+def _reasoning_of(message: dict) -> str | None:
+    """The first of REASONING_FIELDS that holds a non-empty string, stripped; None if none does."""
+    for name in REASONING_FIELDS:
+        value = message.get(name)
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return None
+
+
 def parse_completion(data: dict) -> Completion:
-    """The completion in a 2xx reply. A reply with no text raises NoText (retried, and an error
-    after the retries: never an empty record); one of the wrong shape raises TypeError & co."""
+    """The completion in a 2xx reply, with the reasoning the server returned apart, if any. A
+    reply with no text and no reasoning raises NoText (retried, and an error after the retries:
+    never an empty record). One with reasoning but no content (a model cut by max_tokens while
+    still thinking, or one that ended there) is a completion whose text is "". One of the wrong
+    shape raises TypeError & co."""
     if not isinstance(data, dict):
         raise TypeError("unexpected field types")
     choices = data.get("choices")
@@ -139,19 +169,64 @@ def parse_completion(data: dict) -> Completion:
         raise NoText("the reply has no message")
     content = message.get("content")
     text = _text_of(content)
-    if text is None:
+    reasoning = _reasoning_of(message)
+    if text is None and reasoning is None:
         what = "content is null" if content is None else f"content is {type(content).__name__}"
-        reason = f"the reply has no text ({what})"
-        if message.get("reasoning_content") or message.get("reasoning"):
-            reason += ("; it has only reasoning_content, which cai does not use yet (a reasoning model "
-                       "that spent its tokens thinking? raise --max-new-tokens or turn its reasoning off)")
-        raise NoText(reason)
+        raise NoText(f"the reply has no text ({what})")
     usage = data.get("usage") or {}
     if not isinstance(usage, dict):
         raise TypeError("unexpected field types")
-    return Completion(text=text.strip(), finish_reason=finish_reason(choice.get("finish_reason")),
+    return Completion(text=(text or "").strip(), finish_reason=finish_reason(choice.get("finish_reason")),
                       prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                      completion_tokens=int(usage.get("completion_tokens") or 0))
+                      completion_tokens=int(usage.get("completion_tokens") or 0), reasoning=reasoning)
+
+
+def is_event_stream(headers) -> bool:
+    """Whether a reply is a server-sent event stream (headers: a mapping with lower-case lookups)."""
+    return (headers.get("content-type") or "").split(";")[0].strip().lower() == "text/event-stream"
+
+
+def assemble_stream(text: str) -> dict:
+    """A streamed reply (server-sent events of `chat.completion.chunk`s) put back into the shape of
+    a whole one: the first choice's content, reasoning (`delta.reasoning_content` or
+    `delta.reasoning`), finish reason and logprobs joined up, and the last usage seen. An error
+    event raises NoText (retried); an event that is not JSON raises ValueError."""
+    content, reasoning, logprobs = [], [], []
+    seen, finish, usage = False, None, None
+    for line in text.splitlines():
+        if not line.startswith("data:"):
+            continue
+        payload = line[len("data:"):].strip()
+        if payload == "[DONE]":
+            break
+        chunk = json.loads(payload)
+        if not isinstance(chunk, dict):
+            raise TypeError("unexpected field types")
+        if chunk.get("error"):
+            error = chunk["error"]
+            detail = error.get("message", error) if isinstance(error, dict) else error
+            raise NoText(f"the stream ended in an error: {one_line(detail)}")
+        if isinstance(chunk.get("usage"), dict):
+            usage = chunk["usage"]
+        for choice in chunk.get("choices") or []:
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            seen = True
+            delta = choice.get("delta") or {}
+            if isinstance(delta.get("content"), str):
+                content.append(delta["content"])
+            part = next((delta[n] for n in REASONING_FIELDS if isinstance(delta.get(n), str) and delta[n]), None)
+            if part is not None:
+                reasoning.append(part)
+            finish = choice.get("finish_reason") or finish
+            if isinstance(choice.get("logprobs"), dict):
+                logprobs += choice["logprobs"].get("content") or []
+    if not seen:
+        return {"choices": [], "usage": usage}
+    message = {"role": "assistant", "content": "".join(content) if content else None,
+               "reasoning_content": "".join(reasoning) if reasoning else None}
+    return {"choices": [{"index": 0, "finish_reason": finish, "message": message,
+                         "logprobs": {"content": logprobs} if logprobs else None}], "usage": usage}
 
 
 def parse_top_logprobs(data: dict) -> list[tuple[str, float]] | str:
@@ -210,16 +285,19 @@ def scores_from(top: list[tuple[str, float]], choices: tuple[str, ...]) -> Choic
     return ChoiceScores(logprobs)
 
 
-def rejected_fields(error: str, status: int | None, body: dict) -> str:
-    """`error`, with the fields to suspect when a server refused a scoring request (400/422)."""
-    if status not in (400, 422):
+def rejected_fields(error: str, status: int | None, body: dict, fields: tuple[str, ...] = SCORING_FIELDS) -> str:
+    """`error`, with the fields of `fields` to suspect when a server refused a request that sent
+    some of them (400/422)."""
+    sent = [f for f in fields if f in body]
+    if status not in (400, 422) or not sent:
         return error
-    sent = [f for f in SCORING_FIELDS if f in body]
     named = [f for f in sent if re.search(rf"\b{f}\b", error)]
     if named:
         hint = f"the server does not take {', '.join(named)}"
         if "continue_final_message" in named:
             hint += " (sent for the prefix; vLLM and SGLang take it)"
+        if "chat_template_kwargs" in named:
+            hint += " (sent to switch thinking; vLLM, SGLang and llama.cpp's server take it)"
     else:
         hint = f"if the server refused a parameter, suspect {', '.join(sent)}"
     return f"{error}; {hint}"
