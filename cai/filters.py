@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 
 REASONS = {
-    "empty": "the revision is empty",
+    "empty": "the revision or the original response is empty",
     "unchanged": "the revision is (nearly) identical to the original response",
     "truncated": "the response or the revision hit --max-new-tokens",
     "meta": "the revision talks about the response, the critique or the rewriting instead of answering",
@@ -224,7 +224,7 @@ class Filters:
         verdict = Verdict(record, similarity=similarity(said, rejected))
         checks, c = self.config.checks, self.config
         found = verdict.reasons
-        if not said:
+        if not said or not words(rejected):
             found.append("empty")
         else:
             if verdict.similarity >= c.similarity:
