@@ -261,7 +261,7 @@ class Pipeline:
                 **({"system": system} if system else {}),
                 **({"prompt_truncated": True} if item.truncated else {}),
                 **({"given_response": True} if item.response is not None else {}),
-                "reasoning": self.reasoning,
+                **({"reasoning": self.reasoning} if self.reasoning != "drop" or self.config.reasoning != "auto" else {}),
                 "finish_reasons": {
                     "response": response.finish_reason,
                     "critique": [turns[2 * i].finish_reason for i in range(len(rounds))],
@@ -285,7 +285,9 @@ def run_fingerprint(model_name: str, constitution: Constitution, templates: Temp
     """What makes two runs the same run: records may only be appended to a file whose records
     carry the same fingerprint (it is part of every record's meta, under FINGERPRINT_KEYS)."""
     params = {**config.params.to_dict(), "revisions": config.revisions, "sampling": config.sampling,
-              "few_shot": config.few_shot, "reasoning": config.reasoning, "reasoning_tags": ",".join(config.reasoning_tags)}
+              "few_shot": config.few_shot}
+    later = {"reasoning": config.reasoning, "reasoning_tags": ",".join(config.reasoning_tags)}
+    params.update({k: v for k, v in later.items() if v != LATER_PARAMS[k]})   # the defaults change no record
     return dict(zip(FINGERPRINT_KEYS, (model_name, constitution.ref, templates.ref, config.seed, params), strict=True))
 
 
@@ -296,8 +298,8 @@ def fingerprint_differences(record: dict, fingerprint: dict) -> list[str]:
     for key, value in fingerprint.items():
         if key == "params":
             old = meta.get("params") if isinstance(meta.get("params"), dict) else {}
-            old = {**LATER_PARAMS, **old}
-            found += [f"{k}: {old.get(k)!r} → {v!r}" for k, v in value.items() if old.get(k) != v]
+            old, new = {**LATER_PARAMS, **old}, {**LATER_PARAMS, **value}
+            found += [f"{k}: {old.get(k)!r} → {v!r}" for k, v in new.items() if old.get(k) != v]
         elif meta.get(key) != value:
             found.append(f"{key}: {meta.get(key)!r} → {value!r}")
     return found

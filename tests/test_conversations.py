@@ -159,8 +159,9 @@ def test_reasoning_modes_set_the_backend_switch():
         backend.thinking_switch = switch
         records, _ = _gen(["Boil an egg"], backend, reasoning=mode)
         assert backend.thinking is told, (mode, switch)
-        assert records[0]["meta"]["reasoning"] == {"auto": "off" if switch else "drop"}.get(mode, mode)
-        assert records[0]["meta"]["params"]["reasoning"] == mode
+        resolved = {"auto": "off" if switch else "drop"}.get(mode, mode)
+        assert records[0]["meta"].get("reasoning") == (None if (mode, resolved) == ("auto", "drop") else resolved)
+        assert records[0]["meta"]["params"].get("reasoning") == (None if mode == "auto" else mode)
 
 
 def test_cut_while_thinking_is_truncated_and_a_leaked_tag_is_dropped():
@@ -270,3 +271,19 @@ def test_cli_hh_transcripts_sharegpt_and_a_response_column(tiny_model, tmp_path)
     again = _cli(DATA / "conversations" / "answers.csv", "--response-field", "response", "--model", tiny_model,
                  "-o", answers)
     assert again.exit_code == 0 and len(read_jsonl(answers)) == 2
+
+
+def test_defaults_change_no_record():
+    """Options added later (reasoning, its tags) leave a default run's records as they were, and
+    an output written before them resumes."""
+    from cai.pipeline import fingerprint_differences
+
+    records, _ = _gen(["Boil an egg"], ScriptedBackend())
+    meta = records[0]["meta"]
+    assert set(meta["params"]) == {"max_new_tokens", "temperature", "top_p", "revisions", "sampling", "few_shot"}
+    assert "reasoning" not in meta and "reasoning" not in records[0]
+    old = {**records[0], "meta": {**meta, "params": dict(meta["params"])}}
+    fingerprint = {k: meta[k] for k in ("model", "constitution", "templates", "seed", "params")}
+    assert fingerprint_differences(old, fingerprint) == []
+    assert fingerprint_differences(old, {**fingerprint, "params": {**meta["params"], "reasoning": "keep"}}) == \
+        ["reasoning: 'auto' → 'keep'"]
