@@ -53,7 +53,10 @@ class Curation:
                     "id": verdict.record.get("id"), "principle": verdict.record.get("principle"),
                     # the run's fingerprint, so a rerun can tell whether this file is its own
                     "meta": {k: v for k, v in verdict.record.get("meta", {}).items() if k in FINGERPRINT_KEYS}}
-                self.drops.write({**line, "filter": {"reasons": verdict.reasons}})
+                # a repaired pair that still failed: the reasons of every earlier try too
+                earlier = verdict.record.get("meta", {}).get("repairs")
+                self.drops.write({**line, "filter": {"reasons": verdict.reasons,
+                                                     **({"earlier": earlier} if earlier else {})}})
             else:
                 kept.append(verdict.record)
         self.drops.sync()

@@ -74,6 +74,7 @@ class CurationOptions:
 
     filter: bool = True
     similarity: float = 0.9
+    repairs: int = 0
     drop_refusals: bool = False
     keep_filtered: bool = False
     filtered: str | None = None
@@ -151,6 +152,7 @@ class GenerateOptions(BackendSpec, CurationOptions):
             raise OptionError("resume", "contradicts `overwrite`; pick one")
         for name in ("revisions", "batch_size", "max_new_tokens", "limit"):
             _at_least(name, getattr(self, name), 1)
+        _at_least("repairs", self.repairs, 0)
         if self.temperature < 0:
             raise OptionError("temperature", f"must be 0 (greedy) or more (got {self.temperature:g})")
         if not 0 < self.top_p <= 1:

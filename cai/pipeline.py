@@ -17,6 +17,10 @@ from cai.messages import PromptItem
 from cai.messages import Message
 from cai.prompts import ConversationBuilder, Templates
 from cai import reasoning as thinking
+from cai.fingerprint import FINGERPRINT_KEYS, LATER_PARAMS, fingerprint_differences, run_fingerprint  # noqa: F401
+
+
+REPAIR_TEMPERATURE = 0.5    # a greedy run would repeat its failed turn word for word: repairs sample
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,8 @@ class RunConfig:
     params: SamplingParams = SamplingParams()
     reasoning: str = "auto"                              # cai.reasoning.MODES
     reasoning_tags: tuple[str, str] = thinking.DEFAULT_TAGS
+    repairs: int = 0               # more tries of a turn whose pair the filters would drop (needs `check`)
+    repair_temperature: float = REPAIR_TEMPERATURE       # what a greedy run samples its repairs at
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,8 @@ class _Work:
     job: Job
     messages: list[Message]
     completions: list[Completion] = field(default_factory=list)
+    tries: dict[str, int] = field(default_factory=dict)      # stage → attempts made so far
+    repairs: list[dict] = field(default_factory=list)        # each failed attempt: turn and reasons
 
 
 TurnCallback = Callable[[str, Completion], None]     # (stage, completion) as each turn ends
@@ -164,18 +172,24 @@ class Pipeline:
         return added * self._mentions
 
     def run(self, jobs: list[Job], on_turn: TurnCallback | None = None,
-            stop: Callable[[], bool] | None = None, on_failure: FailureCallback | None = None) -> Iterator[list[dict]]:
+            stop: Callable[[], bool] | None = None, on_failure: FailureCallback | None = None,
+            check: Callable[[dict], list[str]] | None = None) -> Iterator[list[dict]]:
         """Yields records as their conversations finish. Up to `batch_size` conversations are in
         flight at once, each moving through its turns on its own (a finished response goes
         straight on to its critique); a new prompt starts as soon as one finishes. Once `stop()`
         is true no new prompt starts, and the run ends when those in flight are done. A turn the
         backend could not produce (a remote request that failed after its retries) ends its
-        conversation without a record and goes to `on_failure`; without one, it raises."""
+        conversation without a record and goes to `on_failure`; without one, it raises.
+
+        With `check` (the reasons the filters would drop a record for) and `config.repairs`, a
+        conversation whose pair would be dropped tries its failing turn again before it is
+        given up (see `_repair`); the record says every failed attempt in `meta.repairs`."""
         longest = max((j.tokens or 0 for j in jobs), default=0) or None
         stream = self.backend.stream(self.config.params, max(1, min(self.config.batch_size, len(jobs))), longest)
         waiting = deque(jobs)
         work: dict[str, _Work] = {}
         turns = 1 + 2 * self.config.revisions
+        check = check if self.config.repairs else None
         while True:
             while waiting and len(work) < self.config.batch_size and not (stop and stop()):
                 job = waiting.popleft()
@@ -203,6 +217,9 @@ class Pipeline:
                 self._add_turn(w, completion)
                 if on_turn:
                     on_turn(_stage(len(w.completions) - 1), completion)
+                if check and self._repair(w, check, turns):
+                    self._submit(stream, w)
+                    continue
                 if len(w.completions) == turns:
                     done.append(self._record(w))
                     stream.release(key)
@@ -212,6 +229,28 @@ class Pipeline:
                 self._submit(stream, w)
             if done:
                 yield done
+
+    def _repair(self, w: _Work, check: Callable[[dict], list[str]], turns: int) -> bool:
+        """Whether the turn that just ended is taken back to be tried again (its request is then
+        the conversation's last message). A response cut at --max-new-tokens is retried at once
+        (a truncated original is dropped whatever the revision says); a finished pair the checks
+        would drop gets a fresh sample of its last revision. Each try has its own seed, derived
+        like every turn's, so a resumed run makes the same record."""
+        if len(w.repairs) >= self.config.repairs:
+            return False
+        ended = len(w.completions) - 1
+        if ended == 0 and w.completions[0].finish_reason == "length":
+            reasons = ["truncated"]
+        elif len(w.completions) == turns:
+            reasons = check(self._record(w))
+            if not reasons:
+                return False
+        else:
+            return False
+        w.repairs.append({"turn": _stage(ended), "reasons": reasons})
+        w.completions.pop()
+        w.messages.pop()
+        return True
 
     def _add_turn(self, w: _Work, completion: Completion) -> None:
         """A finished turn joins the conversation without its reasoning (kept on the completion)."""
@@ -229,7 +268,15 @@ class Pipeline:
 
     def _submit(self, stream: Stream, w: _Work) -> None:
         stage = _stage(len(w.completions))
-        stream.submit(Request(w.job.record_id, list(w.messages), _derive_seed(self.config.seed, stage, w.job.record_id)))
+        tries = w.tries[stage] = w.tries.get(stage, 0) + 1
+        # a retry gets its own seed (the first try's is what it always was), and a greedy run
+        # samples its retries, or it would write the same turn again
+        key = stage if tries == 1 else f"{stage}#{tries}"
+        params = None
+        if tries > 1 and self.config.params.greedy:
+            params = replace(self.config.params, temperature=self.config.repair_temperature)
+        stream.submit(Request(w.job.record_id, list(w.messages), _derive_seed(self.config.seed, key, w.job.record_id),
+                              params=params))
 
     def fingerprint(self) -> dict:
         return run_fingerprint(self.backend.model_name, self.constitution, self.templates, self.config)
@@ -261,6 +308,9 @@ class Pipeline:
                 **({"system": system} if system else {}),
                 **({"prompt_truncated": True} if item.truncated else {}),
                 **({"given_response": True} if item.response is not None else {}),
+                **({"attempts": dict(w.tries), "repairs": list(w.repairs)} if self.config.repairs else {}),
+                **({"repair_temperature": self.config.repair_temperature}
+                   if w.repairs and self.config.params.greedy else {}),
                 **({"reasoning": self.reasoning} if self.reasoning != "drop" or self.config.reasoning != "auto" else {}),
                 "finish_reasons": {
                     "response": response.finish_reason,
@@ -273,36 +323,6 @@ class Pipeline:
                 "cai": __version__,
             },
         }
-
-
-FINGERPRINT_KEYS = ("model", "constitution", "templates", "seed", "params")
-# Run parameters added after records were first written, with the value that makes the same
-# records as before: a file written without one continues under that value.
-LATER_PARAMS = {"reasoning": "auto", "reasoning_tags": ",".join(thinking.DEFAULT_TAGS)}
-
-
-def run_fingerprint(model_name: str, constitution: Constitution, templates: Templates, config: RunConfig) -> dict:
-    """What makes two runs the same run: records may only be appended to a file whose records
-    carry the same fingerprint (it is part of every record's meta, under FINGERPRINT_KEYS)."""
-    params = {**config.params.to_dict(), "revisions": config.revisions, "sampling": config.sampling,
-              "few_shot": config.few_shot}
-    later = {"reasoning": config.reasoning, "reasoning_tags": ",".join(config.reasoning_tags)}
-    params.update({k: v for k, v in later.items() if v != LATER_PARAMS[k]})   # the defaults change no record
-    return dict(zip(FINGERPRINT_KEYS, (model_name, constitution.ref, templates.ref, config.seed, params), strict=True))
-
-
-def fingerprint_differences(record: dict, fingerprint: dict) -> list[str]:
-    """How the run that wrote `record` differs from `fingerprint` ('model: a → b', …)."""
-    meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
-    found = []
-    for key, value in fingerprint.items():
-        if key == "params":
-            old = meta.get("params") if isinstance(meta.get("params"), dict) else {}
-            old, new = {**LATER_PARAMS, **old}, {**LATER_PARAMS, **value}
-            found += [f"{k}: {old.get(k)!r} → {v!r}" for k, v in new.items() if old.get(k) != v]
-        elif meta.get(key) != value:
-            found.append(f"{key}: {meta.get(key)!r} → {value!r}")
-    return found
 
 
 def _stage(turn: int) -> str:

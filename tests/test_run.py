@@ -275,10 +275,10 @@ def test_an_invalid_line_is_in_one_shard_however_the_path_is_spelled(tmp_path, m
     assert all(sum(found) == 1 for found in placements) and placements[0] == placements[1] == placements[2]
 
 
-def test_api_prompts_must_be_strings_or_dicts():
+def test_api_prompts_must_be_strings_conversations_or_dicts():
     import cai
 
-    with pytest.raises(OptionError, match="item 1: expected a prompt string or a dict, got int"):
+    with pytest.raises(OptionError, match="item 1: expected a prompt string, a list of chat messages or a dict, got int"):
         cai.generate([5, {"prompt": "x"}], model=ScriptedBackend())
     with pytest.raises(OptionError, match="no prompts given"):
         cai.generate([], model=ScriptedBackend())

@@ -49,6 +49,7 @@ class Request:
     key: str                        # names a conversation; its next turn is submitted under the same key
     conversation: list[Message]
     seed: int | None = None
+    params: SamplingParams | None = None    # this turn's own sampling settings (None: the stream's)
 
 
 class Stream(Protocol):
@@ -119,12 +120,17 @@ class LockstepStream:
         self._waiting.append(request)
 
     def poll(self) -> list[tuple[str, Completion]]:
-        batch, self._waiting = self._waiting[:self.width], self._waiting[self.width:]
-        if not batch:
+        if not self._waiting:
             return []
+        # one batch shares its sampling settings: the first waiting turn's, and those like it
+        params = self._waiting[0].params or self.params
+        alike = [r for r in self._waiting if (r.params or self.params) == params]
+        batch = alike[:self.width]
+        taken = {id(r) for r in batch}
+        self._waiting = [r for r in self._waiting if id(r) not in taken]
         seeds = [str(r.seed) for r in batch if r.seed is not None]
         seed = int.from_bytes(hashlib.sha256(",".join(seeds).encode()).digest()[:4], "little") if seeds else None
-        completions = self.backend.generate([r.conversation for r in batch], self.params, seed=seed)
+        completions = self.backend.generate([r.conversation for r in batch], params, seed=seed)
         return [(r.key, c) for r, c in zip(batch, completions, strict=True)]
 
     def release(self, key: str) -> None:

@@ -375,9 +375,10 @@ class EngineStream:
     def submit(self, request: Request) -> None:
         tokens = self.backend.encode(request.conversation)
         try:
-            self.engine.submit(request.key, tokens, self.params.max_new_tokens,
-                               temperature=0.0 if self.params.greedy else self.params.temperature,
-                               top_p=self.params.top_p, seed=request.seed)
+            params = request.params or self.params
+            self.engine.submit(request.key, tokens, params.max_new_tokens,
+                               temperature=0.0 if params.greedy else params.temperature,
+                               top_p=params.top_p, seed=request.seed)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
 

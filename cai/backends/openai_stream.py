@@ -70,7 +70,7 @@ class OpenAIStream:
         failure: Failed | None = None
         try:
             async with self._semaphore:
-                completion = await self.backend._complete(request, self.params)
+                completion = await self.backend._complete(request, request.params or self.params)
         except asyncio.CancelledError:
             raise                      # released, or the backend closed: nobody waits for it
         except Failed as exc:

@@ -100,7 +100,9 @@ def generate_summary(summary) -> None:
     if summary.resumed:
         table.add_row("already there (resumed)", str(summary.resumed))
     table.add_row("pairs made", str(summary.made))
-    table.add_row("records written", str(summary.kept))
+    table.add_row("records written", str(summary.kept)
+                  + (f" ({summary.kept - summary.repaired} on the first try, {summary.repaired} after repair)"
+                     if summary.repaired else ""))
     if curation.get("active"):
         reasons = " · ".join(f"{reason} {count}" for reason, count in curation["reasons"].items())
         table.add_row("dropped (filters)", f"{summary.dropped}" + (f" ({reasons})" if reasons else ""))
@@ -119,7 +121,7 @@ def generate_summary(summary) -> None:
         table.add_row("truncated (hit max tokens)", str(summary.truncated))
     table.add_row("generated tokens", f"{summary.tokens:,}")
     table.add_row("time", f"{summary.elapsed:.1f} s")
-    table.add_row("speed", f"{pairs:.1f} pairs/min · {tokens:.1f} tok/s")
+    table.add_row("speed", f"{pairs:.1f} pairs/min · {summary.kept_rate:.1f} kept/min · {tokens:.1f} tok/s")
     table.add_row("output", resolved(summary.output))
     if summary.dropped and summary.filtered:
         table.add_row("dropped pairs", resolved(summary.filtered))

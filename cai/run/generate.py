@@ -72,7 +72,8 @@ def run(prompts: str | Iterable, output: str | None, options: GenerateOptions, *
         revisions=options.revisions or constitution.defaults.revisions,
         sampling=options.sampling or constitution.defaults.sampling, seed=options.seed,
         few_shot=options.few_shot, params=_sampling(options),     # the width is decided once the backend is open
-        reasoning=options.reasoning, reasoning_tags=options.tags())
+        reasoning=options.reasoning, reasoning_tags=options.tags(),
+        repairs=options.repairs if options.filter else 0)          # repairs answer to the filters
     selection = select(prompts, options, constitution, config, stdin)
     if options.format == "standard":
         conversation = next((item for item in selection.items if item.history), None)
@@ -179,13 +180,15 @@ def _loop(pipeline, jobs, writer, curation, failures, fmt: str, summary: Summary
         if progress:
             progress("turn", summary)
 
-    for made in pipeline.run(jobs, on_turn=on_turn, stop=stop, on_failure=failures):
+    check = (lambda record: curation.filters.apply(record).reasons) if curation.filters else None
+    for made in pipeline.run(jobs, on_turn=on_turn, stop=stop, on_failure=failures, check=check):
         summary.made += len(made)
         kept = curation(made)
         summary.dropped = curation.dropped
         for record in kept:
             writer.write(to_format(record, fmt) if fmt != "standard" else record)
             summary.kept += 1
+            summary.repaired += bool(record["meta"].get("repairs"))
             summary.changed += record["chosen"].strip() != record["rejected"].strip()
             reasons = record["meta"]["finish_reasons"]
             summary.truncated += "length" in (reasons["response"], *reasons["revision"])

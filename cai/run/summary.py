@@ -26,6 +26,7 @@ class Summary:
     planned: int = 0
     resumed: int = 0                   # already in the output or the filtered file
     kept: int = 0
+    repaired: int = 0                  # of `kept`: kept after a repair (not on the first try)
     dropped: int = 0                   # by the filters or the judge
     failed: int = 0                    # the backend failed after its retries
     skipped_invalid: int = 0           # invalid input lines (--skip-invalid)
@@ -70,6 +71,12 @@ class Summary:
         elapsed = max(self.elapsed or time.monotonic() - self.start, 1e-9)
         return self.made / elapsed * 60, self.tokens / elapsed
 
+    @property
+    def kept_rate(self) -> float:
+        """Kept pairs per minute so far: the throughput of pairs worth training on."""
+        elapsed = max(self.elapsed or time.monotonic() - self.start, 1e-9)
+        return self.kept / elapsed * 60
+
     def nothing_made(self) -> bool:
         """Prompts were to be made and none could be (all failed or skipped), without a stop."""
         return (self.planned > self.resumed and not self.made and not self.stopped_by
@@ -99,7 +106,8 @@ class Summary:
     def as_dict(self) -> dict:
         """The summary for machines (no records)."""
         out = {k: v for k, v in self.__dict__.items() if k not in ("records", "side", "start")}
-        out.update(skipped=self.skipped, not_made=self.not_made, complete=self.complete, exit_code=self.exit_code)
+        out.update(skipped=self.skipped, not_made=self.not_made, complete=self.complete, exit_code=self.exit_code,
+                   kept_per_min=round(self.kept_rate, 3))
         return out
 
 
