@@ -1,132 +1,169 @@
-"""Reading what users bring: prompts (JSONL, CSV/TSV tables, plain text, stdin), compressed or
-not, and cai's own record files, each problem reported with file:line and field."""
+"""Reading what users bring: prompts (JSONL, CSV/TSV tables, plain text, stdin, compressed or
+not; Parquet, Arrow and `datasets` through cai.tables) and cai's own record files, each problem
+reported with file:line and field. Files are read as they go, a line (or a batch of rows) at a
+time, so memory holds the prompts and little more."""
 
 from __future__ import annotations
 
-import bz2
 import csv
-import io
+import itertools
 import json
-import lzma
 import re
 import sys
-import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import IO
 
-from cai.errors import InputError
+from cai.compressed import COMPRESSED_SUFFIXES, open_stream
 from cai.conversations import Fields, item_from_row
+from cai.errors import InputError, OptionError
 from cai.messages import PromptItem, prompt_id
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t"}
-COMPRESSED_SUFFIXES = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz", ".zst": "zstd"}
+Entry = PromptItem | InputError
 
 
 def read_prompts(source: str, prompt_field: str = "prompt", stdin: IO[bytes] | None = None,
-                 invalid: list[InputError] | None = None, fields: Fields | None = None) -> list[PromptItem]:
-    """Every prompt of `source` (a path, or '-' for stdin), validated in full before any model
-    work starts, so a bad line 90,000 fails now rather than hours into a run. With an `invalid`
-    list, bad lines are collected there and skipped instead of raised.
+                 invalid: list[InputError] | None = None, fields: Fields | None = None,
+                 split: str | None = None) -> list[PromptItem]:
+    """Every prompt of `source` (a path, '-' for stdin, or a dataset id), validated in full before
+    any model work starts, so a bad line 90,000 fails now rather than hours into a run. With an
+    `invalid` list, bad lines are collected there and skipped instead of raised.
 
     The format is told by the suffix, before any compression suffix (`.gz`, `.bz2`, `.xz`, `.zst`):
     `.jsonl`/`.ndjson`/`.json` one object a line, `.csv`/`.tsv` a table with a header row, `.txt`
-    one prompt a line; else (and on stdin) JSONL when the first line starts with '{', else text.
-    Compressed data without a compression suffix (stdin) is recognised by its first bytes.
+    one prompt a line; else (and on stdin) JSONL when the first non-blank line starts with '{',
+    else text. Compressed data without a compression suffix (stdin) is recognised by its first
+    bytes. `.parquet`, `.arrow`/`.feather`, a folder saved by `datasets` and a Hub dataset id
+    (`owner/name`) are read row by row (see cai.tables); `split` picks a split of those.
 
     Each prompt's `index` is its place among the prompt lines (table rows) of the whole input,
     invalid ones included and blank ones not, so skipping a line never moves a later prompt's.
     `fields` says where a row keeps its prompt (or conversation), a given response and its id
     (default: `prompt_field`, no response, `id`); see cai.conversations."""
     fields = fields or Fields(prompt=prompt_field)
-    prompt_field = fields.prompt
     name = "<stdin>" if source == "-" else source
-    if source == "-":
-        raw = (stdin or sys.stdin.buffer).read()
-    else:
-        path = Path(source)
-        if path.is_dir():
-            raise InputError(source, "is a directory, not a prompts file")
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            raise InputError(source, "no such file") from None
-        except OSError as exc:
-            raise InputError(source, f"cannot read: {exc.strerror}") from None
-    kind, fmt = _kinds(source, raw[:16])
-    if kind:
-        raw = io.BufferedReader(_Decompressing(io.BytesIO(raw), kind, name)).read()
-    lines = raw.splitlines(keepends=True)
-
-    def bad(error: InputError) -> None:
-        if invalid is None:
-            raise error
-        invalid.append(error)
-
-    if fmt in TABLE_SUFFIXES:
-        entries = _table_entries(name, lines, fields, TABLE_SUFFIXES[fmt])
-    else:
-        decoded: list[tuple[int, str | None]] = []
-        for number, line in enumerate(lines, start=1):
-            try:
-                decoded.append((number, line.decode("utf-8").rstrip("\r\n")))
-            except UnicodeDecodeError:
-                decoded.append((number, None))
-        if decoded and decoded[0][1] and decoded[0][1].startswith("\ufeff"):
-            decoded[0] = (1, decoded[0][1][1:])
-        jsonl = fmt in JSONL_SUFFIXES or (fmt is None and _looks_jsonl(decoded))
-        entries = _line_entries(name, decoded, fields, jsonl)
-
     items: list[PromptItem] = []
     seen: dict[str, int] = {}           # id → line it was first seen on
-    for index, entry in enumerate(entries):
-        item = entry
-        if isinstance(entry, PromptItem) and item.id in seen and item.id != item.content_id:
-            # Ids must be unique: resume and merging rely on them. A repeated explicit id is an
-            # error; a repeated prompt text (hashed id) gets a suffix (`-2`, `-3`).
-            entry = InputError(name, f"duplicate id '{item.id}' (first on line {seen[item.id]})",
-                               line=item.line, field="id")
-        if isinstance(entry, InputError):
-            entry.index = index         # where it would have been, as for a valid line
-            bad(entry)
-            continue
-        if item.id in seen:
-            n = 2
-            while f"{item.id}-{n}" in seen:
-                n += 1
-            item = replace(item, id=f"{item.id}-{n}")
-        seen[item.id] = item.line
-        items.append(replace(item, index=index))
+    with ExitStack() as stack:
+        name, entries = _entries(source, name, fields, stdin, split, stack)
+        try:
+            for index, entry in enumerate(entries):
+                item = entry
+                if isinstance(entry, PromptItem) and item.id in seen and item.id != item.content_id:
+                    # Ids must be unique: resume and merging rely on them. A repeated explicit id is
+                    # an error; a repeated prompt text (hashed id) gets a suffix (`-2`, `-3`).
+                    entry = InputError(name, f"duplicate id '{item.id}' (first on line "
+                                       f"{seen[item.id]})", line=item.line, field="id")
+                if isinstance(entry, InputError):
+                    entry.index = index         # where it would have been, as for a valid line
+                    if invalid is None:
+                        raise entry
+                    invalid.append(entry)
+                    continue
+                if item.id in seen:
+                    n = 2
+                    while f"{item.id}-{n}" in seen:
+                        n += 1
+                    item = replace(item, id=f"{item.id}-{n}")
+                seen[item.id] = item.line
+                items.append(replace(item, index=index))
+        except OSError as exc:
+            raise InputError(name, f"cannot read: {exc.strerror or exc}") from None
     if not items:
         raise InputError(name, "no prompts found" + (f" ({len(invalid)} invalid lines skipped)" if invalid else ""))
     return items
 
 
-def _kinds(source: str, head: bytes) -> tuple[str | None, str | None]:
-    """(compression, format suffix) of an input: both by suffix where there is one (the format by
-    the suffix before the compression's), the compression else by the data's first bytes."""
+def _entries(source: str, name: str, fields: Fields, stdin: IO[bytes] | None, split: str | None,
+             stack: ExitStack) -> tuple[str, Iterator[Entry]]:
+    """(the input's name in messages, its entries): opened now, so a missing file fails here,
+    and read as they are iterated."""
+    if source != "-":
+        from cai import tables
+
+        kind = tables.kind_of(source)
+        if kind:
+            shown, rows = tables.rows(source, kind, fields, split, stack)
+            return shown, _row_entries(shown, rows, fields)
+        path = Path(source)
+        if path.is_dir():
+            raise InputError(source, "is a directory, not a prompts file")
+    if split is not None:
+        raise OptionError("split", f"is for a Parquet/Arrow file, a `datasets` folder or a dataset id, "
+                                   f"not {name}")
+    suffix_kind, fmt = None, None
     if source == "-":
-        return _sniff_compression(head), None
+        fp = stdin or sys.stdin.buffer
+    else:
+        try:
+            fp = stack.enter_context(Path(source).open("rb"))
+        except FileNotFoundError:
+            raise InputError(source, "no such file") from None
+        except OSError as exc:
+            raise InputError(source, f"cannot read: {exc.strerror}") from None
+        suffix_kind, fmt = _suffixes(source)
+    stream, _ = open_stream(fp, name, kind=suffix_kind)
+    lines = _physical_lines(stream)
+    if fmt in TABLE_SUFFIXES:
+        return name, _table_entries(name, lines, fields, TABLE_SUFFIXES[fmt])
+    decoded = _decoded(lines)
+    jsonl = fmt in JSONL_SUFFIXES
+    if fmt is None:
+        jsonl, decoded = _sniff_jsonl(decoded)
+    return name, _line_entries(name, decoded, fields, jsonl)
+
+
+def _suffixes(source: str) -> tuple[str | None, str | None]:
+    """(compression, format suffix) a file's name gives (the format by the suffix before the
+    compression's); a compression it does not give is told by the data's first bytes."""
     path = Path(source)
     suffix = path.suffix.lower()
     kind = COMPRESSED_SUFFIXES.get(suffix)
     if kind:
         suffix = Path(path.stem).suffix.lower()
-    else:
-        kind = _sniff_compression(head)
     known = (*JSONL_SUFFIXES, *TABLE_SUFFIXES, ".txt")
     return kind, suffix if suffix in known else None
 
 
-def _looks_jsonl(lines: list[tuple[int, str | None]]) -> bool:
-    first = next((text for _, text in lines if text and text.strip()), "")
-    return first.lstrip().startswith("{")
+def _physical_lines(stream: IO[bytes]) -> Iterator[bytes]:
+    """The lines of a binary stream with their ends, split as bytes.splitlines splits them (a
+    lone CR ends a line too)."""
+    for line in stream:
+        if b"\r" in line:
+            yield from line.splitlines(keepends=True)
+        else:
+            yield line
 
 
-def _line_entries(name: str, lines: list[tuple[int, str | None]], fields: Fields,
-                  jsonl: bool) -> Iterator[PromptItem | InputError]:
+def _decoded(lines: Iterable[bytes]) -> Iterator[tuple[int, str | None]]:
+    """(line number, its text without the line end, or None where it is not UTF-8), a BOM off
+    the first line."""
+    for number, line in enumerate(lines, start=1):
+        try:
+            text = line.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            text = None
+        if number == 1 and text and text.startswith("\ufeff"):
+            text = text[1:]
+        yield number, text
+
+
+def _sniff_jsonl(lines: Iterator[tuple[int, str | None]]) -> tuple[bool, Iterator[tuple[int, str | None]]]:
+    """(whether the first non-blank line starts with '{', all the lines still to read)."""
+    held = []
+    for entry in lines:
+        held.append(entry)
+        if entry[1] and entry[1].strip():
+            return entry[1].lstrip().startswith("{"), itertools.chain(held, lines)
+    return False, iter(held)
+
+
+def _line_entries(name: str, lines: Iterable[tuple[int, str | None]], fields: Fields,
+                  jsonl: bool) -> Iterator[Entry]:
     """A PromptItem or the InputError of each non-blank line, in order."""
     for number, text in lines:
         if text is None:
@@ -140,6 +177,15 @@ def _line_entries(name: str, lines: list[tuple[int, str | None]], fields: Fields
         try:
             yield _parse_jsonl_line(name, number, text, fields) if jsonl else \
                 PromptItem(prompt_id(text.strip()), text.strip(), number)
+        except InputError as error:
+            yield error
+
+
+def _row_entries(name: str, rows: Iterable[tuple[int, dict]], fields: Fields) -> Iterator[Entry]:
+    """A PromptItem or the InputError of each row of a Parquet/Arrow file or a dataset."""
+    for number, row in rows:
+        try:
+            yield item_from_row(name, number, row, fields)
         except InputError as error:
             yield error
 
@@ -161,7 +207,7 @@ _NUL = "\udc00"
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
 
 
-def _table_entries(name: str, lines: list[bytes], fields: Fields,
+def _table_entries(name: str, lines: Iterable[bytes], fields: Fields,
                    delimiter: str) -> Iterator[PromptItem | InputError]:
     """A PromptItem or the InputError of each non-blank row of a CSV/TSV table, in order: the
     header row names the columns, `prompt_field` picks the prompt's and an `id` column, where
@@ -218,101 +264,6 @@ def _table_entries(name: str, lines: list[bytes], fields: Fields,
         csv.field_size_limit(limit)
 
 
-# --- compressed input --------------------------------------------------------------------------
-
-_SIGNATURES = {"gzip": b"\x1f\x8b", "bzip2": b"BZh", "xz": b"\xfd7zXZ\x00", "zstd": b"\x28\xb5\x2f\xfd"}
-
-
-def _sniff_compression(head: bytes) -> str | None:
-    """The compression whose signature `head` starts with (none of them can start UTF-8 text,
-    bar bzip2's, which is checked further)."""
-    for kind, signature in _SIGNATURES.items():
-        if head.startswith(signature):
-            if kind == "bzip2" and not (head[3:4].isdigit() and head[4:10] in (b"1AY&SY", b"\x17rE8P\x90")):
-                continue
-            return kind
-    return None
-
-
-def _decompressor(kind: str, name: str):
-    if kind == "gzip":
-        return lambda: zlib.decompressobj(16 + zlib.MAX_WBITS)
-    if kind == "bzip2":
-        return bz2.BZ2Decompressor
-    if kind == "xz":
-        return lzma.LZMADecompressor
-    try:
-        import zstandard
-    except ImportError:
-        try:
-            from compression.zstd import ZstdDecompressor       # Python 3.14's standard library
-        except ImportError:
-            raise InputError(name, "is zstd-compressed: reading it needs the zstandard package "
-                                   "(pip install zstandard)") from None
-        return ZstdDecompressor
-    return zstandard.ZstdDecompressor().decompressobj
-
-
-class _Decompressing(io.RawIOBase):
-    """The decompressed bytes of a compressed stream (gzip, bzip2, xz or zstd; several members or
-    frames one after another, as `cat a.gz b.gz` makes), read as they are needed. Bad or cut-off
-    data is one InputError, not the codec's exception."""
-
-    CHUNK = 1 << 16
-
-    def __init__(self, fp: IO[bytes], kind: str, name: str):
-        super().__init__()
-        self._fp, self._kind, self._name = fp, kind, name
-        self._new = _decompressor(kind, name)
-        self._codec = None
-        self._out, self._at = b"", 0
-        self._done = False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        while self._at == len(self._out) and not self._done:
-            self._out, self._at = self._fill(), 0
-        n = min(len(buffer), len(self._out) - self._at)
-        buffer[:n] = self._out[self._at:self._at + n]
-        self._at += n
-        return n
-
-    def _fill(self) -> bytes:
-        chunk = self._fp.read(self.CHUNK)
-        if not chunk:
-            self._done = True
-            if self._codec is not None and not self._codec.eof:
-                raise self._error("it ends early: cut off?")
-            return b""
-        if self._codec is None and not chunk.startswith(_SIGNATURES[self._kind][:len(chunk)]):
-            raise self._error(f"it does not start with the {self._kind} signature")
-        out = []
-        try:
-            while chunk:
-                if self._codec is None or self._codec.eof:
-                    self._codec = self._new()
-                out.append(self._codec.decompress(chunk))
-                chunk = self._codec.unused_data if self._codec.eof else b""
-        except InputError:
-            raise
-        except Exception as exc:        # zlib.error, OSError, lzma.LZMAError, zstandard.ZstdError…
-            raise self._error(str(exc) or type(exc).__name__) from None
-        return b"".join(out)
-
-    def _error(self, detail: str) -> InputError:
-        return InputError(self._name, f"not a valid {self._kind} file ({detail})")
-
-
-def _peek(fp, n: int) -> bytes:
-    if fp.seekable():
-        head = fp.read(n)
-        fp.seek(-len(head), io.SEEK_CUR)
-        return head
-    return fp.peek(n)[:n] if hasattr(fp, "peek") else b""
-
-
 # --- cai's own files ---------------------------------------------------------------------------
 
 def iter_jsonl(source: str, stdin: IO[bytes] | None = None, warn: Callable[[str], None] | None = None,
@@ -337,8 +288,7 @@ def iter_jsonl(source: str, stdin: IO[bytes] | None = None, warn: Callable[[str]
         except OSError as exc:
             raise InputError(source, f"cannot read: {exc.strerror}") from None
     try:
-        kind, _ = _kinds(source, _peek(fp, 16))
-        lines = io.BufferedReader(_Decompressing(fp, kind, name)) if kind else fp
+        lines, _ = open_stream(fp, name, kind=None if source == "-" else _suffixes(source)[0])
         for number, raw in enumerate(lines, start=1):
             if not raw.strip():
                 continue

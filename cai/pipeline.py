@@ -73,6 +73,14 @@ def record_plans(constitution: Constitution, config: RunConfig, prompts: Iterabl
                      for principles in plans]
 
 
+def record_ids(constitution: Constitution, config: RunConfig, item: PromptItem) -> list[str]:
+    """The ids of the records one prompt makes, as record_plans names them, without drawing
+    their principles: the prompt's id, or with sampling 'all' one id per principle."""
+    if config.sampling != "all":
+        return [item.id]
+    return [f"{item.id}/{principle.id}" for principle in constitution.principles]
+
+
 class Pipeline:
     def __init__(self, backend: Backend, constitution: Constitution, templates: Templates, config: RunConfig):
         self.backend = backend

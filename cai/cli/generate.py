@@ -19,7 +19,7 @@ from cai.cli.render import RunProgress, err, generate_summary, setup_logging
 @reports_errors
 @backend_options
 def generate(
-    prompts: Annotated[str, typer.Argument(help="Prompts: .jsonl (one object per line), .csv/.tsv (a header row), a text file (one prompt per line), any of them .gz/.bz2/.xz/.zst compressed, or - for stdin.", show_default=False)],
+    prompts: Annotated[str, typer.Argument(help="Prompts: .jsonl (one object per line), .csv/.tsv (a header row), a text file (one prompt per line), any of them .gz/.bz2/.xz/.zst compressed; .parquet, .arrow/.feather, a folder saved by datasets, a Hub dataset id (owner/name); or - for stdin.", show_default=False)],
     output: Annotated[str, typer.Option("--output", "-o", help="Where records go: a .jsonl file, or - for stdout.")] = "-",
     constitution: Annotated[str, typer.Option("--constitution", "-c", help="A shipped constitution by name (see `cai constitution list`) or a path to a YAML file.")] = "harmless",
     templates: Annotated[str, typer.Option("--templates", help="Prompt templates: a shipped set by name or a folder of .jinja files.")] = "default",

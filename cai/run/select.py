@@ -30,7 +30,7 @@ class Selection:
 
 def select(prompts, options, constitution, config, stdin=None) -> Selection:
     from cai.inputs import read_prompts
-    from cai.pipeline import record_plans
+    from cai.pipeline import record_ids
     from cai.records import shard_of
 
     invalid: list[InputError] = []
@@ -38,9 +38,8 @@ def select(prompts, options, constitution, config, stdin=None) -> Selection:
         source, stream = str(prompts), stdin
     else:
         source, stream = "-", io.BytesIO(_as_jsonl(prompts, options.prompt_field))
-    split = getattr(options, "split", None)
     items = read_prompts(source, stdin=stream, invalid=invalid if options.skip_invalid else None,
-                         fields=options.fields(), **({"split": split} if split else {}))
+                         fields=options.fields(), split=options.split)
     invalid.sort(key=lambda error: error.line or 0)
     shard_k, shard_n = options.shard_numbers()
 
@@ -48,7 +47,6 @@ def select(prompts, options, constitution, config, stdin=None) -> Selection:
         return (options.limit is None or index < options.limit) and (shard_n == 1 or shard_of(key, shard_n) == shard_k)
 
     chosen = [item for item in items if inside(_index(item), item.id)]
-    plans = {item.id: [record_id for record_id, _ in records] for item, records in record_plans(constitution, config, items)}
     if shard_n > 1:
         import logging
 
@@ -56,8 +54,9 @@ def select(prompts, options, constitution, config, stdin=None) -> Selection:
     return Selection(
         items=chosen,
         invalid=[error for error in invalid if inside(error.index or 0, f"line\x1f{error.index}")],
-        ids=[record_id for item in chosen for record_id in plans[item.id]],
-        all_ids={record_id for ids in plans.values() for record_id in ids},
+        # the ids alone (no principles drawn, no plan kept a prompt): a million prompts stay cheap
+        ids=[record_id for item in chosen for record_id in record_ids(constitution, config, item)],
+        all_ids={record_id for item in items for record_id in record_ids(constitution, config, item)},
         per_invalid=len(constitution.principles) if config.sampling == "all" else 1)
 
 
