@@ -24,6 +24,7 @@ import json
 import sys
 import time
 from collections import Counter
+from types import SimpleNamespace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,8 +34,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 import cai  # noqa: E402
-from cai.filters import (DEFAULT_CHECKS, FilterConfig, Filters, is_refusal, references_of, similarity,  # noqa: E402
-                         starts_with_preamble)
+from cai.filters import is_refusal, similarity, starts_with_preamble  # noqa: E402
 from cai.inputs import read_prompts  # noqa: E402
 from cai.judging import Judge  # noqa: E402
 from cai.prompts import load_templates  # noqa: E402
@@ -59,24 +59,27 @@ def judge_figures(records: list[dict]) -> dict:
             "revision_preferred": sum(j["preference"] > 0.5 for j in judged)}
 
 
-def run_variant(backend, items, kinds, constitution_name: str, few_shot: bool, args, console) -> dict:
+def run_variant(backend, items, kinds, constitution_name: str, few_shot: bool, repairs: int, args, console) -> dict:
     constitution, templates = cai.load_constitution(constitution_name), load_templates(args.templates)
-    label = f"{constitution_name}:{'on' if few_shot else 'off'}"
+    label = f"{constitution_name}:{'on' if few_shot else 'off'}" + (
+        f" · repairs {repairs}" + (f" from {args.repair_from}" if args.repair_from != "revision" else "") if repairs else "")
     start = time.perf_counter()
-    # the raw pairs (no filters), so the figures before and after clean-up come from one run
+    # the run's own filters (and repairs), with every dropped pair kept whole for the figures below
     summary = cai.generate([{"id": item.id, "prompt": item.text} for item in items], None, model=backend,
                            constitution=constitution, templates=args.templates, few_shot=few_shot, seed=0,
                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                           temperature=args.temperature, top_p=0.95, filter=False)
+                           temperature=args.temperature, top_p=0.95, repairs=repairs, repair_from=args.repair_from,
+                           keep_filtered=True)
     assert summary.complete, summary.problem()
-    records = summary.records
     generation_s = time.perf_counter() - start
-    console.print(f"[dim]{label}: {len(records)} pairs in {generation_s:.0f} s[/dim]", highlight=False)
-
-    filters = Filters(FilterConfig(checks=DEFAULT_CHECKS, references=references_of(constitution) if few_shot else ()))
-    verdicts = [filters.apply(r) for r in records]
-    kept = [v.record for v in verdicts if v.kept]
-    reasons = Counter(reason for v in verdicts for reason in v.reasons)
+    kept = summary.records
+    dropped = summary.side.get("filtered", [])
+    records = kept + dropped
+    console.print(f"[dim]{label}: {len(records)} pairs in {generation_s:.0f} s, {len(kept)} kept[/dim]", highlight=False)
+    reasons = Counter(reason for r in dropped for reason in r["filter"]["reasons"])
+    raw = [{**r, "chosen": r["rounds"][-1]["revision"]} for r in records]       # before clean-up
+    verdicts = [SimpleNamespace(record=r, reasons=r.get("filter", {}).get("reasons", []),
+                                similarity=similarity(r["chosen"], r["rejected"])) for r in records]
     judge_s = 0.0
     if args.judge:
         start = time.perf_counter()
@@ -87,11 +90,17 @@ def run_variant(backend, items, kinds, constitution_name: str, few_shot: bool, a
         judge_s = time.perf_counter() - start
     kept_refusals = Counter(kinds[r["id"]] for r in kept if is_refusal(r["chosen"]))
     figures = {
-        "variant": label, "constitution": constitution_name, "few_shot": few_shot, "input": len(records),
-        "raw_near_identical": sum(similarity(r["chosen"], r["rejected"]) >= NEAR for r in records),
-        "raw_preamble": sum(starts_with_preamble(r["chosen"]) for r in records),
+        "variant": label, "constitution": constitution_name, "few_shot": few_shot, "repairs": repairs,
+        "input": len(records),
+        "raw_near_identical": sum(similarity(r["chosen"], r["rejected"]) >= NEAR for r in raw),
+        "raw_preamble": sum(starts_with_preamble(r["chosen"]) for r in raw),
         "raw_truncated": sum("length" in (r["meta"]["finish_reasons"]["response"], r["meta"]["finish_reasons"]["revision"][-1])
-                             for r in records),
+                             for r in raw),
+        "kept_first_try": sum(not r["meta"].get("repairs") for r in kept),
+        "kept_after_repair": sum(bool(r["meta"].get("repairs")) for r in kept),
+        "generated_tokens": summary.tokens,
+        "kept_per_min": round(len(kept) / generation_s * 60, 2),
+        "pairs_per_min": round(len(records) / generation_s * 60, 2),
         "kept": len(kept), "dropped": len(records) - len(kept),
         "dropped_by_reason": dict(reasons.most_common()),
         "cleaned": sum(bool(r["meta"].get("cleaned")) for r in kept),
@@ -109,9 +118,9 @@ def run_variant(backend, items, kinds, constitution_name: str, few_shot: bool, a
     if args.records:
         folder = Path(args.records)
         folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / f"{Path(constitution_name).stem}-{'on' if few_shot else 'off'}.jsonl", "w") as out:
+        with open(folder / f"{Path(constitution_name).stem}-{'on' if few_shot else 'off'}-r{repairs}.jsonl", "w") as out:
             for v in verdicts:
-                out.write(json.dumps({**v.record, "filter": {"reasons": v.reasons}}, ensure_ascii=False) + "\n")
+                out.write(json.dumps(v.record, ensure_ascii=False) + "\n")
     return figures
 
 
@@ -125,12 +134,15 @@ def main() -> int:
     parser.add_argument("--templates", default="default")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--repairs", type=int, nargs="+", default=[0], metavar="N",
+                        help="run each variant with each of these --repairs settings (default: 0)")
+    parser.add_argument("--repair-from", default="revision", choices=("revision", "critique"))
     parser.add_argument("--no-judge", dest="judge", action="store_false")
     parser.add_argument("--records", metavar="DIR", help="write each variant's cleaned records (with reasons) here")
     parser.add_argument("--json", dest="json_path", help="write the figures here")
     args = parser.parse_args()
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, emoji=False)
     backend = cai.open_backend(cai.BackendSpec(model=args.model))
     name = backend.model_name
     items = read_prompts(args.prompts)[:args.limit]
@@ -139,11 +151,13 @@ def main() -> int:
     results = []
     for variant in args.variants:
         constitution_name, _, few_shot = variant.partition(":")
-        results.append(run_variant(backend, items, kinds, constitution_name, few_shot != "off", args, console))
+        for repairs in args.repairs:
+            results.append(run_variant(backend, items, kinds, constitution_name, few_shot != "off", repairs, args, console))
 
     sampling = "greedy" if args.temperature == 0 else f"temperature {args.temperature:g}, top-p 0.95, seed 0"
     table = Table(title=f"{name} · {sampling} · {args.max_new_tokens} new tokens a turn · {len(items)} prompts")
-    for column in ("variant", "raw ≈", "raw preamble", "kept", "dropped by reason", "kept ≈", "kept preamble",
+    for column in ("variant", "raw ≈", "raw preamble", "kept (after repair)", "dropped by reason", "kept ≈", "kept preamble",
+                   "wall s", "pairs/min", "kept/min",
                    "kept refusals (benign/harmful)", "judge all: both · B · A", "judge kept: both · B · A"):
         table.add_column(column, overflow="fold")
 
@@ -155,8 +169,10 @@ def main() -> int:
 
     for r in results:
         table.add_row(r["variant"], share(r["raw_near_identical"], r["input"]), share(r["raw_preamble"], r["input"]),
-                      share(r["kept"], r["input"]), ", ".join(f"{k} {v}" for k, v in r["dropped_by_reason"].items()),
+                      f"{share(r['kept'], r['input'])} ({r['kept_after_repair']})",
+                      ", ".join(f"{k} {v}" for k, v in r["dropped_by_reason"].items()),
                       share(r["kept_near_identical"], r["kept"]), str(r["kept_preamble"]),
+                      f"{r['generation_s']:.0f}", f"{r['pairs_per_min']:.1f}", f"{r['kept_per_min']:.1f}",
                       f"{r['kept_refusals_benign']}/{r['kept_refusals_harmful']}",
                       judge_cell(r["judge_all"]), judge_cell(r["judge_kept"]))
     Console(width=200).print(table)

@@ -75,6 +75,7 @@ class CurationOptions:
     filter: bool = True
     similarity: float = 0.9
     repairs: int = 0
+    repair_from: str = "revision"
     drop_refusals: bool = False
     keep_filtered: bool = False
     filtered: str | None = None
@@ -153,6 +154,7 @@ class GenerateOptions(BackendSpec, CurationOptions):
         for name in ("revisions", "batch_size", "max_new_tokens", "limit"):
             _at_least(name, getattr(self, name), 1)
         _at_least("repairs", self.repairs, 0)
+        _choice("repair_from", self.repair_from, ("revision", "critique"))
         if self.temperature < 0:
             raise OptionError("temperature", f"must be 0 (greedy) or more (got {self.temperature:g})")
         if not 0 < self.top_p <= 1:

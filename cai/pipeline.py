@@ -35,6 +35,7 @@ class RunConfig:
     reasoning_tags: tuple[str, str] = thinking.DEFAULT_TAGS
     repairs: int = 0               # more tries of a turn whose pair the filters would drop (needs `check`)
     repair_temperature: float = REPAIR_TEMPERATURE       # what a greedy run samples its repairs at
+    repair_from: str = "revision"  # what a repair of a finished pair samples anew: the revision, or the critique too
 
 
 @dataclass(frozen=True)
@@ -242,7 +243,8 @@ class Pipeline:
         """Whether the turn that just ended is taken back to be tried again (its request is then
         the conversation's last message). A response cut at --max-new-tokens is retried at once
         (a truncated original is dropped whatever the revision says); a finished pair the checks
-        would drop gets a fresh sample of its last revision. Each try has its own seed, derived
+        would drop gets a fresh sample of its last revision (`repair_from` "critique": of its last
+        critique and revision). Each try has its own seed, derived
         like every turn's, so a resumed run makes the same record."""
         if len(w.repairs) >= self.config.repairs:
             return False
@@ -258,6 +260,9 @@ class Pipeline:
         w.repairs.append({"turn": _stage(ended), "reasons": reasons})
         w.completions.pop()
         w.messages.pop()
+        if ended and self.config.repair_from == "critique":
+            w.completions.pop()                 # the critique too, and the revision request after it
+            del w.messages[-2:]
         return True
 
     def _add_turn(self, w: _Work, completion: Completion) -> None:

@@ -89,6 +89,18 @@ def test_a_failing_revision_is_tried_again_and_kept():
     assert summary.kept + summary.dropped == summary.planned
 
 
+def test_a_repair_from_the_critique_samples_both_again():
+    backend = FlakyBackend(flaky={"Make tea"})
+    summary = _gen(backend, 1, repair_from="critique")
+    tea = next(r for r in summary.records if r["prompt"] == "Make tea")["meta"]
+    assert tea["attempts"] == {"response": 1, "critique 1": 2, "revision 1": 2}
+    assert tea["params"]["repair_from"] == "critique"
+    critiques = [r for r in backend.requests if "critique of your previous response" in r.conversation[-1]["content"]
+                 and any("Make tea" in m["content"] for m in r.conversation)]
+    assert len(critiques) == 2 and critiques[0].conversation == critiques[1].conversation
+    assert critiques[0].seed != critiques[1].seed
+
+
 def test_a_truncated_response_is_resampled_before_the_critique():
     backend = FlakyBackend(long={"Fold a shirt"})
     summary = _gen(backend, 1)

@@ -49,6 +49,7 @@ def generate(
     fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop the run at the first prompt that fails (instead of recording it in the failures file).")] = False,
     filter_: Annotated[bool, typer.Option("--filter/--no-filter", help="Clean revisions (preambles, role labels, next-turn debris) and drop pairs not worth training on: empty, unchanged, truncated, meta-talk, copied, repetitive. Counted by reason in the summary.")] = True,
     repairs: Annotated[int, typer.Option("--repairs", metavar="N", help="Tries again, up to N times a pair, a turn whose pair the filters would drop: a fresh sample of the revision (a response cut at --max-new-tokens is resampled at once); 0 turns it off. Each try has its own seed, so a resumed run makes the same records; a greedy run samples its repairs at temperature 0.5.")] = 0,
+    repair_from: Annotated[str, typer.Option("--repair-from", metavar="revision|critique", help="What a repair samples anew: the revision, or the critique and the revision.")] = "revision",
     similarity: Annotated[float, typer.Option("--similarity", metavar="S", help="Drop a pair as unchanged when its revision is at least this similar to the original (0-1, over words).")] = 0.9,
     drop_refusals: Annotated[bool, typer.Option("--drop-refusals", help="Also drop pairs whose revision refuses (for constitutions that must not teach refusing).")] = False,
     keep_filtered: KeepFilteredOpt = False,
@@ -82,7 +83,7 @@ def generate(
         sampling=sampling, seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature,
         top_p=top_p, few_shot=few_shot, limit=limit, resume=resume, overwrite=overwrite, force=force,
         skip_invalid=skip_invalid, truncate_long=truncate_long, format=fmt, failures=failures, skipped=skipped,
-        fail_fast=fail_fast, filter=filter_, similarity=similarity, repairs=repairs, drop_refusals=drop_refusals,
+        fail_fast=fail_fast, filter=filter_, similarity=similarity, repairs=repairs, repair_from=repair_from, drop_refusals=drop_refusals,
         keep_filtered=keep_filtered, filtered=filtered, judge=judge, min_preference=min_preference, swap=swap,
         clamp=clamp, shard=shard, grace=grace, lock=not no_lock)
 

@@ -73,7 +73,8 @@ def run(prompts: str | Iterable, output: str | None, options: GenerateOptions, *
         sampling=options.sampling or constitution.defaults.sampling, seed=options.seed,
         few_shot=options.few_shot, params=_sampling(options),     # the width is decided once the backend is open
         reasoning=options.reasoning, reasoning_tags=options.tags(),
-        repairs=options.repairs if options.filter else 0)          # repairs answer to the filters
+        repairs=options.repairs if options.filter else 0,          # repairs answer to the filters
+        repair_from=options.repair_from)
     selection = select(prompts, options, constitution, config, stdin)
     if options.format == "standard":
         conversation = next((item for item in selection.items if item.history), None)
