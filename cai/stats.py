@@ -102,6 +102,9 @@ class Stats:
         self.response_finish: Counter[str] = Counter()
         self.revision_finish: Counter[str] = Counter()
         self.cleaned = 0
+        self.repaired = 0               # kept after a repair (meta.repairs not empty)
+        self.repair_made = False        # any record of a run with repairs (meta.attempts)
+        self.dropped_after_repair = 0   # dropped though repaired (filter.earlier)
 
     def _principle(self, record: dict) -> dict:
         name = record.get("principle")
@@ -156,6 +159,8 @@ class Stats:
         elif isinstance(revision, str):
             self.revision_finish[revision] += 1
         self.cleaned += bool(meta.get("cleaned"))
+        self.repaired += bool(meta.get("repairs"))
+        self.repair_made = self.repair_made or "attempts" in meta
 
     def add_dropped(self, record: dict) -> None:
         self.dropped += 1
@@ -168,6 +173,7 @@ class Stats:
             reasons = ["?"]
         for reason in dict.fromkeys(str(r) for r in reasons):   # once per reason, in order
             self.reasons[reason] += 1
+        self.dropped_after_repair += isinstance(filt, dict) and bool(filt.get("earlier"))
 
     def add_unmade(self, line: dict, kind: str) -> None:
         """A line of the failures file (kind 'failed') or of the skipped file ('skipped')."""
@@ -202,6 +208,9 @@ class Stats:
                 "side_files": self.side_files,
                 "dropped_by_reason": dict(self.reasons.most_common()), "torn_lines": self.torn,
             },
+            "repairs": {"kept_first_try": self.kept - self.repaired, "kept_after_repair": self.repaired,
+                        "dropped_after_repair": self.dropped_after_repair}
+            if self.repair_made or self.dropped_after_repair else None,
             "principles": {
                 name: {"kept": p["kept"], "dropped": p["dropped"],
                        "judge_mean": _mean(p["preference_sum"], p["judged"])}

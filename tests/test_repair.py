@@ -147,3 +147,17 @@ def test_repaired_records_are_the_same_however_the_run_is_cut(tiny_model, tmp_pa
     b = read_jsonl(cut) + read_jsonl(tmp_path / "b.jsonl.filtered.jsonl")
     assert len(a) == 6 and _same(a) == _same(b)
     assert any(r["meta"]["repairs"] for r in a)
+
+
+def test_stats_and_the_summary_count_repairs(tmp_path):
+    from cai.stats import collect
+
+    out = tmp_path / "pairs.jsonl"
+    summary = cai.generate(PROMPTS, str(out), model=FlakyBackend(flaky={"Make tea"}, stubborn={"Cut bread"}), repairs=1)
+    assert (summary.kept, summary.repaired, summary.dropped) == (3, 1, 1)
+    assert summary.as_dict()["kept_per_min"] > 0
+    report, _ = collect(str(out))
+    assert report["repairs"] == {"kept_first_try": 2, "kept_after_repair": 1, "dropped_after_repair": 1}
+    plain = tmp_path / "plain.jsonl"
+    cai.generate(PROMPTS, str(plain), model=FlakyBackend())
+    assert collect(str(plain))[0]["repairs"] is None

@@ -157,7 +157,13 @@ def stats_tables(report: dict) -> None:
     table.add_row("records", source["records"] if source["records"] != "-" else "stdin")
     table.add_row("dropped records", source["filtered"] or "[dim]no side file: none dropped[/dim]")
     table.add_row("kept", pct(kept, total))
+    repairs = report.get("repairs")
+    if repairs:
+        table.add_row("  kept on the first try", pct(repairs["kept_first_try"], total))
+        table.add_row("  kept after repair", pct(repairs["kept_after_repair"], total))
     table.add_row("dropped", pct(source["dropped"], total))
+    if repairs and repairs["dropped_after_repair"]:
+        table.add_row("  dropped after repairs", pct(repairs["dropped_after_repair"], total))
     if source["failed"]:
         table.add_row("failed", pct(source["failed"], total) + f" ({source['side_files']['failed']})")
     if source["skipped"]:
