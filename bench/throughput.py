@@ -58,8 +58,12 @@ def run(backend, constitution: str, items, options: dict, label: str, console: C
     summary = cai.generate([{"id": item.id, "prompt": item.text} for item in items], None, model=backend,
                            constitution=constitution, progress=progress, **options)
     assert summary.complete, summary.problem()
-    records = summary.records
     wall = time.perf_counter() - start
+    if options.get("filter", True):          # the run's own filters (and repairs): kept and dropped whole
+        records, kept = summary.records + summary.side.get("filtered", []), len(summary.records)
+    else:                                    # what cai generate's default filters would keep of them
+        records = summary.records
+        kept = sum(_filters(constitution, options.get("few_shot", True)).apply(r).kept for r in records)
     generated = sum(r["meta"]["tokens"]["completion"] for r in records)
     if backend.engine is not None and backend.use_engine:
         stats = backend.engine.stats
@@ -71,11 +75,19 @@ def run(backend, constitution: str, items, options: dict, label: str, console: C
         steps = {}
     return {
         "path": label, "prompts": len(records), "batch_size": summary.width, "wall_s": round(wall, 1),
-        "pairs_per_min": round(len(records) / wall * 60, 2), "generated_tokens": generated,
+        "pairs_per_min": round(len(records) / wall * 60, 2), "kept": kept,
+        "kept_per_min": round(kept / wall * 60, 2), "generated_tokens": generated,
         "generated_tok_per_s": round(generated / wall, 1), "prefill_computed": computed, "prefill_reused": reused,
         "kv_cache_mb": round(cache_mb), "peak_rss_mb": round(peak_rss_mb()), **steps, "rss_samples": samples,
         "records": {r["id"]: r for r in records},
     }
+
+
+def _filters(constitution: str, few_shot: bool):
+    from cai.filters import DEFAULT_CHECKS, FilterConfig, Filters, references_of
+
+    references = references_of(cai.load_constitution(constitution)) if few_shot else ()
+    return Filters(FilterConfig(checks=DEFAULT_CHECKS, references=references))
 
 
 def same(a: dict, b: dict) -> bool:
@@ -98,6 +110,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1,
                         help="use each prompt this many times (as distinct prompts), e.g. 16 for a 1,024-prompt memory run")
     parser.add_argument("--no-few-shot", dest="few_shot", action="store_false")
+    parser.add_argument("--repairs", type=int, default=0,
+                        help="cai's pipeline runs its filters with this many repairs (the loop keeps what they would keep)")
     parser.add_argument("--json", dest="json_path", help="write the figures here")
     args = parser.parse_args()
 
@@ -118,17 +132,20 @@ def main() -> int:
         results.append(run(backend, args.constitution, items[:args.naive_limit], {**options, "batch_size": 1},
                            "straightforward loop", console))
         backend.use_engine = True
-    results.append(run(backend, args.constitution, items, {**options, "batch_size": args.batch_size},
-                       "cai pipeline", console))
+    pipeline_options = {**options, "batch_size": args.batch_size}
+    if args.repairs:
+        pipeline_options.update(filter=True, keep_filtered=True, repairs=args.repairs)
+    results.append(run(backend, args.constitution, items, pipeline_options,
+                       "cai pipeline" + (f" (repairs {args.repairs})" if args.repairs else ""), console))
 
     table = Table(title=f"{backend.model_name} · {args.constitution} · greedy · {args.max_new_tokens} new tokens a turn · "
                         f"threads {__import__('torch').get_num_threads()}")
-    for column in ("path", "prompts", "batch", "pairs/min", "gen tok/s", "prefill computed", "prefill reused",
+    for column in ("path", "prompts", "batch", "pairs/min", "kept/min", "gen tok/s", "prefill computed", "prefill reused",
                    "KV cache MB", "peak RSS MB", "wall s"):
         table.add_column(column, justify="left" if column == "path" else "right")
     for r in results:
         table.add_row(r["path"], str(r["prompts"]), str(r["batch_size"]), f"{r['pairs_per_min']:.2f}",
-                      f"{r['generated_tok_per_s']:.1f}", f"{r['prefill_computed']:,}", f"{r['prefill_reused']:,}",
+                      f"{r['kept_per_min']:.2f}", f"{r['generated_tok_per_s']:.1f}", f"{r['prefill_computed']:,}", f"{r['prefill_reused']:,}",
                       str(r["kv_cache_mb"]), str(r["peak_rss_mb"]), f"{r['wall_s']:.0f}")
     summary = {"model": backend.model_name, "dtype": args.dtype, "draft": args.draft, "constitution": args.constitution, "max_new_tokens": args.max_new_tokens,
                "few_shot": args.few_shot,
@@ -138,10 +155,13 @@ def main() -> int:
         shared = [i for i in naive["records"] if i in ours["records"]]
         identical = sum(same(naive["records"][i], ours["records"][i]) for i in shared)
         summary.update(speedup_pairs_per_min=round(ours["pairs_per_min"] / naive["pairs_per_min"], 2),
+                       speedup_kept_per_min=round(ours["kept_per_min"] / naive["kept_per_min"], 2)
+                       if naive["kept_per_min"] else None,
                        speedup_tok_per_s=round(ours["generated_tok_per_s"] / naive["generated_tok_per_s"], 2),
                        identical_records=identical, compared_records=len(shared))
+        kept_ratio = summary["speedup_kept_per_min"]
         table.add_row("ratio", "", "", f"{summary['speedup_pairs_per_min']:.1f}×",
-                      f"{summary['speedup_tok_per_s']:.1f}×", "", "", "", "", "")
+                      f"{kept_ratio:.1f}×" if kept_ratio else "–", f"{summary['speedup_tok_per_s']:.1f}×", "", "", "", "", "")
     Console(width=160).print(table)
     cai_run = results[-1]
     if "decode_steps" in cai_run:

@@ -55,6 +55,7 @@ class _Work:
     completions: list[Completion] = field(default_factory=list)
     tries: dict[str, int] = field(default_factory=dict)      # stage → attempts made so far
     repairs: list[dict] = field(default_factory=list)        # each failed attempt: turn and reasons
+    spent: list[int] = field(default_factory=lambda: [0, 0])  # prompt and completion tokens, every try
 
 
 TurnCallback = Callable[[str, Completion], None]     # (stage, completion) as each turn ends
@@ -272,6 +273,8 @@ class Pipeline:
                              finish_reason="length" if part.unfinished else completion.finish_reason)
         w.messages.append({"role": "assistant", "content": completion.text})
         w.completions.append(completion)
+        w.spent[0] += completion.prompt_tokens
+        w.spent[1] += completion.completion_tokens
 
     def _next_request(self, w: _Work) -> None:
         round_no = (len(w.completions) + 1) // 2
@@ -330,8 +333,7 @@ class Pipeline:
                     "critique": [turns[2 * i].finish_reason for i in range(len(rounds))],
                     "revision": [turns[2 * i + 1].finish_reason for i in range(len(rounds))],
                 },
-                "tokens": {"prompt": sum(c.prompt_tokens for c in w.completions),
-                           "completion": sum(c.completion_tokens for c in w.completions)},
+                "tokens": {"prompt": w.spent[0], "completion": w.spent[1]},     # failed tries included
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "cai": __version__,
             },
