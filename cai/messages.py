@@ -10,7 +10,7 @@ from dataclasses import dataclass
 Message = dict[str, str]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PromptItem:
     id: str
     text: str
