@@ -288,3 +288,23 @@ def test_lone_carriage_returns_still_end_lines(tmp_path):
     path = tmp_path / "p.txt"
     path.write_bytes(b"one\rtwo\r\n\rthree\n")
     assert [(i.text, i.line) for i in read_prompts(str(path))] == [("one", 1), ("two", 2), ("three", 4)]
+
+
+def test_every_format_makes_the_same_records(sources):
+    """Issue 18's bar: Parquet, Arrow, CSV, gz and a saved datasets folder each give the records
+    the same prompts give as JSONL (a whole run, through the public API)."""
+    import json
+
+    import cai
+    from scripted import ScriptedBackend
+
+    def records(source, split):
+        summary = cai.generate(source, None, model=ScriptedBackend(), split=split, filter=False)
+        assert summary.complete
+        return sorted(json.dumps({**r, "meta": {k: v for k, v in r["meta"].items() if k != "created"}}, sort_keys=True)
+                      for r in summary.records)
+
+    expected = records(*sources["jsonl"][:2])
+    assert len(expected) == 5
+    for label, (source, split, _) in sources.items():
+        assert records(source, split) == expected, label
