@@ -174,12 +174,7 @@ def _given_response(name: str, number: int, row: dict, field: str) -> str:
         if turn["role"] != "assistant":
             raise InputError(name, f"expected an assistant message, got a {turn['role']} one", line=number, field=field)
         return turn["content"]
-    if not isinstance(value, str):
-        raise InputError(name, f"expected a string, got {_kind(value)}", line=number, field=field)
-    if not value.strip():
-        raise InputError(name, "empty response", line=number, field=field)
-    _no_nul(name, number, field, value)
-    return value.strip()
+    return _string(name, number, field, value, "empty response")
 
 
 def _content(name: str, number: int, where: str, content) -> str:
@@ -193,12 +188,17 @@ def _content(name: str, number: int, where: str, content) -> str:
                 raise InputError(name, f"a '{kind}' part: only text content is supported", line=number,
                                  field=f"{where}[{j}]")
         content = "\n".join(texts)
-    if not isinstance(content, str):
-        raise InputError(name, f"expected a string, got {_kind(content)}", line=number, field=where)
-    if not content.strip():
-        raise InputError(name, "empty turn", line=number, field=where)
-    _no_nul(name, number, where, content)
-    return content.strip()
+    return _string(name, number, where, content, "empty turn")
+
+
+def _string(name: str, number: int, field: str, value, empty: str) -> str:
+    """A non-empty string without NUL, stripped; else the InputError saying which it is not."""
+    if not isinstance(value, str):
+        raise InputError(name, f"expected a string, got {_kind(value)}", line=number, field=field)
+    if not value.strip():
+        raise InputError(name, empty, line=number, field=field)
+    _no_nul(name, number, field, value)
+    return value.strip()
 
 
 def _no_nul(name: str, number: int, field: str, value: str) -> None:
