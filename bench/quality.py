@@ -59,6 +59,20 @@ def judge_figures(records: list[dict]) -> dict:
             "revision_preferred": sum(j["preference"] > 0.5 for j in judged)}
 
 
+def _repaired_turns(kept: list[dict], dropped: list[dict]) -> dict:
+    """Per turn retried (response, revision 1, …): tries made, and the pairs with such a try that
+    were kept in the end or dropped anyway."""
+    out: dict[str, dict] = {}
+    for records, fate in ((kept, "kept"), (dropped, "dropped")):
+        for r in records:
+            turns = [t["turn"] for t in r["meta"].get("repairs") or ()]
+            for turn in turns:
+                out.setdefault(turn, {"tries": 0, "kept": 0, "dropped": 0})["tries"] += 1
+            for turn in set(turns):
+                out[turn][fate] += 1
+    return out
+
+
 def run_variant(backend, items, kinds, constitution_name: str, few_shot: bool, repairs: int, args, console) -> dict:
     constitution, templates = cai.load_constitution(constitution_name), load_templates(args.templates)
     label = f"{constitution_name}:{'on' if few_shot else 'off'}" + (
@@ -98,6 +112,7 @@ def run_variant(backend, items, kinds, constitution_name: str, few_shot: bool, r
                              for r in raw),
         "kept_first_try": sum(not r["meta"].get("repairs") for r in kept),
         "kept_after_repair": sum(bool(r["meta"].get("repairs")) for r in kept),
+        "repaired_turns": _repaired_turns(kept, dropped),
         "generated_tokens": summary.tokens,
         "kept_per_min": round(len(kept) / generation_s * 60, 2),
         "pairs_per_min": round(len(records) / generation_s * 60, 2),
