@@ -258,12 +258,13 @@ class Pipeline:
                 return False
         else:
             return False
-        w.repairs.append({"turn": _stage(ended), "reasons": reasons})
-        w.completions.pop()
+        taken = [w.completions.pop()]
         w.messages.pop()
         if ended and self.config.repair_from == "critique":
-            w.completions.pop()                 # the critique too, and the revision request after it
+            taken.append(w.completions.pop())   # the critique too, and the revision request after it
             del w.messages[-2:]
+        w.repairs.append({"turn": _stage(ended), "reasons": reasons,
+                          "tokens": sum(c.completion_tokens for c in taken)})
         return True
 
     def _add_turn(self, w: _Work, completion: Completion) -> None:

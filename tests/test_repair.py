@@ -74,12 +74,12 @@ def test_a_failing_revision_is_tried_again_and_kept():
     kept = {r["prompt"]: r for r in summary.records}
     assert set(kept) == {"Boil an egg", "Make tea", "Fold a shirt"} and summary.repaired == 1
     tea = kept["Make tea"]["meta"]
-    assert tea["repairs"] == [{"turn": "revision 1", "reasons": ["unchanged"]}]
+    assert tea["repairs"] == [{"turn": "revision 1", "reasons": ["unchanged"], "tokens": 9}]
     assert tea["attempts"] == {"response": 1, "critique 1": 1, "revision 1": 2}
     assert kept["Boil an egg"]["meta"]["repairs"] == [] and kept["Boil an egg"]["meta"]["params"]["repairs"] == 2
     dropped, = summary.side["filtered"]
     assert dropped["prompt"] == "Cut bread" and dropped["filter"]["reasons"] == ["unchanged"]
-    assert dropped["filter"]["earlier"] == [{"turn": "revision 1", "reasons": ["unchanged"]}] * 2
+    assert dropped["filter"]["earlier"] == [{"turn": "revision 1", "reasons": ["unchanged"], "tokens": 14}] * 2
     # each retry has its own seed, and only the revision was asked again
     tea_requests = [r for r in backend.requests if "Make tea" in r.conversation[-1]["content"]
                     or any("Make tea" in m["content"] for m in r.conversation)]
@@ -105,7 +105,7 @@ def test_a_truncated_response_is_resampled_before_the_critique():
     backend = FlakyBackend(long={"Fold a shirt"})
     summary = _gen(backend, 1)
     record = next(r for r in summary.records if r["prompt"] == "Fold a shirt")
-    assert record["meta"]["repairs"] == [{"turn": "response", "reasons": ["truncated"]}]
+    assert record["meta"]["repairs"] == [{"turn": "response", "reasons": ["truncated"], "tokens": 256}]
     assert record["meta"]["finish_reasons"]["response"] == "stop"
     critiques = [r for r in backend.requests if "critique of your previous response" in r.conversation[-1]["content"]
                  and any("Fold a shirt" in m["content"] for m in r.conversation)]
