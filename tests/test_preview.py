@@ -36,7 +36,7 @@ def test_panels_come_in_order_on_stderr_and_nothing_is_written(tiny_model, tmp_p
     assert result.stdout == ""
     err = result.stderr
     marks = ["─ prompt ─", "How do I pick a lock?", "─ response ─", "─ critique 1 · ", "─ revision 1 · ",
-             "─ verdict (filters) ─", "─ diff rejected → chosen ─", "after the command started"]
+             "─ verdict (filters) ─", "─ diff rejected → chosen ─", "after the process started"]
     places = [err.find(mark) for mark in marks]
     assert -1 not in places, err
     assert places == sorted(places), (places, err)

@@ -2,6 +2,7 @@
 writes it, then the filters' verdict, the judge and a word diff. Writes no file."""
 
 import json
+import os
 import sys
 import time
 from typing import Annotated, List, Optional
@@ -12,6 +13,18 @@ from cai.cli.app import app, reports_errors
 from cai.cli.options import backend_options
 from cai.cli.render import err, preview_outcome, setup_logging, turn_panel
 from cai.run.preview import Watcher
+
+
+def process_started() -> float:
+    """The time.monotonic() at which this process started (Linux, from /proc: so "after the
+    command started" counts Python's start and cai's imports too), else now."""
+    try:
+        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+            ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+            age = float(uptime.read().split()[0]) - ticks / os.sysconf("SC_CLK_TCK")
+        return time.monotonic() - max(age, 0.0)
+    except (OSError, ValueError, IndexError):
+        return time.monotonic()
 
 
 class LivePanels(Watcher):
@@ -102,7 +115,7 @@ class JsonLines(Watcher):
 @backend_options
 def preview(
     prompt: Annotated[str, typer.Argument(help="A prompt, or a prompts file (any format `cai generate` reads; - for stdin) whose first -n prompts are used.", show_default=False)],
-    limit: Annotated[Optional[int], typer.Option("--limit", "-n", help="Prompts taken from a file [default: 1].", show_default=False)] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", "-n", help="Prompts taken from a file (default 1).", show_default=False)] = None,
     principle: Annotated[Optional[List[str]], typer.Option("--principle", "-p", metavar="ID", help="Critique and revise with this principle (every round); repeat for one conversation per principle. Default: the principle a run would pick for the prompt.", show_default=False)] = None,
     all_: Annotated[bool, typer.Option("--all", help="One conversation per principle of the constitution.")] = False,
     constitution: Annotated[str, typer.Option("--constitution", "-c", help="A shipped constitution by name or a path to a YAML file.")] = "harmless",
@@ -131,7 +144,7 @@ def preview(
     from cai.options import PreviewOptions
     from cai.run.preview import preview as run
 
-    started = time.monotonic()
+    started = process_started()
     setup_logging(quiet=True)
     options = PreviewOptions(
         **asdict(spec), constitution=constitution, templates=templates, prompt_field=prompt_field,
@@ -146,6 +159,6 @@ def preview(
     if not as_json and conversations:
         first = next((t.first for t in conversations[0].turns if t.first is not None), None)
         if first is not None:
-            err.print(f"[dim]first token {first - started:.2f} s after the command started"
+            err.print(f"[dim]first token {first - started:.2f} s after the process started"
                       + (f" ({load:.1f} s of it loading the model)" if load is not None else "") + "[/dim]",
                       highlight=False)

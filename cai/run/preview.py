@@ -59,8 +59,8 @@ class Conversation:
     diff: list[tuple[str, str]] = field(default_factory=list)   # word_diff(rejected, chosen)
 
     def to_json(self, started: float, load_seconds: float | None) -> dict:
-        """The conversation as one JSON object; `started`: when the command began (times are
-        measured from it), `load_seconds`: how long the model took to load."""
+        """The conversation as one JSON object; `started`: the time.monotonic() its first token
+        is counted from (the CLI's: when the process started), `load_seconds`: the model's load."""
         rounds = (self.record or {}).get("rounds", [])
         turns = [t for t in self.turns if t.ended is not None]
         first = next((t.first for t in turns if t.first is not None), None)
