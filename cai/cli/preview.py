@@ -31,9 +31,12 @@ class LivePanels(Watcher):
     """Each turn as a panel that grows while it streams (rich Live on a terminal; elsewhere the
     panel is printed once, whole), then the outcome panels of the conversation."""
 
+    REFRESH = 1 / 15        # seconds: the panel is redrawn at most this often while it streams
+
     def __init__(self):
         self._live = None
         self._status = None
+        self._drawn = 0.0
 
     def loading(self, model: str) -> None:
         self._status = err.status(f"loading {model}…", spinner="dots")
@@ -57,13 +60,17 @@ class LivePanels(Watcher):
 
         if not err.is_terminal:
             return                      # a file or a pipe: each panel once it is whole
-        self._live = Live(turn_panel(turn, live=True), console=err, refresh_per_second=12,
+        self._live = Live(turn_panel(turn, live=True), console=err, auto_refresh=False,
                           vertical_overflow="ellipsis")
-        self._live.start()
+        self._live.start(refresh=True)
 
     def text(self, conversation, turn) -> None:
-        if self._live is not None:
-            self._live.update(turn_panel(turn, live=True))
+        if self._live is None:
+            return
+        now = time.monotonic()              # redrawn as text comes, not on a timer
+        draw = now - self._drawn >= self.REFRESH
+        self._drawn = now if draw else self._drawn
+        self._live.update(turn_panel(turn, live=True), refresh=draw)
 
     def turn_end(self, conversation, turn) -> None:
         if self._live is None:
