@@ -88,7 +88,8 @@ def test_default_principle_is_the_one_a_run_picks(tiny_model, tmp_path):
     result = run("preview", EXAMPLES, "--model", tiny_model, "--json", *FAST)
     (obj,) = objects(result.stdout)
     assert obj["principles"] == [record["principle"]] and obj["id"] == record["id"]
-    assert obj["response"] == record["rejected"]       # same seed, same text: streaming changes nothing
+    # same seed, same texts: streaming changes nothing
+    assert obj["response"] == record["rejected"] and obj["revisions"] == [r["revision"] for r in record["rounds"]]
 
 
 def test_an_unknown_principle_is_one_line_naming_the_ids(tiny_model):
