@@ -206,6 +206,20 @@ class GenerateOptions(BackendSpec, CurationOptions):
 
 
 @dataclass
+class PreviewOptions(GenerateOptions):
+    """Every option of `cai preview`: a generation run's (its filters always on), and which
+    principles to show. `limit`: prompts taken from a file (None: 1)."""
+
+    principle: tuple[str, ...] = ()     # one conversation per principle named, every round with it
+    all: bool = False                   # one conversation per principle of the constitution
+
+    def check(self) -> None:
+        GenerateOptions.check(self)
+        if self.all and self.principle:
+            raise OptionError("all", "contradicts `principle`; pick one")
+
+
+@dataclass
 class JudgeOptions(BackendSpec, CurationOptions):
     """Every option of `cai judge`."""
 

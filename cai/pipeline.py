@@ -60,6 +60,7 @@ class _Work:
 
 TurnCallback = Callable[[str, Completion], None]     # (stage, completion) as each turn ends
 FailureCallback = Callable[[Job, str, str], None]   # (job, stage, reason) of a conversation that failed
+StageTextCallback = Callable[[str, str, str], None]  # (record id, stage, text so far) as a turn is generated
 
 
 def record_plans(constitution: Constitution, config: RunConfig, prompts: Iterable[PromptItem]
@@ -111,12 +112,18 @@ class Pipeline:
             for record_id, principles in records:
                 if record_id in skip:
                     continue
-                prompt, problem, tokens = self._fit(item, principles, truncate_long)
+                job, problem = self.job(item, record_id, principles, truncate_long)
                 if problem:
                     left_out.append((item, record_id, problem))
                     continue
-                jobs.append(Job(record_id, prompt, principles, tokens))
+                jobs.append(job)
         return jobs, left_out
+
+    def job(self, item: PromptItem, record_id: str, principles: tuple[Principle, ...],
+            truncate_long: bool = False) -> tuple[Job | None, str | None]:
+        """One record to make with these principles, or why it cannot be made (see `plan`)."""
+        prompt, problem, tokens = self._fit(item, principles, truncate_long)
+        return (None, problem) if problem else (Job(record_id, prompt, principles, tokens), None)
 
     def _fit(self, item: PromptItem, principles: tuple[Principle, ...],
              truncate: bool) -> tuple[PromptItem, str | None, int | None]:
@@ -183,7 +190,8 @@ class Pipeline:
 
     def run(self, jobs: list[Job], on_turn: TurnCallback | None = None,
             stop: Callable[[], bool] | None = None, on_failure: FailureCallback | None = None,
-            check: Callable[[dict], list[str]] | None = None) -> Iterator[list[dict]]:
+            check: Callable[[dict], list[str]] | None = None,
+            on_text: StageTextCallback | None = None) -> Iterator[list[dict]]:
         """Yields records as their conversations finish. Up to `batch_size` conversations are in
         flight at once, each moving through its turns on its own (a finished response goes
         straight on to its critique); a new prompt starts as soon as one finishes. Once `stop()`
@@ -193,11 +201,17 @@ class Pipeline:
 
         With `check` (the reasons the filters would drop a record for) and `config.repairs`, a
         conversation whose pair would be dropped tries its failing turn again before it is
-        given up (see `_repair`); the record says every failed attempt in `meta.repairs`."""
+        given up (see `_repair`); the record says every failed attempt in `meta.repairs`.
+
+        `on_text(record id, stage, text so far)` shows each turn as it is generated (the
+        backend's streamed text: see cai.backends.base.Stream); the records are the same."""
         longest = max((j.tokens or 0 for j in jobs), default=0) or None
-        stream = self.backend.stream(self.config.params, max(1, min(self.config.batch_size, len(jobs))), longest)
-        waiting = deque(jobs)
         work: dict[str, _Work] = {}
+        shown = {} if on_text is None else {
+            "on_text": lambda key, text: on_text(key, _stage(len(work[key].completions)), text)}
+        stream = self.backend.stream(self.config.params, max(1, min(self.config.batch_size, len(jobs))), longest,
+                                     **shown)
+        waiting = deque(jobs)
         turns = 1 + 2 * self.config.revisions
         check = check if self.config.repairs else None
         while True:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 from cai.messages import Message
 
@@ -52,10 +52,24 @@ class Request:
     params: SamplingParams | None = None    # this turn's own sampling settings (None: the stream's)
 
 
+# (key, text so far) while a turn is generated: see Stream
+TextCallback = Callable[[str, str], None]
+
+
 class Stream(Protocol):
     """Many conversations in flight at once. `submit` a turn, `poll` for turns that ended (it
     returns as soon as at least one has; an empty list only when nothing is in flight), submit
-    the conversation's next turn under the same key, and `release` the key when it is over."""
+    the conversation's next turn under the same key, and `release` the key when it is over.
+
+    A stream opened with `on_text` (see `Backend.stream`) also shows each turn as it is
+    generated: `on_text(key, text)` is called from within `poll`, on the caller's thread, with
+    the whole text of the turn so far (stripped, as the Completion's is), as often as the backend
+    learns more of it. The text normally grows by a suffix each call, but may be rewritten (a
+    decoder that joins a piece to the one before it; a remote request retried from the start).
+    A turn's last call, made before `poll` returns the turn, carries exactly its Completion's
+    `text`; a turn that failed gets no last call. Reasoning a server returns apart from the
+    text is not shown. Without `on_text` nothing of this runs and nothing else changes: the
+    completions are the same either way."""
 
     def submit(self, request: Request) -> None: ...
 
@@ -92,10 +106,13 @@ class Backend(Protocol):
         The run decides the width in one place: the batch size if given, else this."""
         ...
 
-    def stream(self, params: SamplingParams, width: int, longest: int | None = None) -> Stream:
+    def stream(self, params: SamplingParams, width: int, longest: int | None = None,
+               on_text: TextCallback | None = None) -> Stream:
         """Up to `width` conversations in flight (backends without one of their own return
-        `LockstepStream(self, params, width)`). `longest`: the most tokens any conversation of
-        the run can hold, where known (a local engine sizes its cache once from it)."""
+        `LockstepStream(self, params, width, on_text)`). `longest`: the most tokens any
+        conversation of the run can hold, where known (a local engine sizes its cache once from
+        it). `on_text`: show turns as they are generated (see Stream); callers that do not need
+        it leave it out, so backends written before it need not take it."""
         ...
 
     def score_choices(self, conversations: list[list[dict[str, str]]], choices: tuple[str, ...],
@@ -110,10 +127,12 @@ class Backend(Protocol):
 
 class LockstepStream:
     """A Stream over `Backend.generate`: each poll runs the waiting turns (up to `width`) as one
-    batch. For backends with no scheduling of their own."""
+    batch. For backends with no scheduling of their own. `on_text` gets each turn's text only
+    once, whole, when its batch is done: `generate` shows nothing before."""
 
-    def __init__(self, backend: Backend, params: SamplingParams, width: int):
-        self.backend, self.params, self.width = backend, params, width
+    def __init__(self, backend: Backend, params: SamplingParams, width: int,
+                 on_text: TextCallback | None = None):
+        self.backend, self.params, self.width, self.on_text = backend, params, width, on_text
         self._waiting: list[Request] = []
 
     def submit(self, request: Request) -> None:
@@ -131,6 +150,10 @@ class LockstepStream:
         seeds = [str(r.seed) for r in batch if r.seed is not None]
         seed = int.from_bytes(hashlib.sha256(",".join(seeds).encode()).digest()[:4], "little") if seeds else None
         completions = self.backend.generate([r.conversation for r in batch], params, seed=seed)
+        if self.on_text:
+            for r, c in zip(batch, completions):
+                if c.error is None:
+                    self.on_text(r.key, c.text)
         return [(r.key, c) for r, c in zip(batch, completions, strict=True)]
 
     def release(self, key: str) -> None:

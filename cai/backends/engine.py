@@ -126,6 +126,11 @@ class Engine:
             self._index[moved.key] = index
         self.active.pop()
 
+    def partial(self) -> list[tuple[str, list[int]]]:
+        """(key, ids generated so far) of each turn still being decoded (ids, not text: the
+        engine knows no tokenizer). The lists are the engine's own: read, do not change."""
+        return [(s.key, s.generated) for s in self.active if s.state == "decode"]
+
     @property
     def busy(self) -> bool:
         return bool(self._waiting) or any(s.state in ("prefill", "decode") for s in self.active)

@@ -6,7 +6,7 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from cai.backends.base import ChoiceScores, Completion, LockstepStream, Request, SamplingParams
+from cai.backends.base import ChoiceScores, Completion, LockstepStream, SamplingParams, TextCallback
 from cai.backends.hf_load import load_error
 from cai.errors import ModelError, OptionError, UsageError
 from cai.models import quiet_transformers
@@ -214,17 +214,19 @@ class HFBackend:
     def encode(self, conversation: list[dict[str, str]]) -> list[int]:
         return self.tokenizer(self.render(conversation), add_special_tokens=False)["input_ids"]
 
-    def stream(self, params: SamplingParams, width: int, longest: int | None = None):
+    def stream(self, params: SamplingParams, width: int, longest: int | None = None,
+               on_text: TextCallback | None = None):
         from cai.backends.engine import Engine, supports
+        from cai.backends.engine_stream import EngineStream
 
         reason = supports(self.model)
         if reason or not self.use_engine:
             if reason:
                 log.info("%s: %s; using plain batched generate", self.model_name, reason)
-            return LockstepStream(self, params, width)
+            return LockstepStream(self, params, width, on_text)
         self.engine = Engine(self.model, slots=width, stop_ids=self.stop_ids,
                              context_length=self.context_length, draft=self.draft, capacity=longest)
-        return EngineStream(self, self.engine, params)
+        return EngineStream(self, self.engine, params, on_text)
 
     def default_width(self) -> int:
         """Conversations in flight when --batch-size is not given: as many as a KV cache of 2,048
@@ -364,30 +366,3 @@ class HFBackend:
         self.model = None
         self.engine = None
 
-
-class EngineStream:
-    """The Stream of the local engine: turns are tokenized here and decoded by the engine; a
-    conversation's next turn reuses the cache its previous turn left."""
-
-    def __init__(self, backend: HFBackend, engine, params: SamplingParams):
-        self.backend, self.engine, self.params = backend, engine, params
-
-    def submit(self, request: Request) -> None:
-        tokens = self.backend.encode(request.conversation)
-        try:
-            params = request.params or self.params
-            self.engine.submit(request.key, tokens, params.max_new_tokens,
-                               temperature=0.0 if params.greedy else params.temperature,
-                               top_p=params.top_p, seed=request.seed)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-
-    def poll(self) -> list[tuple[str, Completion]]:
-        while self.engine.busy:
-            finished = self.engine.step()
-            if finished:
-                return [(key, self.backend.decode(r.tokens, r.finish_reason, r.prompt_tokens)) for key, r in finished]
-        return []
-
-    def release(self, key: str) -> None:
-        self.engine.release(key)

@@ -42,7 +42,7 @@ import random
 import threading
 
 from cai.backends import openai_wire as wire
-from cai.backends.base import ChoiceScores, Completion, Request, SamplingParams
+from cai.backends.base import ChoiceScores, Completion, Request, SamplingParams, TextCallback
 from cai.backends.openai_stream import OpenAIStream
 from cai.backends.retry import (MAX_BACKOFF, MAX_RETRY_AFTER, OUTAGE_LIMIT, Failed,  # noqa: F401
                                 Retryable, RetryPolicy, from_status, from_transport_error)
@@ -150,10 +150,13 @@ class OpenAIBackend:
         """Requests in flight when the caller names no width: the `concurrency` it was built with."""
         return self.concurrency
 
-    def stream(self, params: SamplingParams, width: int, longest: int | None = None) -> OpenAIStream:
+    def stream(self, params: SamplingParams, width: int, longest: int | None = None,
+               on_text: TextCallback | None = None) -> OpenAIStream:
+        """With `on_text`, each request asks for `"stream": true` and its reply is read event by
+        event as it comes; without it, requests are exactly what they always were."""
         if self._closed:
             raise BackendError(f"{self.model_name}: the backend is closed")
-        return OpenAIStream(self, params, width)
+        return OpenAIStream(self, params, width, on_text=on_text)
 
     def generate(self, conversations: list[list[dict[str, str]]], params: SamplingParams,
                  seed: int | None = None) -> list[Completion]:
@@ -259,12 +262,14 @@ class OpenAIBackend:
     def _scoring_body(self, conversation: list[dict[str, str]], prefix: str) -> dict:
         return wire.scoring_body(self.model_name, conversation, prefix, self.thinking)
 
-    async def _attempt(self, body: dict, parse):
+    async def _attempt(self, body: dict, parse, on_text=None):
         """One POST; `parse(json)` makes the result out of a 2xx body, an event stream being put
         back together first (a body of the wrong shape, or without text, makes the attempt
-        retryable)."""
+        retryable). With `on_text` (a streamed request), the reply is read as it arrives."""
         import httpx
 
+        if on_text is not None:
+            return await self._attempt_streamed(body, parse, on_text)
         try:
             response = await asyncio.wait_for(
                 self._client.post(self.url, json=body, headers=self._headers), self.timeout)
@@ -281,17 +286,51 @@ class OpenAIBackend:
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise Retryable(f"malformed response ({type(exc).__name__})") from None
 
-    async def _post(self, key: str, body: dict, parse):
+    async def _attempt_streamed(self, body: dict, parse, on_text):
+        """One streamed POST, its events read as they arrive; `on_text(content so far)` each time
+        the content grows. A reply that is not an event stream is read whole."""
+        import httpx
+
+        async def read():
+            async with self._client.stream("POST", self.url, json=body, headers=self._headers) as response:
+                status = response.status_code
+                if not 200 <= status < 300:
+                    await response.aread()
+                    raise from_status(status, response.headers, lambda: wire.error_detail(response))
+                if not wire.is_event_stream(response.headers):
+                    await response.aread()
+                    return response.json()
+                events = wire.EventStream()
+                async for line in response.aiter_lines():
+                    if events.feed(line):
+                        on_text(events.text.strip())
+                    if events.done:
+                        break
+                return events.reply()
+
+        try:
+            return parse(await asyncio.wait_for(read(), self.timeout))
+        except (asyncio.TimeoutError, httpx.RequestError, httpx.InvalidURL) as exc:
+            raise from_transport_error(exc, self.timeout, self.url) from None
+        except wire.NoText as exc:
+            raise Retryable(str(exc)) from None
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise Retryable(f"malformed response ({type(exc).__name__})") from None
+
+    async def _post(self, key: str, body: dict, parse, on_text=None):
         """POST `body`, retrying transient faults; the parsed result, or Failed."""
-        return await self.policy.run(lambda: self._attempt(body, parse),
+        return await self.policy.run(lambda: self._attempt(body, parse, on_text),
                                      what=f"{self.model_name}: request {key}", scrub=self._scrub)
 
-    async def _complete(self, request: Request, params: SamplingParams) -> Completion:
+    async def _complete(self, request: Request, params: SamplingParams, on_text=None) -> Completion:
         """The completion of one request; raises Failed when it failed for good (a refusal of
-        `chat_template_kwargs` says that is what was refused)."""
+        `chat_template_kwargs` says that is what was refused). With `on_text`, a streamed request
+        (see `stream`)."""
         body = self._body(request.conversation, params, request.seed)
+        if on_text is not None:
+            body = wire.streaming(body)
         try:
-            return await self._post(request.key, body, wire.parse_completion)
+            return await self._post(request.key, body, wire.parse_completion, on_text)
         except Failed as failure:
             error = wire.rejected_fields(failure.error, failure.status, body, ("chat_template_kwargs",))
             if error == failure.error:

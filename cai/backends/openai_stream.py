@@ -11,7 +11,7 @@ import queue
 import threading
 from typing import TYPE_CHECKING
 
-from cai.backends.base import Completion, Request, SamplingParams
+from cai.backends.base import Completion, Request, SamplingParams, TextCallback
 from cai.backends.openai_wire import one_line
 from cai.backends.retry import OUTAGE_LIMIT, Failed, Outage
 from cai.errors import BackendError
@@ -38,11 +38,14 @@ class OpenAIStream:
     with requests in flight, raise BackendError ("… every request failed: <reason>; stopping
     (is the server up?)"). Three whatever the width: each of them already failed its whole
     retry schedule, so three in a row is a server that is down, not a blip, and even at width 1
-    the run stops after three requests' retries."""
+    the run stops after three requests' retries.
+
+    With `on_text`, requests are streamed: the loop thread queues each request's text as it
+    grows, and `poll` hands it to `on_text` on the caller's thread while it waits."""
 
     def __init__(self, backend: OpenAIBackend, params: SamplingParams, width: int,
-                 outage_limit: int = OUTAGE_LIMIT):
-        self.backend, self.params = backend, params
+                 outage_limit: int = OUTAGE_LIMIT, on_text: TextCallback | None = None):
+        self.backend, self.params, self.on_text = backend, params, on_text
         self.width = max(1, int(width))
 
         async def make_semaphore():
@@ -68,9 +71,13 @@ class OpenAIStream:
 
     async def _run(self, ticket: int, request: Request) -> None:
         failure: Failed | None = None
+        shown = None
+        if self.on_text is not None:
+            def shown(text: str) -> None:
+                self._results.put(("text", ticket, request.key, text))
         try:
             async with self._semaphore:
-                completion = await self.backend._complete(request, request.params or self.params)
+                completion = await self.backend._complete(request, request.params or self.params, shown)
         except asyncio.CancelledError:
             raise                      # released, or the backend closed: nobody waits for it
         except Failed as exc:
@@ -79,7 +86,7 @@ class OpenAIStream:
             error = self.backend._scrub(f"{type(exc).__name__}: {one_line(exc)}")
             log.debug("%s: request %s failed: %s", self.backend.model_name, request.key, error)
             failure, completion = Failed(error), _error(error)
-        self._results.put((ticket, request.key, completion, failure))
+        self._results.put(("done", ticket, request.key, completion, failure))
 
     def poll(self) -> list[tuple[str, Completion]]:
         with self._lock:
@@ -106,13 +113,22 @@ class OpenAIStream:
                     break
 
     def _take(self, item, finished: list) -> None:
-        ticket, key, completion, failure = item
+        if item[0] == "text":
+            _, ticket, key, text = item
+            with self._lock:
+                current = key in self._pending and self._pending[key][0] == ticket
+            if current:
+                self.on_text(key, text)
+            return
+        _, ticket, key, completion, failure = item
         with self._lock:
             current = key in self._pending and self._pending[key][0] == ticket
             if current:
                 del self._pending[key]
         if not current:
             return                     # released while in flight: nobody waits for it
+        if self.on_text is not None and completion.error is None:
+            self.on_text(key, completion.text)
         finished.append((key, completion))
         reason = self._outage.record(failure)
         if reason and not self._stopped:

@@ -112,6 +112,11 @@ def chat_body(model: str, conversation: list[dict[str, str]], params: SamplingPa
     return with_thinking(body, thinking)
 
 
+def streaming(body: dict) -> dict:
+    """`body` asking for its reply as an event stream, usage in the last chunk."""
+    return {**body, "stream": True, "stream_options": {"include_usage": True}}
+
+
 def scoring_body(model: str, conversation: list[dict[str, str]], prefix: str,
                  thinking: bool | None = None) -> dict:
     """A greedy one-token request with the top alternatives' logprobs; a prefix of the reply goes
@@ -188,17 +193,39 @@ def is_event_stream(headers) -> bool:
 
 def assemble_stream(text: str) -> dict:
     """A streamed reply (server-sent events of `chat.completion.chunk`s) put back into the shape of
-    a whole one: the first choice's content, reasoning (`delta.reasoning_content` or
-    `delta.reasoning`), finish reason and logprobs joined up, and the last usage seen. An error
-    event raises NoText (retried); an event that is not JSON raises ValueError."""
-    content, reasoning, logprobs = [], [], []
-    seen, finish, usage = False, None, None
+    a whole one (see EventStream)."""
+    events = EventStream()
     for line in text.splitlines():
-        if not line.startswith("data:"):
-            continue
+        events.feed(line)
+        if events.done:
+            break
+    return events.reply()
+
+
+class EventStream:
+    """A streamed reply read one line at a time, as it arrives: the first choice's content,
+    reasoning (`delta.reasoning_content` or `delta.reasoning`), finish reason and logprobs joined
+    up, and the last usage seen. `feed` says whether the line added content; `done` is set by
+    `data: [DONE]`; `reply()` is the whole reply in the shape of a non-streamed one. An error
+    event raises NoText (retried); an event that is not JSON raises ValueError."""
+
+    def __init__(self):
+        self.content: list[str] = []
+        self.reasoning: list[str] = []
+        self.logprobs: list = []
+        self.seen, self.finish, self.usage, self.done = False, None, None, False
+
+    @property
+    def text(self) -> str:
+        return "".join(self.content)
+
+    def feed(self, line: str) -> bool:
+        if self.done or not line.startswith("data:"):
+            return False
         payload = line[len("data:"):].strip()
         if payload == "[DONE]":
-            break
+            self.done = True
+            return False
         chunk = json.loads(payload)
         if not isinstance(chunk, dict):
             raise TypeError("unexpected field types")
@@ -207,26 +234,32 @@ def assemble_stream(text: str) -> dict:
             detail = error.get("message", error) if isinstance(error, dict) else error
             raise NoText(f"the stream ended in an error: {one_line(detail)}")
         if isinstance(chunk.get("usage"), dict):
-            usage = chunk["usage"]
+            self.usage = chunk["usage"]
+        grew = False
         for choice in chunk.get("choices") or []:
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
-            seen = True
+            self.seen = True
             delta = choice.get("delta") or {}
             if isinstance(delta.get("content"), str):
-                content.append(delta["content"])
+                self.content.append(delta["content"])
+                grew = grew or bool(delta["content"])
             part = next((delta[n] for n in REASONING_FIELDS if isinstance(delta.get(n), str) and delta[n]), None)
             if part is not None:
-                reasoning.append(part)
-            finish = choice.get("finish_reason") or finish
+                self.reasoning.append(part)
+            self.finish = choice.get("finish_reason") or self.finish
             if isinstance(choice.get("logprobs"), dict):
-                logprobs += choice["logprobs"].get("content") or []
-    if not seen:
-        return {"choices": [], "usage": usage}
-    message = {"role": "assistant", "content": "".join(content) if content else None,
-               "reasoning_content": "".join(reasoning) if reasoning else None}
-    return {"choices": [{"index": 0, "finish_reason": finish, "message": message,
-                         "logprobs": {"content": logprobs} if logprobs else None}], "usage": usage}
+                self.logprobs += choice["logprobs"].get("content") or []
+        return grew
+
+    def reply(self) -> dict:
+        if not self.seen:
+            return {"choices": [], "usage": self.usage}
+        message = {"role": "assistant", "content": self.text if self.content else None,
+                   "reasoning_content": "".join(self.reasoning) if self.reasoning else None}
+        return {"choices": [{"index": 0, "finish_reason": self.finish, "message": message,
+                             "logprobs": {"content": self.logprobs} if self.logprobs else None}],
+                "usage": self.usage}
 
 
 def parse_top_logprobs(data: dict) -> list[tuple[str, float]] | str:

@@ -18,6 +18,7 @@ app = typer.Typer(
          "[bold]Examples[/bold]\n\n"
          "  cai generate examples/prompts.jsonl -o pairs.jsonl\n\n"
          "  cai generate prompts.txt --model Qwen/Qwen2.5-0.5B-Instruct --revisions 2 -o - | head\n\n"
+         "  cai preview \"How do I pick a lock?\" --judge\n\n"
          "  cai constitution list",
 )
 # True when `cai` runs as its own process (main()), not inside another program (tests, notebooks):

@@ -222,3 +222,65 @@ def stats_tables(report: dict) -> None:
     err.print(table)
 
 
+
+
+# --- cai preview ------------------------------------------------------------------------------
+
+DIFF_STYLES = {"equal": "", "delete": "red strike", "insert": "green"}
+
+
+def turn_panel(turn, live: bool = False):
+    """A turn of a preview as a panel: its stage and principle as the title, its text, and (once
+    ended) its tokens and times below."""
+    from rich.panel import Panel
+
+    title = turn.stage + (f" · {turn.principle}" if turn.principle else "")
+    body = Text(turn.text) if turn.text else Text("…", style="dim")
+    if live:
+        body.append(" ▌", style="dim")
+    subtitle = None
+    if turn.ended is not None:
+        first = "" if turn.first is None else f" · first token {turn.first - turn.started:.2f} s"
+        cut = " · [yellow]hit --max-new-tokens[/yellow]" if turn.finish_reason == "length" else ""
+        subtitle = f"[dim]{turn.tokens} tokens · {turn.ended - turn.started:.1f} s{first}[/dim]{cut}"
+    style = {"response": "cyan", "critique": "magenta", "revision": "green"}[turn.stage.split()[0]]
+    return Panel(body, title=f"[bold {style}]{title}[/bold {style}]", title_align="left",
+                 subtitle=subtitle, subtitle_align="right", border_style=style)
+
+
+def preview_outcome(conversation) -> None:
+    """The verdict of the filters, the judge's preference and the word diff of a finished
+    conversation of `cai preview`."""
+    from rich.panel import Panel
+
+    from cai.filters import REASONS
+
+    if conversation.reasons:
+        verdict = Text("dropped", style="bold red")
+        for reason in conversation.reasons:
+            verdict.append(f"\n  {reason}", style="red")
+            verdict.append(f": {REASONS.get(reason, '')}", style="dim")
+    else:
+        verdict = Text("kept", style="bold green")
+    verdict.append(f"\n  similarity of chosen to rejected: {conversation.similarity:.2f}", style="dim")
+    for note in conversation.cleaned:
+        verdict.append(f"\n  cleaned: {note}", style="dim")
+    err.print(Panel(verdict, title="[bold]verdict (filters)[/bold]", title_align="left"))
+    if conversation.judge:
+        judge = conversation.judge
+        revision_b, revision_a = judge["orders"]
+        line = Text(f"P(revision better) {judge['preference']:.3f}",
+                    style="bold green" if judge["preference"] > 0.5 else "bold red")
+        line.append(f"  (revision shown as B: {revision_b:.3f} · as A: {revision_a:.3f})\n", style="")
+        line.append(judge["question"], style="dim")
+        err.print(Panel(line, title="[bold]judge (both orders)[/bold]", title_align="left"))
+    elif conversation.judge_error:
+        err.print(Panel(Text(conversation.judge_error, style="yellow"), title="[bold]judge[/bold]", title_align="left"))
+    diff = Text()
+    for op, text in conversation.diff:
+        if diff.plain and not diff.plain[-1].isspace() and not text[:1].isspace():
+            diff.append(" ")            # a piece that starts the text has no space before it
+        diff.append(text, style=DIFF_STYLES[op])
+    legend = "[red strike]deleted[/red strike] [green]inserted[/green]"
+    err.print(Panel(diff, title="[bold]diff rejected → chosen[/bold]", title_align="left",
+                    subtitle=legend, subtitle_align="right"))

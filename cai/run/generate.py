@@ -270,15 +270,22 @@ def _finish_side(summary: Summary, skips: SideFile, drops: SideFile | None, fail
         summary.skipped_file = None
 
 
-def _curation(options: GenerateOptions, constitution, templates, backend, paths: _Paths, drop_append_at, config):
-    from cai.curation import Curation
+def make_filters(options: GenerateOptions, constitution, config):
+    """The filters a run with these options applies (None with `filter` off): `cai generate`'s,
+    and what `cai preview` shows the verdict of."""
     from cai.filters import DEFAULT_CHECKS, FilterConfig, Filters, references_of
-    from cai.judging import Judge
 
-    filters = Filters(FilterConfig(
+    return Filters(FilterConfig(
         checks=DEFAULT_CHECKS + (("refusal",) if options.drop_refusals else ()), similarity=options.similarity,
         references=references_of(constitution) if config.few_shot else (),
         reasoning_tags=config.reasoning_tags)) if options.filter else None
+
+
+def _curation(options: GenerateOptions, constitution, templates, backend, paths: _Paths, drop_append_at, config):
+    from cai.curation import Curation
+    from cai.judging import Judge
+
+    filters = make_filters(options, constitution, config)
     judge = Judge(backend, constitution, templates, options.judge_config()) if options.judge else None
     drops = SideFile(paths.filtered, drop_append_at, memory=paths.output is None)
     return Curation(filters, judge, options.min_preference, options.swap, drops, options.keep_filtered)
