@@ -247,7 +247,7 @@ def breakdown_table(section: dict, title: str | None = None) -> None:
     for column in (section["key"], "kept", "dropped", "kept %", "dropped by reason", "edit", "refusals",
                    "judge", "agree"):
         table.add_column(column, justify="left" if column in (section["key"], "dropped by reason") else "right",
-                         overflow="fold")
+                         overflow="fold", no_wrap=column == section["key"])
     for r in section["groups"]:
         table.add_row(r["name"], _cell(r["kept"]), _cell(r["dropped"]), _cell(r["kept_rate"], "pct"),
                       reasons_cell(r["dropped_by_reason"]), _cell(r["edit_distance_mean"], "float"),
