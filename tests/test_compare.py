@@ -133,3 +133,15 @@ def test_cli_compares_two_constitutions_on_the_tiny_model(tiny_model, tmp_path):
     assert "already made" in cli(*args).stderr, "a rerun resumes both runs"
     result = cli("-c", "harmless", "-c", "minimal", prompts, "--model", tiny_model)
     assert result.exit_code == 2 and "--output" in result.stderr
+
+
+def test_the_python_api(tmp_path):
+    a, b = two_files(tmp_path)
+    assert cai.compare(str(a), str(b))["differences"]["kept_only_by"] == {"a": 2, "b": 1}
+    report = cai.compare(PROMPTS[:3], constitution=["harmless", "minimal"], output=str(tmp_path / "runs"),
+                         model=ScriptedBackend(), max_new_tokens=16)
+    assert [s["label"] for s in report["sides"]] == ["harmless", "minimal"] and report["sides"][1]["made"] == 3
+    with pytest.raises(cai.OptionError, match="output"):
+        cai.compare(PROMPTS, constitution=["harmless", "minimal"], model=ScriptedBackend())
+    with pytest.raises(cai.OptionError, match="two files"):
+        cai.compare(str(a), str(b), max_new_tokens=3)
