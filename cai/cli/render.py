@@ -139,7 +139,8 @@ def judge_rows(curation: dict) -> list[tuple[str, str]]:
     return [("judge: P(revision better)",
              f"{curation['preference']:.3f} both orders · {curation['preference_revision_as_b']:.3f} revision as (B) only · "
              f"{curation['judged']} judged" + (f", {curation['swapped']} swapped" if curation.get("swap") else "")
-             + (f", {curation['unjudged']} not judged" if curation["unjudged"] else ""))]
+             + (f", {curation['unjudged']} not judged" if curation["unjudged"] else "")
+             + (f", {curation['disagreeing']} with the two orders disagreeing" if curation.get("disagreeing") else ""))]
 
 
 def stats_tables(report: dict) -> None:
