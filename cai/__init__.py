@@ -6,7 +6,7 @@ Names are imported when first used, so `import cai` (and `cai --help`) stays fas
 __version__ = "0.1.0"
 
 __all__ = [
-    "generate", "judge", "merge", "export", "load_constitution",
+    "generate", "judge", "merge", "export", "compare", "load_constitution",
     "GenerateOptions", "JudgeOptions", "BackendSpec", "Summary", "JudgeSummary", "MergeSummary",
     "Pipeline", "RunConfig", "SamplingParams", "open_backend", "StopSignals",
     "CaiError", "UsageError", "OptionError", "InputError", "ConstitutionError", "ModelError", "BackendError",
@@ -14,7 +14,8 @@ __all__ = [
 ]
 
 _HOMES = {
-    "generate": "cai.api", "judge": "cai.api", "merge": "cai.api", "export": "cai.api", "load_constitution": "cai.api",
+    "generate": "cai.api", "judge": "cai.api", "merge": "cai.api", "export": "cai.api", "compare": "cai.api",
+    "load_constitution": "cai.api",
     "GenerateOptions": "cai.options", "JudgeOptions": "cai.options", "BackendSpec": "cai.options",
     "Summary": "cai.run.summary", "JudgeSummary": "cai.run.judge", "MergeSummary": "cai.run.merge",
     "Pipeline": "cai.pipeline", "RunConfig": "cai.pipeline", "SamplingParams": "cai.backends.base",

@@ -51,6 +51,29 @@ def export(pairs: str, output: str, **options: Any):
     return export_pairs(pairs, output, **options)
 
 
+def compare(a: str | Iterable, b: str | None = None, *, constitution: Any = None, templates: Any = None,
+            output: str | None = None, model: Any = None, show: int = 3, **options: Any) -> dict:
+    """Compare two runs (`cai compare`): two output files `a` and `b`; or, with two constitutions
+    and/or two template sets (lists), the prompts `a` run once per side into OUTPUT/LABEL.jsonl
+    with generate's `options`, then compared. Returns the comparison (what --json prints)."""
+    from cai.errors import OptionError
+    from cai.options import GenerateOptions, build
+    from cai.run.compare import compare_files, compare_runs
+
+    def listed(value):
+        return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+    constitutions, template_sets = listed(constitution), listed(templates)
+    if b is not None:
+        if constitutions or template_sets or output or options or model is not None:
+            raise OptionError("constitution", "is for comparing runs; with two files give only the files")
+        return compare_files(str(a), str(b), show=show)
+    if output is None:
+        raise OptionError("output", "comparing runs needs a folder for them")
+    opts = build(GenerateOptions, {"model": model, **options})
+    return compare_runs(a, opts, constitutions or ["harmless"], template_sets or ["default"], output, show=show)
+
+
 def load_constitution(spec: str):
     """A constitution by shipped name or path, validated (ConstitutionError names file:line)."""
     from cai.constitution import load_constitution as load

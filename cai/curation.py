@@ -18,8 +18,10 @@ class Curation:
     (with `keep_whole`, the whole record and its reasons); a rerun skips the ids it holds."""
 
     def __init__(self, filters, judge, min_preference: float | None, swap: bool, drops: SideFile,
-                 keep_whole: bool = False):
+                 keep_whole: bool = False, trust_disagreeing: bool = False):
         self.filters, self.judge, self.min_preference, self.swap = filters, judge, min_preference, swap
+        self.trust_disagreeing = trust_disagreeing
+        self.disagreeing = 0         # judged pairs whose two orders disagree
         self.drops, self.keep_whole = drops, keep_whole
         self.reasons: Counter[str] = Counter()
         self.dropped = self.judged = self.unjudged = self.swapped = 0
@@ -32,10 +34,12 @@ class Curation:
         return self.filters is not None or self.min_preference is not None
 
     def __call__(self, records: list[dict]) -> list[dict]:
+        from cai.edits import edit_of
         from cai.filters import curate
 
         kept = []
-        for verdict in curate(records, self.filters, self.judge, self.min_preference, self.swap):
+        for verdict in curate(records, self.filters, self.judge, self.min_preference, self.swap,
+                              self.trust_disagreeing):
             judge = verdict.record.get("judge")
             if verdict.judge_error:
                 self.unjudged += 1
@@ -46,16 +50,21 @@ class Curation:
                 self.judged += 1
                 self.swapped += judge["swapped"]
                 self.preferences.append((judge["preference"], judge["orders"][0]))
+                self.disagreeing += judge.get("agree") is False
             if verdict.reasons:
                 self.dropped += 1
                 self.reasons.update(verdict.reasons)
+                edit = edit_of(verdict.record)      # of the cleaned chosen, as a kept record's
+                if self.keep_whole:
+                    meta = verdict.record.get("meta")
+                    verdict.record["meta"] = {**(meta if isinstance(meta, dict) else {}), "edit": edit}
                 line = verdict.record if self.keep_whole else {
                     "id": verdict.record.get("id"), "principle": verdict.record.get("principle"),
                     # the run's fingerprint, so a rerun can tell whether this file is its own
                     "meta": {k: v for k, v in verdict.record.get("meta", {}).items() if k in FINGERPRINT_KEYS}}
                 # a repaired pair that still failed: the reasons of every earlier try too
                 earlier = verdict.record.get("meta", {}).get("repairs")
-                self.drops.write({**line, "filter": {"reasons": verdict.reasons,
+                self.drops.write({**line, "filter": {"reasons": verdict.reasons, "edit": edit,
                                                      **({"earlier": earlier} if earlier else {})}})
             else:
                 kept.append(verdict.record)
@@ -68,5 +77,6 @@ class Curation:
         return {"active": self.active, "judging": self.judge is not None, "swap": self.swap,
                 "dropped": self.dropped, "reasons": dict(self.reasons.most_common()),
                 "judged": self.judged, "unjudged": self.unjudged, "swapped": self.swapped,
+                "disagreeing": self.disagreeing,
                 "preference": sum(p for p, _ in self.preferences) / n if n else None,
                 "preference_revision_as_b": sum(o for _, o in self.preferences) / n if n else None}

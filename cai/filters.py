@@ -259,13 +259,15 @@ def references_of(constitution) -> tuple[str, ...]:
 
 
 def curate(records: list[dict], filters: Filters | None = None, judge=None,
-           min_preference: float | None = None, swap: bool = False) -> list[Verdict]:
+           min_preference: float | None = None, swap: bool = False,
+           trust_disagreeing: bool = False) -> list[Verdict]:
     """Clean and filter `records`, then (with a `judge`) label the pairs that survived, swap
     chosen/rejected where the judge preferred the original (`swap`), and drop those whose
     chosen side it preferred less than `min_preference`. One verdict per record, in order; a
     pair the judge could not score is kept unlabelled (its `judge_error` says why), or dropped
-    for "judge" when a minimum preference is asked for."""
-    from cai.judging import swap as swapped
+    for "judge" when a minimum preference is asked for. Where the judge's two orders disagree
+    the pair counts as a tie (0.5) against `min_preference`, unless `trust_disagreeing`."""
+    from cai.judging import decisive_preference, swap as swapped
 
     verdicts = [filters.apply(r) if filters else Verdict(r) for r in records]
     if judge is None:
@@ -280,6 +282,7 @@ def curate(records: list[dict], filters: Filters | None = None, judge=None,
         preference = verdict.record["judge"]["preference"]
         if swap and preference < 0.5:
             verdict.record, preference = swapped(verdict.record), 1 - preference
-        if min_preference is not None and preference < min_preference:
+        if min_preference is not None and decisive_preference(
+                {**verdict.record["judge"], "preference": preference}, trust_disagreeing) < min_preference:
             verdict.reasons.append("judge")
     return verdicts

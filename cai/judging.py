@@ -57,7 +57,8 @@ class Judge:
         """Adds a `judge` field to each record, in place; returns, per record, None or the reason
         it could not be judged. `judge.preference` is the probability that the revision is the
         better response, averaged over both orders; `judge.orders` holds the two orders' own
-        figures (revision shown as (B), then as (A)); `judge.label` is the preference clamped."""
+        figures (revision shown as (B), then as (A)); `judge.agree` is false where one order prefers
+        the revision and the other the original; `judge.label` is the preference clamped."""
         conversations, questions = [], []
         for record in records:
             if (record.get("judge") or {}).get("swapped"):      # judged and swapped before: judge it afresh
@@ -79,7 +80,8 @@ class Judge:
             preference = sum(orders) / 2
             record["judge"] = {"model": self.model_name, "question": questions[i],
                                "preference": round(preference, 6), "orders": [round(p, 6) for p in orders],
-                               "label": round(self.clamp(preference), 6), "swapped": False}
+                               "agree": orders_agree(orders), "label": round(self.clamp(preference), 6),
+                               "swapped": False}
         return errors
 
     def clamp(self, p: float) -> float:
@@ -87,6 +89,22 @@ class Judge:
             return p
         low, high = self.config.clamp
         return min(max(p, low), high)
+
+
+def orders_agree(orders) -> bool:
+    """False when one order prefers the revision (> 0.5) and the other the original (< 0.5): the
+    judge's verdict then turns on where the revision was shown."""
+    first, second = orders
+    return not ((first > 0.5 and second < 0.5) or (first < 0.5 and second > 0.5))
+
+
+def decisive_preference(judge: dict, trust_disagreeing: bool = False) -> float:
+    """The preference a keep-or-drop decision reads: a tie (0.5) where the orders disagree,
+    unless `trust_disagreeing`."""
+    agree = judge.get("agree")
+    if agree is None and isinstance(judge.get("orders"), list) and len(judge["orders"]) == 2:
+        agree = orders_agree(judge["orders"])
+    return judge["preference"] if trust_disagreeing or agree is not False else 0.5
 
 
 def _transcript(record: dict) -> str:

@@ -83,12 +83,15 @@ class CurationOptions:
     min_preference: float | None = None
     swap: bool = False
     clamp: str | tuple[float, float] | None = None
+    trust_disagreeing: bool = False
 
     def check(self, judging: bool) -> None:
         if not 0 < self.similarity <= 1:
             raise OptionError("similarity", f"must be greater than 0 and at most 1 (got {self.similarity:g})")
-        if not judging and (self.min_preference is not None or self.swap or self.clamp):
-            raise OptionError("judge", "is needed by `min_preference`, `swap` and `clamp`")
+        if not judging and (self.min_preference is not None or self.swap or self.clamp or self.trust_disagreeing):
+            raise OptionError("judge", "is needed by `min_preference`, `swap`, `clamp` and `trust_disagreeing`")
+        if self.trust_disagreeing and self.min_preference is None:
+            raise OptionError("trust_disagreeing", "only changes what `min_preference` drops; give one")
         if self.min_preference is not None and not 0 <= self.min_preference <= 1:
             raise OptionError("min_preference", f"must be between 0 and 1 (got {self.min_preference:g})")
         self.clamp_bounds()

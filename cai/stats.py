@@ -15,10 +15,13 @@ from difflib import SequenceMatcher
 from pathlib import Path
 from typing import IO
 
+from cai.edits import edit_size
 from cai.errors import InputError, OptionError
+from cai.filters import is_refusal
 from cai.filters import words as normalised_words
 from cai.inputs import iter_jsonl
 from cai.output import side_path
+from cai.judging import orders_agree
 from cai.messages import text_of as _text
 
 NEAR_IDENTICAL = 0.9      # similarity ratio at or above which a pair counts as near-identical
@@ -78,6 +81,13 @@ def word_edits(a: list[str], b: list[str]) -> tuple[int, float]:
     return edits, matcher.ratio()
 
 
+def _edit(value) -> dict | None:
+    """A meta.edit / filter.edit value when it is well formed."""
+    if isinstance(value, dict) and _number(value.get("distance")) is not None and _number(value.get("spans")) is not None:
+        return value
+    return None
+
+
 class Stats:
     """Accumulates kept and dropped records; `report()` is the summary, the arrays are the
     samples (for plots)."""
@@ -105,12 +115,23 @@ class Stats:
         self.repaired = 0               # kept after a repair (meta.repairs not empty)
         self.repair_made = False        # any record of a run with repairs (meta.attempts)
         self.dropped_after_repair = 0   # dropped though repaired (filter.earlier)
+        self.edit_distance = array("d")  # meta.edit of kept records (computed where missing)
+        self.edit_spans = array("l")
+        self.edit_computed = 0          # kept records without meta.edit
+        self.dropped_distance = array("d")   # of dropped records that carry one (filter.edit)
+        self.agreeing = self.order_pairs = 0   # judged records whose two orders agree, of those with both
+        self.constitutions: Counter[str] = Counter()   # meta.constitution of the records read
 
     def _principle(self, record: dict) -> dict:
         name = record.get("principle")
         name = name if isinstance(name, str) and name else "?"
         if name not in self.principles:
-            self.principles[name] = {"kept": 0, "dropped": 0, "judged": 0, "preference_sum": 0.0}
+            self.principles[name] = {"kept": 0, "dropped": 0, "judged": 0, "preference_sum": 0.0,
+                                     "reasons": Counter(), "edit_sum": 0.0, "agreeing": 0, "order_pairs": 0,
+                                     "refusals": 0, "chosen_words": 0, "rejected_words": 0}
+        meta = record.get("meta")
+        if isinstance(meta, dict) and isinstance(meta.get("constitution"), str):
+            self.constitutions[meta["constitution"]] += 1
         return self.principles[name]
 
     def add_kept(self, record: dict, where: tuple[str, int]) -> None:
@@ -135,6 +156,17 @@ class Stats:
         self.similarity.append(ratio)
         self.near_identical += ratio >= NEAR_IDENTICAL
         self.identical += rejected == chosen
+        meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
+        edit = _edit(meta.get("edit"))
+        if edit is None:
+            self.edit_computed += 1
+            edit = edit_size(texts["rejected"], texts["chosen"])
+        self.edit_distance.append(edit["distance"])
+        self.edit_spans.append(int(edit["spans"]))
+        principle["edit_sum"] += edit["distance"]
+        principle["refusals"] += is_refusal(texts["chosen"])
+        principle["chosen_words"] += len(words["chosen"])
+        principle["rejected_words"] += len(words["rejected"])
 
         judge = record.get("judge")
         preference = _number(judge.get("preference")) if isinstance(judge, dict) else None
@@ -145,11 +177,18 @@ class Stats:
             self.swapped += judge.get("swapped") is True
             orders = judge.get("orders")
             if isinstance(orders, list) and len(orders) == 2:
-                for i, value in enumerate(map(_number, orders)):
+                values = [_number(value) for value in orders]
+                for i, value in enumerate(values):
                     if value is not None:
                         self.orders[i].append(value)
+                if None not in values:
+                    agree = judge.get("agree")
+                    agree = orders_agree(values) if not isinstance(agree, bool) else agree
+                    self.order_pairs += 1
+                    self.agreeing += agree
+                    principle["order_pairs"] += 1
+                    principle["agreeing"] += agree
 
-        meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
         finish = meta.get("finish_reasons") if isinstance(meta.get("finish_reasons"), dict) else {}
         if isinstance(finish.get("response"), str):
             self.response_finish[finish["response"]] += 1
@@ -164,7 +203,8 @@ class Stats:
 
     def add_dropped(self, record: dict) -> None:
         self.dropped += 1
-        self._principle(record)["dropped"] += 1
+        principle = self._principle(record)
+        principle["dropped"] += 1
         filt = record.get("filter")
         reasons = filt.get("reasons") if isinstance(filt, dict) else None
         if isinstance(reasons, str):
@@ -173,6 +213,16 @@ class Stats:
             reasons = ["?"]
         for reason in dict.fromkeys(str(r) for r in reasons):   # once per reason, in order
             self.reasons[reason] += 1
+            principle["reasons"][reason] += 1
+        meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
+        edit = _edit(filt.get("edit") if isinstance(filt, dict) else None) or _edit(meta.get("edit"))
+        if edit is None and "chosen" in record and "rejected" in record:
+            try:
+                edit = edit_size(_text(record["rejected"]), _text(record["chosen"]))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                edit = None
+        if edit is not None:
+            self.dropped_distance.append(edit["distance"])
         self.dropped_after_repair += isinstance(filt, dict) and bool(filt.get("earlier"))
 
     def add_unmade(self, line: dict, kind: str) -> None:
@@ -196,6 +246,8 @@ class Stats:
                 "mean_revision_as_a": _mean(sum(self.orders[1]), len(self.orders[1])),
                 "fraction_preferred": _mean(sum(p > 0.5 for p in self.preference), n),
                 "swapped": self.swapped,
+                "agreement": _mean(self.agreeing, self.order_pairs),
+                "disagreeing": self.order_pairs - self.agreeing,
                 "histogram": {"edges": [_num(i / HISTOGRAM_BINS) for i in range(HISTOGRAM_BINS + 1)],
                               "counts": counts},
             }
@@ -222,6 +274,10 @@ class Stats:
                 "similarity": distribution(self.similarity),
                 "near_identical": self.near_identical,
                 "identical": self.identical,
+                "distance": distribution(self.edit_distance),
+                "spans": distribution(self.edit_spans),
+                "distance_dropped": distribution(self.dropped_distance),
+                "computed": self.edit_computed,
             },
             "judge": judge,
             "finish_reasons": {"response": dict(self.response_finish.most_common()),
@@ -231,11 +287,13 @@ class Stats:
 
 
 def collect(records: str, filtered: str | None = None, *, stdin: IO[bytes] | None = None,
-            warn: Callable[[str], None] | None = None) -> tuple[dict, Stats]:
+            warn: Callable[[str], None] | None = None,
+            visit: Callable[[str, dict], None] | None = None) -> tuple[dict, Stats]:
     """(report, samples) of a records file and its side file of dropped records.
 
     `filtered` None means the default side file (PAIRS.filtered.jsonl; none for stdin), whose
-    absence means nothing was dropped; a side file named explicitly must exist."""
+    absence means nothing was dropped; a side file named explicitly must exist. `visit(kind,
+    record)` sees each kept ("kept") and dropped ("dropped") record once counted."""
     stats = Stats()
 
     def torn(message: str) -> None:
@@ -245,6 +303,8 @@ def collect(records: str, filtered: str | None = None, *, stdin: IO[bytes] | Non
 
     for name, number, record in iter_jsonl(records, stdin=stdin, warn=torn):
         stats.add_kept(record, (name, number))
+        if visit:
+            visit("kept", record)
     explicit = filtered is not None
     filtered = filtered if explicit else side_file(records)
     found = filtered is not None and Path(filtered).is_file()
@@ -253,6 +313,8 @@ def collect(records: str, filtered: str | None = None, *, stdin: IO[bytes] | Non
     if explicit or found:
         for _, _, record in iter_jsonl(filtered, warn=torn):
             stats.add_dropped(record)
+            if visit:
+                visit("dropped", record)
     if records != "-":           # what the run could not make: its failures and skipped files
         for kind, side in (("failed", "failures"), ("skipped", "skipped")):
             path = side_path(records, side)

@@ -223,7 +223,7 @@ def test_keep_filtered_writes_whole_records_and_overwrite_starts_afresh(tiny_mod
 
 
 def test_judge_options_need_judge_and_valid_values(tiny_model, tmp_path):
-    for args, message in ((["--swap"], "--judge: is needed by --min-preference, --swap and --clamp"), (["--judge", "--min-preference", "1.5"], "--min-preference"),
+    for args, message in ((["--swap"], "--judge: is needed by --min-preference, --swap, --clamp and --trust-disagreeing"), (["--judge", "--min-preference", "1.5"], "--min-preference"),
                           (["--judge", "--clamp", "0.6"], "--clamp: expected LO,HI"),
                           (["--judge", "--clamp", "0.7,0.2"], "--clamp: need"), (["--similarity", "0"], "--similarity"),
                           (["--keep-filtered", "-o", "-"], "needs --filtered")):

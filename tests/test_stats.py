@@ -276,3 +276,74 @@ def test_plot_without_matplotlib(tmp_path, monkeypatch):
 def test_help_has_examples():
     result = CliRunner().invoke(app, ["stats", "--help"])
     assert result.exit_code == 0 and "Examples" in result.stdout and "--filtered" in result.stdout
+
+
+def by_fixture(tmp_path):
+    """Kept and dropped records over three principles of the harmless constitution."""
+    kept = [record("a", principle="privacy", rejected="a b c d", chosen="a b x d", judge=(0.7, 0.8, 0.6)),
+            record("b", principle="privacy", rejected="a b", chosen="a b", judge=(0.5, 0.7, 0.3)),
+            record("c", principle="dangerous-instructions", rejected="one two", chosen="three four"),
+            record("d", principle="harmful-content")]
+    kept[0]["meta"]["edit"] = {"distance": 0.25, "spans": 1}          # as a run writes it; the others are computed
+    pairs = write(tmp_path / "pairs.jsonl", kept)
+    write(tmp_path / "pairs.jsonl.filtered.jsonl", [
+        {"id": "e", "principle": "dangerous-instructions", "filter": {"reasons": ["unchanged"], "edit": {"distance": 0.0, "spans": 0}}},
+        {"id": "f", "principle": "dangerous-instructions", "filter": {"reasons": ["copied", "meta"]}},
+        {"id": "g", "principle": "harmful-content", "filter": {"reasons": ["truncated"]}},
+        {"id": "h", "principle": "harmful-content", "filter": {"reasons": ["truncated"]}},
+        {"id": "i", "principle": "harmful-content", "filter": {"reasons": ["truncated"]}}])
+    return pairs
+
+
+def test_by_principle_adds_up_and_puts_the_worst_first(tmp_path):
+    report, result = report_of(by_fixture(tmp_path), "--by", "principle")
+    by = report["by"]
+    assert by["key"] == "principle" and by["totals"] == {"kept": 4, "dropped": 5}
+    groups = by["groups"]
+    assert [g["name"] for g in groups] == ["harmful-content", "dangerous-instructions", "privacy"]
+    assert sum(g["kept"] for g in groups) == report["input"]["kept"]
+    assert sum(g["dropped"] for g in groups) == report["input"]["dropped"]
+    assert sum(g["total"] for g in groups) == report["input"]["kept"] + report["input"]["dropped"]
+    worst, middle, best = groups
+    assert (worst["kept"], worst["dropped"], worst["kept_rate"]) == (1, 3, 0.25)
+    assert worst["dropped_by_reason"] == {"truncated": 3}
+    assert middle["dropped_by_reason"] == {"unchanged": 1, "copied": 1, "meta": 1}
+    assert middle["edit_distance_mean"] == 1 and best["edit_distance_mean"] == 0.125    # (0.25 + 0) / 2
+    assert best["judged"] == 2 and best["judge_mean"] == 0.6 and best["agreement"] == 0.5
+    assert worst["judge_mean"] is None and worst["agreement"] is None
+    table = run(tmp_path / "pairs.jsonl", "--by", "principle").stderr.split("by principle")[1]
+    assert table.index("harmful-content") < table.index("privacy")
+
+
+def test_by_tag_from_the_named_or_the_records_constitution(tmp_path):
+    pairs = by_fixture(tmp_path)
+    report, _ = report_of(pairs, "--by", "tag")                  # meta.constitution names the shipped harmless
+    by = report["by"]
+    assert by["constitution"].startswith("harmless@") and by["overlapping"] is True
+    rows = {g["name"]: g for g in by["groups"]}
+    assert rows["harm"]["principles"] == ["dangerous-instructions", "harmful-content"]
+    assert (rows["harm"]["kept"], rows["harm"]["dropped"]) == (2, 5)
+    assert (rows["weapons"]["kept"], rows["weapons"]["dropped"]) == (1, 2)
+    assert (rows["privacy"]["kept"], rows["privacy"]["dropped"]) == (2, 0)
+    assert [g["name"] for g in by["groups"]][-1] == "privacy"
+    named, _ = report_of(pairs, "--by", "tag", "-c", "minimal")      # none of its principles: all untagged
+    assert [(g["name"], g["total"]) for g in named["by"]["groups"]] == [("(untagged)", 9)]
+
+
+def test_by_tag_needs_a_known_constitution(tmp_path):
+    rows = [record("a")]
+    rows[0]["meta"]["constitution"] = "mine@123"
+    result = run(write(tmp_path / "pairs.jsonl", rows), "--by", "tag")
+    assert result.exit_code == 2 and "--constitution" in result.stderr and "mine@123" in result.stderr
+    assert "--by" in run(tmp_path / "pairs.jsonl", "--by", "colour").stderr
+    assert "--constitution: is for --by tag" in run(tmp_path / "pairs.jsonl", "-c", "harmless").stderr
+
+
+def test_edit_size_and_judge_agreement(tmp_path):
+    report, result = report_of(by_fixture(tmp_path))
+    edits = report["edits"]
+    assert edits["distance"]["max"] == 1 and edits["distance"]["min"] == 0 and edits["computed"] == 3
+    assert edits["spans"]["max"] == 1
+    assert edits["distance_dropped"] == {"min": 0, "p10": 0, "p50": 0, "p90": 0, "max": 0, "mean": 0}
+    assert report["judge"]["agreement"] == 0.5 and report["judge"]["disagreeing"] == 1
+    assert "orders agree" in " ".join(run(tmp_path / "pairs.jsonl").stderr.split())

@@ -6,7 +6,7 @@ import typer
 
 from cai.cli.app import app, error_line, reports_errors
 from cai.cli.options import (ClampOpt, FilteredOpt, KeepFilteredOpt, MinPreferenceOpt, NoLockOpt, SwapOpt,
-                             backend_options)
+                             TrustDisagreeingOpt, backend_options)
 from cai.cli.render import RunProgress, err, generate_summary, setup_logging
 
 
@@ -56,6 +56,7 @@ def generate(
     filtered: FilteredOpt = None,
     judge: Annotated[bool, typer.Option("--judge", help="Label each kept pair with the model's own AI-feedback preference (see `cai judge`).")] = False,
     min_preference: MinPreferenceOpt = None,
+    trust_disagreeing: TrustDisagreeingOpt = False,
     swap: SwapOpt = False,
     clamp: ClampOpt = None,
     shard: Annotated[Optional[str], typer.Option("--shard", metavar="K/N", help="Take only shard K of N (1 ≤ K ≤ N), a deterministic slice of the prompts by id; combine shard outputs with `cai merge`.", show_default=False)] = None,
@@ -84,7 +85,8 @@ def generate(
         top_p=top_p, few_shot=few_shot, limit=limit, resume=resume, overwrite=overwrite, force=force,
         skip_invalid=skip_invalid, truncate_long=truncate_long, format=fmt, failures=failures, skipped=skipped,
         fail_fast=fail_fast, filter=filter_, similarity=similarity, repairs=repairs, repair_from=repair_from, drop_refusals=drop_refusals,
-        keep_filtered=keep_filtered, filtered=filtered, judge=judge, min_preference=min_preference, swap=swap,
+        keep_filtered=keep_filtered, filtered=filtered, judge=judge, min_preference=min_preference,
+        trust_disagreeing=trust_disagreeing, swap=swap,
         clamp=clamp, shard=shard, grace=grace, lock=not no_lock)
 
     def on_signal(name: str, seconds: float) -> None:

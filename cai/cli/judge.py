@@ -5,7 +5,8 @@ from typing import Annotated, Optional
 import typer
 
 from cai.cli.app import app, reports_errors
-from cai.cli.options import ClampOpt, FilteredOpt, KeepFilteredOpt, MinPreferenceOpt, NoLockOpt, SwapOpt, backend_options
+from cai.cli.options import (ClampOpt, FilteredOpt, KeepFilteredOpt, MinPreferenceOpt, NoLockOpt, SwapOpt,
+                             TrustDisagreeingOpt, backend_options)
 from cai.cli.render import err, judge_rows, setup_logging, summary_table
 
 
@@ -23,6 +24,7 @@ def judge(
     templates: Annotated[str, typer.Option("--templates", help="Template set whose judge.jinja words the question.")] = "default",
     prefix: Annotated[str, typer.Option("--prefix", help="How the judge's answer starts; the option letter is read right after it.")] = "The answer is: (",
     min_preference: MinPreferenceOpt = None,
+    trust_disagreeing: TrustDisagreeingOpt = False,
     swap: SwapOpt = False,
     clamp: ClampOpt = None,
     keep_filtered: KeepFilteredOpt = False,
@@ -46,7 +48,8 @@ def judge(
 
     setup_logging(quiet)
     options = JudgeOptions(**asdict(spec), constitution=constitution, templates=templates, prefix=prefix,
-                           min_preference=min_preference, swap=swap, clamp=clamp, keep_filtered=keep_filtered,
+                           min_preference=min_preference, trust_disagreeing=trust_disagreeing, swap=swap,
+                           clamp=clamp, keep_filtered=keep_filtered,
                            filtered=filtered, batch_size=batch_size, overwrite=overwrite, lock=not no_lock)
     bar = Progress(TextColumn("[bold]judging"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    console=err, disable=quiet)

@@ -28,6 +28,7 @@ BACKEND_OPTIONS = [
 
 # What to keep: shared by `generate --judge` and `judge`.
 MinPreferenceOpt = Annotated[Optional[float], typer.Option("--min-preference", metavar="P", help="Keep only pairs whose chosen side the judge prefers with probability at least P (0-1); the others go to the filtered file.", show_default=False)]
+TrustDisagreeingOpt = Annotated[bool, typer.Option("--trust-disagreeing", help="With --min-preference: take the judge's averaged preference even where its two orders disagree (one prefers the revision, the other the original); by default such a pair counts as a tie, 0.5.")]
 SwapOpt = Annotated[bool, typer.Option("--swap", help="Where the judge prefers the original response, write it as chosen and the revision as rejected.")]
 ClampOpt = Annotated[Optional[str], typer.Option("--clamp", metavar="LO,HI", help="Soft labels: clamp judge.label into [LO, HI], e.g. 0.4,0.6 as in RL-CAI.", show_default=False)]
 KeepFilteredOpt = Annotated[bool, typer.Option("--keep-filtered", help="Write dropped pairs whole, with their reasons, to the filtered file (without it: their ids and reasons only).")]

@@ -139,7 +139,8 @@ def judge_rows(curation: dict) -> list[tuple[str, str]]:
     return [("judge: P(revision better)",
              f"{curation['preference']:.3f} both orders · {curation['preference_revision_as_b']:.3f} revision as (B) only · "
              f"{curation['judged']} judged" + (f", {curation['swapped']} swapped" if curation.get("swap") else "")
-             + (f", {curation['unjudged']} not judged" if curation["unjudged"] else ""))]
+             + (f", {curation['unjudged']} not judged" if curation["unjudged"] else "")
+             + (f", {curation['disagreeing']} with the two orders disagreeing" if curation.get("disagreeing") else ""))]
 
 
 def stats_tables(report: dict) -> None:
@@ -188,7 +189,10 @@ def stats_tables(report: dict) -> None:
     table.add_column("")
     for column in ("min", "p10", "p50", "p90", "max", "mean"):
         table.add_column(column, justify="right")
-    rows = {**report["lengths"], "word edits": report["edits"]["word_edits"], "similarity": report["edits"]["similarity"]}
+    rows = {**report["lengths"], "word edits": report["edits"]["word_edits"], "similarity": report["edits"]["similarity"],
+            "edit distance": report["edits"]["distance"], "edit spans": report["edits"]["spans"]}
+    if report["edits"]["distance_dropped"]["mean"] is not None:
+        rows["edit distance (dropped)"] = report["edits"]["distance_dropped"]
     for name, dist in rows.items():
         table.add_row(name, *(fmt(dist[k]) for k in ("min", "p10", "p50", "p90", "max", "mean")))
     err.print(table)
@@ -205,6 +209,8 @@ def stats_tables(report: dict) -> None:
         table.add_row("mean, revision shown as B", fmt(judge["mean_revision_as_b"]))
         table.add_row("mean, revision shown as A", fmt(judge["mean_revision_as_a"]))
         table.add_row("preferred (> 0.5)", f"{judge['fraction_preferred']:.1%}")
+        if judge.get("agreement") is not None:
+            table.add_row("orders agree", f"{judge['agreement']:.1%} ({judge['disagreeing']:,} disagree: a tie for --min-preference)")
         if judge["swapped"]:
             table.add_row("swapped (original kept as chosen)", pct(judge["swapped"], kept))
         counts, edges = judge["histogram"]["counts"], judge["histogram"]["edges"]
@@ -284,3 +290,34 @@ def preview_outcome(conversation) -> None:
     legend = "[red strike]deleted[/red strike] [green]inserted[/green]"
     err.print(Panel(diff, title="[bold]diff rejected → chosen[/bold]", title_align="left",
                     subtitle=legend, subtitle_align="right"))
+
+
+def _cell(value, kind: str = "count") -> str:
+    """A table cell: a count, a share ("pct") or a figure to 3 decimals ("float")."""
+    if value is None:
+        return "–"
+    if kind == "pct":
+        return f"{value:.0%}"
+    return f"{value:,}" if kind == "count" else f"{float(value):.3f}"
+
+
+def reasons_cell(reasons: dict) -> str:
+    return ", ".join(f"{reason} {count}" for reason, count in reasons.items()) or "–"
+
+
+def breakdown_table(section: dict, title: str | None = None) -> None:
+    """The rows of `cai stats --by` (or one side of `cai compare`), worst first."""
+    table = Table(title=title or f"by {section['key']}" + (f" ({section['constitution']})" if section.get("constitution") else ""),
+                  title_justify="left")
+    for column in (section["key"], "kept", "dropped", "kept %", "dropped by reason", "edit", "refusals",
+                   "judge", "agree"):
+        table.add_column(column, justify="left" if column in (section["key"], "dropped by reason") else "right",
+                         overflow="fold", no_wrap=column == section["key"])
+    for r in section["groups"]:
+        table.add_row(r["name"], _cell(r["kept"]), _cell(r["dropped"]), _cell(r["kept_rate"], "pct"),
+                      reasons_cell(r["dropped_by_reason"]), _cell(r["edit_distance_mean"], "float"),
+                      _cell(r["refusals"]), _cell(r["judge_mean"], "float"), _cell(r["agreement"], "pct"))
+    err.print(table)
+    if section.get("overlapping"):
+        err.print("[dim]a principle with several tags counts under each, so the rows add up to more than the run[/dim]")
+

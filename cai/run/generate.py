@@ -174,6 +174,7 @@ def _run(selection, paths: _Paths, options: GenerateOptions, constitution, templ
 
 
 def _loop(pipeline, jobs, writer, curation, failures, fmt: str, summary: Summary, progress, stop) -> None:
+    from cai.edits import edit_of
     from cai.records import to_format
 
     def on_turn(stage: str, completion) -> None:
@@ -187,6 +188,7 @@ def _loop(pipeline, jobs, writer, curation, failures, fmt: str, summary: Summary
         kept = curation(made)
         summary.dropped = curation.dropped
         for record in kept:
+            record["meta"]["edit"] = edit_of(record)         # of the final, cleaned chosen
             writer.write(to_format(record, fmt) if fmt != "standard" else record)
             summary.kept += 1
             summary.repaired += bool(record["meta"].get("repairs"))
@@ -288,7 +290,8 @@ def _curation(options: GenerateOptions, constitution, templates, backend, paths:
     filters = make_filters(options, constitution, config)
     judge = Judge(backend, constitution, templates, options.judge_config()) if options.judge else None
     drops = SideFile(paths.filtered, drop_append_at, memory=paths.output is None)
-    return Curation(filters, judge, options.min_preference, options.swap, drops, options.keep_filtered)
+    return Curation(filters, judge, options.min_preference, options.swap, drops, options.keep_filtered,
+                    options.trust_disagreeing)
 
 
 class _Failures:

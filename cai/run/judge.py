@@ -69,7 +69,7 @@ def run(pairs: str | list[dict], output: str | None, options: JudgeOptions, *,
         backend = options.model if given else open_backend(options.backend_spec(), resolved)
         curation = Curation(None, Judge(backend, constitution, templates, options.judge_config(options.prefix)),
                             options.min_preference, options.swap, SideFile(filtered, memory=output is None),
-                            options.keep_filtered)
+                            options.keep_filtered, options.trust_disagreeing)
         writer = MemoryWriter() if output is None else RecordWriter(output)
         if progress:
             progress(0, len(records))
