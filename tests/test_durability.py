@@ -83,11 +83,18 @@ def test_sigkill_at_random_moments_then_resume(tiny_model, many_prompts, tmp_pat
     assert sorted(ids) == [f"p{i:03d}" for i in range(40)], f"seed {seed}: every prompt exactly once"
 
 
+def _default_signals() -> None:
+    """The run starts with SIGINT and SIGHUP at their defaults even when the tests run under
+    nohup (cai respects an ignored SIGHUP, which would make the SIGHUP test meaningless)."""
+    for signum in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def _start_and_wait_for_records(args, out: Path) -> subprocess.Popen:
     """Start a run and return once it has written a record of its own (so it is in its loop)."""
     before = _lines(out)
     proc = subprocess.Popen(cai_command(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=_default_signals)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and _lines(out) <= before and proc.poll() is None:
         time.sleep(0.05)
