@@ -74,7 +74,7 @@ class CurationOptions:
 
     filter: bool = True
     similarity: float = 0.9
-    repairs: int = 0
+    repairs: int = 3
     repair_from: str = "revision"
     drop_refusals: bool = False
     keep_filtered: bool = False

@@ -63,25 +63,25 @@ class ScriptedBackend:
 
 
 class ScriptedStream:
-    """Each poll answers up to `width` waiting turns; a conversation's turn number is counted
-    by its key, as a real engine keeps a conversation's state."""
+    """Each poll answers up to `width` waiting turns. A conversation's turn number is kept by its
+    key, as a real engine keeps a conversation's state: each turn adds two messages (the reply and
+    the next request), so a request as long as the last one is that turn again (a repair), and
+    one two messages shorter the turn before it (a repair from the critique)."""
 
     def __init__(self, backend: ScriptedBackend, width: int):
         self.backend, self.width = backend, width
-        self.waiting: list[Request] = []
-        self.turns: dict[str, int] = {}
+        self.waiting: list[tuple[Request, int]] = []
+        self.turns: dict[str, tuple[int, int]] = {}      # key → (turn, messages) of its last request
 
     def submit(self, request: Request) -> None:
-        self.waiting.append(request)
+        turn, length = self.turns.get(request.key, (None, 0))
+        turn = 0 if turn is None else turn + (len(request.conversation) - length) // 2
+        self.turns[request.key] = (turn, len(request.conversation))
+        self.waiting.append((request, turn))
 
     def poll(self):
         batch, self.waiting = self.waiting[:self.width], self.waiting[self.width:]
-        out = []
-        for request in batch:
-            turn = self.turns.get(request.key, 0)
-            self.turns[request.key] = turn + 1
-            out.append((request.key, self.backend.reply(request.conversation, turn)))
-        return out
+        return [(request.key, self.backend.reply(request.conversation, turn)) for request, turn in batch]
 
     def release(self, key: str) -> None:
         self.turns.pop(key, None)

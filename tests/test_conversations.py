@@ -124,7 +124,7 @@ class _TurnAware(ScriptedStream):
 
     def submit(self, request):
         if request.key not in self.turns and "critique of your previous response" in request.conversation[-1]["content"]:
-            self.turns[request.key] = 1
+            self.turns[request.key] = (0, len(request.conversation) - 2)      # so this request is turn 1
         super().submit(request)
 
 

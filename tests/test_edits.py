@@ -54,7 +54,7 @@ def test_edit_of_reads_either_record_shape():
 def test_a_run_writes_meta_edit_on_kept_and_dropped_pairs(tmp_path):
     out = tmp_path / "pairs.jsonl"
     summary = cai.generate([f"q{i} boil water" for i in range(6)], str(out), model=ScriptedBackend(unchanged={"q2"}),
-                           max_new_tokens=16)
+                           max_new_tokens=16, repairs=0)
     assert summary.kept == 5 and summary.dropped == 1
     from conftest import read_jsonl
 
@@ -62,7 +62,8 @@ def test_a_run_writes_meta_edit_on_kept_and_dropped_pairs(tmp_path):
         assert record["meta"]["edit"] == edit_size(record["rejected"], record["chosen"])     # of the cleaned chosen
     (dropped,) = read_jsonl(f"{out}.filtered.jsonl")
     assert dropped["filter"] == {"reasons": ["unchanged"], "edit": {"distance": 0.0, "spans": 0}}
-    whole = cai.generate(["q2 boil water"], None, model=ScriptedBackend(unchanged={"q2"}), keep_filtered=True)
+    whole = cai.generate(["q2 boil water"], None, model=ScriptedBackend(unchanged={"q2"}), keep_filtered=True,
+                         repairs=0)
     (line,) = whole.side["filtered"]
     assert line["meta"]["edit"] == line["filter"]["edit"] == {"distance": 0.0, "spans": 0}
 

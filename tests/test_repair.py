@@ -34,7 +34,7 @@ class _Recording(ScriptedStream):
     def poll(self):
         batch, self.waiting = self.waiting[:self.width], self.waiting[self.width:]
         out = []
-        for request in batch:
+        for request, _ in batch:
             self.backend.requests.append(request)
             text = request.conversation[-1]["content"]
             turn = 1 if "critique of your previous response" in text else 2 if "improved answer" in text else 0
@@ -61,9 +61,19 @@ def _same(records):
 
 
 def test_repairs_off_makes_todays_records():
-    plain = cai.generate(PROMPTS, model=FlakyBackend(flaky={"Make tea"}), output=None, keep_filtered=True)
+    """Before repairs, a run made its pairs and then filtered them: `--repairs 0` must write just
+    those records (the raw pairs of a run without filters, put through the same filters)."""
+    from cai.filters import DEFAULT_CHECKS, FilterConfig, Filters, references_of
+
+    raw = cai.generate(PROMPTS, model=FlakyBackend(flaky={"Make tea"}), output=None, filter=False).records
+    filters = Filters(FilterConfig(checks=DEFAULT_CHECKS, references=references_of(cai.load_constitution("harmless"))))
+    before = [v.record for v in map(filters.apply, raw) if v.kept]
     off = _gen(FlakyBackend(flaky={"Make tea"}), 0)
-    assert _same(off.records) == _same(plain.records)
+
+    def content(records):
+        return _same([{**r, "meta": {k: v for k, v in r["meta"].items() if k != "edit"}} for r in records])
+
+    assert content(off.records) == content(before) and len(before) == 3
     assert all("attempts" not in r["meta"] and "repairs" not in r["meta"]["params"] for r in off.records)
     assert off.dropped == 1 and off.side["filtered"][0]["filter"]["reasons"] == ["unchanged"]
 
@@ -159,5 +169,5 @@ def test_stats_and_the_summary_count_repairs(tmp_path):
     report, _ = collect(str(out))
     assert report["repairs"] == {"kept_first_try": 2, "kept_after_repair": 1, "dropped_after_repair": 1}
     plain = tmp_path / "plain.jsonl"
-    cai.generate(PROMPTS, str(plain), model=FlakyBackend())
+    cai.generate(PROMPTS, str(plain), model=FlakyBackend(), repairs=0)
     assert collect(str(plain))[0]["repairs"] is None
