@@ -373,7 +373,15 @@ def plot(report: dict, stats: Stats, target: str) -> None:
             ax.set(title=f"dropped: {report['input']['dropped']} of {report['input']['total']}", xlabel="records")
     for ax in flat[len(panels):]:
         ax.axis("off")
-    fig.suptitle(f"cai stats: {report['input']['records']} ({report['input']['kept']} kept)")
+    save_figure(fig, target, f"cai stats: {report['input']['records']} ({report['input']['kept']} kept)")
+
+
+def save_figure(fig, target: str, title: str) -> None:
+    """Title, lay out and write a matplotlib figure (a one-line InputError if it cannot be
+    written), and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
     fig.tight_layout()
     try:
         fig.savefig(target, dpi=100)

@@ -195,7 +195,6 @@ def compare_runs(prompts, options, constitutions: list, templates: list, folder:
 def plot(report: dict, target: str) -> None:
     """A PNG of the two sides: kept rate and drop reasons, edit distance, judge preference."""
     from cai.stats import check_plotting
-    from cai.errors import InputError
 
     check_plotting()
     import matplotlib
@@ -226,11 +225,6 @@ def plot(report: dict, target: str) -> None:
         ax.set_yticks([i + width / 2 for i in range(len(names))], names, fontsize=7)
         ax.invert_yaxis()
         ax.set(title=title, xlim=(0, 1))
-    fig.suptitle(f"cai compare: {labels[0]} vs {labels[1]}")
-    fig.tight_layout()
-    try:
-        fig.savefig(target, dpi=100)
-    except OSError as exc:
-        raise InputError(target, f"cannot write plot: {exc.strerror or exc}") from None
-    finally:
-        plt.close(fig)
+    from cai.stats import save_figure
+
+    save_figure(fig, target, f"cai compare: {labels[0]} vs {labels[1]}")
