@@ -241,11 +241,12 @@ class Pipeline:
                 self._add_turn(w, completion)
                 if on_turn:
                     on_turn(_stage(len(w.completions) - 1), completion)
-                if check and self._repair(w, check, turns):
+                record = self._record(w) if len(w.completions) == turns else None
+                if check and self._repair(w, check, record):
                     self._submit(stream, w)
                     continue
-                if len(w.completions) == turns:
-                    done.append(self._record(w))
+                if record is not None:
+                    done.append(record)
                     stream.release(key)
                     del work[key]
                     continue
@@ -254,20 +255,21 @@ class Pipeline:
             if done:
                 yield done
 
-    def _repair(self, w: _Work, check: Callable[[dict], list[str]], turns: int) -> bool:
+    def _repair(self, w: _Work, check: Callable[[dict], list[str]], record: dict | None) -> bool:
         """Whether the turn that just ended is taken back to be tried again (its request is then
         the conversation's last message). A response cut at --max-new-tokens is retried at once
         (a truncated original is dropped whatever the revision says); a finished pair the checks
         would drop gets a fresh sample of its last revision (`repair_from` "critique": of its last
         critique and revision). Each try has its own seed, derived
-        like every turn's, so a resumed run makes the same record."""
+        like every turn's, so a resumed run makes the same record. `record`: the finished pair, or
+        None while turns remain."""
         if len(w.repairs) >= self.config.repairs:
             return False
         ended = len(w.completions) - 1
         if ended == 0 and w.completions[0].finish_reason == "length":
             reasons = ["truncated"]
-        elif len(w.completions) == turns:
-            reasons = check(self._record(w))
+        elif record is not None:
+            reasons = check(record)
             if not reasons:
                 return False
         else:
