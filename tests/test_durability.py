@@ -188,10 +188,15 @@ def test_ctrl_c_after_the_last_prompt_started_ends_a_whole_run(tiny_model, many_
             yield made
 
     monkeypatch.setattr(Pipeline, "run", ctrl_c_at_the_first_record)
+    # as at a terminal, even when the tests themselves run where SIGINT is ignored (a background job)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     out = tmp_path / "pairs.jsonl"
-    result = CliRunner().invoke(app, plumbing(["generate", many_prompts, "--model", tiny_model, "-o", out,
-                                               "--limit", "3", "--batch-size", "3", "--max-new-tokens", "12",
-                                               "--no-few-shot"]))
+    try:
+        result = CliRunner().invoke(app, plumbing(["generate", many_prompts, "--model", tiny_model, "-o", out,
+                                                   "--limit", "3", "--batch-size", "3", "--max-new-tokens", "12",
+                                                   "--no-few-shot"]))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     stderr = " ".join(result.stderr.split())
     assert result.exit_code == 0, result.output
     assert "stopping: finishing the conversations in flight" in stderr
