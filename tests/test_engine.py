@@ -298,4 +298,41 @@ def test_pipeline_sizes_the_cache_once_from_its_longest_conversation(tiny_model,
     assert all(j.tokens > 5 * 24 for j in jobs)
     records = [r for batch in pipeline.run(jobs) for r in batch]
     assert len(records) == 5
-    assert backend.engine.cache.capacity == -(-longest // 256) * 256
+    # the slots hold each conversation's own positions only: the bound less the shared opening
+    # (system prompt and worked examples), which the root holds once
+    engine = backend.engine
+    assert len(engine._root_tokens) > longest // 2
+    assert longest - len(engine._root_tokens) <= engine.cache.capacity < -(-longest // 256) * 256
+
+
+def test_slots_hold_no_copy_of_the_root_and_shares_may_differ():
+    """The root (the first prompt) is stored once; a slot holds only the positions past its own
+    share of it. Conversations share different lengths of it (one a token more, one half, one
+    none), a later turn may differ inside the shared part, and every token is still the one plain
+    generate gives, with a cache sized for the own parts alone."""
+    model, reference = _tiny("llama")
+    rng = random.Random(3)
+    root = [rng.randrange(3, VOCAB) for _ in range(300)]
+    tail = [rng.randrange(3, VOCAB) for _ in range(10)]
+    prompts = {
+        "first": root + tail,                                              # becomes the root
+        "one-more": root + tail[:1] + [rng.randrange(3, VOCAB) for _ in range(9)],
+        "plain": root + [rng.randrange(3, VOCAB) for _ in range(12)],
+        "half": root[:150] + [rng.randrange(3, VOCAB) for _ in range(40)],
+        "none": [rng.randrange(3, VOCAB) for _ in range(30)],
+    }
+    engine = Engine(model, slots=5, stop_ids=[])
+    results = _run(engine, prompts, max_new=8)
+    for key, tokens in prompts.items():
+        assert results[key].tokens == _reference(reference, tokens, 8, []), key
+    assert engine.cache.capacity == 256          # 310 + 8 positions a slot would need 512
+    assert engine.cache.root[0][0].shape[1] == 310
+    assert {s.key: s.root_shared for s in engine.active} == {
+        "first": 310, "one-more": 301, "plain": 300, "half": 150, "none": 0}
+    # the next turn of "plain" changes the shared part (a new system prompt of the same length)
+    follow = root[:100] + [rng.randrange(3, VOCAB) for _ in range(200)] + prompts["plain"][300:] + results["plain"].tokens
+    again = _run(engine, {"plain": follow, "one-more": prompts["one-more"] + results["one-more"].tokens + [5, 6]},
+                 max_new=8)
+    assert again["plain"].tokens == _reference(reference, follow, 8, [])
+    assert again["plain"].reused_tokens == 100
+    assert again["one-more"].tokens == _reference(reference, prompts["one-more"] + results["one-more"].tokens + [5, 6], 8, [])

@@ -5,7 +5,8 @@ which architectures are known to follow that contract.
 
 Each row's own positions are read by a native kernel (kernels.py) that reads each row to its own
 length; rows encoding a long turn go, padded and grouped by length, through PyTorch's flash
-kernel; the root prefix every row shares is one product for all rows."""
+kernel; the root prefix, stored once, is one product for all rows (and a second, masked, for
+the few root positions only some rows share)."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def cascade_attention(module, query, key, value, attention_mask=None, scaling=No
     out = lse = None
     if cache.native_rows:
         out, lse = cache.native(queries, key, value, cache.slots[:cache.native_rows],
-                                cache.offsets[:cache.native_rows + 1], cache.positions, cache.shared, scale)
+                                cache.offsets[:cache.native_rows + 1], cache.index, 0, scale)
     if cache.pad_index is not None:
         # PyTorch's kernels want rows padded to one width: lay the ids out so, run, and pick them back
         rows, width = cache.pad_index.shape
@@ -69,14 +70,15 @@ def cascade_attention(module, query, key, value, attention_mask=None, scaling=No
             out, lse = o, l
         else:
             out[:, :, cache.first_padded:], lse[:, :, cache.first_padded:] = o, l
-    if cache.shared:
-        root_k, root_v = cache.root[module.layer_idx]
-        flat = queries.reshape(1, kv_heads, group * n_ids, dim)
-        common, common_lse = part(flat, root_k[None, :, :cache.shared], root_v[None, :, :cache.shared], None, scale)
+    flat = queries.reshape(1, kv_heads, group * n_ids, dim)
+    for root_k, root_v, mask in cache.root_parts(module.layer_idx, group):
+        common, common_lse = part(flat, root_k, root_v, mask, scale)
         common, common_lse = common.view(kv_heads, group, n_ids, dim), common_lse.view(kv_heads, group, n_ids)
         top = torch.maximum(lse, common_lse)
         own_w, common_w = (lse - top).exp_(), (common_lse - top).exp_()
-        out = (out * own_w[..., None] + common * common_w[..., None]) / (own_w + common_w)[..., None]
+        total = own_w + common_w
+        out = (out * own_w[..., None] + common * common_w[..., None]) / total[..., None]
+        lse = top + total.log_()
     # the log-sum-exp weights are float32; in bfloat16 or float16 the result must come back in the
     # model's dtype, or the next linear layer refuses it
     return out.to(query.dtype).reshape(q_heads, n_ids, dim).transpose(0, 1)[None], None

@@ -8,7 +8,7 @@ What makes it fast on a CPU (and sound on a GPU):
   * prefix reuse: a request is matched token by token against what its slot already holds (the
     previous turn of the same conversation) or, for a new conversation, against the first
     conversation seen (the shared system prompt and few-shot turns); only the part that differs
-    is encoded;
+    is encoded, and the shared part is stored once, never copied into the slots;
   * packed forwards: the rows' new ids run as one sequence, so no padding goes through the
     linear layers; a step's decode rows and the turns waiting to be encoded share one forward;
   * cascade attention (attention.py): the shared root prefix is read once for all rows, each
@@ -84,6 +84,7 @@ class Engine:
         self._index: dict[str, int] = {}
         self._waiting: deque[Request] = deque()
         self._root_tokens: list[int] | None = None
+        self._root_cache: SlotCache | None = None      # where the first conversation's prompt was encoded
         self._head_slices: tuple[torch.Tensor, ...] | None = None
         # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name warns,
         # and goes in 5.40); take whichever this version's forward has
@@ -121,7 +122,7 @@ class Engine:
         last = len(self.active) - 1
         if index != last:
             moved = self.active[last]
-            self.cache.copy(last, index, len(moved.tokens))
+            self.cache.copy(last, index, len(moved.tokens) - moved.root_shared)
             self.active[index] = moved
             self._index[moved.key] = index
         self.active.pop()
@@ -141,6 +142,8 @@ class Engine:
         slot.lookup, slot.indexed = {}, 0
         slot.agreed = slot.disagreed = 0
         slot.pending = request.tokens[reuse:]
+        # the slot holds positions from root_shared on; a turn that differs inside the root's part
+        # takes less of it and encodes the rest (stored from the slot's start)
         slot.root_shared = min(slot.root_shared, reuse)
         slot.generated = []
         slot.request = request
@@ -150,7 +153,8 @@ class Engine:
         if request.temperature > 0:
             slot.generator = torch.Generator(device="cpu")
             slot.generator.manual_seed(request.seed if request.seed is not None else torch.seed())
-        self._ensure_capacity(len(request.tokens) + request.max_new_tokens)
+        if not slot.fresh:                  # a new conversation's share of the root is not known yet
+            self._ensure_room([slot])
 
     def _admit(self) -> None:
         while self._waiting and len(self.active) >= self.slots:
@@ -167,9 +171,11 @@ class Engine:
             self.active.append(slot)
             self._start(slot, request, 0)
 
-    def _share_root(self, rows: list[int]) -> None:
+    def _share_root(self, rows: list[int], rooted: list[Slot]) -> None:
         """New conversations start from the root: the keys and values of the first conversation's
-        prompt, as far as theirs matches it (the system prompt and few-shot turns)."""
+        prompt, as far as theirs matches it (the system prompt and few-shot turns). They read
+        that part from the root itself; their slots hold only what follows. `rooted`: slots whose
+        share is already known that need their room too (the root's own conversation)."""
         for i in rows:
             s = self.active[i]
             if not s.fresh:
@@ -177,16 +183,23 @@ class Engine:
             s.fresh = False
             reuse = min(_common_prefix(self._root_tokens, s.pending), len(s.pending) - 1)
             s.root_shared = reuse
-            if reuse > 0:
-                self.cache.load_root(i, reuse)
-                s.tokens, s.pending, s.reused = s.pending[:reuse], s.pending[reuse:], reuse
+            s.tokens, s.pending, s.reused = s.pending[:reuse], s.pending[reuse:], reuse
+            rooted.append(s)
+        if rooted:
+            self._ensure_room(rooted)
 
-    def _ensure_capacity(self, need: int) -> None:
-        need = -(-max(need, self.capacity_hint) // 256) * 256
+    def _ensure_room(self, slots: list[Slot]) -> None:
+        """A cache with room for these slots' own positions through their whole turns. The first
+        one is sized from the pipeline's bound on a conversation (`capacity`) less the root
+        share these slots have, so the cache is allocated once."""
+        need = max(len(s.request.tokens) + s.request.max_new_tokens - s.root_shared for s in slots)
         if self.cache is None:
-            self.cache = SlotCache(slots=self.slots, capacity=need, **self._layout)
+            hint = self.capacity_hint - min(s.root_shared for s in slots)
+            self.cache = SlotCache(slots=self.slots, capacity=-(-max(need, hint) // 256) * 256, **self._layout)
+            if self._root_cache is not None:
+                self.cache.take_root(self._root_cache, len(self._root_tokens))
         elif need > self.cache.capacity:
-            self.cache.grow(max(need, -(-int(self.cache.capacity * 1.5) // 256) * 256))
+            self.cache.grow(max(-(-need // 256) * 256, -(-int(self.cache.capacity * 1.5) // 256) * 256))
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -197,16 +210,22 @@ class Engine:
         self._admit()
         finished: list[tuple[str, EngineResult]] = []
         prefill = [i for i, s in enumerate(self.active) if s.state == "prefill"]
+        rooted = []
         if prefill and self._root_tokens is None:
-            # The first conversation goes alone and becomes the root the others start from.
+            # The first conversation goes alone, into a cache of its own, and its prompt becomes
+            # the root the others start from; its slot holds what follows, like every other.
             first = next((i for i in prefill if self.active[i].fresh), prefill[0])
-            self.active[first].fresh = False
-            self._run([], [first], finished)
-            self._root_tokens = list(self.active[first].tokens)
-            self.active[first].root_shared = len(self._root_tokens)
-            self.cache.save_root(first, len(self._root_tokens))
+            s = self.active[first]
+            s.fresh = False
+            self._root_cache = SlotCache(slots=1, capacity=len(s.tokens) + len(s.pending), **self._layout)
+            self._run([], [first], finished, cache=self._root_cache)
+            self._root_tokens = list(s.tokens)
+            s.root_shared = len(self._root_tokens)
+            if self.cache is not None:
+                self.cache.take_root(self._root_cache, len(self._root_tokens))
             prefill.remove(first)
-        self._share_root(prefill)
+            rooted.append(s)
+        self._share_root(prefill, rooted)
         groups = self._prefill_groups(prefill)
         for group in groups[:-1]:
             self._run([], group, finished)
@@ -230,24 +249,27 @@ class Engine:
             groups.append([i])
         return groups
 
-    def _forward(self, rows: list[int], ids: list[list[int]], every: int = 0) -> torch.Tensor:
+    def _forward(self, rows: list[int], ids: list[list[int]], every: int = 0,
+                 cache: SlotCache | None = None) -> torch.Tensor:
         """Runs the model on each row's new ids (slot rows[b]'s ids go at the positions after those
         it holds), all rows packed into one sequence, each id attending to every earlier position of
         its own conversation. Returns logits [k, vocab]: those of every id of the first `every`
-        rows, then those of the last id of each other row."""
+        rows, then those of the last id of each other row. `cache`: another cache to run in (the
+        root's, whose one slot is the row)."""
         slots = [self.active[i] for i in rows]
         counts = [len(x) for x in ids]
         positions = [len(s.tokens) + j for s, n in zip(slots, counts) for j in range(n)]
-        shared = min(s.root_shared for s in slots) if self.cache.root else 0
-        self.cache.bind(rows, counts, positions, shared)
+        cache = cache or self.cache
+        cache.bind(rows if cache is self.cache else list(range(len(rows))), counts, positions,
+                   [s.root_shared for s in slots])
         packed = torch.tensor([[t for x in ids for t in x]], device=self.device)
-        attention.bound.cache = self.cache
+        attention.bound.cache = cache
         try:
-            hidden = self.model.model(input_ids=packed, position_ids=self.cache.positions[None], use_cache=True,
-                                      **{self._cache_argument: self.cache}).last_hidden_state[0]
+            hidden = self.model.model(input_ids=packed, position_ids=cache.positions[None], use_cache=True,
+                                      **{self._cache_argument: cache}).last_hidden_state[0]
         finally:
             attention.bound.cache = None
-        offsets = self.cache.offsets
+        offsets = cache.offsets
         if every < len(rows):
             hidden = torch.cat([hidden[:offsets[every]], hidden[offsets[every + 1:] - 1]])
         return self._logits(hidden).float()
@@ -266,15 +288,13 @@ class Engine:
         logits = torch.cat([torch.nn.functional.linear(hidden, w) for w in self._head_slices], dim=-1)
         return logits + head.bias if head.bias is not None else logits
 
-    def _run(self, decode: list[int], prefill: list[int], finished: list) -> None:
+    def _run(self, decode: list[int], prefill: list[int], finished: list, cache: SlotCache | None = None) -> None:
         """One forward: every decode row's last id (and its draft), every prefill row's pending ids."""
         drafts = self._drafts(decode, len(decode) + len(prefill)) if decode else {}
         pending = [self.active[i] for i in prefill]
-        if pending:
-            self._ensure_capacity(max(len(s.tokens) + len(s.pending) for s in pending))
         # Each decode row brings its last id and its draft: one id more than it has accepted.
         ids = [[self.active[i].generated[-1]] + drafts.get(i, []) for i in decode] + [s.pending for s in pending]
-        logits = self._forward(decode + prefill, ids, every=len(decode))
+        logits = self._forward(decode + prefill, ids, every=len(decode), cache=cache)
         decoded = sum(len(x) for x in ids[:len(decode)])
         if decode:
             self._take_decoded(decode, drafts, logits[:decoded], finished)
@@ -325,7 +345,8 @@ class Engine:
         worth = 1 + self.DRAFT_STEP_COST / sharing
         drafts = {}
         for i in rows:
-            draft = drafting.propose(self.active[i], worth, self.DRAFT_MAX, self.cache.capacity)
+            s = self.active[i]      # the draft's room: the positions the slot holds, past its root share
+            draft = drafting.propose(s, worth, self.DRAFT_MAX, self.cache.capacity + s.root_shared)
             if draft:
                 drafts[i] = draft
         return drafts

@@ -46,7 +46,7 @@ class Slot:
     generator: torch.Generator | None = None
     state: str = "idle"                                  # prefill → decode → done
     fresh: bool = False                                  # a new conversation, not yet matched to the root
-    root_shared: int = 1 << 30                           # leading positions identical to the root's
+    root_shared: int = 0                                 # leading positions read from the root, not stored here
     reused: int = 0
     lookup: dict = field(default_factory=dict)           # (id, id) → where that pair last ended in tokens
     indexed: int = 0                                     # tokens[:indexed] are in `lookup`
