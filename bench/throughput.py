@@ -45,7 +45,8 @@ def peak_rss_mb() -> float:
 
 
 def run(backend, constitution: str, items, options: dict, label: str, console: Console) -> dict:
-    """One pass of `cai.generate` over `items` with the backend already loaded."""
+    """One pass of `cai.generate` over `items` with the backend already loaded (or None: the
+    backend `options` open, such as a server's)."""
     samples = []
     start = time.perf_counter()
 
@@ -55,7 +56,8 @@ def run(backend, constitution: str, items, options: dict, label: str, console: C
             console.print(f"[dim]{label}: {summary.kept}/{summary.planned} pairs, {time.perf_counter() - start:.0f} s, "
                           f"RSS {samples[-1][1]} MB[/dim]", highlight=False)
 
-    summary = cai.generate([{"id": item.id, "prompt": item.text} for item in items], None, model=backend,
+    opened = {} if backend is None else {"model": backend}
+    summary = cai.generate([{"id": item.id, "prompt": item.text} for item in items], None, **opened,
                            constitution=constitution, progress=progress, **options)
     assert summary.complete, summary.problem()
     wall = time.perf_counter() - start
@@ -65,11 +67,13 @@ def run(backend, constitution: str, items, options: dict, label: str, console: C
         records = summary.records
         kept = sum(_filters(constitution, options.get("few_shot", True)).apply(r).kept for r in records)
     generated = sum(r["meta"]["tokens"]["completion"] for r in records)
-    if backend.engine is not None and backend.use_engine:
-        stats = backend.engine.stats
+    engine = getattr(backend, "engine", None)
+    if engine is not None and backend.use_engine:
+        stats = engine.stats
         computed, reused = stats.prefill_computed, stats.prefill_reused
-        cache_mb = backend.engine.cache.bytes / 2**20
-        steps = {"decode_steps": stats.decode_steps, "drafted": stats.drafted, "accepted": stats.accepted}
+        cache_mb = engine.cache.bytes / 2**20
+        steps = {"decode_steps": stats.decode_steps, "drafted": stats.drafted, "accepted": stats.accepted,
+                 "ids": stats.ids, "head_rows": stats.head_rows, "attended": stats.attended}
     else:
         computed, reused, cache_mb = sum(r["meta"]["tokens"]["prompt"] for r in records), 0, 0.0
         steps = {}

@@ -336,3 +336,14 @@ def test_slots_hold_no_copy_of_the_root_and_shares_may_differ():
     assert again["plain"].tokens == _reference(reference, follow, 8, [])
     assert again["plain"].reused_tokens == 100
     assert again["one-more"].tokens == _reference(reference, prompts["one-more"] + results["one-more"].tokens + [5, 6], 8, [])
+
+
+def test_engine_counts_the_arithmetic_it_does():
+    """The counters a bench turns into FLOPs: ids through the model, output-head rows, and the
+    positions every id attended to (its own included)."""
+    model, _ = _tiny("llama")
+    engine = Engine(model, slots=1, stop_ids=[], draft=False)
+    _run(engine, {"a": list(range(10, 20))}, max_new=3)
+    # the prompt's 10 ids (positions 0-9, one head row), then two decode steps at positions 10, 11
+    assert (engine.stats.ids, engine.stats.head_rows) == (12, 3)
+    assert engine.stats.attended == sum(range(1, 11)) + 11 + 12

