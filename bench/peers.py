@@ -115,14 +115,15 @@ def peak_rss_of(pid: int) -> int:
     return 0
 
 
-def run_peer(name: str, command: list[str], port: int, items, args, console: Console, concurrency: int,
-             env: dict | None = None) -> dict:
-    """One peer: start it, run cai's pipeline through it, read its peak memory, stop it."""
+def run_peer(name: str, command: list[str], port: int, model: str, items, args, console: Console,
+             concurrency: int, env: dict | None = None) -> dict:
+    """One peer: start it, run cai's pipeline through it (asking for `model`), read its peak
+    memory, stop it."""
     log_path = Path(args.logs) / f"{name.replace(' ', '_').replace('/', '_')}.log"
     console.print(f"[dim]starting {name}: {' '.join(command)}[/dim]", highlight=False)
     proc = start_server(command, port, log_path, env)
     try:
-        options = dict(backend="openai", base_url=f"http://127.0.0.1:{port}/v1", model=args.served_name,
+        options = dict(backend="openai", base_url=f"http://127.0.0.1:{port}/v1", model=model,
                        api_key_env="CAI_BENCH_NO_KEY", timeout=args.request_timeout, concurrency=concurrency,
                        seed=0, max_new_tokens=args.max_new_tokens, temperature=0.0, few_shot=True, filter=False,
                        lock=False, repairs=0)
@@ -142,7 +143,7 @@ def llama_command(binary: str, gguf: str, port: int, slots: int, args) -> list[s
     # each slot gets the whole conversation's room (-c is split among the slots)
     return [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
             "-c", str(slots * args.slot_context), "-t", str(torch.get_num_threads()), "--jinja",
-            "--no-webui", "-lv", "1"]
+            "--no-webui", "--alias", args.served_name]
 
 
 def transformers_command(model_dir: str, port: int) -> list[str]:
@@ -158,8 +159,9 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--cai-batch-sizes", type=int, nargs="*", default=[],
                         help="cai's --batch-size for extra runs of its engine (its own default always runs)")
-    parser.add_argument("--llama-server", default=shutil.which("llama-server"),
-                        help="the llama-server binary (default: on PATH)")
+    built = ROOT / "build/llama.cpp/build/bin/llama-server"         # where bench/build_llama_server.sh puts it
+    parser.add_argument("--llama-server", default=shutil.which("llama-server") or (str(built) if built.exists() else None),
+                        help="the llama-server binary (default: on PATH, else bench/build_llama_server.sh's build)")
     parser.add_argument("--llama-slots", type=int, nargs="*", default=[8, 16, 64],
                         help="llama-server configurations: -np (parallel slots) for each; cai's concurrency matches")
     parser.add_argument("--slot-context", type=int, default=2048, help="llama-server context a slot")
@@ -170,7 +172,7 @@ def main() -> int:
                         help="prompts for transformers serve (it is slow; rates are per pair)")
     parser.add_argument("--transformers-concurrency", type=int, default=16)
     parser.add_argument("--served-name", default="HuggingFaceTB/SmolLM2-135M-Instruct",
-                        help="the model name sent to servers (and written in the records)")
+                        help="llama-server's alias for the model, sent as the model name")
     parser.add_argument("--request-timeout", type=float, default=1200)
     parser.add_argument("--peak-seconds", type=float, default=3.0)
     parser.add_argument("--logs", default="/tmp/cai-bench-peers", help="servers' logs go here")
@@ -203,14 +205,14 @@ def main() -> int:
         for slots in args.llama_slots:
             port = free_port()
             peers.append(run_peer(f"llama-server -np {slots}", llama_command(args.llama_server, gguf, port, slots, args),
-                                  port, items, args, console, concurrency=slots))
+                                  port, args.served_name, items, args, console, concurrency=slots))
     elif args.llama_slots:
         console.print("[yellow]no llama-server (not on PATH, no --llama-server): skipped; README, Speed, "
                       "says how to build it[/yellow]")
     if args.transformers:
         port = free_port()
         peers.append(run_peer("transformers serve --continuous-batching", transformers_command(model_dir, port), port,
-                              items[:args.transformers_limit], args, console, args.transformers_concurrency,
+                              model_dir, items[:args.transformers_limit], args, console, args.transformers_concurrency,
                               env=OFFLINE))
 
     ours = cai_runs[0]
