@@ -347,3 +347,23 @@ def test_engine_counts_the_arithmetic_it_does():
     # the prompt's 10 ids (positions 0-9, one head row), then two decode steps at positions 10, 11
     assert (engine.stats.ids, engine.stats.head_rows) == (12, 3)
     assert engine.stats.attended == sum(range(1, 11)) + 11 + 12
+
+
+def test_cache_memory_is_backed_only_where_written():
+    """The cache is sized for the longest conversation a run could hold; on a CPU it costs only
+    the pages its conversations reach (an anonymous mapping), and reads elsewhere give zeros."""
+    from cai.backends.kv_cache import SlotCache
+
+    def rss_mb() -> float:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+    before = rss_mb()
+    cache = SlotCache(layers=2, slots=64, kv_heads=2, head_dim=16, capacity=4096, dtype=torch.float32,
+                      device=torch.device("cpu"))
+    assert cache.bytes == 4 * 64 * 2 * 4096 * 16 * 4          # 128 MiB allocated
+    cache.keys[0][3, :, :100] = 1.0
+    assert rss_mb() - before < 32
+    assert float(cache.keys[0][3, :, :100].sum()) == 2 * 100 * 16 and float(cache.keys[1].abs().sum()) == 0.0
+    cache.grow(8192)
+    assert float(cache.keys[0][3, :, :100].sum()) == 2 * 100 * 16 and cache.keys[0].shape[2] == 8192

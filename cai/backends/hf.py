@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from cai.backends.base import ChoiceScores, Completion, LockstepStream, SamplingParams, TextCallback
-from cai.backends.hf_load import load_error
+from cai.backends.hf_load import detach_from_files, load_error
 from cai.errors import ModelError, OptionError, UsageError
 from cai.models import quiet_transformers
 
@@ -177,6 +177,8 @@ class HFBackend:
 
             convert_linears(self.model, self.linears)
             self.model_name = model_name = weights_name(model_name, options.dtype)
+        if self.device == "cpu":
+            detach_from_files(self.model)
         if not self.tokenizer.chat_template:
             if not options.plain_chat_format:
                 raise ModelError(f"{model_name}: the tokenizer has no chat template; use a chat model, or pass "

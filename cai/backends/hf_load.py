@@ -52,3 +52,21 @@ def load_error(exc: Exception, source: str, model_name: str) -> ModelError | Non
             reason += " (cai loads safetensors weights only; --allow-pickle loads pickle checkpoints you trust)"
         return ModelError(f"{where}: {reason}")
     return None
+
+
+def detach_from_files(model) -> None:
+    """Copies the parameters and buffers still backed by the weights file into the process's own
+    memory. transformers may leave a CPU model's tensors as views of the memory-mapped
+    safetensors file; once the linear layers are repacked (cai.backends.quant) only a few of them
+    (the embeddings, the norms) remain, but each view keeps the whole mapping, every page of it
+    read once during loading, resident: about 500 MB for SmolLM2-135M. A copy of those few
+    tensors lets the mapping go."""
+    import torch
+
+    with torch.no_grad():
+        for module in model.modules():
+            for _, parameter in module.named_parameters(recurse=False):
+                parameter.data = parameter.data.clone()
+            for name, buffer in list(module.named_buffers(recurse=False)):
+                if buffer is not None:
+                    module._buffers[name] = buffer.clone()

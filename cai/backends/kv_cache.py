@@ -6,6 +6,9 @@ function (attention.py) reads each row's part of it."""
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 
@@ -25,6 +28,17 @@ def kv_bytes_per_token(model) -> int:
 
 
 
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor. On a CPU its memory is an anonymous mapping, which the kernel backs with real
+    pages only where something is written: a cache sized for the longest conversation the run
+    could hold costs the memory of the positions its conversations reach, not of its capacity
+    (reading an untouched position gives 0.0, as torch.zeros would)."""
+    if torch.device(device).type != "cpu" or not math.prod(shape):
+        return torch.zeros(shape, dtype=dtype, device=device)
+    size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.frombuffer(mmap.mmap(-1, size), dtype=dtype).view(shape)   # the tensor keeps the mapping
+
+
 class SlotCache:
     """Per-layer key/value tensors of shape [slots, kv_heads, capacity, head_dim], plus the root
     prefix (the first conversation's prompt) stored once per layer and never copied into a slot.
@@ -42,8 +56,8 @@ class SlotCache:
     def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, capacity: int,
                  dtype: torch.dtype, device: torch.device, native=None):
         shape = (slots, kv_heads, capacity, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.keys = [zeros(shape, dtype, device) for _ in range(layers)]
+        self.values = [zeros(shape, dtype, device) for _ in range(layers)]
         self.capacity = capacity
         self.root: list[tuple[torch.Tensor, torch.Tensor]] = []   # per layer [kv_heads, length, dim]
         self.native = native                # kernels.decode_attention() or None
@@ -74,7 +88,7 @@ class SlotCache:
     def grow(self, capacity: int) -> None:
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
-                new = old.new_zeros((*old.shape[:2], capacity, old.shape[3]))
+                new = zeros((*old.shape[:2], capacity, old.shape[3]), old.dtype, old.device)
                 new[:, :, :self.capacity] = old
                 store[i] = new
         self.capacity = capacity
