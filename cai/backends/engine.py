@@ -24,6 +24,7 @@ architectures are known to follow that contract."""
 from __future__ import annotations
 
 import inspect
+import itertools
 from collections import deque
 
 import torch
@@ -151,7 +152,7 @@ class Engine:
         slot.state = "prefill"
         slot.generator = None
         if request.temperature > 0:
-            slot.generator = torch.Generator(device="cpu")
+            slot.generator = torch.Generator(device=self.device)   # multinomial samples on the model's device
             slot.generator.manual_seed(request.seed if request.seed is not None else torch.seed())
         if not slot.fresh:                  # a new conversation's share of the root is not known yet
             self._ensure_room([slot])
@@ -269,9 +270,11 @@ class Engine:
                                       **{self._cache_argument: cache}).last_hidden_state[0]
         finally:
             attention.bound.cache = None
-        offsets = cache.offsets
         if every < len(rows):
-            hidden = torch.cat([hidden[:offsets[every]], hidden[offsets[every + 1:] - 1]])
+            # offsets from the lists at hand: slicing by a device tensor would wait on the device
+            starts = list(itertools.accumulate(counts, initial=0))
+            last = torch.tensor([starts[b + 1] - 1 for b in range(every, len(rows))], device=hidden.device)
+            hidden = torch.cat([hidden[:starts[every]], hidden[last]])
         self.stats.ids += len(positions)
         self.stats.head_rows += hidden.shape[0]
         self.stats.attended += sum(positions) + len(positions)
@@ -286,8 +289,8 @@ class Engine:
         head = self.model.get_output_embeddings()
         if not isinstance(head, torch.nn.Linear):        # cai.backends.quant's layers: their own kernel
             return head(hidden)
-        if self._head_slices is None:
-            self._head_slices = head.weight.split(self.HEAD_SLICE)
+        if self._head_slices is None:          # (on a GPU one product is the fast way)
+            self._head_slices = head.weight.split(self.HEAD_SLICE) if self.device.type == "cpu" else (head.weight,)
         logits = torch.cat([torch.nn.functional.linear(hidden, w) for w in self._head_slices], dim=-1)
         return logits + head.bias if head.bias is not None else logits
 

@@ -105,8 +105,10 @@ class SlotCache:
         self.offsets = torch.nn.functional.pad(counts_t.cumsum(0), (1, 0))
         self.positions = torch.tensor(positions, device=device)
         self._id_slots = self.slots.repeat_interleave(counts_t)
-        id_bases = torch.tensor(bases, device=device).repeat_interleave(counts_t)
-        self.index = self.positions - id_bases
+        base_of_id = [base for base, n in zip(bases, counts) for _ in range(n)]
+        index = [p - b for p, b in zip(positions, base_of_id)]     # lists: no wait on a device
+        id_bases = torch.tensor(base_of_id, device=device)
+        self.index = torch.tensor(index, device=device)
         self.common, self.root_end = (min(bases), max(bases)) if self.root else (0, 0)
         self._ragged_groups = {}
         self._ragged = None
@@ -128,13 +130,13 @@ class SlotCache:
             return
         # PyTorch's kernels want rows padded to one width: row b's j-th id at [b, j]
         rest = counts_t[short:]
-        rows, width = len(rest), int(rest.max())
+        rows, width = len(rest), max(counts[short:])
         starts = self.offsets[short:-1]
         self.id_row = torch.arange(rows, device=device).repeat_interleave(rest)
         self.id_column = torch.arange(self.first_padded, len(positions), device=device) - starts[self.id_row]
         column = torch.minimum(torch.arange(width, device=device)[None, :], rest[:, None] - 1)
         self.pad_index = starts[:, None] + column                                     # [rows, width]
-        self._kv_len = int(self.index[self.first_padded:].max()) + 1
+        self._kv_len = max(index[self.first_padded:]) + 1
         keys = torch.arange(self._kv_len, device=device)
         allowed = keys[None, None, :] <= self.index[self.pad_index][:, :, None]        # [rows, width, kv]
         self.mask = torch.zeros(allowed.shape, dtype=self.keys[0].dtype, device=device)
