@@ -107,13 +107,13 @@ class SlotCache:
         self._id_slots = self.slots.repeat_interleave(counts_t)
         base_of_id = [base for base, n in zip(bases, counts) for _ in range(n)]
         index = [p - b for p, b in zip(positions, base_of_id)]     # lists: no wait on a device
-        id_bases = torch.tensor(base_of_id, device=device)
         self.index = torch.tensor(index, device=device)
         self.common, self.root_end = (min(bases), max(bases)) if self.root else (0, 0)
         self._ragged_groups = {}
         self._ragged = None
         if self.root_end > self.common:
             # root positions [common, root_end): row b sees those below its own base
+            id_bases = torch.tensor(base_of_id, device=device)
             seen = torch.arange(self.common, self.root_end, device=device)[None, :] < id_bases[:, None]
             # a finite mask: a query that sees none of these keys gets this part's weight zero
             # (exp of a huge negative log-sum-exp) rather than the NaN of a softmax over -inf alone
