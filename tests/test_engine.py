@@ -367,3 +367,34 @@ def test_cache_memory_is_backed_only_where_written():
     assert float(cache.keys[0][3, :, :100].sum()) == 2 * 100 * 16 and float(cache.keys[1].abs().sum()) == 0.0
     cache.grow(8192)
     assert float(cache.keys[0][3, :, :100].sum()) == 2 * 100 * 16 and cache.keys[0].shape[2] == 8192
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_bfloat16_cache_is_read_to_its_rounding(monkeypatch, native):
+    """`kv_dtype` (bfloat16 beside the CPU's bf16 linears): slots and root keep keys and values in
+    bfloat16, the native kernel (or PyTorch's, without it) reads them, and the logits stay within
+    bfloat16 rounding of a float32 cache's, forward by forward."""
+    from cai.backends import kernels
+
+    if native and kernels.decode_attention() is None:
+        pytest.skip("no native kernel here")
+    if not native:
+        monkeypatch.setattr(kernels, "decode_attention", lambda: None)
+    model, _ = _tiny("llama", init=0.05)
+    rng = random.Random(5)
+    root = [rng.randrange(3, VOCAB) for _ in range(120)]
+    prompts = {f"c{i}": root[:120 - 30 * (i % 2)] + [rng.randrange(3, VOCAB) for _ in range(6 + i)] for i in range(4)}
+    seen: dict[str, list[torch.Tensor]] = {"float32": [], "bfloat16": []}
+    for name, dtype in (("float32", None), ("bfloat16", torch.bfloat16)):
+        engine = Engine(model, slots=4, stop_ids=[], kv_dtype=dtype, draft=False)
+        assert (engine._layout["native"] is not None) == native
+        logits = engine._logits
+        monkeypatch.setattr(engine, "_logits", lambda hidden, keep=seen[name], f=logits: keep.append(f(hidden)) or keep[-1])
+        _run(engine, prompts, max_new=4)          # the root's conversation alone, then the rest read the root
+        want = dtype or torch.float32
+        assert engine.cache.root[0][0].dtype == want and engine.cache.keys[0].dtype == want
+        assert engine.cache._ragged is not None, "two shares of the root: the masked part is read too"
+    assert [t.shape for t in seen["float32"]] == [t.shape for t in seen["bfloat16"]]
+    for exact, rounded in zip(seen["float32"], seen["bfloat16"]):
+        error = ((rounded - exact).norm() / exact.norm()).item()
+        assert 0 < error < 2e-2, error

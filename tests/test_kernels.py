@@ -57,6 +57,60 @@ def test_kernel_matches_plain_attention(dim, counts):
 
 
 @needs_compiler
+def test_kernel_reads_bfloat16_keys_and_values():
+    """Keys and values kept in bfloat16: the same attention as over their float32 values."""
+    native = kernels.decode_attention()
+    gen = torch.Generator().manual_seed(3)
+    heads, group, capacity = 3, 3, 200
+    for dim in (64, 40):                         # on and off the vectorized paths
+        keys = torch.randn(5, heads, capacity, dim, generator=gen).bfloat16()
+        values = torch.randn(5, heads, capacity, dim, generator=gen).bfloat16()
+        slots, counts, lengths = torch.tensor([4, 1]), [1, 5], [150, 37]
+        positions = torch.tensor([10 + n + j for n, c in zip(lengths, counts) for j in range(c)])
+        offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()])
+        q = torch.randn(heads, group, len(positions), dim, generator=gen)
+        out, lse = native(q, keys, values, slots, offsets, positions, 10, dim ** -0.5)
+        ref, ref_lse = _reference(q, keys.float(), values.float(), slots, offsets, positions, 10)
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        native(q, keys.half(), values.half(), slots, offsets, positions, 10, dim ** -0.5)
+
+
+@needs_compiler
+def test_kernel_starts_from_another_parts_softmax():
+    """`init`: another part's (out, lse) over other keys (the root's); the result is attention over
+    both parts' keys under one softmax. A query whose other part saw no key (lse far below
+    anything real) gets its own part alone."""
+    native = kernels.decode_attention()
+    gen = torch.Generator().manual_seed(7)
+    heads, group, dim, capacity, extra = 3, 3, 64, 96, 50
+    keys = torch.randn(4, heads, capacity, dim, generator=gen)
+    values = torch.randn(4, heads, capacity, dim, generator=gen)
+    other_k = torch.randn(heads, extra, dim, generator=gen)
+    other_v = torch.randn(heads, extra, dim, generator=gen)
+    slots, counts, lengths = torch.tensor([2, 0, 3]), [1, 4, 2], [10, 60, 33]
+    positions = torch.tensor([n + j for n, c in zip(lengths, counts) for j in range(c)])
+    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()])
+    q = torch.randn(heads, group, len(positions), dim, generator=gen)
+    scale = dim ** -0.5
+    scores = torch.einsum("hgtd,hnd->hgtn", q.double(), other_k.double()) * scale
+    init = (torch.einsum("hgtn,hnd->hgtd", torch.softmax(scores, -1), other_v.double()).float(),
+            torch.logsumexp(scores, -1).float())
+    init[1][:, :, 0] = torch.finfo(torch.float32).min / 2          # id 0 saw none of the other keys
+    out, lse = native(q, keys, values, slots, offsets, positions, 0, scale, init)
+    for b in range(len(counts)):
+        for t in range(int(offsets[b]), int(offsets[b + 1])):
+            own_k, own_v = keys[slots[b], :, :positions[t] + 1].double(), values[slots[b], :, :positions[t] + 1].double()
+            both_k = own_k if t == 0 else torch.cat([other_k.double(), own_k], 1)
+            both_v = own_v if t == 0 else torch.cat([other_v.double(), own_v], 1)
+            s = torch.einsum("hgd,hnd->hgn", q[:, :, t].double(), both_k) * scale
+            want = torch.einsum("hgn,hnd->hgd", torch.softmax(s, -1), both_v)
+            torch.testing.assert_close(out[:, :, t].double(), want, atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(lse[:, :, t].double(), torch.logsumexp(s, -1), atol=2e-5, rtol=1e-5)
+
+
+@needs_compiler
 def test_kernel_is_cached_and_reused(tmp_path):
     """A second process finds the built library in the cache instead of compiling again."""
     env = {**os.environ, "CAI_CACHE_DIR": str(tmp_path)}

@@ -12,13 +12,14 @@ from typer.testing import CliRunner
 from cai.backends import quant
 from cai.backends.engine import Engine, supports
 from cai.backends.hf import HFBackend, HFOptions, keep_freed_memory, linear_mode, pick_dtype, weights_name
-from cai.backends.quant import Float16WeightLinear, Int8Linear, convert_linears
+from cai.backends.quant import Bfloat16Linear, Float16WeightLinear, Int8Linear, convert_linears
 from cai.cli import app
 from cai.errors import UsageError
 from conftest import ROOT, plumbing, read_jsonl
 from test_engine import VOCAB, _reference, _run, _tiny
 
 needs_fbgemm = pytest.mark.skipif(quant.available() is not None, reason=str(quant.available()))
+needs_bf16 = pytest.mark.skipif(quant.available("bfloat16") is not None, reason=str(quant.available("bfloat16")))
 
 EXAMPLES = ROOT / "examples" / "prompts.jsonl"
 FAST = ["--max-new-tokens", "6", "--batch-size", "4", "--no-filter", "--device", "cpu"]
@@ -148,7 +149,7 @@ def _linears(model) -> list[str]:
 
 
 @needs_fbgemm
-@pytest.mark.parametrize("mode", ["int8", "float16"])
+@pytest.mark.parametrize("mode", ["int8", "float16", pytest.param("bfloat16", marks=needs_bf16)])
 def test_convert_linears_replaces_every_linear(mode):
     model = _tiny_llama()
     before = _linears(model)
@@ -160,8 +161,8 @@ def test_convert_linears_replaces_every_linear(mode):
     assert _linears(model) == []
     modules = dict(model.named_modules())
     head = model.get_output_embeddings()
-    assert type(head) is Float16WeightLinear and modules["lm_head"] is head
-    decoder = Int8Linear if mode == "int8" else Float16WeightLinear
+    decoder = {"int8": Int8Linear, "float16": Float16WeightLinear, "bfloat16": Bfloat16Linear}[mode]
+    assert type(head) is (Float16WeightLinear if mode == "int8" else decoder) and modules["lm_head"] is head
     for name in before:
         if name != "lm_head":
             assert type(modules[name]) is decoder, name
@@ -171,15 +172,15 @@ def test_convert_linears_replaces_every_linear(mode):
     assert got.shape == want.shape
     # The tiny model's weights are large (initializer_range 0.3), so errors compound more than in a
     # trained model; float16 weights still stay within float16 rounding, int8 within a few tenths.
-    assert _rel(got, want) < (0.25 if mode == "int8" else 5e-3)
+    assert _rel(got, want) < {"int8": 0.25, "bfloat16": 0.05, "float16": 5e-3}[mode]
     assert convert_linears(model, mode) == 0, "a converted model has nothing left to convert"
 
 
 def test_convert_linears_refuses_an_unknown_mode():
     model = _tiny_llama()
     before = _linears(model)
-    with pytest.raises(ValueError, match="unknown linear mode 'bfloat16'"):
-        convert_linears(model, "bfloat16")
+    with pytest.raises(ValueError, match="unknown linear mode 'float8'"):
+        convert_linears(model, "float8")
     assert _linears(model) == before, "nothing converted before the refusal"
 
 
@@ -217,10 +218,21 @@ def test_pick_dtype():
         pick_dtype("nonsense", "cpu")
     for requested in ("auto", "float16", "int8", "float32"):
         assert pick_dtype(requested, "cpu") is torch.float32, requested
-    with pytest.raises(UsageError, match="bfloat16 on a CPU"):      # refused before any model loads
-        pick_dtype("bfloat16", "cpu")
     assert pick_dtype("float16", "cuda") is torch.float16
     assert pick_dtype("auto", "mps") is torch.float16
+
+
+def test_pick_dtype_bfloat16_on_a_cpu_needs_bf16_units(monkeypatch):
+    monkeypatch.setattr(quant, "cpu_has_bf16", lambda: False)
+    with pytest.raises(UsageError, match="bfloat16 on a CPU without bf16 hardware"):   # before any model loads
+        pick_dtype("bfloat16", "cpu")
+    with pytest.raises(UsageError, match="dtype: bfloat16: this CPU has no bf16 units"):
+        linear_mode("bfloat16", "cpu")
+    monkeypatch.setattr(quant, "cpu_has_bf16", lambda: True)
+    assert pick_dtype("bfloat16", "cpu") is torch.float32        # loaded float32, the linears then converted
+    assert linear_mode("bfloat16", "cpu") == "bfloat16"
+    assert pick_dtype("bfloat16", "cuda") is torch.bfloat16
+    assert linear_mode("bfloat16", "cuda") is None
 
 
 @needs_fbgemm
@@ -229,14 +241,13 @@ def test_linear_mode():
     assert linear_mode("float16", "cpu") == "float16"
     assert linear_mode("int8", "cpu") == "int8"
     assert linear_mode("float32", "cpu") is None
-    assert linear_mode("bfloat16", "cpu") is None
     assert linear_mode("auto", "cuda") is None
     assert linear_mode("float16", "cuda") is None
     assert linear_mode("auto", "mps") is None
 
 
 def test_linear_mode_without_fbgemm(monkeypatch):
-    monkeypatch.setattr(quant, "available", lambda: "no fbgemm here")
+    monkeypatch.setattr(quant, "available", lambda mode="float16": "no fbgemm here")
     assert linear_mode("auto", "cpu") is None                 # auto falls back to float32
     for requested in ("float16", "int8"):
         with pytest.raises(UsageError, match=f"dtype: {requested}: no fbgemm here"):
@@ -248,7 +259,8 @@ def test_weights_name():
     assert weights_name("m", "int8") == "m (int8)"
     assert weights_name("m (int8)", "int8") == "m (int8)"
     assert weights_name(weights_name("m", "int8"), "int8") == "m (int8)"
-    for dtype in ("auto", "float16", "float32", "bfloat16"):
+    assert weights_name("m", "bfloat16") == weights_name("m (bfloat16)", "bfloat16") == "m (bfloat16)"
+    for dtype in ("auto", "float16", "float32"):
         assert weights_name("m", dtype) == "m", dtype
 
 
@@ -279,6 +291,30 @@ def test_backend_converts_on_cpu(tiny_model, dtype, decoder, name):
     assert type(head) is (torch.nn.Linear if dtype == "float32" else Float16WeightLinear)
     proj = backend.model.model.layers[0].self_attn.q_proj
     assert type(proj) is decoder
+
+
+@needs_bf16
+def test_cli_bfloat16_runs_the_engine_on_the_cpus_bf16_units(tiny_model, tmp_path, monkeypatch):
+    """--dtype bfloat16 on a CPU with bf16 units: bf16 linears (the head too), the engine's keys
+    and values kept in bfloat16, the records named for it, and a resume in another format refused."""
+    from cai.backends import engine as engine_module
+
+    engines = []
+    monkeypatch.setattr(engine_module.Engine, "__init__", lambda self, *a, init=engine_module.Engine.__init__, **k:
+                        engines.append(self) or init(self, *a, **k))
+    out = tmp_path / "pairs.jsonl"
+    result = run("generate", EXAMPLES, "--model", tiny_model, "-o", out, "--limit", "3", "--dtype", "bfloat16", *FAST)
+    assert result.exit_code == 0, result.output
+    records = read_jsonl(out)
+    assert len(records) == 3 and all(isinstance(r["chosen"], str) and r["rounds"][0]["revision"] == r["chosen"] for r in records)
+    assert all(r["meta"]["model"] == f"{tiny_model} (bfloat16)" for r in records)
+    (engine,) = engines
+    assert type(engine.model.get_output_embeddings()) is Bfloat16Linear
+    assert type(engine.model.model.layers[0].mlp.down_proj) is Bfloat16Linear
+    assert engine.cache.root and engine.cache.root[0][0].dtype == torch.bfloat16
+    assert engine.cache.keys[0].dtype == torch.bfloat16
+    refused = run("generate", EXAMPLES, "--model", tiny_model, "-o", out, "--limit", "4", *FAST)
+    assert refused.exit_code == 2 and "(bfloat16)" in " ".join(refused.stderr.split()), refused.output
 
 
 def run(*args):

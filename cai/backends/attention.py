@@ -54,34 +54,44 @@ def cascade_attention(module, query, key, value, attention_mask=None, scaling=No
     # kv head's queries are one block of group*ids rows.
     queries = query[0].reshape(kv_heads, group, n_ids, dim)
     part = _flash if query.device.type == "cpu" and _flash is not None else _plain_part
-    out = lse = None
+    # the root first: one product for all ids (two where rows share different lengths of it)
+    root = None
+    flat = queries.reshape(1, kv_heads, group * n_ids, dim)
+    for root_k, root_v, mask in cache.root_parts(module.layer_idx, group):
+        o, l = part(flat.to(root_k.dtype), root_k, root_v, mask, scale)
+        o, l = o.view(kv_heads, group, n_ids, dim).float(), l.view(kv_heads, group, n_ids)
+        root = (o, l) if root is None else _join(*root, o, l)
+    out = None
     if cache.native_rows:
-        out, lse = cache.native(queries, key, value, cache.slots[:cache.native_rows],
-                                cache.offsets[:cache.native_rows + 1], cache.index, 0, scale)
-    if cache.pad_index is not None:
+        # the native kernel starts each query's softmax from the root's, so its result is the join
+        out, _ = cache.native(queries, key, value, cache.slots[:cache.native_rows],
+                              cache.offsets[:cache.native_rows + 1], cache.index, 0, scale, root)
+    if cache.pad_index is not None:        # (every id, where there is no native kernel)
         # PyTorch's kernels want rows padded to one width: lay the ids out so, run, and pick them back
         rows, width = cache.pad_index.shape
         padded = queries[:, :, cache.pad_index].permute(2, 0, 1, 3, 4).reshape(rows, kv_heads, group * width, dim)
         mask = cache.mask[:, None, None].expand(rows, 1, group, width, -1).reshape(rows, 1, group * width, -1)
-        o, l = part(padded, cache.padded_part(key), cache.padded_part(value), mask, scale)
+        o, l = part(padded.to(key.dtype), cache.padded_part(key), cache.padded_part(value), mask, scale)
         o = o.view(rows, kv_heads, group, width, dim)[cache.id_row, :, :, cache.id_column].permute(1, 2, 0, 3)
         l = l.view(rows, kv_heads, group, width)[cache.id_row, :, :, cache.id_column].permute(1, 2, 0)
+        if root is not None:
+            first = cache.first_padded
+            o, _ = _join(o, l, root[0][:, :, first:], root[1][:, :, first:])
         if out is None:
-            out, lse = o, l
+            out = o
         else:
-            out[:, :, cache.first_padded:], lse[:, :, cache.first_padded:] = o, l
-    flat = queries.reshape(1, kv_heads, group * n_ids, dim)
-    for root_k, root_v, mask in cache.root_parts(module.layer_idx, group):
-        common, common_lse = part(flat, root_k, root_v, mask, scale)
-        common, common_lse = common.view(kv_heads, group, n_ids, dim), common_lse.view(kv_heads, group, n_ids)
-        top = torch.maximum(lse, common_lse)
-        own_w, common_w = (lse - top).exp_(), (common_lse - top).exp_()
-        total = own_w + common_w
-        out = (out * own_w[..., None] + common * common_w[..., None]) / total[..., None]
-        lse = top + total.log_()
+            out[:, :, cache.first_padded:] = o
     # the log-sum-exp weights are float32; in bfloat16 or float16 the result must come back in the
     # model's dtype, or the next linear layer refuses it
     return out.to(query.dtype).reshape(q_heads, n_ids, dim).transpose(0, 1)[None], None
+
+
+def _join(out, lse, other, other_lse):
+    """Two parts' softmax-weighted values joined under one softmax, through their log-sum-exps."""
+    top = torch.maximum(lse, other_lse)
+    weight, other_weight = (lse - top).exp_(), (other_lse - top).exp_()
+    total = weight + other_weight
+    return (out * weight[..., None] + other * other_weight[..., None]) / total[..., None], top + total.log_()
 
 
 def _plain_part(queries, key, value, mask, scale):

@@ -17,6 +17,14 @@
    out    [heads, group, tokens, dim]   softmax-weighted values
    lse    [heads, group, tokens]        log-sum-exp of each query's scaled scores (what joins this
                                         part to another under one softmax); -1e30 when it saw no key
+   init_out, init_lse                   (or NULL) another part's softmax-weighted values and
+                                        log-sum-exps, same layout: the softmax starts from that part
+                                        (the shared root's) instead of from nothing, so out and lse
+                                        come back joined with it, with no pass of their own
+
+   Keys and values are float32 (cai_decode_attention) or bfloat16 (cai_decode_attention_bf16, half
+   the bytes to stream; widened to float32 as they are loaded, all arithmetic float32); one body
+   serves both, specialized at compile time.
 
    Built on first use by cai/backends/kernels.py with the machine's compiler (-O3 -march=native
    -ffast-math -fopenmp); no infinities are used, so fast-math is safe. Thread pool: the process's
@@ -67,23 +75,42 @@ static void exp_inplace(float *x, int n) {
         x[i] = x[i] < -87.0f ? 0.0f : expf(x[i]);
 }
 
-static float dot(const float *a, const float *b, int n) {
+#define INLINE static inline __attribute__((always_inline))
+
+/* element i of a row of keys or values stored as float32 (bf16 == 0) or bfloat16 (bf16 == 1) */
+INLINE float kv_at(const void *row, int64_t i, const int bf16) {
+    if (!bf16)
+        return ((const float *)row)[i];
+    union { uint32_t u; float f; } v = {.u = (uint32_t)((const uint16_t *)row)[i] << 16};
+    return v.f;
+}
+
+#ifdef __AVX2__
+/* elements i .. i+7 of such a row, as float32 */
+INLINE __m256 kv_load8(const void *row, int64_t i, const int bf16) {
+    if (!bf16)
+        return _mm256_loadu_ps((const float *)row + i);
+    __m128i half = _mm_loadu_si128((const __m128i *)((const uint16_t *)row + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+#endif
+
+INLINE float dot(const float *a, const void *k, int n, const int bf16) {
     float s = 0.0f;
-#pragma omp simd reduction(+ : s)
     for (int d = 0; d < n; d++)
-        s += a[d] * b[d];
+        s += a[d] * kv_at(k, d, bf16);
     return s;
 }
 
 /* out[0..3] = the dot products of one key with four queries (a repeated pointer for fewer). Four
    independent sums keep the FMA units busy, where one dot product at a time waits on its own sum. */
-static void dot4(const float *k, const float *q0, const float *q1, const float *q2, const float *q3, int dim,
-                 float *out) {
+INLINE void dot4(const void *k, const float *q0, const float *q1, const float *q2, const float *q3, int dim,
+                 float *out, const int bf16) {
 #if defined(__AVX2__) && defined(__FMA__)
     if (dim % 8 == 0) {
         __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps(), c = _mm256_setzero_ps(), d = _mm256_setzero_ps();
         for (int i = 0; i < dim; i += 8) {
-            __m256 kv = _mm256_loadu_ps(k + i);
+            __m256 kv = kv_load8(k, i, bf16);
             a = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + i), kv, a);
             b = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + i), kv, b);
             c = _mm256_fmadd_ps(_mm256_loadu_ps(q2 + i), kv, c);
@@ -94,15 +121,15 @@ static void dot4(const float *k, const float *q0, const float *q1, const float *
         return;
     }
 #endif
-    out[0] = dot(q0, k, dim);
-    out[1] = dot(q1, k, dim);
-    out[2] = dot(q2, k, dim);
-    out[3] = dot(q3, k, dim);
+    out[0] = dot(q0, k, dim, bf16);
+    out[1] = dot(q1, k, dim, bf16);
+    out[2] = dot(q2, k, dim, bf16);
+    out[3] = dot(q3, k, dim, bf16);
 }
 
 /* acc[0..dim) += sum over j < n of p[j] * v[j * dim ..]. With AVX2, 64 columns at a time stay in
    registers across all n rows (eight independent sums), instead of a load and store per row. */
-static void add_weighted(float *acc, const float *v, const float *p, int n, int64_t dim) {
+INLINE void add_weighted(float *acc, const void *v, const float *p, int n, int64_t dim, const int bf16) {
     int64_t d = 0;
 #if defined(__AVX2__) && defined(__FMA__)
     for (; d + 64 <= dim; d += 64) {
@@ -110,16 +137,16 @@ static void add_weighted(float *acc, const float *v, const float *p, int n, int6
                a3 = _mm256_loadu_ps(acc + d + 24), a4 = _mm256_loadu_ps(acc + d + 32), a5 = _mm256_loadu_ps(acc + d + 40),
                a6 = _mm256_loadu_ps(acc + d + 48), a7 = _mm256_loadu_ps(acc + d + 56);
         for (int j = 0; j < n; j++) {
-            const float *row = v + j * dim + d;
+            const int64_t row = j * dim + d;
             const __m256 w = _mm256_set1_ps(p[j]);
-            a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(row), a0);
-            a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 8), a1);
-            a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 16), a2);
-            a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 24), a3);
-            a4 = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 32), a4);
-            a5 = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 40), a5);
-            a6 = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 48), a6);
-            a7 = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 56), a7);
+            a0 = _mm256_fmadd_ps(w, kv_load8(v, row, bf16), a0);
+            a1 = _mm256_fmadd_ps(w, kv_load8(v, row + 8, bf16), a1);
+            a2 = _mm256_fmadd_ps(w, kv_load8(v, row + 16, bf16), a2);
+            a3 = _mm256_fmadd_ps(w, kv_load8(v, row + 24, bf16), a3);
+            a4 = _mm256_fmadd_ps(w, kv_load8(v, row + 32, bf16), a4);
+            a5 = _mm256_fmadd_ps(w, kv_load8(v, row + 40, bf16), a5);
+            a6 = _mm256_fmadd_ps(w, kv_load8(v, row + 48, bf16), a6);
+            a7 = _mm256_fmadd_ps(w, kv_load8(v, row + 56, bf16), a7);
         }
         _mm256_storeu_ps(acc + d, a0); _mm256_storeu_ps(acc + d + 8, a1); _mm256_storeu_ps(acc + d + 16, a2);
         _mm256_storeu_ps(acc + d + 24, a3); _mm256_storeu_ps(acc + d + 32, a4); _mm256_storeu_ps(acc + d + 40, a5);
@@ -127,26 +154,25 @@ static void add_weighted(float *acc, const float *v, const float *p, int n, int6
     }
 #endif
     for (int j = 0; j < n; j++) {
-        const float *row = v + j * dim;
         const float w = p[j];
-#pragma omp simd
         for (int64_t e = d; e < dim; e++)
-            acc[e] += w * row[e];
+            acc[e] += w * kv_at(v, j * dim + e, bf16);
     }
 }
 
-void cai_decode_attention(const float *q, const float *keys, const float *values, const int64_t *slots,
-                          const int64_t *offsets, const int64_t *positions, int64_t start, int64_t rows,
-                          int64_t heads, int64_t group, int64_t tokens, int64_t dim, int64_t capacity, float scale,
-                          float *out, float *lse, int threads) {
+INLINE void attend(const float *q, const void *keys, const void *values, const int64_t *slots,
+                   const int64_t *offsets, const int64_t *positions, int64_t start, int64_t rows,
+                   int64_t heads, int64_t group, int64_t tokens, int64_t dim, int64_t capacity, float scale,
+                   const float *init_out, const float *init_lse, float *out, float *lse, int threads, const int bf16) {
+    const int64_t size = bf16 ? 2 : 4;       /* bytes an element of keys and values takes */
 #pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads)
     for (int64_t b = 0; b < rows; b++) {
         for (int64_t h = 0; h < heads; h++) {
             const int64_t first = offsets[b], n_ids = offsets[b + 1] - offsets[b], m = group * n_ids;
             if (m <= 0)
                 continue;
-            const float *ks = keys + (slots[b] * heads + h) * capacity * dim;
-            const float *vs = values + (slots[b] * heads + h) * capacity * dim;
+            const char *ks = (const char *)keys + (slots[b] * heads + h) * capacity * dim * size;
+            const char *vs = (const char *)values + (slots[b] * heads + h) * capacity * dim * size;
             /* query i of this task: query head h*group + i / n_ids, id first + i % n_ids */
             const float *qp[m];
             float *op[m], *lp[m];
@@ -160,20 +186,27 @@ void cai_decode_attention(const float *q, const float *keys, const float *values
                 limit[i] = positions[first + i % n_ids];
                 if (limit[i] > last)
                     last = limit[i];
-                top[i] = MASKED;
-                total[i] = 0.0f;
-                memset(op[i], 0, sizeof(float) * dim);
+                if (init_out != NULL && init_lse[row] > MASKED) {
+                    /* the other part's state: its weights sum to 1 at its own log-sum-exp */
+                    top[i] = init_lse[row];
+                    total[i] = 1.0f;
+                    memcpy(op[i], init_out + row * dim, sizeof(float) * dim);
+                } else {
+                    top[i] = MASKED;
+                    total[i] = 0.0f;
+                    memset(op[i], 0, sizeof(float) * dim);
+                }
             }
             if (last >= capacity)
                 last = capacity - 1;
             for (int64_t t0 = start; t0 <= last; t0 += BLOCK) {
                 int n = (int)(last - t0 + 1 < BLOCK ? last - t0 + 1 : BLOCK);
                 for (int j = 0; j < n; j++) {
-                    const float *k = ks + (t0 + j) * dim;
+                    const char *k = ks + (t0 + j) * dim * size;
                     for (int64_t i = 0; i < m; i += 4) {
                         float four[4];
                         dot4(k, qp[i], qp[i + 1 < m ? i + 1 : i], qp[i + 2 < m ? i + 2 : i], qp[i + 3 < m ? i + 3 : i],
-                             (int)dim, four);
+                             (int)dim, four, bf16);
                         for (int64_t u = i; u < i + 4 && u < m; u++)
                             scores[u][j] = t0 + j <= limit[u] ? four[u - i] * scale : MASKED;
                     }
@@ -199,7 +232,7 @@ void cai_decode_attention(const float *q, const float *keys, const float *values
                         for (int64_t d = 0; d < dim; d++)
                             acc[d] *= keep;
                     }
-                    add_weighted(acc, vs + t0 * dim, s, n, dim);
+                    add_weighted(acc, vs + t0 * dim * size, s, n, dim, bf16);
                 }
             }
             for (int64_t i = 0; i < m; i++) {
@@ -214,4 +247,21 @@ void cai_decode_attention(const float *q, const float *keys, const float *values
             }
         }
     }
+}
+
+void cai_decode_attention(const float *q, const float *keys, const float *values, const int64_t *slots,
+                          const int64_t *offsets, const int64_t *positions, int64_t start, int64_t rows,
+                          int64_t heads, int64_t group, int64_t tokens, int64_t dim, int64_t capacity, float scale,
+                          const float *init_out, const float *init_lse, float *out, float *lse, int threads) {
+    attend(q, keys, values, slots, offsets, positions, start, rows, heads, group, tokens, dim, capacity, scale,
+           init_out, init_lse, out, lse, threads, 0);
+}
+
+void cai_decode_attention_bf16(const float *q, const uint16_t *keys, const uint16_t *values, const int64_t *slots,
+                               const int64_t *offsets, const int64_t *positions, int64_t start, int64_t rows,
+                               int64_t heads, int64_t group, int64_t tokens, int64_t dim, int64_t capacity,
+                               float scale, const float *init_out, const float *init_lse, float *out, float *lse,
+                               int threads) {
+    attend(q, keys, values, slots, offsets, positions, start, rows, heads, group, tokens, dim, capacity, scale,
+           init_out, init_lse, out, lse, threads, 1);
 }

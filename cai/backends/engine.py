@@ -62,10 +62,12 @@ class Engine:
     DRAFT_STEP_COST = drafting.DRAFT_STEP_COST
 
     def __init__(self, model, slots: int, stop_ids: list[int], context_length: int | None = None,
-                 draft: bool = True, capacity: int | None = None):
+                 draft: bool = True, capacity: int | None = None, kv_dtype: torch.dtype | None = None):
         """`capacity`: positions a slot needs for the longest conversation expected, where known;
         the cache is then allocated once at that size instead of growing (a grow copies the whole
-        cache) as longer conversations arrive."""
+        cache) as longer conversations arrive. `kv_dtype`: the dtype keys and values are kept in,
+        where not the model's (bfloat16 beside the CPU's bf16 linears: half the bytes each decode
+        step streams, and the root's product runs on the bf16 units)."""
         reason = supports(model)
         if reason:
             raise ValueError(f"the engine cannot drive this model: {reason}")
@@ -77,8 +79,10 @@ class Engine:
         self.draft = draft
         self.device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
-        native = kernels.decode_attention() if self.device.type == "cpu" and dtype == torch.float32 else None
-        self._layout = dict(kv_layout(model.config), dtype=dtype, device=self.device, native=native)
+        kv_dtype = kv_dtype or dtype
+        native = (kernels.decode_attention() if self.device.type == "cpu" and dtype == torch.float32
+                  and kv_dtype in kernels.KV_DTYPES else None)
+        self._layout = dict(kv_layout(model.config), dtype=kv_dtype, device=self.device, native=native)
         self.cache: SlotCache | None = None
         self.capacity_hint = capacity or 0
         self.active: list[Slot] = []          # slots 0..n-1 of the cache, in use

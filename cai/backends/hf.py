@@ -56,34 +56,25 @@ def pick_device(requested: str) -> str:
     return requested
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX), as oneDNN sees it."""
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def pick_dtype(requested: str, device: str):
     """The dtype the model is loaded in, decided before anything loads. On a CPU, float16 and int8
-    load float32 and then hand the linear layers to fbgemm (see `linear_mode`); bfloat16 is refused
-    there: without bf16 hardware torch emulates it (a prefill 4-12x slower than float32 on a
-    2-core AVX2 CPU, for SmolLM2-135M's shapes), and cai's engine does not run it on a CPU (its
-    attention comes back in float32)."""
+    load float32 and then hand the linear layers to fbgemm (see `linear_mode`), and bfloat16 loads
+    float32 and hands them to the CPU's bf16 units; bfloat16 is refused on a CPU without them:
+    torch would emulate it (a prefill 4-12x slower than float32 on a 2-core AVX2 CPU, for
+    SmolLM2-135M's shapes)."""
     import torch
+
+    from cai.backends.quant import cpu_has_bf16
 
     if requested not in DTYPES:
         raise OptionError("dtype", f"unknown dtype '{requested}'; choose from {', '.join(DTYPES)}")
     if requested == "int8" and device != "cpu":
         raise OptionError("dtype", f"int8 is cai's CPU path; on {device} use bfloat16 or float16")
-    if requested == "bfloat16" and device == "cpu":
-        why = ("bfloat16 on a CPU without bf16 hardware is emulated (prefill several times slower than float32) "
-               "and cai's engine does not run it" if not cpu_has_bf16()
-               else "bfloat16 on a CPU is not run by cai's engine yet")
-        raise OptionError("dtype", f"{why}; use auto (float16 weights, float32 arithmetic), float32, float16 or int8")
-    if device == "cpu" and requested in ("auto", "float16", "int8"):
+    if requested == "bfloat16" and device == "cpu" and not cpu_has_bf16():
+        raise OptionError("dtype", "bfloat16 on a CPU without bf16 hardware (AMX or AVX512-BF16) is emulated, "
+                          "several times slower than float32; use auto (float16 weights, float32 arithmetic), "
+                          "float32, float16 or int8")
+    if device == "cpu" and requested in ("auto", "float16", "int8", "bfloat16"):
         return torch.float32      # CPUs without bf16/fp16 units compute in float32 fastest
     if requested == "auto":
         if device == "cuda":
@@ -94,25 +85,29 @@ def pick_dtype(requested: str, device: str):
 
 def linear_mode(requested: str, device: str) -> str | None:
     """How a CPU runs the linear layers (cai.backends.quant): float16 weights for auto and
-    float16, int8 for int8, None (plain float32, or the GPU's own dtype) otherwise."""
+    float16, int8 for int8, bfloat16 for bfloat16, None (plain float32, or the GPU's own dtype)
+    otherwise."""
     from cai.backends import quant
 
-    if device != "cpu" or requested not in ("auto", "float16", "int8"):
+    if device != "cpu" or requested not in ("auto", "float16", "int8", "bfloat16"):
         return None
-    reason = quant.available()
+    reason = quant.available("bfloat16" if requested == "bfloat16" else "float16")
     if reason:
         if requested == "auto":
             log.info("%s; linear layers stay float32", reason)
             return None
         raise OptionError("dtype", f"{requested}: {reason}")
-    return "int8" if requested == "int8" else "float16"
+    return requested if requested in ("int8", "bfloat16") else "float16"
 
 
 def weights_name(model_name: str, dtype: str) -> str:
-    """The model name records carry: int8 output is not float32 output, so an int8 run says so
-    (and resuming a file across the two is refused like any other change of model)."""
-    suffix = " (int8)"
-    return model_name + suffix if dtype == "int8" and not model_name.endswith(suffix) else model_name
+    """The model name records carry on a CPU: int8 output is not float32 output, nor is that of
+    the CPU's bfloat16 linears, so such a run says so (and resuming a file across formats is
+    refused like any other change of model). float16 weights give float32's answers (bench/precision.py)."""
+    if dtype not in ("int8", "bfloat16"):
+        return model_name
+    suffix = f" ({dtype})"
+    return model_name if model_name.endswith(suffix) else model_name + suffix
 
 
 def keep_freed_memory() -> bool:
@@ -196,7 +191,8 @@ class HFBackend:
         self.draft = options.draft
         self.engine = None
         log.info("loaded %s on %s (%s)", model_name, self.device,
-                 f"{self.linears} linear weights, float32 arithmetic" if self.linears
+                 ("bfloat16 linear layers on the CPU's bf16 units, float32 elsewhere" if self.linears == "bfloat16"
+                  else f"{self.linears} linear weights, float32 arithmetic") if self.linears
                  else str(self.dtype).replace("torch.", ""))
 
     def _stop_ids(self) -> list[int]:
@@ -218,6 +214,8 @@ class HFBackend:
 
     def stream(self, params: SamplingParams, width: int, longest: int | None = None,
                on_text: TextCallback | None = None):
+        import torch
+
         from cai.backends.engine import Engine, supports
         from cai.backends.engine_stream import EngineStream
 
@@ -226,8 +224,10 @@ class HFBackend:
             if reason:
                 log.info("%s: %s; using plain batched generate", self.model_name, reason)
             return LockstepStream(self, params, width, on_text)
-        self.engine = Engine(self.model, slots=width, stop_ids=self.stop_ids,
-                             context_length=self.context_length, draft=self.draft, capacity=longest)
+        # beside bf16 linears, keys and values are kept in bfloat16 too (half the bytes a step reads)
+        kv_dtype = torch.bfloat16 if self.linears == "bfloat16" else None
+        self.engine = Engine(self.model, slots=width, stop_ids=self.stop_ids, context_length=self.context_length,
+                             draft=self.draft, capacity=longest, kv_dtype=kv_dtype)
         return EngineStream(self, self.engine, params, on_text)
 
     def default_width(self) -> int:

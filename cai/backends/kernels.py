@@ -92,10 +92,10 @@ def _library():
         else:
             try:
                 lib = ctypes.CDLL(str(_build(compiler)))
-                function = lib.cai_decode_attention
-                function.restype = None
-                function.argtypes = ([ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7
-                                     + [ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int])
+                for function in (lib.cai_decode_attention, lib.cai_decode_attention_bf16):
+                    function.restype = None
+                    function.argtypes = ([ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7
+                                         + [ctypes.c_float] + [ctypes.c_void_p] * 4 + [ctypes.c_int])
                 reason = None
             except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as exc:
                 lib, reason = None, f"could not build {SOURCE.name}: {exc}"
@@ -105,6 +105,10 @@ def _library():
         return lib
 
 
+# what the kernel reads keys and values in
+KV_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def decode_attention():
     """The native decode-attention function, or None where it cannot be had."""
     lib = _library()
@@ -112,23 +116,34 @@ def decode_attention():
 
 
 def _call(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
-          offsets: torch.Tensor, positions: torch.Tensor, start: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+          offsets: torch.Tensor, positions: torch.Tensor, start: int, scale: float,
+          init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of packed queries over each row's own cached positions.
 
     queries [heads, group, tokens, dim]: the ids of all rows in one sequence, row b's at
     offsets[b] .. offsets[b+1]-1; id t sees positions start .. positions[t] of slot slots[b] in
-    `keys`/`values` [slots, heads, capacity, dim] (float32, CPU, contiguous). Returns
-    (out [heads, group, tokens, dim], lse [heads, group, tokens])."""
+    `keys`/`values` [slots, heads, capacity, dim] (float32 or bfloat16, CPU, contiguous; queries
+    float32). `init`: another part's (out, lse) for the same queries (the root's), which the
+    result is joined with. Returns
+    (out [heads, group, tokens, dim], lse [heads, group, tokens]); ids of rows past `slots` are
+    left unwritten."""
     lib = _loaded["lib"]
     queries = queries.contiguous()
     slots, offsets, positions = (t.to(torch.int64).contiguous() for t in (slots, offsets, positions))
-    if keys.dtype != torch.float32 or queries.dtype != torch.float32 or not keys.is_contiguous() \
-            or not values.is_contiguous():
-        raise ValueError("decode_attention needs contiguous float32 tensors")
+    if keys.dtype not in KV_DTYPES or values.dtype != keys.dtype or queries.dtype != torch.float32 \
+            or not keys.is_contiguous() or not values.is_contiguous():
+        raise ValueError("decode_attention needs contiguous float32 queries and float32 or bfloat16 keys and values")
     heads, group, tokens, dim = queries.shape
     out = torch.empty_like(queries)
     lse = torch.empty((heads, group, tokens), dtype=torch.float32)
-    lib.cai_decode_attention(queries.data_ptr(), keys.data_ptr(), values.data_ptr(), slots.data_ptr(),
-                             offsets.data_ptr(), positions.data_ptr(), start, slots.shape[0], heads, group, tokens,
-                             dim, keys.shape[2], scale, out.data_ptr(), lse.data_ptr(), torch.get_num_threads())
+    init_out = init_lse = None
+    if init is not None:
+        init_out, init_lse = (t.to(torch.float32).contiguous() for t in init)
+        if init_out.shape != queries.shape or init_lse.shape != lse.shape:
+            raise ValueError("decode_attention: init must match the queries' layout")
+    function = lib.cai_decode_attention_bf16 if keys.dtype == torch.bfloat16 else lib.cai_decode_attention
+    function(queries.data_ptr(), keys.data_ptr(), values.data_ptr(), slots.data_ptr(), offsets.data_ptr(),
+             positions.data_ptr(), start, slots.shape[0], heads, group, tokens, dim, keys.shape[2], scale,
+             None if init_out is None else init_out.data_ptr(), None if init_lse is None else init_lse.data_ptr(),
+             out.data_ptr(), lse.data_ptr(), torch.get_num_threads())
     return out, lse

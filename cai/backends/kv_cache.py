@@ -163,7 +163,8 @@ class SlotCache:
         """Writes the forward's keys and values [1, kv_heads, ids, dim] into their slots and
         returns the layer's whole cache (attention reads each row's part from it)."""
         for store, new in ((self.keys, key_states), (self.values, value_states)):
-            store[layer_idx][self._id_slots, :, self.index] = new[0].transpose(0, 1)
+            layer = store[layer_idx]     # (kept in its own dtype: bfloat16 beside float32 activations)
+            layer[self._id_slots, :, self.index] = new[0].transpose(0, 1).to(layer.dtype)
         return self.keys[layer_idx], self.values[layer_idx]
 
     def padded_part(self, keys: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,15 @@ ships inside PyTorch, has kernels made for that shape:
   engine and plain `generate`, and with the batch) into visibly different activations, so int8
   greedy output depends on how the conversations were batched: bench/throughput.py finds 1 of
   16 records identical between the engine and the one-at-a-time loop (16 of 16 with float16
-  weights). Use it where speed matters more than reproducing a run exactly."""
+  weights). Use it where speed matters more than reproducing a run exactly.
+
+On a CPU that has bf16 units (AMX or AVX512-BF16, as oneDNN reports them), a third mode:
+
+* `bfloat16`: the linears' weights in bfloat16, their products run by oneDNN on those units
+  (3-6× fbgemm's float16 rate at 64-300 rows on a 2-core Sapphire Rapids, bench/precision.py for
+  what it costs in loss). The input is rounded to bfloat16, sums are float32 inside the kernel,
+  and the output comes back rounded to bfloat16 in the input's dtype; the rest of the model
+  (norms, residual stream, attention, the KV cache) stays float32."""
 
 from __future__ import annotations
 
@@ -26,15 +34,17 @@ import warnings
 
 import torch
 
-LINEAR_MODES = ("float16", "int8")
+LINEAR_MODES = ("float16", "int8", "bfloat16")
 
 # fbgemm's AVX2 kernel sums pairs of u8 × s8 products in 16 bits; 7-bit activations keep those
 # sums exact (`reduce_range`).
 REDUCE_RANGE = True
 
 
-def available() -> str | None:
-    """None when this PyTorch has fbgemm's kernels, else why not."""
+def available(mode: str = "float16") -> str | None:
+    """None when this PyTorch and CPU can run `mode`'s kernels, else why not."""
+    if mode == "bfloat16":
+        return None if cpu_has_bf16() else "this CPU has no bf16 units (AMX or AVX512-BF16) that oneDNN uses"
     engines = torch.backends.quantized.supported_engines
     if not any(e in engines for e in ("x86", "fbgemm")):
         return f"this PyTorch has no x86/fbgemm quantized engine (it has {', '.join(engines) or 'none'})"
@@ -56,6 +66,32 @@ class Float16WeightLinear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weights=float16"
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX), as oneDNN sees it."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class Bfloat16Linear(torch.nn.Module):
+    """A `torch.nn.Linear` whose weights are kept in bfloat16 and multiplied on the CPU's bf16
+    units (oneDNN); input and output are rounded to bfloat16 around the product."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.weight = torch.nn.Parameter(linear.weight.detach().to(torch.bfloat16), requires_grad=False)
+        self.bias = None if linear.bias is None else torch.nn.Parameter(
+            linear.bias.detach().to(torch.bfloat16), requires_grad=False)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weights=bfloat16"
 
 
 class Int8Linear(torch.nn.Module):
@@ -98,11 +134,11 @@ def convert_linears(model, mode: str) -> int:
     """Replaces the model's linear layers for `mode` (LINEAR_MODES); returns how many."""
     if mode not in LINEAR_MODES:
         raise ValueError(f"unknown linear mode '{mode}'")
-    decoder_kind = Int8Linear if mode == "int8" else Float16WeightLinear
+    decoder_kind = {"int8": Int8Linear, "float16": Float16WeightLinear, "bfloat16": Bfloat16Linear}[mode]
     replaced = 0
     head = model.get_output_embeddings()
-    if type(head) is torch.nn.Linear:
-        model.set_output_embeddings(Float16WeightLinear(head))
+    if type(head) is torch.nn.Linear:       # int8 keeps the output projection in float16: it picks the token
+        model.set_output_embeddings((Float16WeightLinear if mode == "int8" else decoder_kind)(head))
         replaced += 1
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

@@ -22,7 +22,7 @@ BACKEND_OPTIONS = [
     ("plain_chat_format", Annotated[bool, typer.Option("--plain-chat-format", help="For a tokenizer without a chat template: use cai's plain 'User:/Assistant:' format.")], False),
     ("allow_pickle", Annotated[bool, typer.Option("--allow-pickle", help="Allow pickle (.bin) checkpoints, which can run code: only for models you trust.")], False),
     ("device", Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda|mps", help="Where the model runs.")], "auto"),
-    ("dtype", Annotated[str, typer.Option("--dtype", metavar="auto|float32|bfloat16|float16|int8", help="Weights dtype. GPU: auto is bfloat16 (float16 without bf16). CPU: auto and float16 keep linear weights in float16 and compute in float32 (fast, same results to float16 rounding); float32 is plain float32; int8 quantizes the decoder's linears (faster still, slightly less exact, and its greedy output depends on how conversations are batched).")], "auto"),
+    ("dtype", Annotated[str, typer.Option("--dtype", metavar="auto|float32|bfloat16|float16|int8", help="Weights dtype. GPU: auto is bfloat16 (float16 without bf16). CPU: auto and float16 keep linear weights in float16 and compute in float32 (fast, same results to float16 rounding); float32 is plain float32; bfloat16, on a CPU with bf16 units (AMX or AVX512-BF16), runs the linears on them (several times faster, slightly less exact), the rest float32; int8 quantizes the decoder's linears (faster still, slightly less exact, and its greedy output depends on how conversations are batched).")], "auto"),
     ("trust_remote_code", Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model's repository to run.")], False),
 ]
 
