@@ -21,8 +21,13 @@ large MKL matmuls), and reports the arithmetic rate cai's engine reached (its ow
 computed: linear layers, output head and attention) as a fraction of it. Absolute speeds differ
 between machines of one kind; the ratios and the fraction are what carry over.
 
-Prints a table; --json writes the figures: cai's run under "cai" (pairs_per_min, peak_rss_mb,
-gflops, peak_fraction, ...), the peers under "peers", "ratio_vs_best_llama_server" at the top."""
+On a CPU with bf16 units (AMX or AVX512-BF16) cai also runs with --dtype bfloat16 (--cai-dtypes),
+and the bench measures the bfloat16 matrix-product rate too, the ceiling of that run's products.
+
+Prints a table; --json writes the figures: cai's default run under "cai" (pairs_per_min,
+peak_rss_mb, gflops, peak_fraction, ...), its other runs under "cai_runs", the peers under
+"peers", "ratio_vs_best_llama_server" (the default run's) and "fastest_cai_ratio_vs_best_llama_server"
+at the top."""
 
 from __future__ import annotations
 
@@ -47,16 +52,17 @@ from rich.table import Table  # noqa: E402
 
 import cai  # noqa: E402
 from cai.inputs import read_prompts  # noqa: E402
+from cai.backends.quant import cpu_has_bf16  # noqa: E402
 from cai.models import embedded_gguf, resolve_model  # noqa: E402
 from throughput import run  # noqa: E402
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
 
 
-def matmul_peak(seconds: float = 3.0, n: int = 2048) -> float:
-    """This CPU's float32 matrix-product rate in GFLOP/s: the best of repeated n×n×n products over
-    about `seconds`, with every thread PyTorch uses."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(seconds: float = 3.0, n: int = 2048, dtype: torch.dtype = torch.float32) -> float:
+    """This CPU's matrix-product rate in GFLOP/s for `dtype`: the best of repeated n×n×n products
+    over about `seconds`, with every thread PyTorch uses."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     torch.matmul(a, b)                                   # warm up MKL's threads and buffers
     best, end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < end:
@@ -159,6 +165,9 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--cai-batch-sizes", type=int, nargs="*", default=[],
                         help="cai's --batch-size for extra runs of its engine (its own default always runs)")
+    parser.add_argument("--cai-dtypes", nargs="*", default=["bfloat16"] if cpu_has_bf16() else [],
+                        help="cai's --dtype for extra runs of its engine (default: bfloat16 on a CPU with bf16 "
+                             "units, none elsewhere)")
     built = ROOT / "build/llama.cpp/build/bin/llama-server"         # where bench/build_llama_server.sh puts it
     parser.add_argument("--llama-server", default=shutil.which("llama-server") or (str(built) if built.exists() else None),
                         help="the llama-server binary (default: on PATH, else bench/build_llama_server.sh's build)")
@@ -182,22 +191,29 @@ def main() -> int:
     console = Console(stderr=True)
     peak = matmul_peak(args.peak_seconds)
     console.print(f"[dim]float32 matrix products: {peak:.1f} GFLOP/s with {torch.get_num_threads()} threads[/dim]")
+    # the ceiling of a bfloat16 run's products is the bf16 units' rate, not float32's
+    peaks = {"auto": peak, **({"bfloat16": matmul_peak(args.peak_seconds, dtype=torch.bfloat16)}
+                              if "bfloat16" in args.cai_dtypes else {})}
+    if "bfloat16" in peaks:
+        console.print(f"[dim]bfloat16 matrix products: {peaks['bfloat16']:.1f} GFLOP/s[/dim]")
 
     items = read_prompts(args.prompts)[:args.limit]
     model_dir, _ = resolve_model(None)
     options = dict(seed=0, max_new_tokens=args.max_new_tokens, temperature=0.0, few_shot=True, filter=False,
                    lock=False, repairs=0)
-    backend = cai.open_backend(cai.BackendSpec(model=None))
     cai_runs = []
-    for width in [None, *args.cai_batch_sizes]:
-        row = run(backend, args.constitution, items, {**options, "batch_size": width},
-                  "cai engine" + (f" --batch-size {width}" if width else ""), console)
-        row["gflop"] = round(performed_gflop(backend.model.config, row), 1)
-        row["gflops"] = round(row["gflop"] / row["wall_s"], 1)
-        row["peak_fraction"] = round(row["gflops"] / peak, 3)
-        row["engine"] = row["path"]
-        cai_runs.append(row)
-    del backend                   # (each run's peak_rss_mb is this process's peak so far; servers run apart)
+    for dtype in ["auto", *args.cai_dtypes]:
+        backend = cai.open_backend(cai.BackendSpec(model=None, dtype=dtype))
+        for width in [None, *(args.cai_batch_sizes if dtype == "auto" else [])]:
+            label = "cai engine" + (f" --dtype {dtype}" if dtype != "auto" else "") + (f" --batch-size {width}" if width else "")
+            row = run(backend, args.constitution, items, {**options, "batch_size": width}, label, console)
+            row["gflop"] = round(performed_gflop(backend.model.config, row), 1)
+            row["gflops"] = round(row["gflop"] / row["wall_s"], 1)
+            row["peak_fraction"] = round(row["gflops"] / peaks.get(dtype, peak), 3)
+            row["engine"], row["dtype"] = label, dtype
+            cai_runs.append(row)
+        backend.close()
+        del backend               # (each run's peak_rss_mb is this process's peak so far; servers run apart)
 
     peers = []
     if args.llama_server and args.llama_slots:
@@ -216,19 +232,25 @@ def main() -> int:
                               env=OFFLINE))
 
     ours = cai_runs[0]
+    fastest = max(cai_runs, key=lambda r: r["pairs_per_min"])
     llama = [p for p in peers if p["engine"].startswith("llama-server")]
     best = max(llama, key=lambda p: p["pairs_per_min"], default=None)
+    for r in cai_runs:
+        r["ratio"] = round(r["pairs_per_min"] / best["pairs_per_min"], 2) if best else None
     summary = {
-        "ratio_vs_best_llama_server": round(ours["pairs_per_min"] / best["pairs_per_min"], 2) if best else None,
+        "ratio_vs_best_llama_server": ours["ratio"],
         "best_llama_server": best["engine"] if best else None,
-        "machine": {"matmul_gflops": round(peak, 1), "threads": torch.get_num_threads()},
+        "fastest_cai": fastest["engine"], "fastest_cai_ratio_vs_best_llama_server": fastest["ratio"],
+        "machine": {"matmul_gflops": round(peak, 1), "threads": torch.get_num_threads(),
+                    **({"matmul_gflops_bfloat16": round(peaks["bfloat16"], 1)} if "bfloat16" in peaks else {}),
+                    "cpu_bf16_units": cpu_has_bf16()},
         "settings": {"prompts": len(items), "constitution": args.constitution, "max_new_tokens": args.max_new_tokens,
                      "greedy": True, "repairs": 0, "few_shot": True,
                      "transformers_prompts": min(args.transformers_limit, len(items)) if args.transformers else 0},
     }
     for peer in peers:
         peer["ratio"] = round(ours["pairs_per_min"] / peer["pairs_per_min"], 2) if peer["pairs_per_min"] else None
-    keep = ("engine", "prompts", "batch_size", "wall_s", "pairs_per_min", "kept", "kept_per_min", "generated_tokens",
+    keep = ("engine", "dtype", "prompts", "batch_size", "wall_s", "pairs_per_min", "kept", "kept_per_min", "generated_tokens",
             "generated_tok_per_s", "peak_rss_mb", "kv_cache_mb", "gflop", "gflops", "peak_fraction", "ratio",
             "prefill_computed", "prefill_reused", "decode_steps", "drafted", "accepted")
     out = {**summary, "cai": {k: ours[k] for k in keep if k in ours},
@@ -236,9 +258,12 @@ def main() -> int:
            "peers": [{k: p[k] for k in keep if k in p} for p in peers]}
 
     table = Table(title=f"SmolLM2-135M-Instruct · {args.constitution} · greedy · {args.max_new_tokens} new tokens a turn · "
-                        f"{len(items)} prompts · {torch.get_num_threads()} threads · matmul peak {peak:.0f} GFLOP/s")
+                        f"{len(items)} prompts · {torch.get_num_threads()} threads · matmul peak {peak:.0f} GFLOP/s"
+                        + (f" (bfloat16 {peaks['bfloat16']:.0f})" if "bfloat16" in peaks else ""),
+                  caption="ratio: a cai run × the best llama-server; a peer: cai's default run × the peer. "
+                          "GFLOP/s: of the peak for the run's products (bfloat16's for --dtype bfloat16)")
     for column in ("engine", "prompts", "pairs/min", "kept/min", "gen tok/s", "wall s", "peak RSS MB",
-                   "GFLOP/s (of peak)", "cai ×"):
+                   "GFLOP/s (of peak)", "ratio"):
         table.add_column(column, justify="left" if column == "engine" else "right")
     for r in cai_runs + peers:
         arithmetic = f"{r['gflops']:.0f} ({r['peak_fraction']:.0%})" if "gflops" in r else "–"
@@ -248,7 +273,8 @@ def main() -> int:
     Console(width=170).print(table)
     if best:
         Console().print(f"cai's engine against the best llama-server ({best['engine']}): "
-                        f"{summary['ratio_vs_best_llama_server']:.1f}× the pairs a minute")
+                        f"{summary['ratio_vs_best_llama_server']:.1f}× the pairs a minute"
+                        + (f"; {fastest['engine']}: {fastest['ratio']:.1f}×" if fastest is not ours else ""))
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(out, indent=2) + "\n")
     return 0

@@ -1,6 +1,6 @@
 """What each CPU weight format costs in exactness: the model's loss on a fixed text and how long
-its greedy answers stay identical to float32's, for --dtype float32, float16 (the CPU default) and
-int8, side by side in one process on the same model.
+its greedy answers stay identical to float32's, for --dtype float32, float16 (the CPU default),
+int8 and, on a CPU with bf16 units, bfloat16, side by side in one process on the same model.
 
     python bench/precision.py --json bench/precision.json
 
@@ -64,7 +64,10 @@ def main() -> int:
     source, name = resolve_model(args.model)
     prompts = [p.text for p in read_prompts(str(ROOT / "bench/prompts64.txt"))][:args.prompts]
     rows, reference = [], None
-    for dtype in ("float32", "float16", "int8"):
+    from cai.backends.quant import cpu_has_bf16
+
+    # bfloat16 where this CPU has the units for it (elsewhere cai refuses it on a CPU)
+    for dtype in ("float32", "float16", "int8", *(("bfloat16",) if cpu_has_bf16() else ())):
         backend = HFBackend(source, name, HFOptions(dtype=dtype))
         ids = torch.tensor([backend.tokenizer(corpus(), add_special_tokens=False)["input_ids"][:args.tokens]])
         made = answers(backend, prompts, args.max_new_tokens)

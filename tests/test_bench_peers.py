@@ -30,7 +30,10 @@ def test_performed_arithmetic_counts_linears_head_and_attention():
 
 
 def test_matmul_peak_is_a_rate():
+    import torch
+
     assert _peers().matmul_peak(seconds=0.2, n=256) > 0.1
+    assert _peers().matmul_peak(seconds=0.2, n=256, dtype=torch.bfloat16) > 0.1     # (emulated without bf16 units)
 
 
 def test_a_server_is_started_waited_for_and_measured(tmp_path):
