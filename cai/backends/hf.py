@@ -75,7 +75,7 @@ def pick_dtype(requested: str, device: str):
                           "several times slower than float32; use auto (float16 weights, float32 arithmetic), "
                           "float32, float16 or int8")
     if device == "cpu" and requested in ("auto", "float16", "int8", "bfloat16"):
-        return torch.float32      # CPUs without bf16/fp16 units compute in float32 fastest
+        return torch.float32      # loaded float32; linear_mode then converts the linears
     if requested == "auto":
         if device == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -124,9 +124,8 @@ def _call(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots
     offsets[b] .. offsets[b+1]-1; id t sees positions start .. positions[t] of slot slots[b] in
     `keys`/`values` [slots, heads, capacity, dim] (float32 or bfloat16, CPU, contiguous; queries
     float32). `init`: another part's (out, lse) for the same queries (the root's), which the
-    result is joined with. Returns
-    (out [heads, group, tokens, dim], lse [heads, group, tokens]); ids of rows past `slots` are
-    left unwritten."""
+    result is joined with. Returns (out [heads, group, tokens, dim], lse [heads, group, tokens]);
+    ids of rows past `slots` are left unwritten."""
     lib = _loaded["lib"]
     queries = queries.contiguous()
     slots, offsets, positions = (t.to(torch.int64).contiguous() for t in (slots, offsets, positions))

@@ -25,8 +25,8 @@ On a CPU that has bf16 units (AMX or AVX512-BF16, as oneDNN reports them), a thi
 * `bfloat16`: the linears' weights in bfloat16, their products run by oneDNN on those units
   (3-6× fbgemm's float16 rate at 64-300 rows on a 2-core Sapphire Rapids, bench/precision.py for
   what it costs in loss). The input is rounded to bfloat16, sums are float32 inside the kernel,
-  and the output comes back rounded to bfloat16 in the input's dtype; the rest of the model
-  (norms, residual stream, attention, the KV cache) stays float32."""
+  and the output comes back rounded to bfloat16 in the input's dtype; norms and the residual
+  stream stay float32 (the engine keeps its keys and values in bfloat16 beside this mode)."""
 
 from __future__ import annotations
 
