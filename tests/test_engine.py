@@ -398,3 +398,30 @@ def test_a_bfloat16_cache_is_read_to_its_rounding(monkeypatch, native):
     for exact, rounded in zip(seen["float32"], seen["bfloat16"]):
         error = ((rounded - exact).norm() / exact.norm()).item()
         assert 0 < error < 2e-2, error
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_cache_writes_each_id_to_its_slot_and_position(dtype):
+    """`update` writes a forward's keys and values [1, heads, ids, dim] as one row copy per
+    (kv head, id): each lands at its own slot and position (past the row's root share), and
+    nothing else in the cache changes."""
+    from cai.backends.kv_cache import SlotCache
+
+    cache = SlotCache(layers=2, slots=4, kv_heads=3, head_dim=8, capacity=16, dtype=dtype, device=torch.device("cpu"))
+    for store in (cache.keys, cache.values):
+        for layer in store:
+            layer.copy_(torch.randn(layer.shape))
+    before = [t.clone() for t in (*cache.keys, *cache.values)]
+    slots, counts, bases = [2, 0, 3], [1, 3, 2], [0, 5, 2]
+    positions = [7, 9, 10, 11, 2, 3]
+    cache.bind(slots, counts, positions, bases)
+    keys, values = torch.randn(1, 3, 6, 8), torch.randn(1, 3, 6, 8)
+    cache.update(keys, values, 1)
+    expected = [t.clone() for t in before]
+    ids_slot = [2, 0, 0, 0, 3, 3]
+    ids_index = [7, 4, 5, 6, 0, 1]             # position less the row's base
+    for t, (slot, index) in enumerate(zip(ids_slot, ids_index)):
+        expected[1][slot, :, index] = keys[0, :, t].to(dtype)
+        expected[3][slot, :, index] = values[0, :, t].to(dtype)
+    for got, want in zip((*cache.keys, *cache.values), expected):
+        assert torch.equal(got, want)

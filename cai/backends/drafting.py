@@ -3,8 +3,13 @@ conversation proposes the ids that followed them there, up to DRAFT_MAX; one for
 all, and every id the model agrees with saves the row a decode step (the small model repeats
 itself and its revisions copy its answers). Ids are packed, so a draft costs only its own
 columns; it is worth them where a step's fixed cost (reading the weights and the attention's
-keys, per-op overhead: DRAFT_STEP_COST ids' worth of compute, measured on a 2-core CPU as ~60 ms
-against ~5 ms an id) is shared among few rows. See `draft_length`.
+keys, per-op overhead: DRAFT_STEP_COST ids' worth of compute) is shared among few rows. See
+`draft_length`. That cost is a property of the machine: ~60 ms against ~5 ms an id (12) on a
+2-core AVX2 CPU, ~45 ms against ~1.2 ms (~37) on a 2-core AVX-512/AMX one, where 12 left the
+64-prompt bench (bench/peers.py's settings) 6-10% slower than 24 to 40. It is a constant, not
+timed at run time: in float32 arithmetic a row's result does not depend on what shares its
+forward, so drafts never change records; in bfloat16 it does (oneDNN's kernels vary with the
+number of rows), and a draft length chosen from timings would make two identical runs differ.
 
 The engine (engine.py) calls `propose` for each greedy decode row before a step and checks the
 drafts against the model's own choices after it."""
@@ -14,7 +19,7 @@ from __future__ import annotations
 from cai.backends.slots import Slot
 
 DRAFT_MAX = 8
-DRAFT_STEP_COST = 12
+DRAFT_STEP_COST = 24
 
 
 def propose(s: Slot, worth: float, most: int, capacity: int) -> list[int]:

@@ -324,8 +324,9 @@ class Engine:
             starts.append(starts[-1] + 1 + len(drafts.get(i, [])))
         plain = [k for k, i in enumerate(rows) if i not in drafts]
         first = logits if len(plain) == len(rows) else logits[[starts[k] for k in plain]]
-        picks = dict(zip((rows[k] for k in plain), self._pick(first, [self.active[rows[k]] for k in plain])))
-        greedy = logits.argmax(dim=-1).tolist() if drafts else []
+        greedy = logits.argmax(dim=-1).tolist() if drafts else None      # (one pass over the logits)
+        picks = dict(zip((rows[k] for k in plain), self._pick(
+            first, [self.active[rows[k]] for k in plain], greedy and [greedy[starts[k]] for k in plain])))
         for k, i in enumerate(rows):
             s = self.active[i]
             s.tokens.append(s.generated[-1])
@@ -380,8 +381,9 @@ class Engine:
         return True
 
     @staticmethod
-    def _pick(logits: torch.Tensor, slots: list[Slot]) -> list[int]:
-        picks = logits.argmax(dim=-1).tolist()
+    def _pick(logits: torch.Tensor, slots: list[Slot], greedy: list[int] | None = None) -> list[int]:
+        """Each row's next id: the argmax (`greedy`, where known) or a sample."""
+        picks = logits.argmax(dim=-1).tolist() if greedy is None else greedy
         for row, s in enumerate(slots):
             r = s.request
             if r.temperature <= 0:
