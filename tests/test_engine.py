@@ -4,7 +4,9 @@ the tokens transformers' own `generate` gives when it re-encodes every conversat
 from __future__ import annotations
 
 import copy
+import mmap
 import random
+import sys
 
 import pytest
 import torch
@@ -425,3 +427,37 @@ def test_the_cache_writes_each_id_to_its_slot_and_position(dtype):
         expected[3][slot, :, index] = values[0, :, t].to(dtype)
     for got, want in zip((*cache.keys, *cache.values), expected):
         assert torch.equal(got, want)
+
+
+def _resident_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of a CPU tensor's memory that the kernel has backed with pages (mincore)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    start = tensor.data_ptr() // page * page
+    length = tensor.data_ptr() + tensor.numel() * tensor.element_size() - start
+    vector = (ctypes.c_ubyte * (-(-length // page)))()
+    assert libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(length), vector) == 0
+    return sum(v & 1 for v in vector) * page
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore, as Linux has it")
+def test_growing_the_cache_backs_only_the_positions_in_use():
+    """A grow copies each slot's stored positions, not its whole old capacity: the new mapping
+    stays unbacked past them (copying the old capacity made every slot's pages resident)."""
+    from cai.backends.kv_cache import SlotCache
+
+    cache = SlotCache(layers=1, slots=4, kv_heads=2, head_dim=64, capacity=4096, dtype=torch.float32,
+                      device=torch.device("cpu"))
+    cache.bind([0, 1], [10, 10], list(range(10)) * 2, [0, 0])
+    keys, values = torch.randn(1, 2, 20, 64), torch.randn(1, 2, 20, 64)
+    cache.update(keys, values, 0)
+    cache.grow(8192, [10, 10])
+    assert cache.capacity == 8192 and cache.keys[0].shape == (4, 2, 8192, 64)
+    assert torch.equal(cache.keys[0][0, :, :10], keys[0, :, :10])
+    assert torch.equal(cache.values[0][1, :, :10], values[0, :, 10:])
+    assert not cache.keys[0][2:].any() and not cache.keys[0][:2, :, 10:].any()
+    # (the reads above touch every page, so count on a fresh grow)
+    cache.grow(16384, [10, 10])
+    assert _resident_bytes(cache.keys[0]) <= 16 * mmap.PAGESIZE     # 2 slots × 2 heads × 10 positions

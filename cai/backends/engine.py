@@ -204,7 +204,8 @@ class Engine:
             if self._root_cache is not None:
                 self.cache.take_root(self._root_cache, len(self._root_tokens))
         elif need > self.cache.capacity:
-            self.cache.grow(max(-(-need // 256) * 256, -(-int(self.cache.capacity * 1.5) // 256) * 256))
+            self.cache.grow(max(-(-need // 256) * 256, -(-int(self.cache.capacity * 1.5) // 256) * 256),
+                            [len(s.tokens) - s.root_shared for s in self.active])
 
     # -- the loop -----------------------------------------------------------------------------
 

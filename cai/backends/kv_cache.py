@@ -86,11 +86,19 @@ class SlotCache:
         stored = (*self.keys, *self.values, *(t for pair in self.root for t in pair))
         return sum(t.numel() * t.element_size() for t in stored)
 
-    def grow(self, capacity: int) -> None:
+    def grow(self, capacity: int, lengths: list[int] | None = None) -> None:
+        """Room for `capacity` positions a slot. `lengths`: the positions each leading slot holds;
+        only those are copied, so the new mapping is backed where the old one was written, not
+        over the whole old capacity (without them, every slot's whole old capacity is copied)."""
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
                 new = zeros((*old.shape[:2], capacity, old.shape[3]), old.dtype, old.device)
-                new[:, :, :self.capacity] = old
+                if lengths is None:
+                    new[:, :, :self.capacity] = old
+                else:
+                    for slot, n in enumerate(lengths):
+                        if n > 0:
+                            new[slot, :, :n] = old[slot, :, :n]
                 store[i] = new
         self.capacity = capacity
 

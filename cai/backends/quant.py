@@ -78,7 +78,12 @@ def cpu_has_bf16() -> bool:
 
 class Bfloat16Linear(torch.nn.Module):
     """A `torch.nn.Linear` whose weights are kept in bfloat16 and multiplied on the CPU's bf16
-    units (oneDNN); input and output are rounded to bfloat16 around the product."""
+    units (oneDNN); input and output are rounded to bfloat16 around the product. oneDNN picks
+    its kernel by the number of rows, and its kernels sum in different orders: a row's result
+    depends on how many rows share the product (1-32 rows agree with each other, 33-300 often
+    not), so greedy output depends on how conversations are batched, as int8's does. Fixed
+    chunks of rows would make it reproducible at about half the speed (600-800 against
+    1,400-1,800 GFLOP/s at 200-300 rows on a 2-core Sapphire Rapids VM)."""
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
