@@ -88,8 +88,8 @@ def test_an_engine_that_picks_other_tokens_fails_the_check(monkeypatch):
 
     script = _script()
     pick = Engine._pick
-    monkeypatch.setattr(Engine, "_pick", staticmethod(lambda logits, slots: [
-        (t + 1) % logits.shape[-1] for t in pick(logits, slots)]))
+    monkeypatch.setattr(Engine, "_pick", staticmethod(lambda logits, slots, greedy=None: [
+        (t + 1) % logits.shape[-1] for t in pick(logits, slots, greedy)]))
     args = argparse.Namespace(seed=0, peak=0.3, sharpen=2.0, embed_scale=10.0, system_tokens=32,
                               check_conversations=3, check_new_tokens=4)
     model = script.build("tiny", torch.float32, torch.device("cpu"), args)
