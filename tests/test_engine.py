@@ -286,7 +286,7 @@ def test_pipeline_sizes_the_cache_once_from_its_longest_conversation(tiny_model,
     from cai.pipeline import Pipeline, RunConfig
     from cai.prompts import load_templates
 
-    def refuse(self, capacity):
+    def refuse(self, capacity, lengths):
         raise AssertionError(f"the cache grew to {capacity}")
 
     monkeypatch.setattr(SlotCache, "grow", refuse)
@@ -367,7 +367,7 @@ def test_cache_memory_is_backed_only_where_written():
     cache.keys[0][3, :, :100] = 1.0
     assert rss_mb() - before < 32
     assert float(cache.keys[0][3, :, :100].sum()) == 2 * 100 * 16 and float(cache.keys[1].abs().sum()) == 0.0
-    cache.grow(8192)
+    cache.grow(8192, [0, 0, 0, 100])
     assert float(cache.keys[0][3, :, :100].sum()) == 2 * 100 * 16 and cache.keys[0].shape[2] == 8192
 
 

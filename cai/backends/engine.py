@@ -127,7 +127,7 @@ class Engine:
         last = len(self.active) - 1
         if index != last:
             moved = self.active[last]
-            self.cache.copy(last, index, len(moved.tokens) - moved.root_shared)
+            self.cache.copy(last, index, moved.stored)
             self.active[index] = moved
             self._index[moved.key] = index
         self.active.pop()
@@ -205,7 +205,7 @@ class Engine:
                 self.cache.take_root(self._root_cache, len(self._root_tokens))
         elif need > self.cache.capacity:
             self.cache.grow(max(-(-need // 256) * 256, -(-int(self.cache.capacity * 1.5) // 256) * 256),
-                            [len(s.tokens) - s.root_shared for s in self.active])
+                            [s.stored for s in self.active])
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -326,8 +326,8 @@ class Engine:
         plain = [k for k, i in enumerate(rows) if i not in drafts]
         first = logits if len(plain) == len(rows) else logits[[starts[k] for k in plain]]
         greedy = logits.argmax(dim=-1).tolist() if drafts else None      # (one pass over the logits)
-        picks = dict(zip((rows[k] for k in plain), self._pick(
-            first, [self.active[rows[k]] for k in plain], greedy and [greedy[starts[k]] for k in plain])))
+        known = None if greedy is None else [greedy[starts[k]] for k in plain]
+        picks = dict(zip((rows[k] for k in plain), self._pick(first, [self.active[rows[k]] for k in plain], known)))
         for k, i in enumerate(rows):
             s = self.active[i]
             s.tokens.append(s.generated[-1])

@@ -86,19 +86,16 @@ class SlotCache:
         stored = (*self.keys, *self.values, *(t for pair in self.root for t in pair))
         return sum(t.numel() * t.element_size() for t in stored)
 
-    def grow(self, capacity: int, lengths: list[int] | None = None) -> None:
+    def grow(self, capacity: int, lengths: list[int]) -> None:
         """Room for `capacity` positions a slot. `lengths`: the positions each leading slot holds;
         only those are copied, so the new mapping is backed where the old one was written, not
-        over the whole old capacity (without them, every slot's whole old capacity is copied)."""
+        over the whole old capacity."""
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
                 new = zeros((*old.shape[:2], capacity, old.shape[3]), old.dtype, old.device)
-                if lengths is None:
-                    new[:, :, :self.capacity] = old
-                else:
-                    for slot, n in enumerate(lengths):
-                        if n > 0:
-                            new[slot, :, :n] = old[slot, :, :n]
+                for slot, n in enumerate(lengths):
+                    if n > 0:
+                        new[slot, :, :n] = old[slot, :, :n]
                 store[i] = new
         self.capacity = capacity
 
@@ -177,8 +174,8 @@ class SlotCache:
         returns the layer's whole cache (attention reads each row's part from it)."""
         for store, new in ((self.keys, key_states), (self.values, value_states)):
             layer = store[layer_idx]     # (kept in its own dtype: bfloat16 beside float32 activations)
-            # one row copy per (kv head, id): several times faster than the same write as an
-            # index_put over [slot, :, position]
+            # one row copy per (kv head, id): 17 against 39 µs for 256 ids as an index_put over
+            # [slot, :, position], measured alone (no difference measurable in a whole step)
             dim = layer.shape[-1]
             layer.view(-1, dim).index_copy_(0, self._write_rows, new[0].reshape(-1, dim).to(layer.dtype))
         return self.keys[layer_idx], self.values[layer_idx]

@@ -57,3 +57,8 @@ class Slot:
     indexed: int = 0                                     # tokens[:indexed] are in `lookup`
     agreed: int = 0                                      # this turn's draft ids the model agreed with
     disagreed: int = 0                                   # and drafts it cut short
+
+    @property
+    def stored(self) -> int:
+        """Positions this slot holds in the cache (its tokens past the root's share)."""
+        return len(self.tokens) - self.root_shared
