@@ -22,7 +22,7 @@ REASONS = {
     "repetitive": "the revision repeats itself",
     "refusal": "the revision refuses (--drop-refusals)",
     "judge": "the judge preferred the revision less than --min-preference",
-    "reasoning": "a reasoning tag (<think>…) is left in the revision or the original response",
+    "reasoning": "a reasoning tag (<think>…) is left in the revision, the original response or a critique",
 }
 DEFAULT_CHECKS = ("empty", "unchanged", "truncated", "meta", "copied", "repetitive", "reasoning")
 
@@ -240,7 +240,9 @@ class Filters:
                 found.append("repetitive")
             if is_refusal(chosen):
                 found.append("refusal")
-        if any(tag in text for tag in c.reasoning_tags for text in (chosen, rejected)):
+        critiques = [r.get("critique") for r in record.get("rounds", [])] + [record.get("critique")]
+        if any(tag in text for tag in c.reasoning_tags
+               for text in (chosen, rejected, *(t for t in critiques if isinstance(t, str)))):
             found.append("reasoning")
         reasons = (record.get("meta") or {}).get("finish_reasons") or {}
         if "length" in (reasons.get("response"), *(reasons.get("revision") or ())[-1:]):

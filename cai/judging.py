@@ -72,7 +72,7 @@ class Judge:
         errors: list[str | None] = []
         for i, record in enumerate(records):
             second, first = scores[2 * i], scores[2 * i + 1]
-            error = second.error or first.error
+            error = second.error or first.error or _not_numbers(second.logprobs, first.logprobs)
             errors.append(error)
             if error:
                 continue
@@ -89,6 +89,16 @@ class Judge:
             return p
         low, high = self.config.clamp
         return min(max(p, low), high)
+
+
+def _not_numbers(*logprobs: dict[str, float]) -> str | None:
+    """Why these option log-probabilities cannot be read as a preference (NaN, +inf or a
+    positive value: a backend's arithmetic or a server gone wrong), or None when they can."""
+    for scores in logprobs:
+        for choice, value in scores.items():
+            if not isinstance(value, (int, float)) or math.isnan(value) or value > 1e-6:
+                return f"the judge's log-probability of ({choice}) is {value!r}, not a log-probability"
+    return None
 
 
 def orders_agree(orders) -> bool:

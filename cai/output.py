@@ -120,7 +120,11 @@ class RecordWriter:
             self.before = self.offset > 0
 
     def write(self, record: dict) -> None:
-        data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        try:
+            data = (json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+        except ValueError:          # NaN or infinity: not JSON, and other readers refuse the file
+            raise OutputError(self.target, f"record {record.get('id')!r} holds NaN or infinity, which JSON cannot "
+                              "hold; it was not written (a bug: please report it)") from None
         if not self._owned:
             self._fp.write(data)
             self.count += 1

@@ -44,7 +44,8 @@ def split(text: str, apart: str | None = None, tags: tuple[str, str] = DEFAULT_T
     """The answer and the reasoning of one turn. `apart` is reasoning the backend returned on its
     own. Inline reasoning is what comes before the closing tag (templates that open the think
     block in the generation prompt leave no opening tag in the reply) or between an opening tag
-    at the start and its close; an opening tag with no close means the turn stopped mid-thought."""
+    at the start and its close, and any whole block further on (after a lead-in such as
+    'Critique: '); an opening tag with no close means the turn stopped mid-thought."""
     open_tag, close_tag = tags
     parts = [apart.strip()] if apart and apart.strip() else []
     body = text.lstrip()
@@ -58,6 +59,11 @@ def split(text: str, apart: str | None = None, tags: tuple[str, str] = DEFAULT_T
         inner = body[len(open_tag):close] if opened else body[:close]
         parts.append(inner.strip())
         body = body[close + len(close_tag):]
+    # a whole block after a lead-in ("Critique: <think>…</think> The answer…"): taken out too
+    while (start := body.find(open_tag)) >= 0 and (end := body.find(close_tag, start)) >= 0:
+        parts.append(body[start + len(open_tag):end].strip())
+        lead, rest = body[:start].rstrip(), body[end + len(close_tag):].lstrip()
+        body = f"{lead} {rest}" if lead and rest else lead or rest
     reasoning = "\n\n".join(p for p in parts if p)
     return Split(body.strip(), reasoning if parts else None, unfinished)
 

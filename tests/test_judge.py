@@ -191,3 +191,30 @@ def test_cai_judge_bad_input(pairs, tiny_model, tmp_path):
         result = run("judge", *args, "--model", tiny_model)
         assert result.exit_code == 2, (args, result.output)
         assert message in " ".join(result.stderr.split()) and "Traceback" not in result.output
+
+
+# --- issue 31: what a server's logprobs can hold --------------------------------------------------
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.7])
+def test_a_logprob_that_is_not_one_is_a_judge_error_never_a_preference(bad, tmp_path):
+    """NaN from a server's logprobs once became `"preference": NaN` (not JSON) and passed
+    --min-preference 0.9; now such a pair is unjudged, dropped for "judge", and no NaN is written."""
+    from fault_proxy import FakeOpenAI
+
+    top = [{"token": "A", "logprob": bad, "top_logprobs": [{"token": "A", "logprob": bad},
+                                                            {"token": "B", "logprob": -1.0}]}]
+    reply = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "A"},
+                          "logprobs": {"content": top}}],
+             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"id": str(i), "prompt": "Name a colour.", "chosen": "Blue.",
+                                         "rejected": "No.", "principle": "p"}) + "\n" for i in range(2)))
+    out = tmp_path / "judged.jsonl"
+    with FakeOpenAI(lambda body, n: (200, reply), models=["fake"]) as url:
+        result = run("judge", pairs, "--backend", "openai", "--base-url", url, "--model", "fake", "-o", out,
+                     "--min-preference", "0.9")
+    text = " ".join(result.stderr.split())
+    assert result.exit_code == 1, result.output
+    assert "not a log-probability" in text and "no pair could be judged (2 failed)" in text
+    assert "NaN" not in out.read_text() and read_jsonl(out) == []
+    assert [r["filter"]["reasons"] for r in read_jsonl(f"{out}.filtered.jsonl")] == [["judge"], ["judge"]]

@@ -94,3 +94,41 @@ def test_reasoning_off_tells_a_server(tmp_path):
     assert result.exit_code == 0, result.output
     chats = [body for body in fake.bodies if "messages" in body and body.get("max_tokens", 2) > 1]
     assert chats and all(body["chat_template_kwargs"] == {"enable_thinking": False} for body in chats)
+
+
+def _labelled_thinking_server(body, n):
+    """Its critiques open with a label and think after it ("Critique: <think>…</think> …")."""
+    last = body["messages"][-1]["content"]
+    if "critique" in last.lower() and "improved" not in last:
+        return 200, chat_reply("Critique: <think>\nThe user wants knives; I must be careful.\n</think>\n"
+                               "The answer skips safety.")
+    if "improved" in last:
+        return 200, chat_reply("Keep the blade pointed away and cut on a board.")
+    return 200, chat_reply("Just slice it quickly.")
+
+
+@pytest.mark.parametrize("mode", ["keep", "drop"])
+def test_reasoning_after_a_label_in_a_critique_is_taken_out(tmp_path, mode):
+    """Issue 31: a critique "Critique: <think>…</think> The answer …" kept its block in `critique`
+    and `rounds[].critique`, where no filter looked."""
+    out = tmp_path / "pairs.jsonl"
+    with FakeOpenAI(_labelled_thinking_server, models=["reasoner"]) as url:
+        result = run("generate", EXAMPLES, "--backend", "openai", "--base-url", url, "--model", "reasoner",
+                     "-o", out, "-n", "2", "--reasoning", mode)
+    assert result.exit_code == 0, result.output
+    records = read_jsonl(out)
+    assert len(records) == 2
+    for record in records:
+        assert "<think>" not in record["critique"] and "</think>" not in record["rounds"][0]["critique"]
+        assert record["critique"] == "Critique: The answer skips safety."
+        if mode == "keep":
+            assert record["rounds"][0]["reasoning"]["critique"] == "The user wants knives; I must be careful."
+
+
+def test_the_reasoning_filter_looks_at_critiques_too():
+    from cai.filters import Filters
+
+    record = {"prompt": "p", "chosen": "Cut on a board, away from you.", "rejected": "Just slice it.",
+              "critique": "Critique: <think> half", "rounds": [{"critique": "Critique: <think> half"}],
+              "meta": {"finish_reasons": {"response": "stop", "revision": ["stop"]}}}
+    assert Filters().apply(record).reasons == ["reasoning"]
