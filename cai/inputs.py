@@ -48,6 +48,7 @@ def read_prompts(source: str, prompt_field: str = "prompt", stdin: IO[bytes] | N
     name = "<stdin>" if source == "-" else source
     items: list[PromptItem] = []
     seen: dict[str, int] = {}           # id → line it was first seen on
+    suffix: dict[str, int] = {}         # a repeated prompt's id → the next `-n` to try
     with ExitStack() as stack:
         name, entries = _entries(source, name, fields, stdin, split, stack)
         try:
@@ -65,9 +66,11 @@ def read_prompts(source: str, prompt_field: str = "prompt", stdin: IO[bytes] | N
                     invalid.append(entry)
                     continue
                 if item.id in seen:
-                    n = 2
+                    # the first free `-n` past those given before: every smaller one is taken
+                    n = suffix.get(item.id, 2)
                     while f"{item.id}-{n}" in seen:
                         n += 1
+                    suffix[item.id] = n + 1
                     item = replace(item, id=f"{item.id}-{n}")
                 seen[item.id] = item.line
                 items.append(replace(item, index=index))

@@ -41,6 +41,40 @@ def test_repeated_prompt_text_gets_distinct_stable_ids(tmp_path):
     assert ids == [base, f"{base}-2", prompt_id("other"), f"{base}-3"]
 
 
+def test_numbering_repeated_prompts_takes_linear_work(tmp_path):
+    """Issue 31: 16,000 copies of one prompt took 17 s to number (each copy tried -2, -3, … from
+    the start). Counted in lines of cai/inputs.py run, not in seconds: twice the copies, about
+    twice the work. An explicit id that looks like a suffix keeps the numbering as it was."""
+    import cai.inputs
+
+    def lines_run(copies: int) -> int:
+        path = tmp_path / f"p{copies}.jsonl"
+        path.write_text(json.dumps({"id": f"{prompt_id('same')}-3", "prompt": "x"}) + "\n"
+                        + "".join(json.dumps({"prompt": "same"}) + "\n" for _ in range(copies)))
+        count = 0
+
+        def tracer(frame, event, arg):
+            nonlocal count
+            if frame.f_code.co_filename != cai.inputs.__file__:
+                return None
+            if event == "line":
+                count += 1
+            return tracer
+
+        sys.settrace(tracer)
+        try:
+            ids = [i.id for i in read_prompts(str(path))]
+        finally:
+            sys.settrace(None)
+        base = prompt_id("same")
+        assert ids[:5] == [f"{base}-3", base, f"{base}-2", f"{base}-4", f"{base}-5"]
+        assert len(set(ids)) == len(ids) == copies + 1
+        return count
+
+    small, large = lines_run(400), lines_run(800)
+    assert large < 2.3 * small, (small, large)
+
+
 @pytest.mark.parametrize("setup, message", [
     (lambda p: None, "no such file"),
     (lambda p: p.mkdir(), "is a directory"),
