@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Iterator
 from cai import __version__
 from cai.backends.base import Backend, Completion, Request, SamplingParams, Stream
 from cai.constitution import Constitution, Principle, plan_principles
-from cai.errors import BackendError
+from cai.errors import BackendError, ModelError
 from cai.messages import PromptItem
 from cai.messages import Message
 from cai.prompts import ConversationBuilder, Templates
@@ -36,6 +36,22 @@ class RunConfig:
     repairs: int = 0               # more tries of a turn whose pair the filters would drop (needs `check`)
     repair_temperature: float = REPAIR_TEMPERATURE       # what a greedy run samples its repairs at
     repair_from: str = "revision"  # what a repair of a finished pair samples anew: the revision, or the critique too
+
+
+TOO_LONG, REFUSED = "too long", "refused"      # why a prompt is left out before it starts
+
+
+@dataclass(frozen=True)
+class Unfit:
+    """Why a record cannot be made with this model: its conversation is longer than the context
+    (`too long`: no-few-shot or truncation can help) or the chat template refuses it (`refused`:
+    the conversation's roles or order are not what the template takes)."""
+
+    kind: str
+    reason: str
+
+    def __str__(self) -> str:
+        return self.reason
 
 
 @dataclass(frozen=True)
@@ -102,12 +118,13 @@ class Pipeline:
             backend.set_thinking(False if self.reasoning == "off" else True if switch else None)
 
     def plan(self, prompts: Iterable[PromptItem], skip: set[str] = frozenset(),
-             truncate_long: bool = False) -> tuple[list[Job], list[tuple[PromptItem, str, str]]]:
+             truncate_long: bool = False) -> tuple[list[Job], list[tuple[PromptItem, str, Unfit]]]:
         """The records this run will make, minus those already done (`skip`, by record id), and
-        the records left out as (prompt, record id, reason): a conversation that cannot fit the
-        model's context is skipped, or with `truncate_long` its prompt is cut to fit."""
+        the records left out as (prompt, record id, why): a conversation that cannot fit the
+        model's context is skipped (or with `truncate_long` its prompt is cut to fit), and so is
+        one the model's chat template refuses."""
         jobs: list[Job] = []
-        left_out: list[tuple[PromptItem, str, str]] = []
+        left_out: list[tuple[PromptItem, str, Unfit]] = []
         for item, records in record_plans(self.constitution, self.config, prompts):
             for record_id, principles in records:
                 if record_id in skip:
@@ -120,13 +137,13 @@ class Pipeline:
         return jobs, left_out
 
     def job(self, item: PromptItem, record_id: str, principles: tuple[Principle, ...],
-            truncate_long: bool = False) -> tuple[Job | None, str | None]:
+            truncate_long: bool = False) -> tuple[Job | None, Unfit | None]:
         """One record to make with these principles, or why it cannot be made (see `plan`)."""
         prompt, problem, tokens = self._fit(item, principles, truncate_long)
         return (None, problem) if problem else (Job(record_id, prompt, principles, tokens), None)
 
     def _fit(self, item: PromptItem, principles: tuple[Principle, ...],
-             truncate: bool) -> tuple[PromptItem, str | None, int | None]:
+             truncate: bool) -> tuple[PromptItem, Unfit | None, int | None]:
         """The prompt as it will be used, or why it cannot be, and the most tokens its whole
         conversation can hold: the opening, every request, and every turn at --max-new-tokens."""
         context = self.backend.context_length
@@ -137,13 +154,14 @@ class Pipeline:
             try:
                 fixed += self._extra_tokens(item)
             except Exception as exc:  # noqa: BLE001 -- the chat template refused this conversation
-                return item, f"the model's chat template refuses this conversation: {_one_line(exc)}", None
+                return item, Unfit(REFUSED, f"the model's chat template refuses this conversation: "
+                                           f"{_one_line(exc)}"), None
         room = context - fixed
         used = self._prompt_tokens(item.text)
         if used <= room:
             return item, None, fixed + used
-        reason = (f"the whole conversation needs about {used + fixed} tokens, more than the model's "
-                  f"context of {context}")
+        reason = Unfit(TOO_LONG, f"the whole conversation needs about {used + fixed} tokens, more than the "
+                                 f"model's context of {context}")
         if not truncate or room < 16:
             return item, reason, None
         text = item.text
@@ -171,8 +189,14 @@ class Pipeline:
                                  {"role": "assistant", "content": ""},
                                  self.builder.revision_request(principle, round_no, "")]
             turns = 1 + 2 * len(principles)
-            self._fixed_cache[principles] = (self.backend.count_tokens(conversation)
-                                             + turns * self.config.params.max_new_tokens + 8)
+            try:
+                counted = self.backend.count_tokens(conversation)
+            except Exception as exc:  # noqa: BLE001 -- the chat template refuses every conversation of this run
+                raise ModelError(f"{self.backend.model_name}: its chat template refuses the conversations this run "
+                                 f"makes ({', '.join(m['role'] for m in conversation[:4])}, …): {_one_line(exc)}"
+                                 + ("; a templates folder whose system.jinja is empty sends no system turn"
+                                    if conversation[0]["role"] == "system" else "")) from None
+            self._fixed_cache[principles] = counted + turns * self.config.params.max_new_tokens + 8
         return self._fixed_cache[principles]
 
     def _prompt_tokens(self, text: str) -> int:

@@ -96,7 +96,7 @@ class Stats:
         self.kept = 0
         self.dropped = 0
         self.failed = 0
-        self.skipped: Counter[str] = Counter()       # by kind: "too long", "invalid"
+        self.skipped: Counter[str] = Counter()       # by kind: "too long", "refused", "invalid"
         self.side_files: dict[str, str] = {}
         self.torn = 0
         self.reasons: Counter[str] = Counter()

@@ -287,3 +287,63 @@ def test_defaults_change_no_record():
     assert fingerprint_differences(old, fingerprint) == []
     assert fingerprint_differences(old, {**fingerprint, "params": {**meta["params"], "reasoning": "keep"}}) == \
         ["reasoning: 'auto' → 'keep'"]
+
+
+STRICT_TEMPLATE = (          # as Llama-2's and Mistral's templates do: after the system turn, roles alternate
+    "{% set ns = namespace(i=0) %}{% for message in messages %}{% if message['role'] != 'system' %}"
+    "{% if (message['role'] == 'user') != (ns.i % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% set ns.i = ns.i + 1 %}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+NO_SYSTEM_TEMPLATE = (       # as Gemma's first templates did
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_a_conversation_the_chat_template_refuses_is_skipped_as_refused(tiny_model, tmp_path):
+    """Issue 31: such a conversation was filed as `too long`, with a hint (--truncate-long) that
+    cannot help. Now its kind is `refused`, and the hint speaks of its turns."""
+    import json
+    import shutil
+
+    from conftest import read_jsonl
+
+    model = tmp_path / "strict"
+    shutil.copytree(tiny_model, model)
+    (model / "chat_template.jinja").write_text(STRICT_TEMPLATE)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps(row) for row in (
+        {"id": "fine", "messages": [{"role": "user", "content": "Name a colour."}]},
+        {"id": "twice", "messages": [{"role": "user", "content": "Hi."}, {"role": "user", "content": "Hello?"}]},
+    )) + "\n")
+    out = tmp_path / "out.jsonl"
+    result = _cli(prompts, "--model", model, "-f", "conversational", "-o", out)
+    assert result.exit_code == 1, result.output
+    assert [r["id"] for r in read_jsonl(out)] == ["fine"]
+    [skipped] = read_jsonl(f"{out}.skipped.jsonl")
+    assert (skipped["id"], skipped["kind"]) == ("twice", "refused")
+    assert "roles must alternate" in skipped["reason"]
+    last = " ".join(result.stderr.split()).split("error:")[-1]
+    assert "1 skipped as conversations the model's chat template refuses" in last
+    assert "--truncate-long" not in last and "too long" not in last
+
+
+def test_a_chat_template_that_refuses_every_conversation_is_one_line(tiny_model, tmp_path):
+    """A template that refuses the system turn refused every conversation of the run with a
+    traceback; now it is one line naming the model, before any record is made."""
+    import shutil
+
+    from conftest import ROOT
+
+    model = tmp_path / "no-system"
+    shutil.copytree(tiny_model, model)
+    (model / "chat_template.jinja").write_text(NO_SYSTEM_TEMPLATE)
+    out = tmp_path / "out.jsonl"
+    result = _cli(ROOT / "examples" / "prompts.jsonl", "--model", model, "-o", out, "-n", "2")
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and not out.exists()
+    [error] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "its chat template refuses the conversations this run makes (system, user" in error
+    assert "System role not supported" in error and "system.jinja is empty" in error

@@ -112,6 +112,8 @@ def generate_summary(summary) -> None:
         table.add_row("invalid input lines skipped", str(summary.skipped_invalid))
     if summary.skipped_long:
         table.add_row("prompts too long for the context", str(summary.skipped_long))
+    if summary.skipped_refused:
+        table.add_row("conversations the chat template refuses", str(summary.skipped_refused))
     if summary.not_made:
         table.add_row("not made (stopped)", str(summary.not_made))
     for name, value in judge_rows(curation):

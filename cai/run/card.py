@@ -46,7 +46,7 @@ def card(report: dict, records: list[dict], files: dict[str, str], trainer: str,
              f"| dropped by the filters or the judge | {source['dropped']} |",
              *(f"| &nbsp;&nbsp;dropped: {reason} | {count} |" for reason, count in source["dropped_by_reason"].items()),
              f"| failed (the backend, after its retries) | {source.get('failed', 0)} |",
-             f"| skipped (too long for the context, or invalid input) | {source.get('skipped', 0)} |",
+             f"| skipped (too long for the context, refused by the chat template, or invalid input) | {source.get('skipped', 0)} |",
              *(f"| &nbsp;&nbsp;skipped: {kind} | {count} |" for kind, count in source.get("skipped_by_kind", {}).items()),
              f"| total | {source['total']} |", ""]
     lines += ["## Principles", "", "| principle | kept | dropped | judge mean P(revision better) |", "|---|---|---|---|"]

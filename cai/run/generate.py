@@ -15,7 +15,7 @@ from pathlib import Path
 from cai.errors import BackendError, OptionError
 from cai.options import GenerateOptions
 from cai.output import MemoryWriter, RecordWriter, SideFile, check_writable, scan_output, side_path
-from cai.run.summary import SKIP_HINT, Summary
+from cai.run.summary import REFUSED_HINT, SKIP_HINT, Summary
 from cai.signals import StopNow, StopSignals
 
 log = logging.getLogger("cai")
@@ -104,7 +104,7 @@ def _run(selection, paths: _Paths, options: GenerateOptions, constitution, templ
     from dataclasses import replace
 
     from cai.backends.spec import is_open_backend, open_backend
-    from cai.pipeline import Pipeline, run_fingerprint
+    from cai.pipeline import TOO_LONG, Pipeline, run_fingerprint
 
     fingerprint = run_fingerprint(summary.model, constitution, templates, config)
     done, append_at, drop_append_at = _existing(paths, options, fingerprint)
@@ -137,11 +137,13 @@ def _run(selection, paths: _Paths, options: GenerateOptions, constitution, templ
         config = replace(config, batch_size=width)
         pipeline = Pipeline(backend, constitution, templates, config)
         jobs, left_out = pipeline.plan(selection.items, skip=done, truncate_long=options.truncate_long)
-        summary.skipped_long = len(left_out)
-        for number, (item, record_id, reason) in enumerate(left_out):
+        summary.skipped_long = sum(why.kind == TOO_LONG for _, _, why in left_out)
+        summary.skipped_refused = len(left_out) - summary.skipped_long
+        for number, (item, record_id, why) in enumerate(left_out):
             if number < WARN_FIRST:
-                log.warning("skipped: %s:%d: %s (%s)", summary.source, item.line, reason, SKIP_HINT)
-            skips.write({"id": record_id, "line": item.line, "kind": "too long", "reason": reason, "prompt": item.text})
+                log.warning("skipped: %s:%d: %s (%s)", summary.source, item.line, why.reason,
+                            SKIP_HINT if why.kind == TOO_LONG else REFUSED_HINT)
+            skips.write({"id": record_id, "line": item.line, "kind": why.kind, "reason": why.reason, "prompt": item.text})
         if len(left_out) > WARN_FIRST:
             log.warning("skipped: and %d more (see %s)", len(left_out) - WARN_FIRST, paths.skipped or "summary.side")
         skips.close()

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SKIP_HINT = "try --no-few-shot or --truncate-long"
+REFUSED_HINT = "fix their turns' roles and order, or use a model whose template takes them"
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Summary:
     failed: int = 0                    # the backend failed after its retries
     skipped_invalid: int = 0           # invalid input lines (--skip-invalid)
     skipped_long: int = 0              # too long for the model's context
+    skipped_refused: int = 0           # conversations the model's chat template refuses
     removed: int = 0                   # records in the output whose prompts are no longer in the input
     made: int = 0                      # pairs the model made this run (kept + dropped)
     tokens: int = 0                    # generated tokens
@@ -48,7 +50,7 @@ class Summary:
 
     @property
     def skipped(self) -> int:
-        return self.skipped_invalid + self.skipped_long
+        return self.skipped_invalid + self.skipped_long + self.skipped_refused
 
     @property
     def not_made(self) -> int:
@@ -94,6 +96,9 @@ class Summary:
         if self.skipped_long:
             parts.append(f"{self.skipped_long} skipped as too long for the model's context{_where(self.skipped_file)} "
                          f"({SKIP_HINT})")
+        if self.skipped_refused:
+            parts.append(f"{self.skipped_refused} skipped as conversations the model's chat template refuses"
+                         f"{_where(self.skipped_file)} ({REFUSED_HINT})")
         if self.skipped_invalid:
             parts.append(f"{self.skipped_invalid} skipped as invalid input lines{_where(self.skipped_file)}")
         if self.not_made:
