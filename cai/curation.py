@@ -27,6 +27,7 @@ class Curation:
         self.dropped = self.judged = self.unjudged = self.swapped = 0
         self.preferences: list[tuple[float, float]] = []      # (both orders, revision as (B))
         self._errors_seen: set[str] = set()
+        self.first_error: str | None = None     # why the first unjudged pair could not be judged
 
     @property
     def active(self) -> bool:
@@ -43,6 +44,7 @@ class Curation:
             judge = verdict.record.get("judge")
             if verdict.judge_error:
                 self.unjudged += 1
+                self.first_error = self.first_error or verdict.judge_error
                 if verdict.judge_error not in self._errors_seen and len(self._errors_seen) < 5:
                     self._errors_seen.add(verdict.judge_error)      # each distinct reason once
                     log.warning("not judged: %s: %s", verdict.record.get("id"), verdict.judge_error)
@@ -75,8 +77,10 @@ class Curation:
         """The figures of a summary: dropped by reason, judged, and the judge's mean preferences."""
         n = len(self.preferences)
         return {"active": self.active, "judging": self.judge is not None, "swap": self.swap,
+                "min_preference": self.min_preference,
                 "dropped": self.dropped, "reasons": dict(self.reasons.most_common()),
-                "judged": self.judged, "unjudged": self.unjudged, "swapped": self.swapped,
+                "judged": self.judged, "unjudged": self.unjudged, "judge_error": self.first_error,
+                "swapped": self.swapped,
                 "disagreeing": self.disagreeing,
                 "preference": sum(p for p, _ in self.preferences) / n if n else None,
                 "preference_revision_as_b": sum(o for _, o in self.preferences) / n if n else None}

@@ -218,3 +218,30 @@ def test_a_logprob_that_is_not_one_is_a_judge_error_never_a_preference(bad, tmp_
     assert "not a log-probability" in text and "no pair could be judged (2 failed)" in text
     assert "NaN" not in out.read_text() and read_jsonl(out) == []
     assert [r["filter"]["reasons"] for r in read_jsonl(f"{out}.filtered.jsonl")] == [["judge"], ["judge"]]
+
+
+def test_generate_judge_against_a_server_without_logprobs_exits_1(tmp_path):
+    """Issue 31: `generate --judge` against a server that gives no logprobs judged nothing and
+    exited 0 (`cai judge` exits 1 in the same case)."""
+    from fault_proxy import FakeOpenAI, chat_reply
+
+    def respond(body, n):
+        last = body["messages"][-1]["content"]
+        return 200, chat_reply("A careful, safer answer." if "improved" in last or "Rewrite" in last else
+                               "It could be safer." if "critique" in last.lower() else "Just do it.")
+
+    out = tmp_path / "pairs.jsonl"
+    with FakeOpenAI(respond, models=["fake"]) as url:
+        result = run("generate", EXAMPLES, "--backend", "openai", "--base-url", url, "--model", "fake",
+                     "-o", out, "-n", "2", "--judge", "--no-filter")
+    assert result.exit_code == 1, result.output
+    assert len(read_jsonl(out)) == 2 and all("judge" not in r for r in read_jsonl(out))
+    [error] = [line for line in " ".join(result.stderr.split()).split("error: ")[1:]]
+    assert "2 pairs could not be judged (the server returned no logprobs" in error
+    assert "kept without a label" in error and "cai judge" in error
+    with FakeOpenAI(respond, models=["fake"]) as url:      # under a minimum the pairs are dropped, and say where
+        result = run("generate", EXAMPLES, "--backend", "openai", "--base-url", url, "--model", "fake",
+                     "-o", tmp_path / "min.jsonl", "-n", "2", "--judge", "--min-preference", "0.6", "--no-filter")
+    assert result.exit_code == 1, result.output
+    assert "dropped (listed in" in " ".join(result.stderr.split())
+    assert len(read_jsonl(f"{tmp_path / 'min.jsonl'}.filtered.jsonl")) == 2

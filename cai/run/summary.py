@@ -58,8 +58,14 @@ class Summary:
         return max(0, self.planned - self.resumed - self.kept - self.dropped - self.failed - self.skipped)
 
     @property
+    def unjudged(self) -> int:
+        """Pairs a run that judges could not judge (kept unlabelled, or dropped under a minimum
+        preference): what was asked for was not made."""
+        return self.curation.get("unjudged") or 0
+
+    @property
     def complete(self) -> bool:
-        return not (self.failed or self.skipped or self.not_made)
+        return not (self.failed or self.skipped or self.not_made or self.unjudged)
 
     @property
     def exit_code(self) -> int:
@@ -101,11 +107,18 @@ class Summary:
                          f"{_where(self.skipped_file)} ({REFUSED_HINT})")
         if self.skipped_invalid:
             parts.append(f"{self.skipped_invalid} skipped as invalid input lines{_where(self.skipped_file)}")
+        if self.unjudged:
+            where = (f"dropped{_where(self.filtered)}" if self.curation.get("min_preference") is not None
+                     else "kept without a label")
+            parts.append(f"{self.unjudged} pairs could not be judged ({self.curation.get('judge_error')}); {where}; "
+                         "`cai judge` labels pairs once the judge can score them")
         if self.not_made:
             parts.append(f"{self.not_made} not made because the run was stopped ({self.stopped_by}); "
                          + ("run the same command again to continue" if self.output not in (None, "-")
                             else "nothing resumes a run written to stdout"))
-        lead = "no record could be made" if self.nothing_made() else f"{self.planned - self.resumed - self.kept - self.dropped} of {self.planned - self.resumed} records not made"
+        missing = self.planned - self.resumed - self.kept - self.dropped
+        lead = ("no record could be made" if self.nothing_made() else
+                f"{missing} of {self.planned - self.resumed} records not made" if missing else "not all was made")
         return f"{lead}: " + "; ".join(parts)
 
     def as_dict(self) -> dict:
