@@ -328,3 +328,49 @@ def test_merge_writes_through_a_symlink_and_refuses_a_device(tmp_path):
         with pytest.raises(OptionError, match="not a regular file"):
             merge("/dev/full", [str(a)], overwrite=True)
         assert not os.path.isfile("/dev/full")
+
+
+# --- issue 31: merging keeps every prompt's place -------------------------------------------------
+
+def test_merged_shards_keep_their_dropped_failed_and_skipped_prompts(tmp_path):
+    """`cai merge` ignored the shards' side files: merged stats showed 0 dropped and a rerun on
+    the merged output made the dropped pairs again. Now the side files merge beside the output."""
+    from cai.run.merge import merge
+
+    prompts = write_prompts(tmp_path)
+    scripted = dict(fail={PROMPTS[4]}, unchanged={PROMPTS[1], PROMPTS[7]})
+    shards = []
+    for k in (1, 2):
+        shard = tmp_path / f"shard{k}.jsonl"
+        run(prompts, str(shard), options(ScriptedBackend(**scripted), filter=True, shard=f"{k}/2"))
+        shards.append(str(shard))
+    merged = tmp_path / "merged.jsonl"
+    summary = merge(str(merged), shards)
+    assert (summary.kept, summary.side) == (9, {"filtered": 2, "failures": 1, "skipped": 0})
+    ids = {r["id"] for r in read_jsonl(merged)}
+    dropped = {line["id"] for line in read_jsonl(f"{merged}.filtered.jsonl")}
+    failed = {line["id"] for line in read_jsonl(f"{merged}.failures.jsonl")}
+    assert len(ids | dropped | failed) == 12 and not (ids & dropped or ids & failed or dropped & failed)
+    # a rerun over the merged output makes only what failed, nothing dropped again
+    backend = ScriptedBackend(unchanged=scripted["unchanged"])
+    again = run(prompts, str(merged), options(backend, filter=True))
+    assert (again.resumed, again.kept, again.dropped, again.exit_code) == (11, 1, 0, 0)
+    # side files named after the output are never replaced without `overwrite`, even alone
+    merged.unlink()
+    with pytest.raises(OptionError, match="merged.jsonl.filtered.jsonl exists"):
+        merge(str(merged), shards)
+    assert merge(str(merged), shards, overwrite=True).side["filtered"] == 2
+
+
+def test_merge_refuses_records_of_two_shapes(tmp_path):
+    from cai.run.merge import merge
+
+    standard = tmp_path / "standard.jsonl"
+    run(PROMPTS[:3], str(standard), options(ScriptedBackend()))
+    chat = tmp_path / "chat.jsonl"
+    run(PROMPTS[3:6], str(chat), options(ScriptedBackend(), format="conversational"))
+    from cai.errors import InputError
+
+    with pytest.raises(InputError, match=r"chat.jsonl:1: a conversational record, but .*standard.jsonl:1 is standard"):
+        merge(str(tmp_path / "m.jsonl"), [str(standard), str(chat)])
+    assert not (tmp_path / "m.jsonl").exists()

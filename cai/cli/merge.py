@@ -21,11 +21,13 @@ def merge(
     no_lock: NoLockOpt = False,
 ) -> None:
     """Combine output files of one run (shards, or runs on several machines) into one, keeping
-    each id once. Torn lines (a killed writer) and foreign lines (not a record, or a record of a
-    different run config) are left out and reported with file:line; one id with two different
-    records is a conflict."""
+    each id once, and their side files (dropped pairs, failures, skipped prompts) into OUTPUT's,
+    so every prompt stays accounted for. Torn lines (a killed writer) and foreign lines (not a
+    record, or a record of a different run config) are left out and reported with file:line;
+    one id with two different records is a conflict; records of two shapes are refused."""
     import logging
 
+    from cai.output import SIDE_FILES
     from cai.run.merge import MergeConflict
     from cai.run.merge import merge as merge_files
 
@@ -46,4 +48,7 @@ def merge(
     err.print(f"merged {summary.files} files: {summary.kept} records, {summary.duplicate} duplicate ids dropped, "
               f"{summary.torn} torn and {summary.foreign} foreign lines left out"
               + (f", {len(summary.conflicts)} conflicts (kept the {on_conflict})" if summary.conflicts else "")
-              + f" → {'stdout' if output == '-' else output}", highlight=False, soft_wrap=True)
+              + f" → {'stdout' if output == '-' else output}"
+              + "".join(f"; {count} {name} → {output}{SIDE_FILES[kind]}" for kind, name in
+                        (("filtered", "dropped pairs"), ("failures", "failures"), ("skipped", "skipped prompts"))
+                        if (count := summary.side.get(kind))), highlight=False, soft_wrap=True)

@@ -1,16 +1,19 @@
 """Combining output files of one run (shards, or runs on several machines) into one file, each id
-once. Torn lines (a killed writer) and foreign lines (not a record, or a record of another run)
-are left out with file:line; one id with two different records is a conflict, which stops the
-merge unless `on_conflict` says which to keep."""
+once, with their side files (the pairs the filters dropped, failures and skipped prompts) combined
+beside it, so the accounting of every prompt survives the merge. Torn lines (a killed writer) and
+foreign lines (not a record, or a record of another run) are left out with file:line; one id with
+two different records is a conflict, which stops the merge unless `on_conflict` says which to
+keep; records of two shapes (standard and conversational) are refused."""
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cai.errors import CaiError, OptionError
+from cai.errors import CaiError, InputError, OptionError
 
 ON_CONFLICT = ("error", "first", "last")
 
@@ -25,6 +28,7 @@ class MergeSummary:
     foreign: int = 0
     conflicts: list[str] = field(default_factory=list)     # "id: file:line vs file:line"
     problems: list[str] = field(default_factory=list)      # lines left out, with file:line
+    side: dict[str, int] = field(default_factory=dict)     # side file kind → lines written beside the output
 
 
 class MergeConflict(CaiError):
@@ -43,10 +47,37 @@ def _content(record: dict) -> dict:
     return {**record, "meta": meta}
 
 
+def _shape(record: dict) -> str:
+    return "conversational" if isinstance(record.get("prompt"), list) else "standard"
+
+
+def _lines(path: str, summary: MergeSummary) -> Iterator[tuple[str, bytes, dict]]:
+    """(file:line, the line, its object) for each whole JSON object line of `path`; torn lines
+    are counted and left out."""
+    with open(path, "rb") as fp:
+        for number, raw in enumerate(fp, start=1):
+            where = f"{path}:{number}"
+            if not raw.strip():
+                continue
+            try:
+                if not raw.endswith(b"\n"):
+                    raise ValueError("no newline")
+                line = json.loads(raw)
+            except (ValueError, UnicodeDecodeError):
+                summary.torn += 1
+                summary.problems.append(f"{where}: torn or not JSON; left out")
+                continue
+            if isinstance(line, dict):
+                yield where, raw, line
+            else:
+                summary.foreign += 1
+                summary.problems.append(f"{where}: not a cai record; left out")
+
+
 def merge(output: str, inputs: list[str], *, overwrite: bool = False, on_conflict: str = "error",
           lock: bool = True) -> MergeSummary:
     from cai.locks import Locks
-    from cai.output import check_writable, write_whole
+    from cai.output import SIDE_FILES, check_writable, side_path, write_whole
     from cai.pipeline import fingerprint_differences
 
     if on_conflict not in ON_CONFLICT:
@@ -61,55 +92,94 @@ def merge(output: str, inputs: list[str], *, overwrite: bool = False, on_conflic
     check_writable(output)
     if output != "-" and Path(output).exists() and not Path(output).is_file():
         raise OptionError("output", f"{output} is not a regular file (merge replaces its output whole)")
+    sides = {kind: [p for path in inputs if Path(p := side_path(path, kind)).is_file()] for kind in SIDE_FILES}
+    if output != "-" and not overwrite:
+        for kind in SIDE_FILES:
+            if Path(side_path(output, kind)).exists():
+                raise OptionError("output", f"{side_path(output, kind)} exists; pass `overwrite` to replace it")
     summary = MergeSummary(output, len(inputs))
     chosen: dict[str, tuple[str, bytes, dict]] = {}      # id → (where, line, content)
     reference = None
+    shape: tuple[str, str] | None = None                 # (the first record's shape, where it is)
+
+    def same_run(where: str, line: dict) -> bool:
+        """Whether `line` (a record, or a dropped pair's line with the run's fingerprint) comes
+        from the run of the first record; a line of another run is counted and left out."""
+        meta = line.get("meta")
+        if not isinstance(meta, dict) or not isinstance(line.get("id"), str):
+            summary.foreign += 1
+            summary.problems.append(f"{where}: not a cai record; left out")
+            return False
+        differences = fingerprint_differences(reference, {
+            **{k: meta.get(k) for k in ("model", "constitution", "templates", "seed")},
+            "params": meta.get("params") if isinstance(meta.get("params"), dict) else {}}) if reference else []
+        if differences:
+            summary.foreign += 1
+            summary.problems.append(f"{where}: a record of a different run ({'; '.join(differences)}); left out")
+        return not differences
+
     for path in inputs:
-        with open(path, "rb") as fp:
-            for number, raw in enumerate(fp, start=1):
-                where = f"{path}:{number}"
-                if not raw.strip():
-                    continue
-                try:
-                    if not raw.endswith(b"\n"):
-                        raise ValueError("no newline")
-                    record = json.loads(raw)
-                except (ValueError, UnicodeDecodeError):
-                    summary.torn += 1
-                    summary.problems.append(f"{where}: torn or not JSON; left out")
-                    continue
-                meta = record.get("meta") if isinstance(record, dict) else None
-                if not isinstance(meta, dict) or not isinstance(record.get("id"), str) or "chosen" not in record:
-                    summary.foreign += 1
-                    summary.problems.append(f"{where}: not a cai record; left out")
-                    continue
-                reference = reference or record
-                differences = fingerprint_differences(reference, {
-                    **{k: meta.get(k) for k in ("model", "constitution", "templates", "seed")},
-                    "params": meta.get("params") if isinstance(meta.get("params"), dict) else {}})
-                if differences:
-                    summary.foreign += 1
-                    summary.problems.append(f"{where}: a record of a different run ({'; '.join(differences)}); left out")
-                    continue
-                content = _content(record)
-                if record["id"] not in chosen:
+        for where, raw, record in _lines(path, summary):
+            if "chosen" not in record:
+                summary.foreign += 1
+                summary.problems.append(f"{where}: not a cai record; left out")
+                continue
+            if not same_run(where, record):
+                continue
+            reference = reference or record
+            if shape is None:
+                shape = (_shape(record), where)
+            elif _shape(record) != shape[0]:
+                raise InputError(path, f"a {_shape(record)} record, but {shape[1]} is {shape[0]}; records of two "
+                                 "shapes cannot share a file (make them one shape with `cai export --format`); "
+                                 "nothing written", line=int(where.rsplit(":", 1)[1]))
+            content = _content(record)
+            if record["id"] not in chosen:
+                chosen[record["id"]] = (where, raw, content)
+            elif chosen[record["id"]][2] == content:
+                summary.duplicate += 1
+            else:
+                summary.conflicts.append(f"{record['id']}: {chosen[record['id']][0]} and {where} differ")
+                if on_conflict == "last":
                     chosen[record["id"]] = (where, raw, content)
-                elif chosen[record["id"]][2] == content:
-                    summary.duplicate += 1
-                else:
-                    summary.conflicts.append(f"{record['id']}: {chosen[record['id']][0]} and {where} differ")
-                    if on_conflict == "last":
-                        chosen[record["id"]] = (where, raw, content)
     if summary.conflicts and on_conflict == "error":
         shown = "; ".join(summary.conflicts[:3]) + (f"; and {len(summary.conflicts) - 3} more" if len(summary.conflicts) > 3 else "")
         raise MergeConflict(f"{len(summary.conflicts)} ids have two different records ({shown}); nothing written. "
                             "Say which to keep: --on-conflict first|last (on_conflict= in Python)", summary.conflicts)
+    # the side files: each prompt stays in one place (a pair kept by one shard and dropped by
+    # another is kept; a failure or skip that another shard made good is gone)
+    dropped: dict[str, bytes] = {}
+    for where, raw, line in (entry for path in sides["filtered"] for entry in _lines(path, summary)):
+        if same_run(where, line) and line["id"] not in chosen:
+            reference = reference or line
+            dropped.setdefault(line["id"], raw)
+    made = chosen.keys() | dropped.keys()
+    others: dict[str, dict[object, bytes]] = {}
+    for kind in ("failures", "skipped"):
+        lines = others[kind] = {}
+        for _, raw, line in (entry for path in sides[kind] for entry in _lines(path, summary)):
+            if line.get("id") is None or line["id"] not in made:
+                lines.setdefault((line.get("id"), line.get("line"), line.get("kind")) if line.get("id") is None
+                                 else line["id"], raw)
+        made = made | {key for key in lines if isinstance(key, str)}
+    side_data = {"filtered": b"".join(dropped.values()), **{k: b"".join(v.values()) for k, v in others.items()}}
     summary.kept = len(chosen)
+    summary.side = {"filtered": len(dropped), **{k: len(v) for k, v in others.items()}}
     data = b"".join(raw for _, raw, _ in chosen.values())
     if output == "-":
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
+        if any(sides.values()):
+            summary.problems.insert(0, f"the inputs' side files ({', '.join(k for k, v in sides.items() if v)}) are "
+                                    "not merged when the output is stdout; merge into a file to keep them")
+        summary.side = {}
         return summary
     with Locks([output], enabled=lock):
         write_whole(output, data)
+        for kind, lines in side_data.items():
+            target = side_path(output, kind)
+            if lines:
+                write_whole(target, lines)
+            elif Path(target).is_file():
+                Path(target).unlink()               # it described an earlier file of this name
     return summary
