@@ -197,18 +197,33 @@ class MemoryWriter:
 class SideFile:
     """A JSONL file beside the output (dropped pairs, failures, skipped prompts), created at its
     first line. A fresh run removes an old one; a resumed run appends after its `append_at`
-    whole bytes. Without a path its lines are kept in `lines` (a run in memory)."""
+    whole bytes. Without a path its lines are kept in `lines` (a run in memory), or (output to
+    stdout) only counted, the first few kept in `first` for the messages that name them."""
 
-    def __init__(self, path: str | None, append_at: int | None = None, *, memory: bool = False):
-        self.path, self.append_at = path, append_at
+    FIRST = 5
+
+    def __init__(self, path: str | None, append_at: int | None = None, *, memory: bool = False,
+                 kind: str = "filtered"):
+        self.path, self.append_at, self.kind = path, append_at, kind
         self.lines: list[dict] | None = [] if memory and not path else None
+        self.first: list[dict] = []
         self.count = 0
         self._writer: RecordWriter | None = None
         if path and append_at is None and Path(path).is_file():
             Path(path).unlink()          # it describes an earlier run
 
+    def where(self) -> str:
+        """Where its lines are, for messages."""
+        if self.path:
+            return self.path
+        if self.lines is not None:
+            return "summary.side"
+        return f"listed nowhere: the output is stdout; a {self.kind} file (--{self.kind} FILE) keeps them"
+
     def write(self, line: dict) -> None:
         self.count += 1
+        if len(self.first) < self.FIRST:
+            self.first.append(line)
         if self.lines is not None:
             self.lines.append(line)
         if not self.path:

@@ -270,3 +270,17 @@ def test_shard_option_is_checked(tiny_model):
     assert result.exit_code == 2 and "--shard: K must be between 1 and N" in result.output
     result = run("generate", EXAMPLES, "--model", tiny_model, "--shard", "two")
     assert result.exit_code == 2 and "expected K/N" in result.output
+
+
+def test_pairs_dropped_with_output_to_stdout_are_named_on_stderr(tiny_model):
+    """Issue 31: with `-o -` the filters' dropped pairs were counted but listed nowhere."""
+    result = run("generate", EXAMPLES, "--model", tiny_model, "-o", "-", "-n", "3", "--max-new-tokens", "4",
+                 "--filter", "--repairs", "0")
+    assert result.exit_code == 0, result.output
+    kept = [json.loads(line) for line in result.stdout.splitlines()]
+    stderr = " ".join(result.stderr.split())
+    named = [line for line in result.stderr.splitlines() if line.startswith("warning: dropped: ")]
+    assert len(kept) + len(named) == 3 and named, "the tiny model's 4-token answers are dropped as truncated"
+    assert all(line.endswith("truncated") or "truncated" in line for line in named)
+    assert (f"{len(named)} dropped pairs are listed nowhere: the output is stdout; a filtered file "
+            "(--filtered FILE) keeps them") in stderr

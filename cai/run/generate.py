@@ -113,7 +113,7 @@ def _run(selection, paths: _Paths, options: GenerateOptions, constitution, templ
     if summary.removed:
         log.warning("%s holds %d records of prompts no longer in %s (left as they are)",
                     paths.output, summary.removed, summary.source)
-    skips = SideFile(paths.skipped, memory=paths.output is None)
+    skips = SideFile(paths.skipped, memory=paths.output is None, kind="skipped")
     _skip_invalid(selection, skips)
     if summary.resumed == summary.planned - summary.skipped_invalid:
         summary.nothing_to_do = True
@@ -145,7 +145,7 @@ def _run(selection, paths: _Paths, options: GenerateOptions, constitution, templ
                             SKIP_HINT if why.kind == TOO_LONG else REFUSED_HINT)
             skips.write({"id": record_id, "line": item.line, "kind": why.kind, "reason": why.reason, "prompt": item.text})
         if len(left_out) > WARN_FIRST:
-            log.warning("skipped: and %d more (see %s)", len(left_out) - WARN_FIRST, paths.skipped or "summary.side")
+            log.warning("skipped: and %d more (%s)", len(left_out) - WARN_FIRST, skips.where())
         skips.close()
         if summary.resumed:
             log.info("%d records to go", len(jobs))
@@ -260,13 +260,16 @@ def _skip_invalid(selection, skips: SideFile) -> None:
             log.warning("skipped: %s", error)
         skips.write({"id": None, "line": error.line, "kind": "invalid", "reason": str(error)})
     if len(selection.invalid) > WARN_FIRST:
-        log.warning("skipped: and %d more invalid lines (see %s)", len(selection.invalid) - WARN_FIRST,
-                    skips.path or "summary.side")
+        log.warning("skipped: and %d more invalid lines (%s)", len(selection.invalid) - WARN_FIRST, skips.where())
     skips.sync()
 
 
 def _finish_side(summary: Summary, skips: SideFile, drops: SideFile | None, failures: SideFile | None) -> None:
     skips.close()
+    if drops is not None and drops.count and not drops.path and drops.lines is None:
+        for line in drops.first:             # stdout: say which, as failures and skips are
+            log.warning("dropped: %s: %s", line.get("id"), ", ".join(line["filter"]["reasons"]))
+        log.warning("%d dropped pairs %s", drops.count, drops.where().replace("listed nowhere", "are listed nowhere", 1))
     for name, side in (("skipped", skips), ("filtered", drops), ("failures", failures)):
         if side is not None and side.lines is not None:
             summary.side[name] = side.lines
@@ -301,7 +304,7 @@ class _Failures:
     each in the failures file, which a rerun replaces (it retries them); `fail_fast` stops."""
 
     def __init__(self, path: str | None, fail_fast: bool, memory: bool):
-        self.file, self.fail_fast = SideFile(path, memory=memory), fail_fast
+        self.file, self.fail_fast = SideFile(path, memory=memory, kind="failures"), fail_fast
 
     def __call__(self, job, stage: str, reason: str) -> None:
         from datetime import datetime, timezone
@@ -316,7 +319,7 @@ class _Failures:
 
     def close(self) -> None:
         if self.file.count > WARN_FIRST:
-            log.warning("failed: and %d more (see %s)", self.file.count - WARN_FIRST, self.file.path or "summary.side")
+            log.warning("failed: and %d more (%s)", self.file.count - WARN_FIRST, self.file.where())
         self.file.close()
 
 
