@@ -13,7 +13,8 @@ if TYPE_CHECKING:
 FINGERPRINT_KEYS = ("model", "constitution", "templates", "seed", "params")
 # Run parameters added after records were first written, with the value that makes the same
 # records as before: a file written without one continues under that value.
-LATER_PARAMS = {"reasoning": "auto", "reasoning_tags": ",".join(thinking.DEFAULT_TAGS), "repairs": 0, "repair_from": "revision"}
+LATER_PARAMS = {"reasoning": "auto", "reasoning_tags": ",".join(thinking.DEFAULT_TAGS), "repairs": 0,
+                "repair_from": "revision", "filters": "on"}
 
 
 def run_fingerprint(model_name: str, constitution, templates, config: "RunConfig") -> dict:
@@ -22,7 +23,7 @@ def run_fingerprint(model_name: str, constitution, templates, config: "RunConfig
     params = {**config.params.to_dict(), "revisions": config.revisions, "sampling": config.sampling,
               "few_shot": config.few_shot}
     later = {"reasoning": config.reasoning, "reasoning_tags": ",".join(config.reasoning_tags),
-             "repairs": config.repairs, "repair_from": config.repair_from}
+             "repairs": config.repairs, "repair_from": config.repair_from, "filters": config.filters}
     params.update({k: v for k, v in later.items() if v != LATER_PARAMS[k]})   # the defaults change no record
     return dict(zip(FINGERPRINT_KEYS, (model_name, constitution.ref, templates.ref, config.seed, params), strict=True))
 

@@ -110,6 +110,14 @@ class CurationOptions:
             raise OptionError("clamp", f"need 0 ≤ LO ≤ HI ≤ 1 (got {self.clamp})")
         return bounds
 
+    def filters_described(self) -> str:
+        """What drops this run's pairs, as its records' provenance records it: "off", or "on"
+        with what differs from the default filters ("on+refusal, similarity 0.8")."""
+        if not self.filter:
+            return "off"
+        return ("on" + ("+refusal" if self.drop_refusals else "")
+                + (f", similarity {self.similarity:g}" if self.similarity != CurationOptions.similarity else ""))
+
     def judge_config(self, prefix: str | None = None):
         from cai.judging import JudgeConfig
 

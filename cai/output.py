@@ -7,7 +7,8 @@ import errno
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 from cai.errors import InputError, OutputError
@@ -47,11 +48,14 @@ class ExistingOutput:
     first: dict | None
     whole_bytes: int
     torn: bool
+    stale: list[tuple[str, int]] = field(default_factory=list)    # (id, line) of records `check` refused
 
 
-def scan_output(path: Path) -> ExistingOutput:
-    """Read an existing output without changing it. A broken line before the end is an error."""
+def scan_output(path: Path, check: Callable[[dict], bool] | None = None) -> ExistingOutput:
+    """Read an existing output without changing it. A broken line before the end is an error.
+    `check(record)` false: the record no longer fits its input (listed in `stale`)."""
     ids: set[str] = set()
+    stale: list[tuple[str, int]] = []
     first = None
     offset = 0
     try:
@@ -69,10 +73,12 @@ def scan_output(path: Path) -> ExistingOutput:
                 if fp.read().strip():
                     raise InputError(path, "not a whole cai record; cannot resume from this file",
                                      line=number) from None
-                return ExistingOutput(ids, first, offset, torn=True)
+                return ExistingOutput(ids, first, offset, torn=True, stale=stale)
+            if check is not None and not check(record):
+                stale.append((str(record["id"]), number))
             first = first or record
             offset += len(raw)
-    return ExistingOutput(ids, first, offset, torn=False)
+    return ExistingOutput(ids, first, offset, torn=False, stale=stale)
 
 
 def check_writable(target: str) -> None:

@@ -36,6 +36,7 @@ class RunConfig:
     repairs: int = 0               # more tries of a turn whose pair the filters would drop (needs `check`)
     repair_temperature: float = REPAIR_TEMPERATURE       # what a greedy run samples its repairs at
     repair_from: str = "revision"  # what a repair of a finished pair samples anew: the revision, or the critique too
+    filters: str = "on"            # what drops pairs ("on", "off", "on+refusal", …): the output's records depend on it
 
 
 TOO_LONG, REFUSED = "too long", "refused"      # why a prompt is left out before it starts

@@ -9,7 +9,7 @@ import cai
 from cai.backends.base import Completion
 from cai.conversations import Fields, item_from_row
 from cai.errors import InputError, OptionError
-from cai.reasoning import split
+from cai.reasoning import Split, split
 from scripted import ScriptedBackend, ScriptedStream
 
 CHAT = [{"role": "system", "content": "Be brief."},
@@ -110,7 +110,8 @@ class ThinkingBackend(ScriptedBackend):
         if any(p in text for p in self.cut) and turn == 0:
             return Completion("<think>Let me think about this for a long", "length", 1, 9)
         thought = f"step {turn}: plan the reply"
-        answer = done.text + (" <think>again</think>" if turn == 2 and any(p in text for p in self.leak) else "")
+        # a stray tag (a whole <think>…</think> block further on is reasoning, split off like the first)
+        answer = done.text + (" <think>again" if turn == 2 and any(p in text for p in self.leak) else "")
         if self.apart:
             return Completion(answer, "stop", 1, 9, reasoning=thought)
         return Completion(f"<think>\n{thought}\n</think>\n\n{answer}", "stop", 1, 9)
@@ -205,7 +206,10 @@ def test_split_reasoning():
     cut = split("<think>half a thought")
     assert cut.unfinished and cut.answer == "" and cut.reasoning == "half a thought"
     assert split("plain", "apart").reasoning == "apart" and split("plain").reasoning is None
-    assert split("text <think>x</think> more").answer == "text <think>x</think> more"    # a leak, for the filter
+    # a whole block further on is reasoning too (issue 31: "Critique: <think>…</think> The answer …")
+    assert split("text <think>x</think> more") == Split("text more", "x")
+    assert split("a <think>x</think> b <think>y</think>") == Split("a b", "x\n\ny")
+    assert split("text <think>stray").answer == "text <think>stray"     # a stray tag is a leak, for the filter
 
 
 # --- the CLI, end to end on the tiny model -------------------------------------------------
@@ -278,7 +282,7 @@ def test_defaults_change_no_record():
     an output written before them resumes."""
     from cai.pipeline import fingerprint_differences
 
-    records, _ = _gen(["Boil an egg"], ScriptedBackend())
+    records, _ = _gen(["Boil an egg"], ScriptedBackend(), filter=True, repairs=0)     # the filters as by default
     meta = records[0]["meta"]
     assert set(meta["params"]) == {"max_new_tokens", "temperature", "top_p", "revisions", "sampling", "few_shot"}
     assert "reasoning" not in meta and "reasoning" not in records[0]

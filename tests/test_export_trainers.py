@@ -65,7 +65,7 @@ def test_card_counts_equal_stats_and_the_folder_loads(made, tmp_path, trainer):
     report, _ = stats.collect(str(made))
     body = (folder / "README.md").read_text()
     for label, value in (("kept (in this dataset)", report["input"]["kept"]), ("dropped by the filters or the judge", 1),
-                         ("&nbsp;&nbsp;dropped: unchanged", 1), ("skipped (too long for the context, or invalid input)", 1),
+                         ("&nbsp;&nbsp;dropped: unchanged", 1), ("skipped (too long for the context, refused by the chat template, or invalid input)", 1),
                          ("total", report["input"]["total"])):
         assert f"| {label} | {value} |" in body, label
     loaded = load_dataset(str(folder))

@@ -68,6 +68,8 @@ def test_repairs_off_makes_todays_records():
     raw = cai.generate(PROMPTS, model=FlakyBackend(flaky={"Make tea"}), output=None, filter=False).records
     filters = Filters(FilterConfig(checks=DEFAULT_CHECKS, references=references_of(cai.load_constitution("harmless"))))
     before = [v.record for v in map(filters.apply, raw) if v.kept]
+    for record in before:           # the unfiltered run says so in its provenance; the filtered one does not
+        assert record["meta"]["params"].pop("filters") == "off"
     off = _gen(FlakyBackend(flaky={"Make tea"}), 0)
 
     def content(records):

@@ -374,3 +374,44 @@ def test_merge_refuses_records_of_two_shapes(tmp_path):
     with pytest.raises(InputError, match=r"chat.jsonl:1: a conversational record, but .*standard.jsonl:1 is standard"):
         merge(str(tmp_path / "m.jsonl"), [str(standard), str(chat)])
     assert not (tmp_path / "m.jsonl").exists()
+
+
+# --- issue 31: a resume that would mix two runs without a word ----------------------------------
+
+def test_a_resume_refuses_a_prompt_changed_under_its_own_id(tmp_path, caplog):
+    prompts = tmp_path / "p.jsonl"
+    rows = [{"id": f"q{i}", "prompt": PROMPTS[i]} for i in range(4)]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    run(prompts, str(out), options(ScriptedBackend(), limit=3))
+    before = out.read_bytes()
+    rows[1]["prompt"] = "A different question entirely?"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(OptionError, match=r"out.jsonl:2: the record of id 'q1' was made from another prompt than "
+                                          r".*p.jsonl now gives that id; use another output, overwrite"):
+        run(prompts, str(out), options(ScriptedBackend()))
+    assert out.read_bytes() == before
+    with caplog.at_level("WARNING", logger="cai"):
+        forced = run(prompts, str(out), options(ScriptedBackend(), force=True))
+    assert (forced.resumed, forced.kept) == (3, 1) and "kept as they are (force)" in caplog.text
+    # hashed ids cannot go stale: a changed text is a new id
+    plain = tmp_path / "plain.jsonl"
+    run(PROMPTS[:2], str(plain), options(ScriptedBackend()))
+    again = run([PROMPTS[0], "Something new?"], str(plain), options(ScriptedBackend()))
+    assert (again.resumed, again.kept, again.removed) == (1, 1, 1)
+
+
+def test_a_resume_without_the_filters_over_a_filtered_output_is_refused(tmp_path):
+    prompts = write_prompts(tmp_path)
+    out = tmp_path / "out.jsonl"
+    run(prompts, str(out), options(ScriptedBackend(unchanged={PROMPTS[1]}), filter=True, repairs=0, limit=4))
+    with pytest.raises(OptionError, match=r"holds records of a different run \(filters: 'on' → 'off'\)"):
+        run(prompts, str(out), options(ScriptedBackend(), filter=False))
+    with pytest.raises(OptionError, match=r"filters: 'on' → 'on\+refusal'"):
+        run(prompts, str(out), options(ScriptedBackend(), filter=True, repairs=0, drop_refusals=True))
+    resumed = run(prompts, str(out), options(ScriptedBackend(), filter=True, repairs=0))
+    assert (resumed.resumed, resumed.kept) == (4, 8)
+    assert all("filters" not in r["meta"]["params"] for r in read_jsonl(out)), "the default adds nothing"
+    unfiltered = tmp_path / "unfiltered.jsonl"
+    run(prompts, str(unfiltered), options(ScriptedBackend(), limit=2))
+    assert {r["meta"]["params"]["filters"] for r in read_jsonl(unfiltered)} == {"off"}

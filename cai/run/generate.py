@@ -74,7 +74,7 @@ def run(prompts: str | Iterable, output: str | None, options: GenerateOptions, *
         few_shot=options.few_shot, params=_sampling(options),     # the width is decided once the backend is open
         reasoning=options.reasoning, reasoning_tags=options.tags(),
         repairs=options.repairs if options.filter else 0,          # repairs answer to the filters
-        repair_from=options.repair_from)
+        repair_from=options.repair_from, filters=options.filters_described())
     selection = select(prompts, options, constitution, config, stdin)
     if options.format == "standard":
         conversation = next((item for item in selection.items if item.history), None)
@@ -107,7 +107,8 @@ def _run(selection, paths: _Paths, options: GenerateOptions, constitution, templ
     from cai.pipeline import TOO_LONG, Pipeline, run_fingerprint
 
     fingerprint = run_fingerprint(summary.model, constitution, templates, config)
-    done, append_at, drop_append_at = _existing(paths, options, fingerprint)
+    done, append_at, drop_append_at = _existing(paths, options, fingerprint, summary.source,
+                                                lambda: _prompt_check(selection, constitution, config))
     summary.resumed = sum(record_id in done for record_id in selection.ids)
     summary.removed = len(done - selection.all_ids)
     if summary.removed:
@@ -206,10 +207,41 @@ def _loop(pipeline, jobs, writer, curation, failures, fmt: str, summary: Summary
         summary.stop_exit = getattr(stop, "exit_code", 130)
 
 
-def _existing(paths: _Paths, options: GenerateOptions, fingerprint: dict) -> tuple[set[str], int | None, int | None]:
+def _prompt_check(selection, constitution, config):
+    """Whether a record of the output was made from the prompt its id names now: a prompt with
+    its own id (not the hash of its text) can change under that id between runs."""
+    from cai.pipeline import record_ids
+    from cai.records import conversation_of
+
+    named = {record_id: item for item in selection.items if item.id != item.content_id
+             for record_id in record_ids(constitution, config, item)}
+    if not named:
+        return None
+
+    def check(record: dict) -> bool:
+        item = named.get(str(record.get("id")))
+        if item is None:
+            return True
+        try:
+            _, history, prompt = conversation_of(record)
+        except (KeyError, TypeError, AttributeError):
+            return False
+        meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
+        earlier = [(m.get("role"), m.get("content")) for m in history]
+        same = (prompt == item.text or (meta.get("prompt_truncated") is True and isinstance(prompt, str)
+                                        and item.text.startswith(prompt)))
+        return same and earlier == [(m["role"], m["content"]) for m in item.history if m["role"] != "system"]
+
+    return check
+
+
+def _existing(paths: _Paths, options: GenerateOptions, fingerprint: dict, source: str = "the input",
+              prompt_check: Callable[[], Callable[[dict], bool] | None] | None = None
+              ) -> tuple[set[str], int | None, int | None]:
     """(ids already done, bytes of the output to keep, bytes of the filtered file to keep): an
     existing output is continued when it holds records of this same run, refused otherwise; the
-    ids of pairs the filters dropped (the filtered file) count as done too."""
+    ids of pairs the filters dropped (the filtered file) count as done too. A record made from
+    another prompt than its id names now (what `prompt_check()` returns says) is refused too."""
     from cai.pipeline import fingerprint_differences
 
     output = paths.output
@@ -223,7 +255,7 @@ def _existing(paths: _Paths, options: GenerateOptions, fingerprint: dict) -> tup
                and not options.overwrite else None)
     if options.overwrite or not out_path.exists() or not (out_path.stat().st_size or (dropped and dropped.ids)):
         return set(), None, None
-    existing = scan_output(out_path)
+    existing = scan_output(out_path, prompt_check() if prompt_check else None)
     # the run that wrote the file: its first record, else (every pair so far was dropped) its
     # first dropped pair, whose line carries the same fingerprint
     first = existing.first or (dropped.first if dropped else None)
@@ -233,6 +265,14 @@ def _existing(paths: _Paths, options: GenerateOptions, fingerprint: dict) -> tup
     if changed and not options.force:
         raise OptionError("output", f"{output} holds records of a different run ({'; '.join(changed)}); use "
                           "another output, `overwrite` to replace it, or `force` to append anyway")
+    if existing.stale:
+        (record_id, line), more = existing.stale[0], len(existing.stale) - 1
+        stale = (f"{output}:{line}: the record of id '{record_id}' was made from another prompt than {source} now "
+                 f"gives that id" + (f" (and {more} more such ids)" if more else ""))
+        if not options.force:
+            raise OptionError("output", f"{stale}; use another output, `overwrite` to remake every record, or "
+                              "`force` to keep the old records")
+        log.warning("%s; kept as they are (force)", stale)
     done = set(existing.ids) | (dropped.ids if dropped else set())
     log.info("resuming %s: %d records already there%s%s", output, len(existing.ids),
              f" and {len(dropped.ids)} dropped in {paths.filtered}" if dropped and dropped.ids else "",
