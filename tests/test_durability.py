@@ -236,6 +236,10 @@ def _nopad_model(kind: str):
             weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
         if kind == "no-config":
             (copy / "config.json").unlink()
+        if kind == "no-system":
+            (copy / "chat_template.jinja").write_text(
+                "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+                "{% for m in messages %}{{ m['content'] }}{% endfor %}")
         return str(copy)
     return make
 
@@ -296,6 +300,10 @@ BAD_INPUTS = [
     ("template-huge-range", EX, ["--templates", "@tpl:{% for i in range(10**9) %}x{% endfor %}"], "critique.jinja:1: cannot render: range() of 1,000,000,000 items"),
     ("concurrency-0", EX, ["--concurrency", "0"], "--concurrency: must be at least 1 (got 0)"),
     ("negative-grace", EX, ["--grace", "-1"], "--grace: must be 0 or more seconds"),
+    # issue 31 (runs)
+    ("template-refuses-every-conversation", EX, ["--model", "@no-system", "--force"],
+     "its chat template refuses the conversations this run makes (system, user, assistant, user, …): System role not supported"),
+    ("no-filter-over-a-filtered-output", EX, ["-o", "@other-run"], "filters: 'on' → 'off'"),
 ]
 
 
@@ -320,7 +328,7 @@ def test_bad_input_gives_one_line_exit_2_and_an_untouched_output(case, tiny_mode
                 arg = str(folder)
             elif key == "same":
                 arg = str(tmp_path / "same.jsonl")
-            elif key in ("no-config", "no-template", "pickle", "truncated"):
+            elif key in ("no-config", "no-template", "pickle", "truncated", "no-system"):
                 arg = _nopad_model(key)(tmp_path, tiny_model)
             elif key == "dir":
                 arg = str(tmp_path)
