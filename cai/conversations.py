@@ -202,8 +202,16 @@ def _string(name: str, number: int, field: str, value, empty: str) -> str:
 
 
 def _no_nul(name: str, number: int, field: str, value: str) -> None:
+    """Refuse text no model or file should get: a NUL byte, or a lone surrogate (JSON can escape
+    one, `\\ud800`; no UTF-8 holds it, so no record of it could be written)."""
     if "\x00" in value:
         raise InputError(name, "contains a NUL byte", line=number, field=field)
+    if (bad := _SURROGATE.search(value)) is not None:
+        raise InputError(name, f"contains a lone surrogate (\\u{ord(bad.group()):04x}), which is not text",
+                         line=number, field=field)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _kind(value) -> str:

@@ -127,10 +127,12 @@ class RecordWriter:
 
     def write(self, record: dict) -> None:
         try:
-            data = (json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+            text = json.dumps(record, ensure_ascii=False, allow_nan=False)
         except ValueError:          # NaN or infinity: not JSON, and other readers refuse the file
             raise OutputError(self.target, f"record {record.get('id')!r} holds NaN or infinity, which JSON cannot "
                               "hold; it was not written (a bug: please report it)") from None
+        # a lone surrogate that got past the inputs' and backends' checks is escaped, not fatal
+        data = (text + "\n").encode("utf-8", "backslashreplace")
         if not self._owned:
             self._fp.write(data)
             self.count += 1

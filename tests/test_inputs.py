@@ -304,3 +304,18 @@ def test_cut_off_zstd_is_an_error_not_a_short_read(tmp_path):
     path.write_bytes(compress(b"a prompt\n" * 1000)[:-4])
     with pytest.raises(InputError, match=r"p\.txt\.zst: not a valid zstd file \(it ends early"):
         read_prompts(str(path))
+
+
+def test_the_writer_never_writes_nan_and_escapes_a_lone_surrogate(tmp_path):
+    """No record line that JSON readers refuse: NaN is an error that writes nothing, a lone
+    surrogate (which UTF-8 cannot hold) is written as its JSON escape."""
+    from cai.errors import OutputError
+
+    out = tmp_path / "out.jsonl"
+    writer = RecordWriter(str(out))
+    writer.write({"id": "a", "text": "x\ud800y"})
+    with pytest.raises(OutputError, match="'b' holds NaN or infinity"):
+        writer.write({"id": "b", "judge": {"preference": float("nan")}})
+    writer.close()
+    assert out.read_bytes() == b'{"id": "a", "text": "x\\ud800y"}\n'
+    assert json.loads(out.read_text())["text"] == "x\ud800y"

@@ -135,3 +135,33 @@ def test_error_details():
     assert wire.error_detail(Response({"detail": "Unexpected fields"})) == "Unexpected fields"
     assert wire.error_detail(Response(None, "<html>Bad Gateway</html>")) == "<html>Bad Gateway</html>"
     assert len(wire.error_detail(Response(None, "x" * 1000))) == 200
+
+
+def test_lone_surrogates_in_a_reply_become_replacement_characters():
+    """Found trying issue 31's hostile servers: a reply holding `\\ud800` (valid JSON, no valid
+    UTF-8) made the conversation's next request fail to encode, so every prompt failed."""
+    import json
+
+    data = json.loads('{"choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", '
+                      '"content": "Sure \\ud800 thing \\udfff \\ud83d\\ude00", "reasoning_content": "hm \\udc00"}}]}')
+    completion = wire.parse_completion(data)
+    assert completion.text == "Sure \ufffd thing \ufffd \U0001F600" and completion.reasoning == "hm \ufffd"
+    completion.text.encode("utf-8")
+
+
+def test_a_server_that_sends_lone_surrogates_still_makes_every_record(tmp_path):
+    from typer.testing import CliRunner
+
+    from cai.cli import app
+    from conftest import ROOT, read_jsonl
+    from fault_proxy import FakeOpenAI, chat_reply
+
+    def respond(body, n):
+        return 200, chat_reply("Sure \ud800 thing" if n % 2 == 0 else "Better \udfff answer, with care.")
+
+    out = tmp_path / "s.jsonl"
+    with FakeOpenAI(respond, models=["fake"]) as url:
+        result = CliRunner().invoke(app, ["generate", str(ROOT / "examples" / "prompts.jsonl"), "--backend", "openai",
+                                          "--base-url", url, "--model", "fake", "-o", str(out), "-n", "2", "--no-filter"])
+    assert result.exit_code == 0, result.output
+    assert len(read_jsonl(out)) == 2 and "\ufffd" in out.read_text(encoding="utf-8")

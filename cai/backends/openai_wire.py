@@ -181,9 +181,19 @@ def parse_completion(data: dict) -> Completion:
     usage = data.get("usage") or {}
     if not isinstance(usage, dict):
         raise TypeError("unexpected field types")
-    return Completion(text=(text or "").strip(), finish_reason=finish_reason(choice.get("finish_reason")),
+    return Completion(text=_unicode((text or "").strip()), finish_reason=finish_reason(choice.get("finish_reason")),
                       prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                      completion_tokens=int(usage.get("completion_tokens") or 0), reasoning=reasoning)
+                      completion_tokens=int(usage.get("completion_tokens") or 0),
+                      reasoning=_unicode(reasoning) if reasoning is not None else None)
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def _unicode(text: str) -> str:
+    """`text` with lone surrogates (a JSON reply may escape them, `\\ud800`; no UTF-8 holds them)
+    as U+FFFD: kept, they fail the next request of the conversation and every record's write."""
+    return _SURROGATES.sub("\ufffd", text)
 
 
 def is_event_stream(headers) -> bool:
