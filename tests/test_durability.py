@@ -296,6 +296,12 @@ BAD_INPUTS = [
     ("template-huge-range", EX, ["--templates", "@tpl:{% for i in range(10**9) %}x{% endfor %}"], "critique.jinja:1: cannot render: range() of 1,000,000,000 items"),
     ("concurrency-0", EX, ["--concurrency", "0"], "--concurrency: must be at least 1 (got 0)"),
     ("negative-grace", EX, ["--grace", "-1"], "--grace: must be 0 or more seconds"),
+    # issue 31 (inputs)
+    ("infinite-weight", EX, ["-c", str(DATA / "bad" / "infinite-weight.yaml")], "infinite-weight.yaml:7:13: principles[0].weight: must be a finite number (got .inf)"),
+    ("nan-weight", EX, ["-c", str(DATA / "bad" / "nan-weight.yaml")], "nan-weight.yaml:7:13: principles[0].weight: must be a finite number (got .nan)"),
+    ("overflowing-weights", EX, ["-c", str(DATA / "bad" / "overflowing-weights.yaml")], "overflowing-weights.yaml:11:13: principles[1].weight: the weights add up to more than the largest number"),
+    ("deeply-nested-constitution", EX, ["-c", str(DATA / "bad" / "deep-nesting.yaml")], "deep-nesting.yaml:2:65: YAML nested too deeply"),
+    ("constitution-merge-key-not-a-mapping", EX, ["-c", str(DATA / "bad" / "merge-key-not-a-mapping.yaml")], "merge-key-not-a-mapping.yaml:8:5: principles[1].<<: a merge key (<<) takes a mapping"),
 ]
 
 
