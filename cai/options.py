@@ -200,7 +200,7 @@ class BackendSpec:
     backend: str = "hf"
     model: Any = None                # a name, a path or Hub id; or (Python API) a backend already open
     base_url: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
+    api_key_env: str | None = None   # the variable holding the key (None: OPENAI_API_KEY, if set)
     timeout: float = 120.0
     max_retries: int = 5
     concurrency: int = 16
@@ -224,6 +224,20 @@ class BackendSpec:
             raise OptionError("backend", "openai needs `base_url` URL and `model` NAME (the name the server serves)")
         if self.backend == "hf" and self.base_url:
             raise OptionError("base_url", "is for `backend` openai")
+        if self.backend == "openai":
+            from cai.backends.openai_wire import url_problem
+
+            problem = url_problem(self.base_url)
+            if problem:
+                raise OptionError("base_url", problem)
+        if self.backend == "openai" and self.api_key_env is not None:
+            # a variable the user named must hold the key: a typo must not send requests without one
+            if not self.api_key_env.strip():
+                raise OptionError("api_key_env", "must name an environment variable")
+            value = os.environ.get(self.api_key_env)
+            if value is None or not value.strip():
+                raise OptionError("api_key_env", f"the environment variable {self.api_key_env} is "
+                                                 f"{'not set' if value is None else 'empty'}")
         _at_least("max_retries", self.max_retries, 0)
         if self.timeout <= 0:
             raise OptionError("timeout", f"must be more than 0 (got {self.timeout:g})")

@@ -302,6 +302,8 @@ BAD_INPUTS = [
     ("overflowing-weights", EX, ["-c", str(DATA / "bad" / "overflowing-weights.yaml")], "overflowing-weights.yaml:11:13: principles[1].weight: the weights add up to more than the largest number"),
     ("deeply-nested-constitution", EX, ["-c", str(DATA / "bad" / "deep-nesting.yaml")], "deep-nesting.yaml:2:65: YAML nested too deeply"),
     ("constitution-merge-key-not-a-mapping", EX, ["-c", str(DATA / "bad" / "merge-key-not-a-mapping.yaml")], "merge-key-not-a-mapping.yaml:8:5: principles[1].<<: a merge key (<<) takes a mapping"),
+    ("api-key-env-unset", EX, ["--backend", "openai", "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--api-key-env", "CAI_TEST_UNSET_KEY_31"], "--api-key-env: the environment variable CAI_TEST_UNSET_KEY_31 is not set"),
+    ("base-url-not-a-url-password-hidden", EX, ["--backend", "openai", "--base-url", "http://user:s3cret@", "--model", "m"], "--base-url: 'http://***@' is not an http(s) URL"),
 ]
 
 
