@@ -26,11 +26,11 @@ from typing import Any, Union
 from cai.backends.hf import DEVICES, DTYPES
 from cai.constitution import SAMPLING_MODES, Constitution
 from cai.errors import OptionError
+from cai.inputs import INPUT_FORMATS
 from cai.reasoning import MODES as REASONING_MODES
 from cai.records import FORMATS
 
 BACKENDS = ("hf", "openai")
-INPUT_FORMATS = ("jsonl", "csv", "tsv", "text", "parquet", "arrow")
 
 
 # ---- types, from the annotations -------------------------------------------------------------
@@ -302,6 +302,7 @@ class GenerateOptions(BackendSpec, CurationOptions):
 
     constitution: str | Constitution = "harmless"    # a name, a path, or a Constitution
     templates: str = "default"
+    input_format: str | None = None             # the prompts' format, where their name does not say it
     prompt_field: str = "prompt"
     response_field: str | None = None
     regenerate: bool = False
@@ -345,6 +346,7 @@ class GenerateOptions(BackendSpec, CurationOptions):
         _choice("sampling", self.sampling, SAMPLING_MODES)
         _choice("format", self.format, FORMATS)
         _choice("reasoning", self.reasoning, REASONING_MODES)
+        _choice("input_format", self.input_format, INPUT_FORMATS)
         self.tags()
         if self.regenerate and self.response_field:
             raise OptionError("regenerate", "contradicts `response_field` (a given response to revise); pick one")
