@@ -60,16 +60,19 @@ def _conform(value, hint):
             return None
         raise _Mismatch
     if hint is bool:
-        if isinstance(value, bool) or type(value).__name__ == "bool_":      # numpy's too
+        if _is_bool(value):
             return bool(value)
         raise _Mismatch
     if hint is int:
-        if isinstance(value, numbers.Integral) and not isinstance(value, bool) and type(value).__name__ != "bool_":
+        if isinstance(value, numbers.Integral) and not _is_bool(value):
             return int(value)
         raise _Mismatch
     if hint is float:
-        if isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_":
-            number = float(value)
+        if isinstance(value, numbers.Real) and not _is_bool(value):
+            try:
+                number = float(value)
+            except OverflowError:           # an integer past the largest float
+                raise _Mismatch from None
             if not math.isnan(number):
                 return number
         raise _Mismatch
@@ -102,6 +105,12 @@ def _conform(value, hint):
             return value
         raise _Mismatch
     return value                                    # an annotation this does not know: not checked
+
+
+def _is_bool(value) -> bool:
+    """A bool, numpy's included (never taken for a number, nor a number for one)."""
+    kind = type(value)
+    return isinstance(value, bool) or (kind.__module__ == "numpy" and kind.__name__ in ("bool_", "bool"))
 
 
 def _describe(hint) -> str:
