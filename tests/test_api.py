@@ -99,7 +99,7 @@ def test_typed_errors_name_the_option():
     ({"clamp": [0.4, "x"]}, "clamp", "expected a string, a pair of numbers or None"),
     ({"concurrency": 2.0}, "concurrency", "expected an integer, got float 2.0"),
     ({"timeout": True}, "timeout", "expected a number, got bool True"),
-    ({"api_key_env": 3}, "api_key_env", "expected a string, got int 3"),
+    ({"api_key_env": 3}, "api_key_env", "expected a string or None, got int 3"),
     ({"templates": ["default"]}, "templates", "expected a string, got list"),
     ({"device": None}, "device", "expected a string, got NoneType None"),
 ])
