@@ -8,11 +8,25 @@ like the long flags (`max_new_tokens=8`, `filter=False` for `--no-filter`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
 
-def generate(prompts: str | Iterable[str | dict], output: str | None = None, *, model: str | None = None,
+def _checked(function):
+    """Check the arguments of an entry point against its annotations, as the options' own types
+    are checked (cai.options.check_arguments): a wrong type is an OptionError naming it."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        from cai.options import check_arguments
+
+        args, kwargs = check_arguments(function, args, kwargs)
+        return function(*args, **kwargs)
+    return wrapper
+
+
+@_checked
+def generate(prompts: str | Iterable[str | dict], output: str | None = None, *, model: Any = None,
              constitution: Any = "harmless", progress: Callable | None = None, stop: Callable[[], bool] | None = None,
              **options: Any):
     """Make (rejected, chosen) pairs from `prompts` (a path, or an iterable of prompt strings or
@@ -28,7 +42,8 @@ def generate(prompts: str | Iterable[str | dict], output: str | None = None, *, 
     return run(prompts, output, opts, progress=progress, stop=stop)
 
 
-def judge(pairs: str | list[dict], output: str | None = None, *, model: str | None = None, **options: Any):
+@_checked
+def judge(pairs: str | Iterable[dict], output: str | None = None, *, model: Any = None, **options: Any):
     """Label finished pairs with the judge's preference (`cai judge`); `output=None` returns them
     as `summary.records`."""
     from cai.options import JudgeOptions, build
@@ -37,6 +52,7 @@ def judge(pairs: str | list[dict], output: str | None = None, *, model: str | No
     return run(pairs, output, build(JudgeOptions, {"model": model, **options}))
 
 
+@_checked
 def merge(output: str, inputs: list[str], *, overwrite: bool = False, on_conflict: str = "error", lock: bool = True):
     """Combine output files of one run into `output` (`cai merge`)."""
     from cai.run.merge import merge as merge_files
@@ -46,11 +62,14 @@ def merge(output: str, inputs: list[str], *, overwrite: bool = False, on_conflic
 
 def export(pairs: str, output: str, **options: Any):
     """Write pairs in another shape or file type (`cai export`)."""
+    from cai.options import check_arguments
     from cai.run.export import export as export_pairs
 
-    return export_pairs(pairs, output, **options)
+    args, kwargs = check_arguments(export_pairs, (pairs, output), options)
+    return export_pairs(*args, **kwargs)
 
 
+@_checked
 def compare(a: str | Iterable, b: str | None = None, *, constitution: Any = None, templates: Any = None,
             output: str | None = None, model: Any = None, show: int = 3, **options: Any) -> dict:
     """Compare two runs (`cai compare`): two output files `a` and `b`; or, with two constitutions
@@ -74,6 +93,7 @@ def compare(a: str | Iterable, b: str | None = None, *, constitution: Any = None
     return compare_runs(a, opts, constitutions or ["harmless"], template_sets or ["default"], output, show=show)
 
 
+@_checked
 def load_constitution(spec: str):
     """A constitution by shipped name or path, validated (ConstitutionError names file:line)."""
     from cai.constitution import load_constitution as load

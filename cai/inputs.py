@@ -23,12 +23,16 @@ from cai.messages import PromptItem, prompt_id
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t"}
+# `input_format`: what a file's suffix would say, for stdin and for files whose name says nothing
+FORMAT_SUFFIXES = {"jsonl": ".jsonl", "csv": ".csv", "tsv": ".tsv", "text": ".txt"}
+FILE_FORMATS = ("parquet", "arrow")           # read by cai.tables, from a file only
+INPUT_FORMATS = (*FORMAT_SUFFIXES, *FILE_FORMATS)
 Entry = PromptItem | InputError
 
 
 def read_prompts(source: str, prompt_field: str = "prompt", stdin: IO[bytes] | None = None,
                  invalid: list[InputError] | None = None, fields: Fields | None = None,
-                 split: str | None = None) -> list[PromptItem]:
+                 split: str | None = None, input_format: str | None = None) -> list[PromptItem]:
     """Every prompt of `source` (a path, '-' for stdin, or a dataset id), validated in full before
     any model work starts, so a bad line 90,000 fails now rather than hours into a run. With an
     `invalid` list, bad lines are collected there and skipped instead of raised.
@@ -39,6 +43,9 @@ def read_prompts(source: str, prompt_field: str = "prompt", stdin: IO[bytes] | N
     else text. Compressed data without a compression suffix (stdin) is recognised by its first
     bytes. `.parquet`, `.arrow`/`.feather`, a folder saved by `datasets` and a Hub dataset id
     (`owner/name`) are read row by row (see cai.tables); `split` picks a split of those.
+    `input_format` (one of INPUT_FORMATS) says the format instead, for stdin or a file whose name
+    does not tell it. Plain text has no fields: a `prompt` or `response` field other than the
+    default is an OptionError there, not ignored.
 
     Each prompt's `index` is its place among the prompt lines (table rows) of the whole input,
     invalid ones included and blank ones not, so skipping a line never moves a later prompt's.
@@ -50,7 +57,7 @@ def read_prompts(source: str, prompt_field: str = "prompt", stdin: IO[bytes] | N
     seen: dict[str, int] = {}           # id → line it was first seen on
     suffix: dict[str, int] = {}         # a repeated prompt's id → the next `-n` to try
     with ExitStack() as stack:
-        name, entries = _entries(source, name, fields, stdin, split, stack)
+        name, entries = _entries(source, name, fields, stdin, split, stack, input_format)
         try:
             for index, entry in enumerate(entries):
                 item = entry
@@ -82,17 +89,28 @@ def read_prompts(source: str, prompt_field: str = "prompt", stdin: IO[bytes] | N
 
 
 def _entries(source: str, name: str, fields: Fields, stdin: IO[bytes] | None, split: str | None,
-             stack: ExitStack) -> tuple[str, Iterator[Entry]]:
+             stack: ExitStack, input_format: str | None = None) -> tuple[str, Iterator[Entry]]:
     """(the input's name in messages, its entries): opened now, so a missing file fails here,
     and read as they are iterated."""
+    if input_format is not None and input_format not in INPUT_FORMATS:
+        raise OptionError("input_format", f"unknown value '{input_format}'; choose from {', '.join(INPUT_FORMATS)}")
+    if source == "-" and input_format in FILE_FORMATS:
+        raise OptionError("input_format", f"{input_format} is read from a file, not from stdin")
     if source != "-":
         from cai import tables
 
-        kind = tables.kind_of(source)
+        path = Path(source)
+        if input_format is None:
+            kind = tables.kind_of(source)
+        elif path.is_dir():
+            raise OptionError("input_format", f"is for a prompts file or stdin; {source} is a folder")
+        elif not path.exists():
+            raise InputError(source, "no such file")
+        else:
+            kind = input_format if input_format in FILE_FORMATS else None
         if kind:
             shown, rows = tables.rows(source, kind, fields, split, stack)
             return shown, _row_entries(shown, rows, fields)
-        path = Path(source)
         if path.is_dir():
             raise InputError(source, "is a directory, not a prompts file")
     if split is not None:
@@ -109,6 +127,9 @@ def _entries(source: str, name: str, fields: Fields, stdin: IO[bytes] | None, sp
         except OSError as exc:
             raise InputError(source, f"cannot read: {exc.strerror}") from None
         suffix_kind, fmt = _suffixes(source)
+    told = "suffix" if fmt else None
+    if input_format is not None:
+        fmt, told = FORMAT_SUFFIXES[input_format], "input_format"
     stream, _ = open_stream(fp, name, kind=suffix_kind)
     lines = _physical_lines(stream)
     if fmt in TABLE_SUFFIXES:
@@ -117,7 +138,21 @@ def _entries(source: str, name: str, fields: Fields, stdin: IO[bytes] | None, sp
     jsonl = fmt in JSONL_SUFFIXES
     if fmt is None:
         jsonl, decoded = _sniff_jsonl(decoded)
-    return name, _line_entries(name, decoded, fields, jsonl)
+    refuse = None if jsonl else _fields_on_text(name, fields, told)
+    return name, _line_entries(name, decoded, fields, jsonl, refuse)
+
+
+def _fields_on_text(name: str, fields: Fields, told: str | None) -> OptionError | None:
+    """The error of a field option given for plain text (which has no fields), or None. It is
+    raised at the first prompt line, so an empty input is still 'no prompts found'."""
+    option = "prompt_field" if fields.prompt != "prompt" else "response_field" if fields.response else None
+    if option is None:
+        return None
+    how = {"input_format": "as `input_format` text says", "suffix": "by its suffix",
+           None: "its first line does not start with '{'"}[told]
+    hint = "" if told == "input_format" else "; if it is JSONL, CSV or TSV, say so with `input_format`"
+    return OptionError(option, f"does not apply to {name}: it is read as plain text, one prompt a line, "
+                               f"with no fields ({how}){hint}")
 
 
 def _suffixes(source: str) -> tuple[str | None, str | None]:
@@ -166,9 +201,12 @@ def _sniff_jsonl(lines: Iterator[tuple[int, str | None]]) -> tuple[bool, Iterato
 
 
 def _line_entries(name: str, lines: Iterable[tuple[int, str | None]], fields: Fields,
-                  jsonl: bool) -> Iterator[Entry]:
-    """A PromptItem or the InputError of each non-blank line, in order."""
+                  jsonl: bool, refuse: OptionError | None = None) -> Iterator[Entry]:
+    """A PromptItem or the InputError of each non-blank line, in order; `refuse` is raised at
+    the first line that holds anything."""
     for number, text in lines:
+        if refuse is not None and (text is None or text.strip()):
+            raise refuse
         if text is None:
             yield InputError(name, "not valid UTF-8 text", line=number)
             continue

@@ -1,21 +1,194 @@
 """Options of a run as typed objects, one field per command-line flag (its long name in snake
 case: `--max-new-tokens` is `max_new_tokens`, `--no-filter` is `filter=False`). The CLI and the
 Python API fill the same objects; `check()` validates every value before any input is read and
-raises OptionError naming the option."""
+raises OptionError naming the option.
+
+Types are checked first, once for every field, from the fields' annotations (`check_types`): a
+Python caller's `max_new_tokens="8"` is an OptionError naming the option and the type expected,
+never a TypeError from deep inside a run. Nothing is coerced that could hide a mistake (no
+numeric strings, no bools for numbers); what is harmless is normalised (a path-like object for a
+string, an integer for a float, numpy scalars, a list for a tuple). The Python API's own
+arguments go through the same rules (`check_arguments`)."""
 
 from __future__ import annotations
 
+import functools
+import inspect
+import math
+import numbers
 import os
+import types
+import typing
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Union
 
 from cai.backends.hf import DEVICES, DTYPES
-from cai.constitution import SAMPLING_MODES
+from cai.constitution import SAMPLING_MODES, Constitution
 from cai.errors import OptionError
+from cai.inputs import INPUT_FORMATS
 from cai.reasoning import MODES as REASONING_MODES
 from cai.records import FORMATS
 
 BACKENDS = ("hf", "openai")
+
+
+# ---- types, from the annotations -------------------------------------------------------------
+
+class _Mismatch(Exception):
+    pass
+
+
+def _conform(value, hint):
+    """`value` as `hint` takes it (normalised: see the module's docstring); _Mismatch if it is not one."""
+    if hint is Any:
+        return value
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _conform(value, arg)
+            except _Mismatch:
+                pass
+        raise _Mismatch
+    if hint is type(None):
+        if value is None:
+            return None
+        raise _Mismatch
+    if hint is bool:
+        if _is_bool(value):
+            return bool(value)
+        raise _Mismatch
+    if hint is int:
+        if isinstance(value, numbers.Integral) and not _is_bool(value):
+            return int(value)
+        raise _Mismatch
+    if hint is float:
+        if isinstance(value, numbers.Real) and not _is_bool(value):
+            try:
+                number = float(value)
+            except OverflowError:           # an integer past the largest float
+                raise _Mismatch from None
+            if not math.isnan(number):
+                return number
+        raise _Mismatch
+    if hint is str:
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    if origin is tuple or origin is list:
+        if not isinstance(value, (tuple, list)):
+            raise _Mismatch
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):
+                raise _Mismatch
+            return tuple(_conform(v, a) for v, a in zip(value, args))
+        items = [_conform(v, args[0]) for v in value] if args else list(value)
+        return tuple(items) if origin is tuple else items
+    if origin is dict or hint is dict:
+        if isinstance(value, dict):
+            return value
+        raise _Mismatch
+    if origin is not None and origin in (Iterable, Callable) or hint in (Iterable, Callable):
+        base = origin or hint
+        if (callable(value) if base is Callable else isinstance(value, Iterable)):
+            return value
+        raise _Mismatch
+    if isinstance(hint, type):
+        if isinstance(value, hint):
+            return value
+        raise _Mismatch
+    return value                                    # an annotation this does not know: not checked
+
+
+def _is_bool(value) -> bool:
+    """A bool, numpy's included (never taken for a number, nor a number for one)."""
+    kind = type(value)
+    return isinstance(value, bool) or (kind.__module__ == "numpy" and kind.__name__ in ("bool_", "bool"))
+
+
+def _describe(hint) -> str:
+    """What `hint` asks for, in words: 'an integer', 'a string or None'."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        words = [_describe(a) for a in args if a is not type(None)] + (["None"] if type(None) in args else [])
+        return ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else words[0]
+    if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+        kinds = {_describe(a) for a in args}
+        return f"a pair of {_plural(kinds.pop())}" if len(args) == 2 and len(kinds) == 1 else f"a tuple of {len(args)}"
+    if origin in (tuple, list):
+        return f"a list of {_plural(_describe(args[0]))}" if args else "a list"
+    names = {bool: "True or False", int: "an integer", float: "a number", str: "a string", dict: "a dict",
+             Iterable: "an iterable", Callable: "a function"}
+    if (origin or hint) in names:
+        return names[origin or hint]
+    return f"a {getattr(hint, '__name__', str(hint))}"
+
+
+def _plural(words: str) -> str:
+    plain = words.split(" ", 1)[1] if words.startswith(("a ", "an ")) else words
+    return {"True or False": "booleans"}.get(words, plain + "s")
+
+
+def _got(value) -> str:
+    shown = repr(value)
+    shown = shown if len(shown) <= 40 else shown[:39] + "…"
+    return f"{type(value).__name__} {shown}"
+
+
+def conform(name: str, value, hint):
+    """`value` of the option `name`, checked against the annotation `hint` and normalised; an
+    OptionError naming the option and the type it takes if it is not one."""
+    try:
+        return _conform(value, hint)
+    except _Mismatch:
+        if isinstance(value, float) and math.isnan(value):
+            raise OptionError(name, f"expected {_describe(hint)}, got NaN (not a number)") from None
+        raise OptionError(name, f"expected {_describe(hint)}, got {_got(value)}") from None
+
+
+@functools.cache
+def _hints(owner) -> dict[str, Any]:
+    return typing.get_type_hints(owner)
+
+
+def check_types(options) -> None:
+    """Every field of an options dataclass against its annotation, normalised in place."""
+    hints = _hints(type(options))
+    for f in fields(options):
+        value = getattr(options, f.name)
+        normal = conform(f.name, value, hints[f.name])
+        if normal is not value:
+            setattr(options, f.name, normal)
+
+
+def check_arguments(function, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The arguments of a call to `function` (a Python API entry point), each checked against
+    its annotation as `check_types` checks options; an unknown keyword is an OptionError with a
+    did-you-mean. `**options` are left to the options dataclass they fill."""
+    import difflib
+
+    signature = inspect.signature(function)
+    params = signature.parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        for name in kwargs:
+            if name not in params:
+                close = difflib.get_close_matches(name, list(params), n=1)
+                raise OptionError(name, "unknown option" + (f"; did you mean `{close[0]}`?" if close else ""))
+    bound = signature.bind(*args, **kwargs)
+    hints = _hints(function)
+    for name, value in bound.arguments.items():
+        if params[name].kind in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL):
+            continue
+        if name in hints and not (value is None and params[name].default is None):
+            bound.arguments[name] = conform(name, value, hints[name])
+    return bound.args, bound.kwargs
 
 
 def _at_least(name: str, value, low) -> None:
@@ -36,7 +209,7 @@ class BackendSpec:
     backend: str = "hf"
     model: Any = None                # a name, a path or Hub id; or (Python API) a backend already open
     base_url: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
+    api_key_env: str | None = None   # the variable holding the key (None: OPENAI_API_KEY, if set)
     timeout: float = 120.0
     max_retries: int = 5
     concurrency: int = 16
@@ -48,6 +221,7 @@ class BackendSpec:
     trust_remote_code: bool = False
 
     def check(self) -> None:
+        check_types(self)
         _choice("backend", self.backend, BACKENDS)
         if isinstance(self.model, os.PathLike):
             self.model = os.fspath(self.model)
@@ -59,6 +233,20 @@ class BackendSpec:
             raise OptionError("backend", "openai needs `base_url` URL and `model` NAME (the name the server serves)")
         if self.backend == "hf" and self.base_url:
             raise OptionError("base_url", "is for `backend` openai")
+        if self.backend == "openai":
+            from cai.backends.openai_wire import url_problem
+
+            problem = url_problem(self.base_url)
+            if problem:
+                raise OptionError("base_url", problem)
+        if self.backend == "openai" and self.api_key_env is not None:
+            # a variable the user named must hold the key: a typo must not send requests without one
+            if not self.api_key_env.strip():
+                raise OptionError("api_key_env", "must name an environment variable")
+            value = os.environ.get(self.api_key_env)
+            if value is None or not value.strip():
+                raise OptionError("api_key_env", f"the environment variable {self.api_key_env} is "
+                                                 f"{'not set' if value is None else 'empty'}")
         _at_least("max_retries", self.max_retries, 0)
         if self.timeout <= 0:
             raise OptionError("timeout", f"must be more than 0 (got {self.timeout:g})")
@@ -129,8 +317,9 @@ class CurationOptions:
 class GenerateOptions(BackendSpec, CurationOptions):
     """Every option of `cai generate` (see its --help, or the README's table)."""
 
-    constitution: Any = "harmless"              # a name, a path, or a Constitution
+    constitution: str | Constitution = "harmless"    # a name, a path, or a Constitution
     templates: str = "default"
+    input_format: str | None = None             # the prompts' format, where their name does not say it
     prompt_field: str = "prompt"
     response_field: str | None = None
     regenerate: bool = False
@@ -160,6 +349,7 @@ class GenerateOptions(BackendSpec, CurationOptions):
     lock: bool = True
 
     def check(self) -> None:
+        check_types(self)
         if self.resume and self.overwrite:
             raise OptionError("resume", "contradicts `overwrite`; pick one")
         for name in ("revisions", "batch_size", "max_new_tokens", "limit"):
@@ -173,6 +363,7 @@ class GenerateOptions(BackendSpec, CurationOptions):
         _choice("sampling", self.sampling, SAMPLING_MODES)
         _choice("format", self.format, FORMATS)
         _choice("reasoning", self.reasoning, REASONING_MODES)
+        _choice("input_format", self.input_format, INPUT_FORMATS)
         self.tags()
         if self.regenerate and self.response_field:
             raise OptionError("regenerate", "contradicts `response_field` (a given response to revise); pick one")
@@ -235,7 +426,7 @@ class JudgeOptions(BackendSpec, CurationOptions):
     """Every option of `cai judge`."""
 
     judge: bool = True
-    constitution: Any = None
+    constitution: str | Constitution | None = None
     templates: str = "default"
     prefix: str = "The answer is: ("
     batch_size: int = 8
@@ -243,6 +434,7 @@ class JudgeOptions(BackendSpec, CurationOptions):
     lock: bool = True
 
     def check(self) -> None:
+        check_types(self)
         _at_least("batch_size", self.batch_size, 1)
         BackendSpec.check(self)
         CurationOptions.check(self, True)

@@ -230,8 +230,9 @@ class FakeOpenAI:
     event per item, then `data: [DONE]`); or DROP, to close the connection unanswered.
     `models` is what `GET /models` answers: a list of ids (a 200 listing them), or an HTTP
     status (404, 405, 401, …) to answer with instead; `models_respond(n)` overrides it with
-    (status, payload) or DROP. `bodies` holds the POST bodies, `gets` counts the GETs, and
-    `max_in_flight` is the most POSTs it held at once."""
+    (status, payload) or DROP. `bodies` holds the POST bodies, `gets` counts the GETs,
+    `max_in_flight` is the most POSTs it held at once, and `requests` is (method, path with its
+    query, Authorization header or None) of every request, in order of arrival."""
 
     def __init__(self, respond, models: list[str] | int = 404, models_respond=None):
         import json as _json
@@ -240,6 +241,7 @@ class FakeOpenAI:
         self.respond, self.bodies = respond, []
         self.models, self.models_respond = models, models_respond
         self.gets = 0
+        self.requests: list[tuple[str, str, str | None]] = []
         self.in_flight = self.max_in_flight = 0
         self._lock = threading.Lock()
         fake = self
@@ -247,6 +249,7 @@ class FakeOpenAI:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
                 with fake._lock:
+                    fake.requests.append(("GET", self.path, self.headers.get("authorization")))
                     n = fake.gets
                     fake.gets += 1
                 if fake.models_respond is not None:
@@ -259,6 +262,7 @@ class FakeOpenAI:
             def do_POST(self):
                 body = _json.loads(self.rfile.read(int(self.headers["content-length"])))
                 with fake._lock:
+                    fake.requests.append(("POST", self.path, self.headers.get("authorization")))
                     n = len(fake.bodies)
                     fake.bodies.append(body)
                     fake.in_flight += 1

@@ -80,3 +80,85 @@ def test_typed_errors_name_the_option():
         cai.generate(["hi"], device="tpu")
     assert caught.value.option == "device" and caught.value.flag().startswith("--device: unknown value 'tpu'")
     assert str(caught.value).startswith("device: unknown value")
+
+
+# ---- issue 31: wrong types from Python are OptionErrors naming the option ----
+
+@pytest.mark.parametrize("options, option, expected", [
+    ({"max_new_tokens": "8"}, "max_new_tokens", "expected an integer, got str '8'"),
+    ({"temperature": "hot"}, "temperature", "expected a number, got str 'hot'"),
+    ({"temperature": float("nan")}, "temperature", "expected a number, got NaN"),
+    ({"constitution": 5}, "constitution", "expected a string or a Constitution, got int 5"),
+    ({"max_new_tokens": True}, "max_new_tokens", "expected an integer, got bool True"),
+    ({"seed": 1.5}, "seed", "expected an integer, got float 1.5"),
+    ({"filter": "no"}, "filter", "expected True or False, got str 'no'"),
+    ({"few_shot": 1}, "few_shot", "expected True or False, got int 1"),
+    ({"limit": "3"}, "limit", "expected an integer or None, got str '3'"),
+    ({"similarity": None}, "similarity", "expected a number, got NoneType None"),
+    ({"shard": 3}, "shard", "expected a string, a pair of integers or None, got int 3"),
+    ({"clamp": [0.4, "x"]}, "clamp", "expected a string, a pair of numbers or None"),
+    ({"concurrency": 2.0}, "concurrency", "expected an integer, got float 2.0"),
+    ({"timeout": True}, "timeout", "expected a number, got bool True"),
+    ({"api_key_env": 3}, "api_key_env", "expected a string or None, got int 3"),
+    ({"templates": ["default"]}, "templates", "expected a string, got list"),
+    ({"device": None}, "device", "expected a string, got NoneType None"),
+])
+def test_wrong_types_are_option_errors_naming_the_option_and_the_type(options, option, expected, tmp_path):
+    with pytest.raises(cai.OptionError) as caught:
+        cai.generate(["hi"], model=str(tmp_path / "no-model-needed"), **options)
+    assert caught.value.option == option, str(caught.value)
+    assert caught.value.detail.startswith(expected), str(caught.value)
+    assert caught.value.flag().startswith(f"--{option.replace('_', '-')}: expected ")
+
+
+def test_every_option_field_has_its_type_checked():
+    """A value of no field's type (a set) is refused for every option of every options class."""
+    from dataclasses import fields
+
+    from cai.options import GenerateOptions, JudgeOptions, PreviewOptions
+
+    for cls in (GenerateOptions, JudgeOptions, PreviewOptions):
+        for field in fields(cls):
+            if field.name == "model":
+                continue                # a backend already open is any object with `stream`
+            options = cls(**{field.name: {object()}})
+            with pytest.raises(cai.OptionError) as caught:
+                options.check()
+            assert caught.value.option == field.name and "expected " in caught.value.detail, (cls, field.name)
+
+
+def test_the_api_entry_points_check_their_own_arguments(tmp_path):
+    calls = [
+        (lambda: cai.generate(123), "prompts", "expected a string or an iterable, got int 123"),
+        (lambda: cai.generate(["x"], output=5), "output", "expected a string or None, got int 5"),
+        (lambda: cai.generate(["x"], progress=3), "progress", "expected a function or None"),
+        (lambda: cai.judge(5), "pairs", "expected a string or an iterable, got int 5"),
+        (lambda: cai.judge([1]), "pairs", "item 1: expected a record dict, got int"),
+        (lambda: cai.judge([{"prompt": "p"}], batch_size="8"), "batch_size", "expected an integer, got str '8'"),
+        (lambda: cai.merge("o.jsonl", "a.jsonl"), "inputs", "expected a list of strings, got str 'a.jsonl'"),
+        (lambda: cai.merge("o.jsonl", ["a.jsonl"], overwrite="yes"), "overwrite", "expected True or False"),
+        (lambda: cai.export("p.jsonl", "o.jsonl", test_size="0.1"), "test_size", "expected a number or None"),
+        (lambda: cai.export("p.jsonl", "o.jsonl", formt="chat"), "formt", "unknown option; did you mean `format`?"),
+        (lambda: cai.compare("a.jsonl", "b.jsonl", show="3"), "show", "expected an integer, got str '3'"),
+        (lambda: cai.load_constitution(5), "spec", "expected a string, got int 5"),
+    ]
+    for call, option, expected in calls:
+        with pytest.raises(cai.OptionError) as caught:
+            call()
+        assert caught.value.option == option and caught.value.detail.startswith(expected), str(caught.value)
+
+
+def test_harmless_types_are_normalised_not_refused(tiny_model, tmp_path):
+    """Paths for strings, integers for floats, a list for a tuple: taken as they are meant."""
+    from pathlib import Path
+
+    from cai.options import GenerateOptions
+
+    options = GenerateOptions(model=Path(tiny_model), templates=Path(ROOT / "prompts" / "default"), temperature=0,
+                              failures=tmp_path / "f.jsonl", shard=[1, 2], max_new_tokens=4)
+    options.check()
+    assert options.templates == str(ROOT / "prompts" / "default") and options.temperature == 0.0
+    assert isinstance(options.temperature, float) and options.shard == (1, 2) and options.failures == str(tmp_path / "f.jsonl")
+    summary = cai.generate(Path(ROOT / "examples" / "prompts.jsonl"), model=Path(tiny_model), limit=1, max_new_tokens=4,
+                           temperature=0, filter=False)
+    assert summary.kept == 1

@@ -284,3 +284,37 @@ def test_pairs_dropped_with_output_to_stdout_are_named_on_stderr(tiny_model):
     assert all(line.endswith("truncated") or "truncated" in line for line in named)
     assert (f"{len(named)} dropped pairs are listed nowhere: the output is stdout; a filtered file "
             "(--filtered FILE) keeps them") in stderr
+
+
+# ---- issue 31: --input-format, and field options plain text cannot have ----
+
+def test_input_format_says_what_stdin_holds_for_generate_preview_and_compare(tiny_model, tmp_path):
+    table = "prompt,id\nHello there,1\nWrite a poem,2\n"
+    out = tmp_path / "pairs.jsonl"
+    result = run("generate", "-", "--input-format", "csv", "--model", tiny_model, "-o", out, "--max-new-tokens", "4",
+                 input=table)
+    assert result.exit_code == 0, result.output
+    assert sorted((r["id"], r["prompt"]) for r in read_jsonl(out)) == [("1", "Hello there"), ("2", "Write a poem")]
+    # without it the header is a prompt, as before; a field option on that text is refused, not ignored
+    text = run("generate", "-", "--prompt-field", "question", "--model", tiny_model, "-o", tmp_path / "t.jsonl",
+               input=table)
+    assert text.exit_code == 2 and "Traceback" not in text.output and not (tmp_path / "t.jsonl").exists()
+    assert text.stderr.strip().splitlines() == [
+        "error: --prompt-field: does not apply to <stdin>: it is read as plain text, one prompt a line, with no "
+        "fields (its first line does not start with '{'); if it is JSONL, CSV or TSV, say so with --input-format"]
+    shown = run("preview", "-", "--input-format", "csv", "-n", "2", "--model", tiny_model, "--json",
+                "--max-new-tokens", "2", input=table)
+    assert shown.exit_code == 0, shown.output
+    assert [json.loads(line)["id"] for line in shown.stdout.splitlines()] == ["1", "2"]
+    refused = run("preview", "Hello there", "--input-format", "csv", "--model", tiny_model)
+    assert refused.exit_code == 2
+    assert refused.stderr.strip() == "error: --input-format: is for a prompts file or stdin, not a prompt given as the argument"
+    # compare runs generate's runs, its options borrowed: --input-format included
+    odd = tmp_path / "prompts.data"
+    odd.write_text(table)
+    compared = run("compare", odd, "-c", "harmless", "-c", "minimal", "-o", tmp_path / "runs", "--input-format", "csv",
+                   "--model", tiny_model, "--max-new-tokens", "2", "--no-filter", "--json", "-q")
+    assert compared.exit_code == 0, compared.output
+    runs = sorted((tmp_path / "runs").glob("*.jsonl"))
+    assert runs and all(sorted(r["id"] for r in read_jsonl(p)) == ["1", "2"] for p in runs
+                        if not p.name.endswith((".filtered.jsonl", ".skipped.jsonl", ".failures.jsonl")))

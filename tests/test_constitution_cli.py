@@ -147,3 +147,44 @@ def test_init_writes_a_starter_that_validates(tmp_path):
     assert again.exit_code == 2 and "--force" in again.stderr
     assert run("constitution", "init", target, "--force").exit_code == 0
     assert run("constitution", "init", "-").stdout == text
+
+
+# ---- issue 31: hostile YAML and merge keys through the commands ----
+
+@pytest.mark.parametrize("text", ["[" * 5000 + "]" * 5000, "{a: " * 5000 + "1" + "}" * 5000,
+                                  "name: t\nprinciples:\n" + "".join("  " * i + f"- k{i}:\n" for i in range(1, 120))],
+                         ids=["lists", "mappings", "block"])
+def test_deep_nesting_is_one_line_from_validate_show_and_generate(tmp_path, text):
+    path = tmp_path / "deep.yaml"
+    path.write_text(text)
+    for args in (("constitution", "validate", path), ("constitution", "show", path),
+                 ("generate", ROOT / "examples" / "prompts.jsonl", "-c", path, "--model", "./no-model-needed")):
+        result = run(*args)
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output and result.stdout == ""
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {path}:"), result.stderr
+        assert "YAML nested too deeply" in lines[0]
+
+
+def test_a_constitution_with_merge_keys_validates_shows_and_drives_generate(tiny_model, tmp_path):
+    path = tmp_path / "merged.yaml"
+    path.write_text("name: merged\nprinciples:\n"
+                    "  - &base\n    id: kind\n    critique: Is the answer unkind?\n    revision: Rewrite it kindly.\n"
+                    "    tags: [tone]\n"
+                    "  - <<: *base\n    id: brief\n    critique: Is it too long?\n"
+                    "  - <<: *base\n    id: plain\n    revision: Rewrite it plainly.\n    weight: 2\n")
+    result = run("constitution", "validate", path)
+    assert result.exit_code == 0 and "3 principles" in result.stderr, result.output
+    shown = json.loads(run("constitution", "show", path, "--json").stdout)
+    assert [(p["id"], p["critique"], p["revision"], p["tags"], p["weight"]) for p in shown["principles"]] == [
+        ("kind", "Is the answer unkind?", "Rewrite it kindly.", ["tone"], 1.0),
+        ("brief", "Is it too long?", "Rewrite it kindly.", ["tone"], 1.0),
+        ("plain", "Is the answer unkind?", "Rewrite it plainly.", ["tone"], 2.0)]
+    out = tmp_path / "pairs.jsonl"
+    result = run("generate", ROOT / "examples" / "prompts.jsonl", "--model", tiny_model, "-c", path, "-o", out,
+                 "--limit", "1", "--sampling", "all", "--max-new-tokens", "4")
+    assert result.exit_code == 0, result.output
+    records = read_jsonl(out)
+    assert sorted(r["principle"] for r in records) == ["brief", "kind", "plain"]
+    assert all(r["meta"]["constitution"] == load_constitution(str(path)).ref for r in records)

@@ -306,6 +306,20 @@ BAD_INPUTS = [
     ("no-filter-over-a-filtered-output", EX, ["-o", "@other-run"], "filters: 'on' → 'off'"),
     ("lone-surrogate-in-jsonl", _write("p.jsonl", '{"prompt": "a\\ud800b"}\n'), [],
      "p.jsonl:1: prompt: contains a lone surrogate (\\ud800), which is not text"),
+    # issue 31 (inputs)
+    ("infinite-weight", EX, ["-c", str(DATA / "bad" / "infinite-weight.yaml")], "infinite-weight.yaml:7:13: principles[0].weight: must be a finite number (got .inf)"),
+    ("nan-weight", EX, ["-c", str(DATA / "bad" / "nan-weight.yaml")], "nan-weight.yaml:7:13: principles[0].weight: must be a finite number (got .nan)"),
+    ("overflowing-weights", EX, ["-c", str(DATA / "bad" / "overflowing-weights.yaml")], "overflowing-weights.yaml:11:13: principles[1].weight: the weights add up to more than the largest number"),
+    ("deeply-nested-constitution", EX, ["-c", str(DATA / "bad" / "deep-nesting.yaml")], "deep-nesting.yaml:2:65: YAML nested too deeply"),
+    ("constitution-merge-key-not-a-mapping", EX, ["-c", str(DATA / "bad" / "merge-key-not-a-mapping.yaml")], "merge-key-not-a-mapping.yaml:8:5: principles[1].<<: a merge key (<<) takes a mapping"),
+    ("api-key-env-unset", EX, ["--backend", "openai", "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--api-key-env", "CAI_TEST_UNSET_KEY_31"], "--api-key-env: the environment variable CAI_TEST_UNSET_KEY_31 is not set"),
+    ("base-url-not-a-url-password-hidden", EX, ["--backend", "openai", "--base-url", "http://user:s3cret@", "--model", "m"], "--base-url: 'http://***@' is not an http(s) URL"),
+    ("prompt-field-on-text", _write("p.txt", "one\ntwo\n"), ["--prompt-field", "question"], "--prompt-field: does not apply to"),
+    ("response-field-on-text", _write("p.txt", "one\n"), ["--response-field", "answer"], "--response-field: does not apply to"),
+    ("prompt-field-on-input-format-text", _write("p.jsonl", '{"q": "a"}\n'), ["--input-format", "text", "--prompt-field", "q"], "--prompt-field: does not apply to"),
+    ("input-format-unknown", EX, ["--input-format", "xml"], "--input-format: unknown value 'xml'; choose from jsonl, csv, tsv, text, parquet, arrow"),
+    ("input-format-parquet-on-stdin", "-", ["--input-format", "parquet"], "--input-format: parquet is read from a file, not from stdin"),
+    ("input-format-csv-missing-column", _write("p.data", "text\nhello\n"), ["--input-format", "csv"], "p.data:1: prompt: missing (columns present: text"),
 ]
 
 

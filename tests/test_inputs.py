@@ -319,3 +319,78 @@ def test_the_writer_never_writes_nan_and_escapes_a_lone_surrogate(tmp_path):
     writer.close()
     assert out.read_bytes() == b'{"id": "a", "text": "x\\ud800y"}\n'
     assert json.loads(out.read_text())["text"] == "x\ud800y"
+
+
+# ---- issue 31: --input-format, and field options on plain text ----
+
+def test_input_format_reads_stdin_and_unhelpfully_named_files_as_it_says(tmp_path):
+    from cai.conversations import Fields
+
+    table = b"prompt,id\nHello there,1\nWrite a poem,2\n"
+    # without it, CSV on stdin is text: its header becomes a prompt
+    assert [i.text for i in read_prompts("-", stdin=io.BytesIO(table))][0] == "prompt,id"
+    items = read_prompts("-", stdin=io.BytesIO(table), input_format="csv")
+    assert [(i.id, i.text, i.line) for i in items] == [("1", "Hello there", 2), ("2", "Write a poem", 3)]
+    tsv = read_prompts("-", stdin=io.BytesIO(gzip.compress(b"q\tid\nA\t1\n")), input_format="tsv", fields=Fields(prompt="q"))
+    assert [(i.id, i.text) for i in tsv] == [("1", "A")]
+    odd = tmp_path / "prompts.data"
+    odd.write_bytes(b'  {"prompt": "x"}\nnot json\n')
+    with pytest.raises(InputError, match=r"prompts.data:2: invalid JSON"):
+        read_prompts(str(odd), input_format="jsonl")
+    odd.write_bytes(b'{"prompt": "x"}\n')
+    assert [i.text for i in read_prompts(str(odd), input_format="text")] == ['{"prompt": "x"}']
+    named = tmp_path / "p.txt"
+    named.write_bytes(table)
+    assert [i.text for i in read_prompts(str(named), input_format="csv")] == ["Hello there", "Write a poem"]
+
+
+@pytest.mark.parametrize("source, fmt, message", [
+    ("-", "parquet", "input_format: parquet is read from a file, not from stdin"),
+    ("-", "xml", "input_format: unknown value 'xml'; choose from jsonl, csv, tsv, text, parquet, arrow"),
+    ("@dir", "csv", "input_format: is for a prompts file or stdin; "),
+])
+def test_input_format_that_cannot_apply_is_an_option_error(tmp_path, source, fmt, message):
+    from cai.errors import OptionError
+
+    source = str(tmp_path) if source == "@dir" else source
+    with pytest.raises(OptionError) as caught:
+        read_prompts(source, stdin=io.BytesIO(b"a\n"), input_format=fmt)
+    assert str(caught.value).startswith(message)
+
+
+@pytest.mark.parametrize("fields, how, option", [
+    ({"prompt": "question"}, None, "prompt_field"),
+    ({"response": "answer"}, None, "response_field"),
+    ({"prompt": "question"}, "text", "prompt_field"),
+])
+def test_field_options_on_plain_text_are_an_error_not_ignored(tmp_path, fields, how, option):
+    from cai.conversations import Fields
+    from cai.errors import OptionError
+
+    path = tmp_path / "p.txt"
+    path.write_text("one\ntwo\n")
+    for source, stdin in ((str(path), None), ("-", io.BytesIO(b"one\ntwo\n"))):
+        with pytest.raises(OptionError) as caught:
+            read_prompts(source, stdin=stdin, fields=Fields(**fields), input_format=how)
+        assert caught.value.option == option and "read as plain text, one prompt a line" in str(caught.value)
+    # the defaults are no field option; JSONL and CSV take them
+    assert [i.text for i in read_prompts(str(path))] == ["one", "two"]
+    csv_path = tmp_path / "p.csv"
+    csv_path.write_text("question,answer\nq1,a1\n")
+    assert [i.text for i in read_prompts(str(csv_path), fields=Fields(prompt="question", response="answer"))] == ["q1"]
+    # an empty text file is still "no prompts found"
+    empty = tmp_path / "e.txt"
+    empty.write_text("\n")
+    with pytest.raises(InputError, match="no prompts found"):
+        read_prompts(str(empty), fields=Fields(**fields))
+
+
+def test_input_format_parquet_for_a_file_named_otherwise(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "rows.bin"
+    pq.write_table(pa.table({"prompt": ["a b", "c d"]}), path)
+    assert [i.text for i in read_prompts(str(path), input_format="parquet")] == ["a b", "c d"]
+    with pytest.raises(InputError, match="nope.bin: no such file"):
+        read_prompts(str(tmp_path / "nope.bin"), input_format="parquet")

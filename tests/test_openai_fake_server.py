@@ -250,3 +250,82 @@ def test_cai_generate_stops_when_the_server_goes_away(tmp_path):
     assert f"{url}: every request failed (3 in a row): RemoteProtocolError" in text
     assert "stopping (is the server up?)" in text
     assert len(fake.bodies) == 3                  # not all 8 prompts: none after the third
+
+
+# ---- issue 31: the base URL's query and user info, and --api-key-env ----
+
+def _generate(url: str, tmp_path, *extra, env: dict | None = None):
+    from typer.testing import CliRunner
+
+    from cai.cli import app
+    from conftest import ROOT, plumbing
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    out = tmp_path / "pairs.jsonl"
+    result = CliRunner().invoke(app, plumbing([
+        "generate", ROOT / "examples" / "prompts.jsonl", "--backend", "openai", "--base-url", url, "--model", "fake",
+        "-o", out, "--limit", "1", "--max-new-tokens", "4", "--max-retries", "0", *extra]),
+        env={"OPENAI_API_KEY": None, **(env or {})})
+    return result, out
+
+
+def test_a_query_in_the_base_url_is_kept_on_every_request_after_the_path(tmp_path):
+    """Azure-style roots (`…/v1?api-version=1`): the path joins the URL's path, the query stays."""
+    fake = FakeOpenAI(lambda body, n: OK, models=404)          # no listing: the check asks for a token too
+    with fake as url:
+        result, out = _generate(url + "?api-version=2024-06-01", tmp_path)
+        with backend(url + "/chat/completions?api-version=2024-06-01") as b:
+            b.generate([conversation()], GREEDY)
+    assert result.exit_code == 0, result.output
+    assert out.read_text().count("\n") == 1
+    paths = [path for _, path, _ in fake.requests]
+    assert paths[:2] == ["/v1/models?api-version=2024-06-01", "/v1/chat/completions?api-version=2024-06-01"]
+    assert len(paths) >= 5 and set(paths[1:]) - {"/v1/models?api-version=2024-06-01"} == {
+        "/v1/chat/completions?api-version=2024-06-01"}
+
+
+def test_user_info_in_the_base_url_is_sent_as_basic_auth_and_never_shown(tmp_path):
+    import base64
+
+    fake = FakeOpenAI(lambda body, n: OK, models=["fake"])
+    with fake as url:
+        secret_url = url.replace("http://", "http://alice:s3cr%40t@")
+        result, out = _generate(secret_url, tmp_path)
+        with backend(secret_url) as b:
+            b.generate([conversation()], GREEDY)
+    assert result.exit_code == 0, result.output
+    basic = "Basic " + base64.b64encode(b"alice:s3cr@t").decode()
+    assert fake.requests and all(auth == basic for _, _, auth in fake.requests)
+    assert all(path.startswith("/v1/") for _, path, _ in fake.requests)
+    assert b.root == url.replace("http://", "http://***@") and "s3cr" not in b.url
+    assert f"remote model fake at {url.replace('http://', 'http://***@')}/chat/completions" in result.stderr
+    for text in (result.output, out.read_text(), repr(b.endpoint)):
+        assert "s3cr" not in text and "alice" not in text
+    # a server that cannot be reached, and a URL that is not one, are named without the password
+    for bad in (refused_url().replace("http://", "http://alice:s3cr%40t@"), "http://alice:s3cret@"):
+        result, _ = _generate(bad, tmp_path / "x")
+        assert result.exit_code in (1, 2) and "Traceback" not in result.output, result.output
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "***@" in errors[0] and "s3cr" not in result.output and "alice" not in result.output
+
+
+@pytest.mark.parametrize("value, said", [(None, "is not set"), ("  ", "is empty")])
+def test_an_api_key_variable_that_is_named_but_unset_is_one_line_before_any_request(tmp_path, value, said):
+    fake = FakeOpenAI(lambda body, n: OK, models=["fake"])
+    with fake as url:
+        result, out = _generate(url, tmp_path, "--api-key-env", "CAI_TEST_KEY_31", env={"CAI_TEST_KEY_31": value})
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip() == f"error: --api-key-env: the environment variable CAI_TEST_KEY_31 {said}"
+        assert fake.requests == [] and not out.exists()
+        # named and set: sent; not named: OPENAI_API_KEY when set, else no key, as before
+        result, _ = _generate(url, tmp_path / "a", "--api-key-env", "CAI_TEST_KEY_31", env={"CAI_TEST_KEY_31": "k31"})
+        assert result.exit_code == 0, result.output
+        assert {auth for _, _, auth in fake.requests} == {"Bearer k31"}
+        fake.requests.clear()
+        result, _ = _generate(url, tmp_path / "b")
+        assert result.exit_code == 0, result.output
+        assert {auth for _, _, auth in fake.requests} == {None}
+    with pytest.raises(OptionError, match="api_key_env: the environment variable CAI_TEST_KEY_31 is not set"):
+        from cai.options import BackendSpec
+
+        BackendSpec(backend="openai", base_url=url, model="fake", api_key_env="CAI_TEST_KEY_31").check()

@@ -29,7 +29,10 @@ the server's chat template for `enable_thinking` through `chat_template_kwargs`;
 template takes it cannot be seen from here (`thinking_switch` is None).
 
 The API key is read from an environment variable and only ever put in the Authorization
-header: it is scrubbed from every error message this module produces and never logged."""
+header: it is scrubbed from every error message this module produces and never logged. User
+info in the base URL (`http://user:password@host/v1`) is sent as HTTP basic auth (which then
+takes the Authorization header, as httpx did with such a URL) and shown as `***` wherever the
+URL is; a query string in it (`?api-version=…`) is kept on every request."""
 
 from __future__ import annotations
 
@@ -79,8 +82,9 @@ class OpenAIBackend:
         self.context_length: int | None = None
         self.thinking_switch: bool | None = None      # the server's chat template is out of sight
         self.thinking: bool | None = None
-        self.root = wire.api_root(base_url)
-        self.url = wire.chat_url(base_url)
+        self.endpoint = wire.endpoint(base_url)
+        self.root = self.endpoint.shown()                       # messages: user info as ***, no query
+        self.url = self.endpoint.url("/chat/completions")       # requests: no user info (see `auth`)
         self.timeout = float(timeout)
         self.concurrency = int(concurrency)
         self.policy = RetryPolicy(max_retries, backoff, rng=random.Random())
@@ -94,7 +98,7 @@ class OpenAIBackend:
 
         async def make_client():
             return httpx.AsyncClient(
-                timeout=httpx.Timeout(self.timeout),
+                timeout=httpx.Timeout(self.timeout), auth=self.endpoint.auth,
                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
                 headers={"User-Agent": "cai"},
             )
@@ -106,7 +110,7 @@ class OpenAIBackend:
             except BaseException:
                 self.close()
                 raise
-        log.info("remote model %s at %s", model, self.url)
+        log.info("remote model %s at %s", model, self.endpoint.shown("/chat/completions"))
 
     @property
     def max_retries(self) -> int:
@@ -254,7 +258,11 @@ class OpenAIBackend:
     # ---- one request ----
 
     def _scrub(self, text: str) -> str:
-        return text.replace(self._api_key, "***") if self._api_key else text
+        """`text` without the API key or the URL's password, should either come back in it."""
+        for secret in (self._api_key, self.endpoint.password):
+            if secret:
+                text = text.replace(secret, "***")
+        return text
 
     def _body(self, conversation: list[dict[str, str]], params: SamplingParams, seed: int | None) -> dict:
         return wire.chat_body(self.model_name, conversation, params, seed, self.thinking)
@@ -274,7 +282,7 @@ class OpenAIBackend:
             response = await asyncio.wait_for(
                 self._client.post(self.url, json=body, headers=self._headers), self.timeout)
         except (asyncio.TimeoutError, httpx.RequestError, httpx.InvalidURL) as exc:
-            raise from_transport_error(exc, self.timeout, self.url) from None
+            raise from_transport_error(exc, self.timeout, self.endpoint.shown("/chat/completions")) from None
         status = response.status_code
         if not 200 <= status < 300:
             raise from_status(status, response.headers, lambda: wire.error_detail(response))
@@ -311,7 +319,7 @@ class OpenAIBackend:
         try:
             return parse(await asyncio.wait_for(read(), self.timeout))
         except (asyncio.TimeoutError, httpx.RequestError, httpx.InvalidURL) as exc:
-            raise from_transport_error(exc, self.timeout, self.url) from None
+            raise from_transport_error(exc, self.timeout, self.endpoint.shown("/chat/completions")) from None
         except wire.NoText as exc:
             raise Retryable(str(exc)) from None
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:

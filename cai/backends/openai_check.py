@@ -37,7 +37,7 @@ async def _request(backend: OpenAIBackend, method: str, url: str, body: dict | N
                 backend._client.request(method, url, json=body, headers=backend._headers, timeout=timeout),
                 timeout + 1)
         except (asyncio.TimeoutError, httpx.RequestError, httpx.InvalidURL) as exc:
-            failure = from_transport_error(exc, timeout, url)
+            failure = from_transport_error(exc, timeout, backend.root)
             if isinstance(failure, Fatal):
                 raise BackendError(backend._scrub(failure.reason)) from None
             if isinstance(exc, httpx.ConnectTimeout):
@@ -62,7 +62,7 @@ async def preflight(backend: OpenAIBackend, timeout: float, retries: int) -> Non
     """Raises BackendError unless the server at `backend.root` answers and serves `backend.model_name`."""
     model, root = backend.model_name, backend.root
     try:
-        listing = await _request(backend, "GET", root + "/models", None, timeout, retries)
+        listing = await _request(backend, "GET", backend.endpoint.url("/models"), None, timeout, retries)
     except _Timeout:
         raise BackendError(f"{root}: the server took the connection but did not answer GET /models "
                            f"within {timeout:g}s (is it overloaded or stuck?)") from None

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from urllib.parse import urlsplit
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from cai.backends.base import ChoiceScores, Completion, SamplingParams
 from cai.errors import UsageError
@@ -36,28 +37,91 @@ class NoText(ValueError):
     reasoning either. The attempt is retried like a 5xx."""
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the API is, as what the user gave splits it: `root` (scheme, host, port and path:
+    what requests are made under), `query` (kept on every request: Azure-style endpoints take
+    `?api-version=…`), and the user info of `http://user:password@host/…`, which is never put in
+    a URL or a message: it goes as HTTP basic auth (`auth`), as httpx sends it from a URL."""
+
+    root: str
+    query: str = ""
+    username: str | None = field(default=None, repr=False)
+    password: str | None = field(default=None, repr=False)
+
+    def url(self, path: str = "") -> str:
+        """The URL of `path` under the root (`/chat/completions`), the query kept."""
+        return self.root + path + (f"?{self.query}" if self.query else "")
+
+    def shown(self, path: str = "") -> str:
+        """The URL of `path` as messages and logs show it: the user info as `***`, no query (it
+        may carry a key)."""
+        if self.username is None and self.password is None:
+            return self.root + path
+        scheme, rest = self.root.split("://", 1)
+        return f"{scheme}://***@{rest}{path}"
+
+    @property
+    def auth(self) -> tuple[str, str] | None:
+        if self.username is None and self.password is None:
+            return None
+        return self.username or "", self.password or ""
+
+
+def redact(url: str) -> str:
+    """`url` with its user info (`user:password@`) as `***@`, for messages."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return re.sub(r"//[^/?#]*@", "//***@", url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
+def url_problem(base_url: str) -> str | None:
+    """Why `base_url` cannot be an API root ("'…' is not an http(s) URL …"), or None."""
+    try:
+        parts = urlsplit(base_url.strip())
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:                  # an unclosed IPv6 bracket
+        ok = False
+    return None if ok else f"'{redact(base_url)}' is not an http(s) URL such as http://127.0.0.1:8000/v1"
+
+
+def endpoint(base_url: str) -> Endpoint:
+    """The Endpoint of what the user gave: a bare `http://host:8000` gets `/v1`, and a full
+    `.../chat/completions` URL is cut back to its root; a query string is kept apart, for every
+    request, and user info apart too (see Endpoint)."""
+    problem = url_problem(base_url)
+    if problem:
+        raise UsageError(f"base URL {problem}")
+    parts = urlsplit(base_url.strip())
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    path = parts.path.rstrip("/")
+    if path.endswith("/chat/completions"):
+        path = path[:-len("/chat/completions")]
+    elif not path:
+        path = "/v1"
+    username = unquote(parts.username) if parts.username is not None else None
+    password = unquote(parts.password) if parts.password is not None else None
+    return Endpoint(f"{parts.scheme}://{netloc}{path}", parts.query, username, password)
+
+
 def api_root(base_url: str) -> str:
     """The API root (`http://host:8000/v1`) of what the user gave: a bare `http://host:8000` gets
-    `/v1`, and a full `.../chat/completions` URL is cut back to its root."""
-    url = base_url.strip().rstrip("/")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise UsageError(f"base URL '{base_url}' is not an http(s) URL such as http://127.0.0.1:8000/v1")
-    if url.endswith("/chat/completions"):
-        return url[:-len("/chat/completions")]
-    if parts.path in ("", "/"):
-        url += "/v1"
-    return url
+    `/v1`, and a full `.../chat/completions` URL is cut back to its root (no query, no user info)."""
+    return endpoint(base_url).root
 
 
 def chat_url(base_url: str) -> str:
     """`base_url` is what OpenAI clients call it (`http://host:8000/v1`); a bare `http://host:8000`
-    gets `/v1`, and a full `.../chat/completions` URL is used as it is."""
-    return api_root(base_url) + "/chat/completions"
+    gets `/v1`, and a full `.../chat/completions` URL is used as it is (its query kept)."""
+    return endpoint(base_url).url("/chat/completions")
 
 
 def models_url(base_url: str) -> str:
-    return api_root(base_url) + "/models"
+    return endpoint(base_url).url("/models")
 
 
 def one_line(text, limit: int = 200) -> str:

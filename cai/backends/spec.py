@@ -7,6 +7,8 @@ import os
 
 from cai.options import BackendSpec
 
+DEFAULT_KEY_ENV = "OPENAI_API_KEY"      # read when set; a variable the user names must be set
+
 
 def is_open_backend(model) -> bool:
     """Whether `model` is a backend already open (the Python API's `model=`) rather than a name
@@ -28,11 +30,12 @@ def resolve(spec: BackendSpec) -> tuple[str, str]:
 
 def open_backend(spec: BackendSpec, resolved: tuple[str, str] | None = None):
     """The backend `spec` names, loaded (a local model) or connected and checked (a server)."""
+    spec.check()
     source, model_name = resolved or resolve(spec)
     if spec.backend == "openai":
         from cai.backends.openai import OpenAIBackend
 
-        return OpenAIBackend(source, model_name, api_key_env=spec.api_key_env, timeout=spec.timeout,
+        return OpenAIBackend(source, model_name, api_key_env=spec.api_key_env or DEFAULT_KEY_ENV, timeout=spec.timeout,
                              max_retries=spec.max_retries, concurrency=spec.concurrency)
     from cai.backends.hf import HFBackend, HFOptions
 

@@ -23,6 +23,7 @@ def generate(
     output: Annotated[str, typer.Option("--output", "-o", help="Where records go: a .jsonl file, or - for stdout.")] = "-",
     constitution: Annotated[str, typer.Option("--constitution", "-c", help="A shipped constitution by name (see `cai constitution list`) or a path to a YAML file.")] = "harmless",
     templates: Annotated[str, typer.Option("--templates", help="Prompt templates: a shipped set by name or a folder of .jinja files.")] = "default",
+    input_format: Annotated[Optional[str], typer.Option("--input-format", metavar="jsonl|csv|tsv|text|parquet|arrow", help="The prompts' format, for stdin or a file whose name does not say it (default: told by the suffix, else JSONL when the first line starts with '{', else text).", show_default=False)] = None,
     prompt_field: Annotated[str, typer.Option("--prompt-field", help="Field (or column) that holds the prompt: a string, a chat transcript (a messages list, ShareGPT conversations, or hh-rlhf 'Human: … Assistant: …' text), or a dotted path into nested fields. Without a 'prompt' field, 'messages' or 'conversations' is used.")] = "prompt",
     response_field: Annotated[Optional[str], typer.Option("--response-field", help="Field holding an existing answer to revise: only critique and revision run (a conversation ending with an assistant turn is taken the same way).", show_default=False)] = None,
     regenerate: Annotated[bool, typer.Option("--regenerate", help="Drop a conversation's final assistant turn and have the model answer anew.")] = False,
@@ -78,8 +79,8 @@ def generate(
 
     setup_logging(quiet)
     options = GenerateOptions(
-        **asdict(spec), constitution=constitution, templates=templates, prompt_field=prompt_field,
-        response_field=response_field, regenerate=regenerate, split=split, reasoning=reasoning,
+        **asdict(spec), constitution=constitution, templates=templates, input_format=input_format,
+        prompt_field=prompt_field, response_field=response_field, regenerate=regenerate, split=split, reasoning=reasoning,
         reasoning_tags=reasoning_tags, revisions=revisions,
         sampling=sampling, seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature,
         top_p=top_p, few_shot=few_shot, limit=limit, resume=resume, overwrite=overwrite, force=force,

@@ -14,7 +14,7 @@ BACKEND_OPTIONS = [
     ("model", Annotated[Optional[str], typer.Option("--model", "-m", help="Model: a local folder, a .gguf file or a Hub id. Default: the embedded SmolLM2-135M-Instruct.", show_default=False)], None),
     ("backend", Annotated[str, typer.Option("--backend", metavar="hf|openai", help="hf: a local transformers model; openai: an OpenAI-compatible server (vLLM, SGLang, TGI, transformers serve) at --base-url.")], "hf"),
     ("base_url", Annotated[Optional[str], typer.Option("--base-url", help="With --backend openai: the server's API root, e.g. http://127.0.0.1:8000/v1.", show_default=False)], None),
-    ("api_key_env", Annotated[str, typer.Option("--api-key-env", help="With --backend openai: the environment variable holding the API key (never printed or recorded).")], "OPENAI_API_KEY"),
+    ("api_key_env", Annotated[Optional[str], typer.Option("--api-key-env", metavar="NAME", help="With --backend openai: the environment variable holding the API key (never printed or recorded); a variable named here must be set. [default: OPENAI_API_KEY, when set]", show_default=False)], None),
     ("concurrency", Annotated[int, typer.Option("--concurrency", help="With --backend openai: requests in flight at once (what --batch-size is for a local model).")], 16),
     ("timeout", Annotated[float, typer.Option("--timeout", help="With --backend openai: seconds before a request is given up and retried.")], 120.0),
     ("max_retries", Annotated[int, typer.Option("--max-retries", help="With --backend openai: retries of a failed request (connection errors, timeouts, 429, 5xx, replies without text).")], 5),

@@ -127,6 +127,7 @@ def preview(
     all_: Annotated[bool, typer.Option("--all", help="One conversation per principle of the constitution.")] = False,
     constitution: Annotated[str, typer.Option("--constitution", "-c", help="A shipped constitution by name or a path to a YAML file.")] = "harmless",
     templates: Annotated[str, typer.Option("--templates", help="Prompt templates: a shipped set by name or a folder of .jinja files.")] = "default",
+    input_format: Annotated[Optional[str], typer.Option("--input-format", metavar="jsonl|csv|tsv|text|parquet|arrow", help="The prompts file's format, for stdin or a file whose name does not say it.", show_default=False)] = None,
     prompt_field: Annotated[str, typer.Option("--prompt-field", help="Field (or column) of a prompts file that holds the prompt.")] = "prompt",
     revisions: Annotated[Optional[int], typer.Option("--revisions", "-r", help="Critique → revise rounds. Default: the constitution's (1).", show_default=False)] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Token limit of each generated turn.")] = 256,
@@ -154,8 +155,8 @@ def preview(
     started = process_started()
     setup_logging(quiet=True)
     options = PreviewOptions(
-        **asdict(spec), constitution=constitution, templates=templates, prompt_field=prompt_field,
-        revisions=revisions, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+        **asdict(spec), constitution=constitution, templates=templates, input_format=input_format,
+        prompt_field=prompt_field, revisions=revisions, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
         few_shot=few_shot, reasoning=reasoning, drop_refusals=drop_refusals, judge=judge, limit=limit,
         principle=tuple(principle or ()), all=all_)
     watcher = JsonLines(started) if as_json else LivePanels()

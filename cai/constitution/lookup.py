@@ -7,7 +7,7 @@ import difflib
 from pathlib import Path
 
 from cai.constitution.model import Constitution
-from cai.constitution.validate import parse_constitution
+from cai.constitution.validate import MAX_BYTES, TOO_LARGE, parse_constitution
 from cai.errors import ConstitutionError
 from cai.shipped import data_dir
 
@@ -47,7 +47,10 @@ def resolve_constitution_path(spec: str) -> Path:
 def load_constitution(spec: str) -> Constitution:
     path = resolve_constitution_path(spec)
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as fp:
+            raw = fp.read(MAX_BYTES + 1)        # no more: a huge file is refused, not read whole
     except OSError as exc:
         raise ConstitutionError(spec, f"cannot read: {exc.strerror}") from None
+    if len(raw) > MAX_BYTES:
+        raise ConstitutionError(str(path), TOO_LARGE)
     return parse_constitution(raw, str(path))

@@ -1,10 +1,20 @@
 """Parsing and validating constitution YAML: every problem found, each with file:line:column
-and the field's path, against the field specs of schema.py."""
+and the field's path, against the field specs of schema.py.
+
+Hostile YAML is refused with one line rather than a traceback or a hang: a file over MAX_BYTES,
+nesting deeper than MAX_DEPTH (the composer recurses), aliases that expand past MAX_EXPANDED
+characters of text or merge keys past MAX_MERGED entries (a "billion laughs"), tags other than
+the plain ones, and scalars that do not construct (`!!int abc`, a 5,000-digit integer). Merge
+keys (`<<: *anchor`, `<<: [*a, *b]`) are taken as YAML 1.1 defines them: the merged keys are
+checked as if written out, keys written in the mapping win, and a problem in merged content
+points at where it is written (the anchor's mapping)."""
 
 from __future__ import annotations
 
 import difflib
 import hashlib
+import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +24,46 @@ from cai.constitution.model import Constitution, Defaults, FewShot, Principle
 from cai.constitution.sampling import SAMPLING_MODES
 from cai.constitution.schema import DEFAULTS_FIELDS, FEW_SHOT_FIELDS, PRINCIPLE_FIELDS, SLUG, TOP_FIELDS, FieldSpec
 from cai.errors import ConstitutionError
+
+
+MAX_BYTES = 1 << 20            # a constitution is a few KB; PyYAML reads ~100-200 KB/s of pure Python
+MAX_DEPTH = 64                 # nesting of lists and mappings (a constitution needs 3)
+MAX_EXPANDED = 16 << 20        # characters of text once aliases are followed
+MAX_MERGED = 100_000           # keys taken through merge keys, all mappings together
+MERGE_TAG = "tag:yaml.org,2002:merge"
+TOO_LARGE = f"file is larger than {MAX_BYTES >> 20} MiB; a constitution is a few KB (is this the right file?)"
+
+
+class _TooDeep(Exception):
+    def __init__(self, mark):
+        super().__init__("nested too deeply")
+        self.mark = mark
+
+
+class _Loader(yaml.SafeLoader):
+    """The safe composer, refusing nesting deeper than MAX_DEPTH before Python's recursion limit
+    (the composer recurses once per level) turns it into a RecursionError."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _TooDeep(self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+class _Expanded(Exception):
+    """Aliases or merge keys expand the file past a limit (raised at the node that crossed it)."""
+
+    def __init__(self, node: yaml.Node, message: str):
+        super().__init__(message)
+        self.node, self.message = node, message
 
 
 @dataclass
@@ -28,6 +78,10 @@ class Problem:
 class _Checker:
     path: str
     problems: list[Problem] = field(default_factory=list)
+    expanded: int = 0                   # characters of text taken so far, aliases followed
+    merged: int = 0                     # keys taken through merge keys so far
+    _pairs: dict[int, list] = field(default_factory=dict)      # id(mapping node) → its pairs, merges resolved
+    _merging: set[int] = field(default_factory=set)
 
     def add(self, node: yaml.Node, message: str, field_path: str | None = None) -> None:
         mark = node.start_mark
@@ -38,10 +92,14 @@ class _Checker:
         if not isinstance(node, yaml.MappingNode):
             self.add(node, f"expected a mapping, got {_kind(node)}", where or None)
             return {}
+        if not self.plain_tag(node, where or None):
+            return {}
         values: dict[str, Any] = {}
         seen: dict[str, yaml.Node] = {}
-        for key_node, value_node in node.value:
+        for key_node, value_node, merged in self.pairs(node, where, 0):
             key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if merged and key in seen:
+                continue                # a key written in the mapping (or merged earlier) wins
             full = f"{where}.{key}" if where else str(key)
             if key in seen:
                 self.add(key_node, f"duplicate key (first at line {seen[key].start_mark.line + 1})", full)
@@ -60,9 +118,57 @@ class _Checker:
                 self.add(node, "missing required key", f"{where}.{key}" if where else key)
         return values
 
-    def value(self, node: yaml.Node, rule: FieldSpec, where: str) -> tuple[bool, Any]:
+    def pairs(self, node: yaml.MappingNode, where: str, depth: int) -> list[tuple[yaml.Node, yaml.Node, bool]]:
+        """(key, value, merged) of a mapping: the pairs written in it, then those its merge keys
+        (`<<`) bring, earlier merged mappings first (YAML 1.1: written keys win, then the first
+        merged mapping that has the key). Each mapping is resolved once, however often it is
+        merged or aliased."""
+        known = self._pairs.get(id(node))
+        if known is not None:
+            return known
+        if id(node) in self._merging:
+            self.add(node, "merges itself (a merge key's alias refers to a mapping that contains it)",
+                     f"{where}.<<" if where else "<<")
+            return []
+        if depth > MAX_DEPTH:
+            self.add(node, f"merge keys nested more than {MAX_DEPTH} deep", f"{where}.<<" if where else "<<")
+            return []
+        self._merging.add(id(node))
+        written: list[tuple[yaml.Node, yaml.Node, bool]] = []
+        sources: list[yaml.MappingNode] = []
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag == MERGE_TAG:
+                merge_where = f"{where}.<<" if where else "<<"
+                items = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                for item in items:
+                    if isinstance(item, yaml.MappingNode):
+                        if all(item is not other for other in sources):
+                            sources.append(item)
+                    else:
+                        self.add(key_node, "a merge key (<<) takes a mapping or a list of mappings, such as "
+                                       f"*anchor or [*a, *b]; got {_kind(item)}", merge_where)
+            else:
+                written.append((key_node, value_node, False))
+        result = list(written)
+        for source in sources:
+            for key_node, value_node, _ in self.pairs(source, where, depth + 1):
+                self.merged += 1
+                if self.merged > MAX_MERGED:
+                    raise _Expanded(key_node, f"merge keys (<<) bring in more than {MAX_MERGED:,} keys; "
+                                              "a constitution this large is not meant (a merge-key bomb?)")
+                result.append((key_node, value_node, True))
+        self._merging.discard(id(node))
+        self._pairs[id(node)] = result
+        return result
+
+    def plain_tag(self, node: yaml.Node, where: str | None) -> bool:
         if not node.tag.startswith("tag:yaml.org,2002:") or node.tag.rsplit(":", 1)[-1] not in _PLAIN_TAGS:
             self.add(node, f"unsupported YAML tag '{node.tag}'; only plain values are allowed", where)
+            return False
+        return True
+
+    def value(self, node: yaml.Node, rule: FieldSpec, where: str) -> tuple[bool, Any]:
+        if not self.plain_tag(node, where):
             return False, None
         if rule.kind in ("mapping", "list"):
             want = yaml.MappingNode if rule.kind == "mapping" else yaml.SequenceNode
@@ -87,7 +193,11 @@ class _Checker:
         if not isinstance(node, yaml.ScalarNode):
             self.add(node, f"expected {_article(rule.kind)}, got {_kind(node)}", where)
             return False, None
-        value = _construct(node)
+        try:
+            value = _construct(node)
+        except (ValueError, KeyError, yaml.YAMLError) as exc:
+            self.add(node, _unconstructed(node, exc), where)
+            return False, None
         if rule.kind == "str":
             if not isinstance(value, str) or node.tag != "tag:yaml.org,2002:str":
                 self.add(node, f"expected a string, got {_kind(node)}", where)
@@ -95,6 +205,10 @@ class _Checker:
             if rule.nonempty and not value.strip():
                 self.add(node, "must not be empty", where)
                 return False, None
+            self.expanded += len(value)
+            if self.expanded > MAX_EXPANDED:
+                raise _Expanded(node, f"aliases expand this file past {MAX_EXPANDED >> 20} MiB of text "
+                                      "(an alias bomb?)")
             return True, value.strip()
         if rule.kind == "int":
             if isinstance(value, bool) or not isinstance(value, int):
@@ -105,7 +219,14 @@ class _Checker:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 self.add(node, f"expected a number, got {_kind(node)}", where)
                 return False, None
-            return True, float(value)
+            try:
+                number = float(value)
+            except OverflowError:
+                number = math.inf
+            if not math.isfinite(number):
+                self.add(node, f"must be a finite number (got {node.value})", where)
+                return False, None
+            return True, number
         raise AssertionError(rule.kind)
 
 
@@ -114,6 +235,18 @@ _PLAIN_TAGS = ("str", "int", "float", "bool", "null", "map", "seq")
 
 def _construct(node: yaml.ScalarNode) -> Any:
     return yaml.SafeLoader("").construct_object(node)
+
+
+def _unconstructed(node: yaml.ScalarNode, exc: Exception) -> str:
+    """Why a scalar with an explicit or implied tag does not make a value (`!!int abc`)."""
+    tag = node.tag.rsplit(":", 1)[-1]
+    if "digits" in str(exc):
+        return f"an integer of {len(node.value):,} digits is too long"
+    return f"'{_short(node.value)}' is not a valid {tag} value"
+
+
+def _short(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def _kind(node: yaml.Node) -> str:
@@ -135,6 +268,8 @@ def _article(kind: str) -> str:
 def parse_constitution(text: str | bytes, path: str = "<string>") -> Constitution:
     """Parse and validate constitution text. Raises ConstitutionError listing every problem."""
     raw = text.encode("utf-8") if isinstance(text, str) else text
+    if len(raw) > MAX_BYTES:
+        raise ConstitutionError(path, TOO_LARGE)
     try:
         decoded = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -142,7 +277,10 @@ def parse_constitution(text: str | bytes, path: str = "<string>") -> Constitutio
         raise ConstitutionError(path, "file is not valid UTF-8", line=line) from None
     checker = _Checker(path)
     try:
-        root = yaml.compose(decoded, Loader=yaml.SafeLoader)
+        root = yaml.compose(decoded, Loader=_Loader)
+    except _TooDeep as exc:
+        raise ConstitutionError(path, f"YAML nested too deeply (more than {MAX_DEPTH} levels of lists and "
+                                      "mappings)", line=exc.mark.line + 1, column=exc.mark.column + 1) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         message = (exc.problem or exc.context or "invalid YAML").strip()
@@ -155,6 +293,14 @@ def parse_constitution(text: str | bytes, path: str = "<string>") -> Constitutio
         raise ConstitutionError(path, f"YAML syntax error: {message}", line=line, column=column) from None
     if root is None:
         raise ConstitutionError(path, "file is empty; a constitution needs a name and principles", line=1)
+    try:
+        return _check(checker, root, raw, path)
+    except _Expanded as exc:
+        mark = exc.node.start_mark
+        raise ConstitutionError(path, exc.message, line=mark.line + 1, column=mark.column + 1) from None
+
+
+def _check(checker: _Checker, root: yaml.Node, raw: bytes, path: str) -> Constitution:
     top = checker.mapping(root, TOP_FIELDS, "")
 
     defaults = Defaults()
@@ -170,6 +316,7 @@ def parse_constitution(text: str | bytes, path: str = "<string>") -> Constitutio
 
     principles: list[Principle] = []
     first_line: dict[str, int] = {}
+    total_weight = 0.0
     if "principles" in top:
         for i, item in enumerate(top["principles"][0].value):
             where = f"principles[{i}]"
@@ -187,6 +334,12 @@ def parse_constitution(text: str | bytes, path: str = "<string>") -> Constitutio
             weight = values.get("weight", (1.0, None))
             if weight[1] is not None and not weight[0] > 0:
                 checker.add(weight[1], "must be greater than 0", f"{where}.weight")
+                continue
+            total_weight += weight[0]
+            if not math.isfinite(total_weight):      # random sampling draws in proportion to the total
+                checker.add(weight[1] or id_node, "the weights add up to more than the largest number "
+                            f"({sys.float_info.max:g}); use smaller weights (only their ratios matter)", f"{where}.weight")
+                total_weight = 0.0
                 continue
             principles.append(Principle(
                 id=pid, critique=values["critique"][0], revision=values["revision"][0],

@@ -53,7 +53,7 @@ def run(pairs: str | list[dict], output: str | None, options: JudgeOptions, *,
     if (isinstance(pairs, str) and output not in (None, "-") and Path(pairs).exists()
             and Path(output).resolve() == Path(pairs).resolve()):
         raise OptionError("output", f"{output} is also the input")
-    records = read_records(pairs) if isinstance(pairs, str) else [dict(r) for r in pairs]
+    records = read_records(pairs) if isinstance(pairs, str) else _given(pairs)
     constitution = judge_constitution(options.constitution, records)
     templates = load_templates(options.templates)
     for target in (output, filtered):
@@ -97,6 +97,16 @@ def run(pairs: str | list[dict], output: str | None, options: JudgeOptions, *,
     if curation.unjudged and curation.judged == 0 and not summary.stopped_by:
         raise BackendError(f"no pair could be judged ({curation.unjudged} failed); see the warnings above")
     return summary
+
+
+def _given(pairs) -> list[dict]:
+    """Records a Python caller passed, each a dict (copied: the judge labels its own)."""
+    records = []
+    for number, record in enumerate(pairs, start=1):
+        if not isinstance(record, dict):
+            raise OptionError("pairs", f"item {number}: expected a record dict, got {type(record).__name__}")
+        records.append(dict(record))
+    return records
 
 
 def judge_constitution(spec, records: list[dict]):

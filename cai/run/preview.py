@@ -252,9 +252,12 @@ def _items(prompts: str, options: PreviewOptions) -> list:
     from cai.messages import PromptItem, prompt_id
 
     if prompts == "-" or Path(prompts).is_file():
-        return read_prompts(prompts, fields=options.fields(), split=options.split)[:options.limit or 1]
+        return read_prompts(prompts, fields=options.fields(), split=options.split,
+                            input_format=options.input_format)[:options.limit or 1]
     if _FILE_LIKE.match(prompts.strip()):
         raise InputError(prompts, "no such file (a prompt with no space that ends like a file name is taken for one)")
+    if options.input_format is not None:
+        raise OptionError("input_format", "is for a prompts file or stdin, not a prompt given as the argument")
     if not prompts.strip():
         raise UsageError("the prompt is empty")
     return [PromptItem(prompt_id(prompts), prompts, line=1, index=0)]

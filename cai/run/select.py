@@ -34,12 +34,18 @@ def select(prompts, options, constitution, config, stdin=None) -> Selection:
     from cai.records import shard_of
 
     invalid: list[InputError] = []
+    input_format = options.input_format
     if isinstance(prompts, (str, bytes)) or hasattr(prompts, "__fspath__"):
         source, stream = str(prompts), stdin
     else:
-        source, stream = "-", io.BytesIO(_as_jsonl(prompts, options.prompt_field))
+        if input_format not in (None, "jsonl"):
+            from cai.errors import OptionError
+
+            raise OptionError("input_format", "is for a prompts file or stdin; prompts given as a list are read "
+                                              "as JSONL rows")
+        source, stream, input_format = "-", io.BytesIO(_as_jsonl(prompts, options.prompt_field)), "jsonl"
     items = read_prompts(source, stdin=stream, invalid=invalid if options.skip_invalid else None,
-                         fields=options.fields(), split=options.split)
+                         fields=options.fields(), split=options.split, input_format=input_format)
     invalid.sort(key=lambda error: error.line or 0)
     shard_k, shard_n = options.shard_numbers()
 
