@@ -131,7 +131,7 @@ def _entries(source: str, name: str, fields: Fields, stdin: IO[bytes] | None, sp
     if input_format is not None:
         fmt, told = FORMAT_SUFFIXES[input_format], "input_format"
     stream, _ = open_stream(fp, name, kind=suffix_kind)
-    lines = _physical_lines(stream)
+    lines = _physical_lines(bounded_lines(stream, name))
     if fmt in TABLE_SUFFIXES:
         return name, _table_entries(name, lines, fields, TABLE_SUFFIXES[fmt])
     decoded = _decoded(lines)
@@ -167,7 +167,21 @@ def _suffixes(source: str) -> tuple[str | None, str | None]:
     return kind, suffix if suffix in known else None
 
 
-def _physical_lines(stream: IO[bytes]) -> Iterator[bytes]:
+MAX_LINE_BYTES = 64 << 20      # far past any model's context; a file with longer lines is not prompts
+
+
+def bounded_lines(stream: IO[bytes], name: str, limit: int = MAX_LINE_BYTES) -> Iterator[bytes]:
+    """The lines of a binary stream with their ends, none longer than `limit` bytes: a longer one
+    (a binary file, /dev/zero) is an InputError at once, not all memory spent looking for its end."""
+    number = 0
+    while line := stream.readline(limit + 1):
+        number += 1
+        if len(line) > limit:
+            raise InputError(name, f"a line longer than {limit >> 20} MiB; is this a text file?", line=number)
+        yield line
+
+
+def _physical_lines(stream: Iterable[bytes]) -> Iterator[bytes]:
     """The lines of a binary stream with their ends, split as bytes.splitlines splits them (a
     lone CR ends a line too)."""
     for line in stream:
@@ -330,7 +344,7 @@ def iter_jsonl(source: str, stdin: IO[bytes] | None = None, warn: Callable[[str]
             raise InputError(source, f"cannot read: {exc.strerror}") from None
     try:
         lines, _ = open_stream(fp, name, kind=None if source == "-" else _suffixes(source)[0])
-        for number, raw in enumerate(lines, start=1):
+        for number, raw in enumerate(bounded_lines(lines, name), start=1):
             if not raw.strip():
                 continue
             try:

@@ -304,6 +304,7 @@ BAD_INPUTS = [
     ("template-refuses-every-conversation", EX, ["--model", "@no-system", "--force"],
      "its chat template refuses the conversations this run makes (system, user, assistant, user, …): System role not supported"),
     ("no-filter-over-a-filtered-output", EX, ["-o", "@other-run"], "filters: 'on' → 'off'"),
+    ("endless-line", "/dev/zero", [], "/dev/zero:1: a line longer than 64 MiB; is this a text file?"),
     ("lone-surrogate-in-jsonl", _write("p.jsonl", '{"prompt": "a\\ud800b"}\n'), [],
      "p.jsonl:1: prompt: contains a lone surrogate (\\ud800), which is not text"),
     # issue 31 (inputs)

@@ -347,3 +347,16 @@ def test_edit_size_and_judge_agreement(tmp_path):
     assert edits["distance_dropped"] == {"min": 0, "p10": 0, "p50": 0, "p90": 0, "max": 0, "mean": 0}
     assert report["judge"]["agreement"] == 0.5 and report["judge"]["disagreeing"] == 1
     assert "orders agree" in " ".join(run(tmp_path / "pairs.jsonl").stderr.split())
+
+
+def test_a_file_with_an_endless_line_is_one_error_not_all_memory(tmp_path):
+    """Found trying issue 31's hostile files: `cai stats /dev/zero` (and judge, export) read one
+    endless line until memory ran out."""
+    from typer.testing import CliRunner
+
+    from cai.cli import app
+
+    for command in (["stats", "/dev/zero"], ["export", "/dev/zero", "-o", str(tmp_path / "x.jsonl")]):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 2, result.output
+        assert "/dev/zero:1: a line longer than 64 MiB" in result.stderr and "Traceback" not in result.output
