@@ -25,6 +25,7 @@ from typing import Any, Union
 
 from cai.backends.hf import DEVICES, DTYPES
 from cai.constitution import SAMPLING_MODES, Constitution
+from cai.constitution.sampling import MAX_REVISIONS
 from cai.errors import OptionError
 from cai.inputs import INPUT_FORMATS
 from cai.reasoning import MODES as REASONING_MODES
@@ -354,6 +355,9 @@ class GenerateOptions(BackendSpec, CurationOptions):
             raise OptionError("resume", "contradicts `overwrite`; pick one")
         for name in ("revisions", "batch_size", "max_new_tokens", "limit"):
             _at_least(name, getattr(self, name), 1)
+        if self.revisions is not None and self.revisions > MAX_REVISIONS:
+            raise OptionError("revisions", f"must be at most {MAX_REVISIONS} (got {self.revisions}); each revision is "
+                              "two more turns of one conversation")
         _at_least("repairs", self.repairs, 0)
         _choice("repair_from", self.repair_from, ("revision", "critique"))
         if self.temperature < 0:

@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Iterator
 from cai import __version__
 from cai.backends.base import Backend, Completion, Request, SamplingParams, Stream
 from cai.constitution import Constitution, Principle, plan_principles
-from cai.errors import BackendError, ModelError
+from cai.errors import BackendError, ModelError, OptionError
 from cai.messages import PromptItem
 from cai.messages import Message
 from cai.prompts import ConversationBuilder, Templates
@@ -151,6 +151,13 @@ class Pipeline:
         if not context:
             return item, None, None
         fixed = self._fixed_tokens(principles)
+        if fixed >= context:        # no prompt fits: the turns' budget alone is past the context
+            turns = 1 + 2 * len(principles)
+            per_turn = self.config.params.max_new_tokens
+            most = (context - (fixed - turns * per_turn)) // turns
+            raise OptionError("max_new_tokens", f"{per_turn} new tokens for each of a conversation's {turns} turns "
+                              f"need more than the model's context of {context} tokens"
+                              + (f"; at most about {most} fit" if most > 0 else "; fewer revisions would fit"))
         if item.history or item.response is not None:
             try:
                 fixed += self._extra_tokens(item)

@@ -318,3 +318,21 @@ def test_input_format_says_what_stdin_holds_for_generate_preview_and_compare(tin
     runs = sorted((tmp_path / "runs").glob("*.jsonl"))
     assert runs and all(sorted(r["id"] for r in read_jsonl(p)) == ["1", "2"] for p in runs
                         if not p.name.endswith((".filtered.jsonl", ".skipped.jsonl", ".failures.jsonl")))
+
+
+def test_a_turn_budget_past_the_context_is_one_option_error(tiny_model, tmp_path):
+    """Found trying issue 31 as a new user: --max-new-tokens past the context skipped every
+    prompt 'as too long' with a hint about the prompts (--truncate-long); a huge --revisions
+    spent minutes drawing principles. Both are now one line naming the option."""
+    out = tmp_path / "out.jsonl"
+    result = run("generate", EXAMPLES, "--model", tiny_model, "-o", out, "--max-new-tokens", "99999")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: --max-new-tokens: 99999 new tokens for each of a conversation's 3 turns need more than the "
+        "model's context of 4096 tokens; at most about")
+    assert not out.exists() or out.read_text() == ""
+    many = run("generate", EXAMPLES, "--model", tiny_model, "-o", out, "--max-new-tokens", "64", "--revisions", "60")
+    assert many.exit_code == 2 and "for each of a conversation's 121 turns" in many.stderr
+    assert "fewer revisions would fit" in many.stderr
+    capped = run("generate", EXAMPLES, "--model", tiny_model, "-o", out, "--revisions", "1000")
+    assert capped.exit_code == 2 and "error: --revisions: must be at most 100 (got 1000)" in capped.stderr

@@ -9,6 +9,7 @@ if TYPE_CHECKING:
     from cai.constitution.model import Constitution, Principle
 
 SAMPLING_MODES = ("random", "all", "cycle")
+MAX_REVISIONS = 100     # each round is two more turns of one conversation; the paper used up to 4
 
 
 def plan_principles(constitution: Constitution, prompt_id: str, index: int, rounds: int,

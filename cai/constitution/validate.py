@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from cai.constitution.model import Constitution, Defaults, FewShot, Principle
-from cai.constitution.sampling import SAMPLING_MODES
+from cai.constitution.sampling import MAX_REVISIONS, SAMPLING_MODES
 from cai.constitution.schema import DEFAULTS_FIELDS, FEW_SHOT_FIELDS, PRINCIPLE_FIELDS, SLUG, TOP_FIELDS, FieldSpec
 from cai.errors import ConstitutionError
 
@@ -310,6 +310,8 @@ def _check(checker: _Checker, root: yaml.Node, raw: bytes, path: str) -> Constit
         sampling = values.get("sampling", ("random", None))
         if revisions[1] is not None and revisions[0] < 1:
             checker.add(revisions[1], "must be at least 1", "defaults.revisions")
+        elif revisions[1] is not None and revisions[0] > MAX_REVISIONS:
+            checker.add(revisions[1], f"must be at most {MAX_REVISIONS} (got {revisions[0]})", "defaults.revisions")
         if sampling[1] is not None and sampling[0] not in SAMPLING_MODES:
             checker.add(sampling[1], f"must be one of {', '.join(SAMPLING_MODES)}", "defaults.sampling")
         defaults = Defaults(revisions=max(1, revisions[0]), sampling=sampling[0])
