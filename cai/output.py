@@ -106,9 +106,10 @@ class RecordWriter:
         self.records: list[dict] | None = None
         if target == "-":
             self._fp = sys.stdout.buffer
-            self._owned = False
+            self._owned, self._created = False, False
             self.offset = 0
         else:
+            self._created = not os.path.lexists(target)
             try:
                 self._fp = open(target, "ab" if append_at is not None else "wb", buffering=0)
                 if append_at is not None and os.fstat(self._fp.fileno()).st_size > append_at:
@@ -133,7 +134,9 @@ class RecordWriter:
         except BaseException as exc:
             self._cut_back()
             if isinstance(exc, OSError):
-                raise self._error(exc) from None
+                error = self._error(exc)
+                self._drop_if_empty()
+                raise error from None
             raise
         self.offset += len(data)
         self.count += 1
@@ -144,12 +147,21 @@ class RecordWriter:
         except OSError:
             pass
 
+    def _drop_if_empty(self) -> None:
+        """A file this writer created and could not write a first record to (a disk already
+        full) is removed, not left empty beside the error."""
+        if self._created and not self.offset:
+            self._fp.close()
+            Path(self.target).unlink(missing_ok=True)
+
     def _error(self, exc: OSError) -> OutputError:
         safe = "no records" if not self.offset else f"{self.count} records of this run"
         return OutputError(self.target, f"cannot write: {exc.strerror or exc}; {safe} written whole before it"
                            + ("; fix it and run the same command again to continue" if self.count or self.before else ""))
 
     def sync(self) -> None:
+        if self._fp.closed:
+            return
         try:
             self._fp.flush()
             if self._owned:

@@ -174,6 +174,70 @@ def test_a_full_disk_is_one_line_not_a_traceback(tiny_model, tmp_path):
     assert exported.exit_code == 1 and "No space left on device" in exported.stderr
 
 
+def test_a_disk_full_when_the_run_starts_is_one_line_and_leaves_no_lock_file(tiny_model, tmp_path, monkeypatch):
+    """Issue 31: a disk already full when the run starts fails on the lock's holder line, before
+    anything loads: one line naming the output, exit 2, no lock file, the output untouched."""
+    import errno
+
+    real_write = os.write
+
+    def full_for_locks(fd, data):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".lock"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc/self/fd")
+    monkeypatch.setattr(os, "write", full_for_locks)
+    kept = tmp_path / "kept.jsonl"
+    kept.write_text('{"id": "keep-me", "meta": {"seed": 0}}\n')
+    for out in (tmp_path / "pairs.jsonl", kept):
+        before = out.read_bytes() if out.exists() else None
+        result = CliRunner().invoke(app, plumbing(["generate", EXAMPLES, "--model", tiny_model, "-o", out,
+                                                   "--limit", "2", "--max-new-tokens", "4"]))
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and f"{out}: " in errors[0] and "No space left on device" in errors[0], result.stderr
+        assert not Path(f"{out}.lock").exists(), "no lock file left behind"
+        assert (out.read_bytes() if out.exists() else None) == before, "the output untouched"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.jsonl"]
+
+
+def test_a_really_full_disk_leaves_no_file_behind(tiny_model, tmp_path):
+    """The same on a real full file system (a tiny tmpfs, where this machine lets the tests mount
+    one): refused before the model loads; with --no-lock the first record's write fails, and the
+    output it would have made is not left behind empty."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        resumed = disk / "resumed.jsonl"      # a whole page, so that appending needs a new one
+        line = '{"id": "keep-me", "meta": {"seed": 0}, "pad": ""}'
+        resumed.write_text(line.replace('""', '"' + "x" * (4095 - len(line)) + '"') + "\n")
+        assert resumed.stat().st_size == 4096
+        with open(disk / "fill", "wb", buffering=0) as fp:
+            try:
+                while True:
+                    fp.write(b"\0" * 4096)
+            except OSError:
+                pass
+        base = ["generate", EXAMPLES, "--model", tiny_model, "--limit", "2", "--max-new-tokens", "4"]
+        for out, extra, code in ((disk / "pairs.jsonl", [], 2), (disk / "pairs.jsonl", ["--no-lock"], 1),
+                                 (resumed, ["--no-lock", "--force"], 1)):
+            before = out.read_bytes() if out.exists() else None
+            result = CliRunner().invoke(app, plumbing([*base, "-o", out, *extra]))
+            assert result.exit_code == code, result.output
+            errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+            assert len(errors) == 1 and "No space left on device" in errors[0], result.stderr
+            assert (out.read_bytes() if out.exists() else None) == before
+            assert sorted(p.name for p in disk.iterdir()) == ["fill", "resumed.jsonl"]
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=False)     # even with a file left open
+
+
 def test_ctrl_c_after_the_last_prompt_started_ends_a_whole_run(tiny_model, many_prompts, tmp_path, monkeypatch):
     """A graceful stop that leaves nothing undone (every prompt was in flight, and each finished)
     is a finished run: exit 0 and the summary, not 'interrupted … run again' with nothing to run."""
