@@ -84,11 +84,27 @@ def check_writable(target: str) -> None:
     if path.exists():
         ok, reason = os.access(path, os.W_OK), "Permission denied"
     elif not parent.is_dir():
-        ok, reason = False, "No such file or directory"
+        ok, reason = False, f"{parent} is not a folder" if parent.exists() else "No such file or directory"
     else:
         ok, reason = os.access(parent, os.W_OK), "Permission denied"
     if not ok:
         raise InputError(target, f"cannot write output: {reason}")
+
+
+def check_folder(folder: str) -> None:
+    """Fail now, before anything is read or written, if `folder` cannot be written into or made
+    (with whichever of its parents are missing); create nothing."""
+    path = Path(folder)
+    there = path
+    while not (there.exists() or there.is_symlink()) and there != there.parent:
+        there = there.parent            # the nearest part of the path that exists
+    if not there.is_dir():
+        reason = f"{there} is not a folder"
+    elif not os.access(there, os.W_OK | os.X_OK):
+        reason = "Permission denied" + (f" (in {there})" if there != path else "")
+    else:
+        return
+    raise InputError(folder, f"cannot write output: {reason}")
 
 
 class RecordWriter:

@@ -89,7 +89,7 @@ def export_for(pairs: str, trainer: str, folder: str, *, test_size: float | None
     from cai import stats
     from cai.inputs import read_records
     from cai.locks import Locks
-    from cai.output import RecordWriter
+    from cai.output import RecordWriter, check_folder
     from cai.records import split_by_id
     from cai.run.card import card
     from cai.trainers import TRAINERS, configs, layout
@@ -105,13 +105,17 @@ def export_for(pairs: str, trainer: str, folder: str, *, test_size: float | None
         raise OptionError("to", f"{folder} exists and is not a folder")
     if root.is_dir() and any(root.iterdir()) and not overwrite:
         raise OptionError("to", f"{folder} is not empty; pass `overwrite` to write into it")
+    check_folder(folder)
     records = read_records(pairs)
     report, _ = stats.collect(pairs)
     model = model or _model_of(records)
     splits = {"train": records} if test_size is None else dict(zip(("train", "test"), split_by_id(records, test_size, seed)))
     if test_size is not None and not splits["test"]:
         raise OptionError("test_size", f"leaves no record for the test split ({len(records)} records)")
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(folder, f"cannot write output: {exc.strerror or exc}") from None
     folder = str(root.resolve())
     result = TrainerExport(trainer, folder, records={s: len(part) for s, part in splits.items()})
     texts, result.command = configs(trainer, folder, model, list(splits), len(splits["train"]))
@@ -120,7 +124,10 @@ def export_for(pairs: str, trainer: str, folder: str, *, test_size: float | None
     with Locks([str(root / "README.md")], enabled=lock):
         for shape, rows in shapes:
             for split, relative in shape.files.items():
-                (root / relative).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    (root / relative).parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise OutputError(root / relative, f"cannot write output: {exc.strerror or exc}") from None
                 writer = RecordWriter(str(root / relative))
                 try:
                     for row in rows[split]:
