@@ -200,3 +200,24 @@ def test_a_folder_in_a_read_only_parent_is_one_line(made, tmp_path):
         assert list(parent.iterdir()) == []
     finally:
         parent.chmod(0o755)
+
+
+def test_an_empty_train_split_is_refused_before_anything_is_written(made, tmp_path):
+    """A test size that leaves the train split empty (one record, or --test-size 0.99) would write a
+    folder load_dataset cannot read and no trainer can train on: refused, one line, exit 2."""
+    from datasets import load_dataset
+
+    one = tmp_path / "one.jsonl"
+    one.write_text(made.read_text().splitlines(keepends=True)[0])
+    for pairs in (made, one):
+        folder = tmp_path / f"dpo-{pairs.stem}"
+        result = run("export", pairs, "--to", "trl", folder, "--test-size", "0.99")
+        assert result.exit_code == 2, result.output
+        line = _one_error(result)
+        assert "--test-size: leaves no record for the train split" in line and "use a smaller --test-size" in line
+        assert not folder.exists()
+    folder = tmp_path / "dpo-one"         # one record and no test split: a folder that loads
+    result = run("export", one, "--to", "trl", folder)
+    assert result.exit_code == 0, result.output
+    loaded = load_dataset(str(folder))
+    assert list(loaded) == ["train"] and loaded["train"].num_rows == 1

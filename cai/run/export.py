@@ -112,6 +112,9 @@ def export_for(pairs: str, trainer: str, folder: str, *, test_size: float | None
     splits = {"train": records} if test_size is None else dict(zip(("train", "test"), split_by_id(records, test_size, seed)))
     if test_size is not None and not splits["test"]:
         raise OptionError("test_size", f"leaves no record for the test split ({len(records)} records)")
+    if not splits["train"]:             # a trainer has nothing to train on, and load_dataset fails on it
+        raise OptionError("test_size", f"leaves no record for the train split (all {len(records)} records fall in "
+                                       "the test split); use a smaller `test_size`, or none for no test split")
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
