@@ -13,6 +13,8 @@ from pathlib import Path
 from cai.errors import InputError, OutputError
 
 SIDE_FILES = {"filtered": ".filtered.jsonl", "failures": ".failures.jsonl", "skipped": ".skipped.jsonl"}
+# the fields every line of a side file has (cai.curation, run.generate._Failures, _skip_invalid)
+SIDE_FIELDS = {"filtered": ("meta", "filter"), "failures": ("stage", "error"), "skipped": ("kind", "reason")}
 
 
 def side_path(output: str | None, kind: str) -> str | None:
@@ -66,13 +68,29 @@ def scan_output(path: Path) -> ExistingOutput:
                 record = json.loads(raw)
                 ids.add(str(record["id"]))
             except (ValueError, KeyError, TypeError):
-                if fp.read().strip():
+                # only a last line without its newline is torn (a writer stopped mid-line): a
+                # whole line that is not a record is someone else's file, even as the last one
+                if raw.endswith(b"\n"):
                     raise InputError(path, "not a whole cai record; cannot resume from this file",
                                      line=number) from None
                 return ExistingOutput(ids, first, offset, torn=True)
             first = first or record
             offset += len(raw)
     return ExistingOutput(ids, first, offset, torn=False)
+
+
+def side_file_problem(path: str, kind: str) -> str | None:
+    """Why the existing file `path` is not a cai side file of `kind` (filtered, failures,
+    skipped), or None when it is one, or is empty: its lines are whole records, as an output's
+    must be to be continued (`scan_output`), with the fields of that kind's lines."""
+    try:
+        existing = scan_output(Path(path))
+    except InputError as exc:
+        return f"line {exc.line} is not a cai record" if exc.line else exc.detail
+    if existing.first is None:
+        return "it holds no whole line" if existing.torn else None
+    missing = [name for name in SIDE_FIELDS[kind] if name not in existing.first]
+    return f"its first line has no {' or '.join(missing)} field" if missing else None
 
 
 def check_writable(target: str) -> None:

@@ -360,6 +360,14 @@ BAD_INPUTS = [
     ("template-huge-range", EX, ["--templates", "@tpl:{% for i in range(10**9) %}x{% endfor %}"], "critique.jinja:1: cannot render: range() of 1,000,000,000 items"),
     ("concurrency-0", EX, ["--concurrency", "0"], "--concurrency: must be at least 1 (got 0)"),
     ("negative-grace", EX, ["--grace", "-1"], "--grace: must be 0 or more seconds"),
+    # issue 31 (files)
+    ("output-one-line-not-cai", EX, ["-o", "@write:notes.jsonl:my notes\n"], "notes.jsonl:1: not a whole cai record"),
+    ("filtered-not-cai", EX, ["--filtered", "@write:notes.txt:my notes\n"], "--filtered: " + "{tmp}/notes.txt exists and is not a cai filtered file (line 1 is not a cai record); use another file, or --overwrite to replace it"),
+    ("failures-not-cai", EX, ["--failures", "@write:scores.jsonl:{\"id\": \"a\", \"score\": 3}\n"], "--failures: {tmp}/scores.jsonl exists and is not a cai failures file (its first line has no stage or error field)"),
+    ("skipped-not-cai", EX, ["--skipped", "@write:table.csv:a,b\n1,2\n"], "--skipped: {tmp}/table.csv exists and is not a cai skipped file (line 1 is not a cai record)"),
+    ("skipped-is-the-failures-kind", EX, ["--skipped", "@write:f.jsonl:{\"id\": \"a\", \"stage\": \"response\", \"error\": \"e\"}\n"], "--skipped: {tmp}/f.jsonl exists and is not a cai skipped file (its first line has no kind or reason field)"),
+    ("filtered-of-another-run", EX, ["--filtered", "@write:dropped.jsonl:{\"id\": \"a\", \"meta\": {\"seed\": 0}, \"filter\": {\"reasons\": [\"empty\"]}}\n"], "--filtered: {tmp}/dropped.jsonl holds records of a different run (model: None →"),
+    ("failures-is-a-directory", EX, ["--failures", "@dir"], "--failures: {tmp} is a directory"),
 ]
 
 
@@ -374,10 +382,15 @@ def test_bad_input_gives_one_line_exit_2_and_an_untouched_output(case, tiny_mode
     out = tmp_path / "out.jsonl"
     out.write_text('{"id": "keep-me", "meta": {"seed": 0}}\n')
     args = []
+    written = {}            # files a case brings (@write:NAME:CONTENT): each must be left as it was
     for arg in extra:
         if arg.startswith("@"):
             key = arg[1:]
-            if key.startswith("tpl:"):
+            if key.startswith("write:"):
+                name, content = key[len("write:"):].split(":", 1)
+                arg = _write(name, content)(tmp_path)
+                written[arg] = Path(arg).read_bytes()
+            elif key.startswith("tpl:"):
                 folder = tmp_path / "templates"
                 shutil.copytree(ROOT / "prompts" / "default", folder)
                 (folder / "critique.jinja").write_text(key[4:])
@@ -408,8 +421,40 @@ def test_bad_input_gives_one_line_exit_2_and_an_untouched_output(case, tiny_mode
     assert "Traceback" not in result.output
     assert result.stdout == ""
     assert out.read_bytes() == before, "a bad input never touches the output file"
+    for path, content in written.items():
+        assert Path(path).read_bytes() == content, f"{path} is left as it was"
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    message = message.replace("{tmp}", str(tmp_path))
     assert len(errors) == 1 and message in errors[0], result.stderr
+
+
+def test_side_files_named_explicitly_cai_own_are_continued_others_need_overwrite(tiny_model, tmp_path):
+    """Issue 31: --filtered/--failures/--skipped FILE that holds cai's own lines (a previous run's)
+    work as before (continued, or replaced by a fresh run); another file is refused before anything
+    loads and left as it was, unless --overwrite."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Tell me about number {i}."}) + "\n"
+                               for i in range(3)) + "not json\n")
+    out, filtered, failures, skipped = (tmp_path / name for name in ("out.jsonl", "dropped.jsonl", "failed.jsonl",
+                                                                       "skips.jsonl"))
+    failures.write_text(json.dumps({"id": "p9", "prompt": "x", "line": 9, "stage": "response", "error": "timeout",
+                                    "time": "2025-01-01T00:00:00+00:00"}) + "\n")      # a failures file of cai's
+    args = ["generate", prompts, "--model", tiny_model, "-o", out, "--max-new-tokens", "4", "--skip-invalid",
+            "--filter", "--repairs", "0", "--filtered", filtered, "--failures", failures, "--skipped", skipped]
+    first = CliRunner().invoke(app, plumbing(args))
+    assert first.exit_code == 1, first.output            # the invalid line was skipped
+    assert not failures.exists(), "a fresh run replaces cai's own failures file, as before"
+    assert [s["kind"] for s in read_jsonl(skipped)] == ["invalid"]
+    assert {r["id"] for r in read_jsonl(out)} | {r["id"] for r in read_jsonl(filtered)} == {"p0", "p1", "p2"}
+    again = CliRunner().invoke(app, plumbing(args))     # every side file is cai's own: the run continues
+    assert again.exit_code == 1 and "nothing to do" in again.stderr, again.output
+    failures.write_text("id,score\na,3\n")
+    refused = CliRunner().invoke(app, plumbing(args))
+    assert refused.exit_code == 2 and "--failures: " in refused.stderr and "is not a cai failures file" in refused.stderr
+    assert failures.read_text() == "id,score\na,3\n"
+    replaced = CliRunner().invoke(app, plumbing([*args, "--overwrite"]))
+    assert replaced.exit_code == 1, replaced.output
+    assert not failures.exists() or failures.read_text() != "id,score\na,3\n"
 
 
 def test_there_are_at_least_50_bad_inputs():

@@ -191,3 +191,20 @@ def test_cai_judge_bad_input(pairs, tiny_model, tmp_path):
         result = run("judge", *args, "--model", tiny_model)
         assert result.exit_code == 2, (args, result.output)
         assert message in " ".join(result.stderr.split()) and "Traceback" not in result.output
+
+
+def test_cai_judge_refuses_a_filtered_file_that_is_not_cai_s(pairs, tiny_model, tmp_path):
+    """Issue 31: judge's --filtered FILE on someone else's file is refused before the model loads
+    and left as it was, unless --overwrite."""
+    plain, _ = pairs
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text("my notes\n")
+    base = ["judge", plain, "--model", tiny_model, "-o", tmp_path / "judged.jsonl", "--filtered", notes, "-q"]
+    result = run(*base)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert (f"--filtered: {notes} exists and is not a cai filtered file (line 1 is not a cai record)"
+            in " ".join(result.stderr.split())), result.stderr
+    assert notes.read_text() == "my notes\n" and not (tmp_path / "judged.jsonl").exists()
+    result = run(*base, "--overwrite", "--min-preference", "0.99")
+    assert result.exit_code == 0, result.output
+    assert not notes.exists() or notes.read_text() != "my notes\n"
