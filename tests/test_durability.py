@@ -27,8 +27,9 @@ def cai_command(*args) -> list[str]:
 
 
 def whole_records(path: Path) -> list[dict]:
-    """Every line but possibly a torn last one must parse; return the whole records."""
-    data = path.read_bytes() if path.exists() else b""
+    """Every line but possibly a torn last one must parse (of a .gz output: every line of its
+    whole members); return the whole records."""
+    data = _text(path)
     lines = data.split(b"\n")
     records = [json.loads(line) for line in lines[:-1]]
     return records
@@ -44,17 +45,55 @@ def many_prompts(tmp_path_factory) -> Path:
     return path
 
 
+def _members(data: bytes) -> tuple[list[bytes], bytes]:
+    """(the decompressed text of each whole gzip member, the bytes after them: a member cut off),
+    read with zlib alone, as any gzip reader would."""
+    import zlib
+
+    whole = []
+    while data:
+        codec = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        text = codec.decompress(data)
+        if not codec.eof:
+            break
+        whole.append(text)
+        data = codec.unused_data
+    return whole, data
+
+
+def _text(path: Path) -> bytes:
+    """A plain output's bytes; a .gz output's whole members, decompressed."""
+    if not path.exists():
+        return b""
+    return b"".join(_members(path.read_bytes())[0]) if path.suffix == ".gz" else path.read_bytes()
+
+
 def _lines(path: Path) -> int:
-    return path.read_bytes().count(b"\n") if path.exists() else 0
+    return _text(path).count(b"\n")
 
 
 def test_sigkill_at_random_moments_then_resume(tiny_model, many_prompts, tmp_path):
     """Kill -9 a real run at random moments (after a random number of new records plus a random
     delay, so kills land between and inside batches on fast and slow machines alike), resume,
     repeat until a run finishes by itself."""
+    _kill_and_resume(tiny_model, many_prompts, tmp_path / "pairs.jsonl")
+
+
+def test_sigkill_a_gzip_output_at_random_moments_then_resume(tiny_model, many_prompts, tmp_path):
+    """Issue 31: the same for -o pairs.jsonl.gz (a gzip member per batch): every member before the
+    kill is whole, every record there once, and the file a valid gzip file throughout."""
+    out = tmp_path / "pairs.jsonl.gz"
+    _kill_and_resume(tiny_model, many_prompts, out)
+    whole, rest = _members(out.read_bytes())
+    assert rest == b"" and all(text.endswith(b"\n") for text in whole)
+    import gzip
+
+    assert gzip.decompress(out.read_bytes()) == b"".join(whole)
+
+
+def _kill_and_resume(tiny_model, many_prompts, out: Path) -> None:
     seed = int(os.environ.get("CAI_KILL_SEED", time.time_ns() % 10_000))
     rng = random.Random(seed)
-    out = tmp_path / "pairs.jsonl"
     args = [many_prompts, "--model", tiny_model, "-o", out, "--batch-size", "2", "--max-new-tokens", "12",
             "--no-few-shot", "-q"]
     kills = 0
@@ -76,11 +115,165 @@ def test_sigkill_at_random_moments_then_resume(tiny_model, many_prompts, tmp_pat
         break
     else:
         pytest.fail(f"seed {seed}: no run finished in 40 attempts")
-    print(f"sigkill test: seed {seed}, {kills} kills, {len(read_jsonl(out))} records")
+    records = _read(out)     # whole lines only, ending in a newline
+    print(f"sigkill test: seed {seed}, {kills} kills, {len(records)} records")
     assert kills >= 3, f"seed {seed}: only {kills} kills"
-    records = read_jsonl(out)     # whole lines only, ending in a newline
     ids = [r["id"] for r in records]
     assert sorted(ids) == [f"p{i:03d}" for i in range(40)], f"seed {seed}: every prompt exactly once"
+
+
+def _read(path: Path) -> list[dict]:
+    """read_jsonl of a plain or a .gz output (whose every member must be whole)."""
+    if path.suffix != ".gz":
+        return read_jsonl(path)
+    whole, rest = _members(path.read_bytes())
+    assert rest == b"", "a finished run leaves whole members only"
+    text = b"".join(whole).decode()
+    assert text == "" or text.endswith("\n")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+# --- compressed outputs (issue 31) ------------------------------------------------------------
+
+CODECS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma", ".zst": "zstandard"}
+
+
+def _decompress(path: Path) -> bytes:
+    """The whole file decompressed by the format's own library (every member, as its tools do)."""
+    import importlib
+
+    data = path.read_bytes()
+    if path.suffix != ".zst":
+        return importlib.import_module(CODECS[path.suffix]).decompress(data)
+    import zstandard
+
+    out = []
+    while data:                      # frame by frame: zstandard reads a cut-off frame quietly
+        codec = zstandard.ZstdDecompressor().decompressobj()
+        out.append(codec.decompress(data))
+        if not codec.eof:
+            raise ValueError("a zstd frame cut off")
+        data = codec.unused_data
+    return b"".join(out)
+
+
+# Kill -9 a run in the middle of writing its third member: half the member's bytes are in the file.
+_KILL_MID_MEMBER = """
+import os, signal, sys
+from cai.output import RecordWriter
+put, members = RecordWriter._put, []
+def half_then_kill(self, data):
+    if self.target == sys.argv[sys.argv.index("-o") + 1] and data:
+        members.append(data)
+        if len(members) == 3:
+            self._fp.write(data[: len(data) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+    return put(self, data)
+RecordWriter._put = half_then_kill
+sys.argv[0] = "cai"
+from cai.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("suffix", list(CODECS))
+def test_a_compressed_output_killed_mid_member_resumes_with_every_record_once(tiny_model, many_prompts, tmp_path, suffix):
+    """-o pairs.jsonl.gz (.bz2, .xz, .zst) is written compressed, a member per batch; kill -9 while
+    a member is half written, resume: the half member is cut off, every record is there once, and
+    the format's own library reads the file whole."""
+    if suffix == ".zst":
+        pytest.importorskip("zstandard")
+    out = tmp_path / f"pairs.jsonl{suffix}"
+    args = plumbing(["generate", many_prompts, "--model", tiny_model, "-o", out, "--limit", "8", "--batch-size", "2",
+                     "--max-new-tokens", "6", "--no-few-shot", "-q"])
+    killed = subprocess.run([sys.executable, "-c", _KILL_MID_MEMBER, *args], capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+    cut = out.read_bytes()
+    assert any(cut.startswith(sig) for sig in (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd"))
+    with pytest.raises(Exception):
+        _decompress(out)                                 # the half member: not a whole file yet
+    resumed = CliRunner().invoke(app, [a for a in args if a != "-q"])     # not quiet: says what it cuts off
+    assert resumed.exit_code == 0, resumed.output
+    assert "cutting a torn" in resumed.stderr and "records already there" in resumed.stderr, resumed.stderr
+    data = out.read_bytes()
+    text = _decompress(out).decode()
+    ids = [json.loads(line)["id"] for line in text.splitlines()]
+    assert sorted(ids) == [f"p{i:03d}" for i in range(8)], "every record exactly once"
+    assert text.endswith("\n")
+    again = CliRunner().invoke(app, args)               # finished: nothing to do, file unchanged
+    assert again.exit_code == 0 and out.read_bytes() == data, again.output
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".zst"])
+def test_stats_export_judge_and_merge_read_a_compressed_output(tiny_model, tmp_path, suffix):
+    """What generate writes compressed, the other commands read (and write, named so); a file cut
+    inside its last member (a run killed mid-batch) is what a torn last line is to each of them."""
+    if suffix == ".zst":
+        pytest.importorskip("zstandard")
+    pairs = tmp_path / f"pairs.jsonl{suffix}"
+    made = CliRunner().invoke(app, plumbing(["generate", EXAMPLES, "--model", tiny_model, "-o", pairs, "--limit", "4",
+                                             "--batch-size", "2", "--max-new-tokens", "4", "-q"]))
+    assert made.exit_code == 0, made.output
+    ids = sorted(json.loads(line)["id"] for line in _decompress(pairs).decode().splitlines())
+    assert len(ids) == 4
+    stats = CliRunner().invoke(app, ["stats", str(pairs), "--json"])
+    assert stats.exit_code == 0 and json.loads(stats.stdout)["input"]["kept"] == 4, stats.output
+    exported = tmp_path / f"e.jsonl{suffix}"
+    result = CliRunner().invoke(app, ["export", str(pairs), "-o", str(exported), "--test-size", "0.5", "--format", "sft"])
+    assert result.exit_code == 0, result.output
+    parts = [tmp_path / f"e.{part}.jsonl{suffix}" for part in ("train", "test")]
+    assert sorted(json.loads(line)["id"] for p in parts for line in _decompress(p).decode().splitlines()) == ids
+    folder = tmp_path / "dpo"
+    assert CliRunner().invoke(app, ["export", str(pairs), "--to", "trl", str(folder)]).exit_code == 0
+    assert len(read_jsonl(folder / "data" / "train.jsonl")) == 4
+    judged = tmp_path / f"judged.jsonl{suffix}"
+    result = CliRunner().invoke(app, ["judge", str(pairs), "--model", str(tiny_model), "-o", str(judged), "-q"])
+    assert result.exit_code == 0, result.output
+    assert all("judge" in json.loads(line) for line in _decompress(judged).decode().splitlines())
+    merged = tmp_path / f"merged.jsonl{suffix}"
+    result = CliRunner().invoke(app, ["merge", str(merged), str(pairs), str(pairs)])
+    assert result.exit_code == 0 and "4 records, 4 duplicate ids dropped, 0 torn" in result.stderr, result.output
+    assert _decompress(merged) == _decompress(pairs)
+    # cut inside the last member, as a kill -9 mid-write leaves it
+    cut = tmp_path / f"cut.jsonl{suffix}"
+    cut.write_bytes(pairs.read_bytes()[:-7])
+    stats = CliRunner().invoke(app, ["stats", str(cut), "--json"])
+    assert stats.exit_code == 0 and json.loads(stats.stdout)["input"]["torn_lines"] == 1, stats.output
+    assert "stops inside its last compressed member" in stats.stderr or "torn last line" in stats.stderr
+    result = CliRunner().invoke(app, ["export", str(cut), "-o", str(tmp_path / "x.jsonl")])
+    assert result.exit_code == 2 and "rerun cai generate to repair it" in result.stderr, result.output
+    assert not (tmp_path / "x.jsonl").exists()
+    result = CliRunner().invoke(app, ["merge", str(tmp_path / "m2.jsonl"), str(cut)])
+    assert result.exit_code == 0 and "1 torn" in result.stderr, result.output
+
+
+def test_one_writer_per_compressed_output(tiny_model, tmp_path):
+    from cai.locks import OutputLock
+
+    out = tmp_path / "pairs.jsonl.gz"
+    with OutputLock(str(out)):
+        result = CliRunner().invoke(app, plumbing(["generate", EXAMPLES, "--model", tiny_model, "-o", out,
+                                                   "--limit", "2", "--max-new-tokens", "4"]))
+    assert result.exit_code == 2 and "another cai run is writing it" in result.stderr, result.output
+    assert not out.exists()
+
+
+def test_sigterm_on_a_gzip_output_writes_what_is_in_flight_then_resumes(tiny_model, many_prompts, tmp_path):
+    """A graceful stop writes the records in flight as a last whole member; the resume finishes."""
+    out = tmp_path / "pairs.jsonl.gz"
+    args = [many_prompts, "--model", tiny_model, "-o", out, "--batch-size", "2", "--max-new-tokens", "12",
+            "--no-few-shot"]
+    proc = _start_and_wait_for_records(args, out)
+    proc.send_signal(signal.SIGTERM)
+    written_then = _lines(out)
+    stderr = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 143, stderr
+    records = _read(out)                          # whole members only: nothing cut off
+    assert written_then <= len(records) <= written_then + 2 < 40
+    assert f"interrupted (SIGTERM): {len(records)} records written" in " ".join(stderr.split())
+    resumed = subprocess.run(cai_command(*args, "-q"), capture_output=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    assert sorted(r["id"] for r in _read(out)) == [f"p{i:03d}" for i in range(40)]
 
 
 def _default_signals() -> None:
@@ -368,6 +561,7 @@ BAD_INPUTS = [
     ("skipped-is-the-failures-kind", EX, ["--skipped", "@write:f.jsonl:{\"id\": \"a\", \"stage\": \"response\", \"error\": \"e\"}\n"], "--skipped: {tmp}/f.jsonl exists and is not a cai skipped file (its first line has no kind or reason field)"),
     ("filtered-of-another-run", EX, ["--filtered", "@write:dropped.jsonl:{\"id\": \"a\", \"meta\": {\"seed\": 0}, \"filter\": {\"reasons\": [\"empty\"]}}\n"], "--filtered: {tmp}/dropped.jsonl holds records of a different run (model: None →"),
     ("failures-is-a-directory", EX, ["--failures", "@dir"], "--failures: {tmp} is a directory"),
+    ("output-gz-holding-plain-jsonl", EX, ["-o", "@write:old.jsonl.gz:{\"id\": \"a\", \"meta\": {}}\n"], "{tmp}/old.jsonl.gz: not a valid gzip file (it does not start with the gzip signature); it is plain JSON text under a compressed name: rename it without the suffix, or compress it"),
 ]
 
 

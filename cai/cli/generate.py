@@ -20,7 +20,7 @@ from cai.cli.render import RunProgress, err, generate_summary, setup_logging
 @backend_options
 def generate(
     prompts: Annotated[str, typer.Argument(help="Prompts: .jsonl (one object per line), .csv/.tsv (a header row), a text file (one prompt per line), any of them .gz/.bz2/.xz/.zst compressed; .parquet, .arrow/.feather, a folder saved by datasets, a Hub dataset id (owner/name); or - for stdin.", show_default=False)],
-    output: Annotated[str, typer.Option("--output", "-o", help="Where records go: a .jsonl file, or - for stdout.")] = "-",
+    output: Annotated[str, typer.Option("--output", "-o", help="Where records go: a .jsonl file (named .jsonl.gz, .bz2, .xz or .zst: written compressed, resumable all the same), or - for stdout.")] = "-",
     constitution: Annotated[str, typer.Option("--constitution", "-c", help="A shipped constitution by name (see `cai constitution list`) or a path to a YAML file.")] = "harmless",
     templates: Annotated[str, typer.Option("--templates", help="Prompt templates: a shipped set by name or a folder of .jinja files.")] = "default",
     prompt_field: Annotated[str, typer.Option("--prompt-field", help="Field (or column) that holds the prompt: a string, a chat transcript (a messages list, ShareGPT conversations, or hh-rlhf 'Human: … Assistant: …' text), or a dotted path into nested fields. Without a 'prompt' field, 'messages' or 'conversations' is used.")] = "prompt",

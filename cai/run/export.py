@@ -17,6 +17,7 @@ class ExportSummary:
 
 def export(pairs: str, output: str = "-", *, format: str = "standard", test_size: float | None = None,
            seed: int = 0, lock: bool = True) -> ExportSummary:
+    from cai.compressed import compression_of
     from cai.inputs import read_records
     from cai.locks import Locks
     from cai.output import RecordWriter, check_writable
@@ -26,6 +27,8 @@ def export(pairs: str, output: str = "-", *, format: str = "standard", test_size
         raise OptionError("format", f"unknown value '{format}'; choose from {', '.join(EXPORT_FORMATS)}")
     if test_size is not None and not 0 < test_size < 1:
         raise OptionError("test_size", f"must be between 0 and 1 (got {test_size:g})")
+    if output != "-" and compression_of(output) and Path(output).with_suffix("").suffix == ".parquet":
+        raise OptionError("output", f"{output}: a Parquet file compresses its own columns; name it .parquet")
     if test_size is not None and (output == "-" or (Path(output).exists() and not Path(output).is_file())):
         raise OptionError("test_size", "needs an output file (-o FILE) to name OUT.train and OUT.test after")
     records = _shaped(pairs, read_records(pairs), lambda r: to_format(r, format))
@@ -67,8 +70,13 @@ def _parquet(target: str, part: list[dict]) -> None:
 
 
 def with_part(path: str, part: str) -> str:
+    """OUT.train.jsonl from OUT.jsonl (and OUT.train.jsonl.gz from OUT.jsonl.gz)."""
+    from cai.compressed import compression_of
+
     p = Path(path)
-    return str(p.with_name(f"{p.stem}.{part}{p.suffix}"))
+    compressed = p.suffix if compression_of(path) else ""
+    p = p.with_suffix("") if compressed else p
+    return str(p.with_name(f"{p.stem}.{part}{p.suffix}{compressed}"))
 
 
 @dataclass

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cai.compressed import compression_of, compressor
 from cai.errors import CaiError, OptionError
 
 ON_CONFLICT = ("error", "first", "last")
@@ -65,13 +67,15 @@ def merge(output: str, inputs: list[str], *, overwrite: bool = False, on_conflic
     chosen: dict[str, tuple[str, bytes, dict]] = {}      # id → (where, line, content)
     reference = None
     for path in inputs:
-        with open(path, "rb") as fp:
+        torn = False
+        with _lines(path) as (fp, cut):
             for number, raw in enumerate(fp, start=1):
                 where = f"{path}:{number}"
                 if not raw.strip():
                     continue
                 try:
                     if not raw.endswith(b"\n"):
+                        torn = True
                         raise ValueError("no newline")
                     record = json.loads(raw)
                 except (ValueError, UnicodeDecodeError):
@@ -100,6 +104,10 @@ def merge(output: str, inputs: list[str], *, overwrite: bool = False, on_conflic
                     summary.conflicts.append(f"{record['id']}: {chosen[record['id']][0]} and {where} differ")
                     if on_conflict == "last":
                         chosen[record["id"]] = (where, raw, content)
+        if cut and not torn:              # cut off between two lines: no torn line says so
+            summary.torn += 1
+            summary.problems.append(f"{path}: stops inside its last compressed member (a writer stopped "
+                                    "mid-batch); read up to there")
     if summary.conflicts and on_conflict == "error":
         shown = "; ".join(summary.conflicts[:3]) + (f"; and {len(summary.conflicts) - 3} more" if len(summary.conflicts) > 3 else "")
         raise MergeConflict(f"{len(summary.conflicts)} ids have two different records ({shown}); nothing written. "
@@ -110,6 +118,20 @@ def merge(output: str, inputs: list[str], *, overwrite: bool = False, on_conflic
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
         return summary
+    kind = compression_of(output) if output != "-" else None
     with Locks([output], enabled=lock):
-        write_whole(output, data)
+        write_whole(output, compressor(kind, output)(data) if kind else data)
     return summary
+
+
+@contextmanager
+def _lines(path: str):
+    """(the lines of an input, decompressed where its name or first bytes say so; a list that
+    holds True once the data stopped inside its last compressed member: a writer killed
+    mid-batch, read up to there)."""
+    from cai.compressed import open_stream
+
+    cut: list[bool] = []
+    with open(path, "rb") as fp:
+        stream, _ = open_stream(fp, path, kind=compression_of(path), on_cut=lambda: cut.append(True))
+        yield stream, cut
