@@ -327,8 +327,9 @@ def iter_jsonl(source: str, stdin: IO[bytes] | None = None, warn: Callable[[str]
     compressed files (by suffix, or by their first bytes) are read decompressed.
 
     A last line without its newline that is not JSON (a writer killed mid-line) is reported
-    through `warn` and skipped, or with `allow_torn=False` is an error; any other line that is
-    not a JSON object is an error naming file:line."""
+    through `warn` and skipped, or with `allow_torn=False` is an error; so is a compressed file
+    that stops inside its last member (cai writes one per batch: a writer killed mid-batch); any
+    other line that is not a JSON object is an error naming file:line."""
     name = "<stdin>" if source == "-" else source
     if source == "-":
         fp = stdin or sys.stdin.buffer
@@ -342,8 +343,17 @@ def iter_jsonl(source: str, stdin: IO[bytes] | None = None, warn: Callable[[str]
             raise InputError(source, "no such file") from None
         except OSError as exc:
             raise InputError(source, f"cannot read: {exc.strerror}") from None
+    cut: list[bool] = []
+
+    def cut_off() -> None:
+        if not allow_torn:
+            raise InputError(name, "it stops inside its last compressed member (a writer stopped mid-batch? "
+                                   "rerun cai generate to repair it)")
+        cut.append(True)
+
     try:
-        lines, _ = open_stream(fp, name, kind=None if source == "-" else _suffixes(source)[0])
+        lines, _ = open_stream(fp, name, kind=None if source == "-" else _suffixes(source)[0], on_cut=cut_off)
+        number, torn = 0, False
         for number, raw in enumerate(bounded_lines(lines, name), start=1):
             if not raw.strip():
                 continue
@@ -351,6 +361,7 @@ def iter_jsonl(source: str, stdin: IO[bytes] | None = None, warn: Callable[[str]
                 obj = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError):
                 if allow_torn and not raw.endswith(b"\n"):      # only the last line can lack its newline
+                    torn = True
                     if warn:
                         warn(f"{name}:{number}: torn last line (no newline, not JSON); skipped")
                     continue
@@ -359,6 +370,9 @@ def iter_jsonl(source: str, stdin: IO[bytes] | None = None, warn: Callable[[str]
             if not isinstance(obj, dict):
                 raise InputError(name, f"expected a JSON object, got {type(obj).__name__}", line=number)
             yield name, number, obj
+        if cut and not torn and warn:
+            warn(f"{name}: stops inside its last compressed member after line {number} (a writer stopped "
+                 "mid-batch); read up to there")
     finally:
         if source != "-":
             fp.close()

@@ -88,8 +88,16 @@ class OutputLock:
                 continue
             break
         since = datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {since}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {since}\n".encode())
+        except OSError as exc:
+            # a disk already full (or a quota met) when the run starts: nothing is written yet,
+            # so say so before anything loads, and leave no lock file behind (removed while held)
+            self._fd = fd
+            self.release()
+            raise OutputError(self.target, f"cannot write the lock file {self.path}: "
+                              f"{exc.strerror or exc}; nothing was written", exit_code=2) from None
         self._fd = fd
         return self
 

@@ -1,5 +1,7 @@
 """Writing records: one whole line per write, fsynced at batch boundaries, appended on resume; and
-reading back what an existing output holds."""
+reading back what an existing output holds. An output named .gz, .bz2, .xz or .zst is written
+compressed: each batch one whole member (see cai.compressed), so what a resume keeps is the whole
+members, as it keeps the whole lines of a plain file."""
 
 from __future__ import annotations
 
@@ -11,9 +13,12 @@ from dataclasses import dataclass, field
 from collections.abc import Callable
 from pathlib import Path
 
+from cai.compressed import CUT, compression_of, compressor, members
 from cai.errors import InputError, OutputError
 
 SIDE_FILES = {"filtered": ".filtered.jsonl", "failures": ".failures.jsonl", "skipped": ".skipped.jsonl"}
+# the fields every line of a side file has (cai.curation, run.generate._Failures, _skip_invalid)
+SIDE_FIELDS = {"filtered": ("meta", "filter"), "failures": ("stage", "error"), "skipped": ("kind", "reason")}
 
 
 def side_path(output: str | None, kind: str) -> str | None:
@@ -63,6 +68,9 @@ def scan_output(path: Path, check: Callable[[dict], bool] | None = None) -> Exis
     except OSError as exc:
         raise InputError(path, f"cannot read existing output: {exc.strerror}") from None
     with fp:
+        kind = compression_of(str(path))
+        if kind:
+            return _scan_members(fp, path, kind, check)
         for number, raw in enumerate(fp, start=1):
             try:
                 if not raw.endswith(b"\n"):
@@ -70,7 +78,9 @@ def scan_output(path: Path, check: Callable[[dict], bool] | None = None) -> Exis
                 record = json.loads(raw)
                 ids.add(str(record["id"]))
             except (ValueError, KeyError, TypeError):
-                if fp.read().strip():
+                # only a last line without its newline is torn (a writer stopped mid-line): a
+                # whole line that is not a record is someone else's file, even as the last one
+                if raw.endswith(b"\n"):
                     raise InputError(path, "not a whole cai record; cannot resume from this file",
                                      line=number) from None
                 return ExistingOutput(ids, first, offset, torn=True, stale=stale)
@@ -79,6 +89,80 @@ def scan_output(path: Path, check: Callable[[dict], bool] | None = None) -> Exis
             first = first or record
             offset += len(raw)
     return ExistingOutput(ids, first, offset, torn=False, stale=stale)
+
+
+def _scan_members(fp, path: Path, kind: str, check: Callable[[dict], bool] | None = None) -> ExistingOutput:
+    """scan_output of a compressed output: the ids of its whole members (each ends on a whole
+    line), and their bytes; a member cut off (a writer killed mid-member) and what follows the last
+    member that ends on a whole line are the torn end a resume cuts off."""
+    ids: set[str] = set()
+    first = None
+    whole, number, rest = 0, 0, b""
+    since: set[str] = set()             # ids read since the last whole member
+    since_first = None
+    stale: list[tuple[str, int]] = []
+    since_stale: list[tuple[str, int]] = []
+    stream = members(fp, kind, str(path))
+    while True:
+        try:
+            data, end = next(stream)
+        except StopIteration:
+            break
+        except InputError:              # bad compressed data
+            if _zeroed_end(fp, whole, kind, str(path)):
+                break
+            raise
+        if data:
+            *lines, rest = (rest + data).split(b"\n")
+            for raw in lines:
+                number += 1
+                try:
+                    record = json.loads(raw)
+                    since.add(str(record["id"]))
+                except (ValueError, KeyError, TypeError):
+                    raise InputError(path, "not a whole cai record; cannot resume from this file",
+                                     line=number) from None
+                if check is not None and not check(record):
+                    since_stale.append((str(record["id"]), number))
+                since_first = since_first or record
+        elif end != CUT and not rest:
+            ids |= since
+            stale += since_stale
+            first = first or since_first
+            whole, since, since_first, since_stale = end, set(), None, []
+    return ExistingOutput(ids, first, whole, torn=whole < os.fstat(fp.fileno()).st_size, stale=stale)
+
+
+def _zeroed_end(fp, whole: int, kind: str, name: str) -> bool:
+    """Whether what follows the last whole member is the start of a member and then NUL bytes to
+    the end: what a crash can leave of a write never synced (the file longer, its blocks zeros)."""
+    import io
+
+    fp.seek(whole)
+    tail = fp.read(1 << 26)
+    start = tail.rstrip(b"\0")
+    if len(start) == len(tail) or fp.read(1):
+        return False
+    try:
+        for _ in members(io.BytesIO(start), kind, name):
+            pass
+    except InputError:
+        return False
+    return True
+
+
+def side_file_problem(path: str, kind: str) -> str | None:
+    """Why the existing file `path` is not a cai side file of `kind` (filtered, failures,
+    skipped), or None when it is one, or is empty: its lines are whole records, as an output's
+    must be to be continued (`scan_output`), with the fields of that kind's lines."""
+    try:
+        existing = scan_output(Path(path))
+    except InputError as exc:
+        return f"line {exc.line} is not a cai record" if exc.line else exc.detail
+    if existing.first is None:
+        return "it holds no whole line" if existing.torn else None
+    missing = [name for name in SIDE_FIELDS[kind] if name not in existing.first]
+    return f"its first line has no {' or '.join(missing)} field" if missing else None
 
 
 def check_writable(target: str) -> None:
@@ -90,11 +174,30 @@ def check_writable(target: str) -> None:
     if path.exists():
         ok, reason = os.access(path, os.W_OK), "Permission denied"
     elif not parent.is_dir():
-        ok, reason = False, "No such file or directory"
+        ok, reason = False, f"{parent} is not a folder" if parent.exists() else "No such file or directory"
     else:
         ok, reason = os.access(parent, os.W_OK), "Permission denied"
     if not ok:
         raise InputError(target, f"cannot write output: {reason}")
+    kind = compression_of(target)
+    if kind:
+        compressor(kind, target)            # zstd needs a package: say so now
+
+
+def check_folder(folder: str) -> None:
+    """Fail now, before anything is read or written, if `folder` cannot be written into or made
+    (with whichever of its parents are missing); create nothing."""
+    path = Path(folder)
+    there = path
+    while not (there.exists() or there.is_symlink()) and there != there.parent:
+        there = there.parent            # the nearest part of the path that exists
+    if not there.is_dir():
+        reason = f"{there} is not a folder"
+    elif not os.access(there, os.W_OK | os.X_OK):
+        reason = "Permission denied" + (f" (in {there})" if there != path else "")
+    else:
+        return
+    raise InputError(folder, f"cannot write output: {reason}")
 
 
 class RecordWriter:
@@ -102,7 +205,13 @@ class RecordWriter:
     many `write` calls as the OS needs, and cut back to the last whole line if anything (a full
     disk, a signal) stops it halfway, so a file never holds half a record. `sync` fsyncs at batch
     boundaries; `close` syncs too. A write error becomes an OutputError that says how many
-    records are safe and that a rerun continues."""
+    records are safe and that a rerun continues.
+
+    A file named .gz, .bz2, .xz or .zst is written compressed: the lines of a batch are kept until
+    `sync` (or until MEMBER_BYTES of them), which writes them as one whole member, cut back as a
+    line is if anything stops it halfway. A file with no record is one empty member, a valid file."""
+
+    MEMBER_BYTES = 1 << 20
 
     def __init__(self, target: str, append_at: int | None = None):
         """`append_at`: keep that many bytes of an existing file and append after them (resume);
@@ -110,11 +219,17 @@ class RecordWriter:
         self.target = target
         self.count = 0
         self.records: list[dict] | None = None
+        kind = compression_of(target) if target != "-" else None
+        self._compress = compressor(kind, target) if kind else None
+        self._pending: list[bytes] = []         # lines of the member to come (compressed files)
+        self._pending_bytes = 0
+        self._failed = False
         if target == "-":
             self._fp = sys.stdout.buffer
-            self._owned = False
+            self._owned, self._created = False, False
             self.offset = 0
         else:
+            self._created = not os.path.lexists(target)
             try:
                 self._fp = open(target, "ab" if append_at is not None else "wb", buffering=0)
                 if append_at is not None and os.fstat(self._fp.fileno()).st_size > append_at:
@@ -137,6 +252,18 @@ class RecordWriter:
             self._fp.write(data)
             self.count += 1
             return
+        if self._compress:
+            self._pending.append(data)
+            self._pending_bytes += len(data)
+            self.count += 1
+            if self._pending_bytes >= self.MEMBER_BYTES:
+                self._flush_member()
+            return
+        self._put(data)
+        self.count += 1
+
+    def _put(self, data: bytes) -> None:
+        """Write `data` whole, or cut the file back to where it was."""
         view = memoryview(data)
         try:
             while view:
@@ -145,10 +272,18 @@ class RecordWriter:
         except BaseException as exc:
             self._cut_back()
             if isinstance(exc, OSError):
-                raise self._error(exc) from None
-            raise
+                error = self._error(exc)
+                self._pending, self._pending_bytes = [], 0      # not written: close() does not try again
+                self._failed = True
+                self._drop_if_empty()
+                raise error from None
+            raise                       # a signal: the lines of a member stay, for close() to write
         self.offset += len(data)
-        self.count += 1
+
+    def _flush_member(self) -> None:
+        if self._pending:
+            self._put(self._compress(b"".join(self._pending)))
+            self._pending, self._pending_bytes = [], 0
 
     def _cut_back(self) -> None:
         try:
@@ -156,12 +291,23 @@ class RecordWriter:
         except OSError:
             pass
 
+    def _drop_if_empty(self) -> None:
+        """A file this writer created and could not write a first record to (a disk already
+        full) is removed, not left empty beside the error."""
+        if self._created and not self.offset:
+            self._fp.close()
+            Path(self.target).unlink(missing_ok=True)
+
     def _error(self, exc: OSError) -> OutputError:
-        safe = "no records" if not self.offset else f"{self.count} records of this run"
+        safe = "no records" if not self.offset else f"{self.count - len(self._pending)} records of this run"
         return OutputError(self.target, f"cannot write: {exc.strerror or exc}; {safe} written whole before it"
                            + ("; fix it and run the same command again to continue" if self.count or self.before else ""))
 
     def sync(self) -> None:
+        if self._fp.closed:
+            return
+        if self._compress:
+            self._flush_member()
         try:
             self._fp.flush()
             if self._owned:
@@ -175,6 +321,8 @@ class RecordWriter:
 
     def close(self) -> None:
         try:
+            if self._compress and not (self._fp.closed or self.offset or self._pending or self._failed):
+                self._put(self._compress(b""))      # no record: an empty member, not an empty .gz
             self.sync()
         finally:
             if self._owned and not self._fp.closed:

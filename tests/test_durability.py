@@ -27,8 +27,9 @@ def cai_command(*args) -> list[str]:
 
 
 def whole_records(path: Path) -> list[dict]:
-    """Every line but possibly a torn last one must parse; return the whole records."""
-    data = path.read_bytes() if path.exists() else b""
+    """Every line but possibly a torn last one must parse (of a .gz output: every line of its
+    whole members); return the whole records."""
+    data = _text(path)
     lines = data.split(b"\n")
     records = [json.loads(line) for line in lines[:-1]]
     return records
@@ -44,17 +45,55 @@ def many_prompts(tmp_path_factory) -> Path:
     return path
 
 
+def _members(data: bytes) -> tuple[list[bytes], bytes]:
+    """(the decompressed text of each whole gzip member, the bytes after them: a member cut off),
+    read with zlib alone, as any gzip reader would."""
+    import zlib
+
+    whole = []
+    while data:
+        codec = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        text = codec.decompress(data)
+        if not codec.eof:
+            break
+        whole.append(text)
+        data = codec.unused_data
+    return whole, data
+
+
+def _text(path: Path) -> bytes:
+    """A plain output's bytes; a .gz output's whole members, decompressed."""
+    if not path.exists():
+        return b""
+    return b"".join(_members(path.read_bytes())[0]) if path.suffix == ".gz" else path.read_bytes()
+
+
 def _lines(path: Path) -> int:
-    return path.read_bytes().count(b"\n") if path.exists() else 0
+    return _text(path).count(b"\n")
 
 
 def test_sigkill_at_random_moments_then_resume(tiny_model, many_prompts, tmp_path):
     """Kill -9 a real run at random moments (after a random number of new records plus a random
     delay, so kills land between and inside batches on fast and slow machines alike), resume,
     repeat until a run finishes by itself."""
+    _kill_and_resume(tiny_model, many_prompts, tmp_path / "pairs.jsonl")
+
+
+def test_sigkill_a_gzip_output_at_random_moments_then_resume(tiny_model, many_prompts, tmp_path):
+    """Issue 31: the same for -o pairs.jsonl.gz (a gzip member per batch): every member before the
+    kill is whole, every record there once, and the file a valid gzip file throughout."""
+    out = tmp_path / "pairs.jsonl.gz"
+    _kill_and_resume(tiny_model, many_prompts, out)
+    whole, rest = _members(out.read_bytes())
+    assert rest == b"" and all(text.endswith(b"\n") for text in whole)
+    import gzip
+
+    assert gzip.decompress(out.read_bytes()) == b"".join(whole)
+
+
+def _kill_and_resume(tiny_model, many_prompts, out: Path) -> None:
     seed = int(os.environ.get("CAI_KILL_SEED", time.time_ns() % 10_000))
     rng = random.Random(seed)
-    out = tmp_path / "pairs.jsonl"
     args = [many_prompts, "--model", tiny_model, "-o", out, "--batch-size", "2", "--max-new-tokens", "12",
             "--no-few-shot", "-q"]
     kills = 0
@@ -76,11 +115,165 @@ def test_sigkill_at_random_moments_then_resume(tiny_model, many_prompts, tmp_pat
         break
     else:
         pytest.fail(f"seed {seed}: no run finished in 40 attempts")
-    print(f"sigkill test: seed {seed}, {kills} kills, {len(read_jsonl(out))} records")
+    records = _read(out)     # whole lines only, ending in a newline
+    print(f"sigkill test: seed {seed}, {kills} kills, {len(records)} records")
     assert kills >= 3, f"seed {seed}: only {kills} kills"
-    records = read_jsonl(out)     # whole lines only, ending in a newline
     ids = [r["id"] for r in records]
     assert sorted(ids) == [f"p{i:03d}" for i in range(40)], f"seed {seed}: every prompt exactly once"
+
+
+def _read(path: Path) -> list[dict]:
+    """read_jsonl of a plain or a .gz output (whose every member must be whole)."""
+    if path.suffix != ".gz":
+        return read_jsonl(path)
+    whole, rest = _members(path.read_bytes())
+    assert rest == b"", "a finished run leaves whole members only"
+    text = b"".join(whole).decode()
+    assert text == "" or text.endswith("\n")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+# --- compressed outputs (issue 31) ------------------------------------------------------------
+
+CODECS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma", ".zst": "zstandard"}
+
+
+def _decompress(path: Path) -> bytes:
+    """The whole file decompressed by the format's own library (every member, as its tools do)."""
+    import importlib
+
+    data = path.read_bytes()
+    if path.suffix != ".zst":
+        return importlib.import_module(CODECS[path.suffix]).decompress(data)
+    import zstandard
+
+    out = []
+    while data:                      # frame by frame: zstandard reads a cut-off frame quietly
+        codec = zstandard.ZstdDecompressor().decompressobj()
+        out.append(codec.decompress(data))
+        if not codec.eof:
+            raise ValueError("a zstd frame cut off")
+        data = codec.unused_data
+    return b"".join(out)
+
+
+# Kill -9 a run in the middle of writing its third member: half the member's bytes are in the file.
+_KILL_MID_MEMBER = """
+import os, signal, sys
+from cai.output import RecordWriter
+put, members = RecordWriter._put, []
+def half_then_kill(self, data):
+    if self.target == sys.argv[sys.argv.index("-o") + 1] and data:
+        members.append(data)
+        if len(members) == 3:
+            self._fp.write(data[: len(data) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+    return put(self, data)
+RecordWriter._put = half_then_kill
+sys.argv[0] = "cai"
+from cai.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("suffix", list(CODECS))
+def test_a_compressed_output_killed_mid_member_resumes_with_every_record_once(tiny_model, many_prompts, tmp_path, suffix):
+    """-o pairs.jsonl.gz (.bz2, .xz, .zst) is written compressed, a member per batch; kill -9 while
+    a member is half written, resume: the half member is cut off, every record is there once, and
+    the format's own library reads the file whole."""
+    if suffix == ".zst":
+        pytest.importorskip("zstandard")
+    out = tmp_path / f"pairs.jsonl{suffix}"
+    args = plumbing(["generate", many_prompts, "--model", tiny_model, "-o", out, "--limit", "8", "--batch-size", "2",
+                     "--max-new-tokens", "6", "--no-few-shot", "-q"])
+    killed = subprocess.run([sys.executable, "-c", _KILL_MID_MEMBER, *args], capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+    cut = out.read_bytes()
+    assert any(cut.startswith(sig) for sig in (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd"))
+    with pytest.raises(Exception):
+        _decompress(out)                                 # the half member: not a whole file yet
+    resumed = CliRunner().invoke(app, [a for a in args if a != "-q"])     # not quiet: says what it cuts off
+    assert resumed.exit_code == 0, resumed.output
+    assert "cutting a torn" in resumed.stderr and "records already there" in resumed.stderr, resumed.stderr
+    data = out.read_bytes()
+    text = _decompress(out).decode()
+    ids = [json.loads(line)["id"] for line in text.splitlines()]
+    assert sorted(ids) == [f"p{i:03d}" for i in range(8)], "every record exactly once"
+    assert text.endswith("\n")
+    again = CliRunner().invoke(app, args)               # finished: nothing to do, file unchanged
+    assert again.exit_code == 0 and out.read_bytes() == data, again.output
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".zst"])
+def test_stats_export_judge_and_merge_read_a_compressed_output(tiny_model, tmp_path, suffix):
+    """What generate writes compressed, the other commands read (and write, named so); a file cut
+    inside its last member (a run killed mid-batch) is what a torn last line is to each of them."""
+    if suffix == ".zst":
+        pytest.importorskip("zstandard")
+    pairs = tmp_path / f"pairs.jsonl{suffix}"
+    made = CliRunner().invoke(app, plumbing(["generate", EXAMPLES, "--model", tiny_model, "-o", pairs, "--limit", "4",
+                                             "--batch-size", "2", "--max-new-tokens", "4", "-q"]))
+    assert made.exit_code == 0, made.output
+    ids = sorted(json.loads(line)["id"] for line in _decompress(pairs).decode().splitlines())
+    assert len(ids) == 4
+    stats = CliRunner().invoke(app, ["stats", str(pairs), "--json"])
+    assert stats.exit_code == 0 and json.loads(stats.stdout)["input"]["kept"] == 4, stats.output
+    exported = tmp_path / f"e.jsonl{suffix}"
+    result = CliRunner().invoke(app, ["export", str(pairs), "-o", str(exported), "--test-size", "0.5", "--format", "sft"])
+    assert result.exit_code == 0, result.output
+    parts = [tmp_path / f"e.{part}.jsonl{suffix}" for part in ("train", "test")]
+    assert sorted(json.loads(line)["id"] for p in parts for line in _decompress(p).decode().splitlines()) == ids
+    folder = tmp_path / "dpo"
+    assert CliRunner().invoke(app, ["export", str(pairs), "--to", "trl", str(folder)]).exit_code == 0
+    assert len(read_jsonl(folder / "data" / "train.jsonl")) == 4
+    judged = tmp_path / f"judged.jsonl{suffix}"
+    result = CliRunner().invoke(app, ["judge", str(pairs), "--model", str(tiny_model), "-o", str(judged), "-q"])
+    assert result.exit_code == 0, result.output
+    assert all("judge" in json.loads(line) for line in _decompress(judged).decode().splitlines())
+    merged = tmp_path / f"merged.jsonl{suffix}"
+    result = CliRunner().invoke(app, ["merge", str(merged), str(pairs), str(pairs)])
+    assert result.exit_code == 0 and "4 records, 4 duplicate ids dropped, 0 torn" in result.stderr, result.output
+    assert _decompress(merged) == _decompress(pairs)
+    # cut inside the last member, as a kill -9 mid-write leaves it
+    cut = tmp_path / f"cut.jsonl{suffix}"
+    cut.write_bytes(pairs.read_bytes()[:-7])
+    stats = CliRunner().invoke(app, ["stats", str(cut), "--json"])
+    assert stats.exit_code == 0 and json.loads(stats.stdout)["input"]["torn_lines"] == 1, stats.output
+    assert "stops inside its last compressed member" in stats.stderr or "torn last line" in stats.stderr
+    result = CliRunner().invoke(app, ["export", str(cut), "-o", str(tmp_path / "x.jsonl")])
+    assert result.exit_code == 2 and "rerun cai generate to repair it" in result.stderr, result.output
+    assert not (tmp_path / "x.jsonl").exists()
+    result = CliRunner().invoke(app, ["merge", str(tmp_path / "m2.jsonl"), str(cut)])
+    assert result.exit_code == 0 and "1 torn" in result.stderr, result.output
+
+
+def test_one_writer_per_compressed_output(tiny_model, tmp_path):
+    from cai.locks import OutputLock
+
+    out = tmp_path / "pairs.jsonl.gz"
+    with OutputLock(str(out)):
+        result = CliRunner().invoke(app, plumbing(["generate", EXAMPLES, "--model", tiny_model, "-o", out,
+                                                   "--limit", "2", "--max-new-tokens", "4"]))
+    assert result.exit_code == 2 and "another cai run is writing it" in result.stderr, result.output
+    assert not out.exists()
+
+
+def test_sigterm_on_a_gzip_output_writes_what_is_in_flight_then_resumes(tiny_model, many_prompts, tmp_path):
+    """A graceful stop writes the records in flight as a last whole member; the resume finishes."""
+    out = tmp_path / "pairs.jsonl.gz"
+    args = [many_prompts, "--model", tiny_model, "-o", out, "--batch-size", "2", "--max-new-tokens", "12",
+            "--no-few-shot"]
+    proc = _start_and_wait_for_records(args, out)
+    proc.send_signal(signal.SIGTERM)
+    written_then = _lines(out)
+    stderr = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 143, stderr
+    records = _read(out)                          # whole members only: nothing cut off
+    assert written_then <= len(records) <= written_then + 2 < 40
+    assert f"interrupted (SIGTERM): {len(records)} records written" in " ".join(stderr.split())
+    resumed = subprocess.run(cai_command(*args, "-q"), capture_output=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    assert sorted(r["id"] for r in _read(out)) == [f"p{i:03d}" for i in range(40)]
 
 
 def _default_signals() -> None:
@@ -172,6 +365,70 @@ def test_a_full_disk_is_one_line_not_a_traceback(tiny_model, tmp_path):
     pairs.write_text(json.dumps({"id": "a", "prompt": "p", "chosen": "c", "rejected": "r", "meta": {}}) + "\n")
     exported = CliRunner().invoke(app, ["export", str(pairs), "-o", "/dev/full"])
     assert exported.exit_code == 1 and "No space left on device" in exported.stderr
+
+
+def test_a_disk_full_when_the_run_starts_is_one_line_and_leaves_no_lock_file(tiny_model, tmp_path, monkeypatch):
+    """Issue 31: a disk already full when the run starts fails on the lock's holder line, before
+    anything loads: one line naming the output, exit 2, no lock file, the output untouched."""
+    import errno
+
+    real_write = os.write
+
+    def full_for_locks(fd, data):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".lock"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc/self/fd")
+    monkeypatch.setattr(os, "write", full_for_locks)
+    kept = tmp_path / "kept.jsonl"
+    kept.write_text('{"id": "keep-me", "meta": {"seed": 0}}\n')
+    for out in (tmp_path / "pairs.jsonl", kept):
+        before = out.read_bytes() if out.exists() else None
+        result = CliRunner().invoke(app, plumbing(["generate", EXAMPLES, "--model", tiny_model, "-o", out,
+                                                   "--limit", "2", "--max-new-tokens", "4"]))
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and f"{out}: " in errors[0] and "No space left on device" in errors[0], result.stderr
+        assert not Path(f"{out}.lock").exists(), "no lock file left behind"
+        assert (out.read_bytes() if out.exists() else None) == before, "the output untouched"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.jsonl"]
+
+
+def test_a_really_full_disk_leaves_no_file_behind(tiny_model, tmp_path):
+    """The same on a real full file system (a tiny tmpfs, where this machine lets the tests mount
+    one): refused before the model loads; with --no-lock the first record's write fails, and the
+    output it would have made is not left behind empty."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        resumed = disk / "resumed.jsonl"      # a whole page, so that appending needs a new one
+        line = '{"id": "keep-me", "meta": {"seed": 0}, "pad": ""}'
+        resumed.write_text(line.replace('""', '"' + "x" * (4095 - len(line)) + '"') + "\n")
+        assert resumed.stat().st_size == 4096
+        with open(disk / "fill", "wb", buffering=0) as fp:
+            try:
+                while True:
+                    fp.write(b"\0" * 4096)
+            except OSError:
+                pass
+        base = ["generate", EXAMPLES, "--model", tiny_model, "--limit", "2", "--max-new-tokens", "4"]
+        for out, extra, code in ((disk / "pairs.jsonl", [], 2), (disk / "pairs.jsonl", ["--no-lock"], 1),
+                                 (resumed, ["--no-lock", "--force"], 1)):
+            before = out.read_bytes() if out.exists() else None
+            result = CliRunner().invoke(app, plumbing([*base, "-o", out, *extra]))
+            assert result.exit_code == code, result.output
+            errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+            assert len(errors) == 1 and "No space left on device" in errors[0], result.stderr
+            assert (out.read_bytes() if out.exists() else None) == before
+            assert sorted(p.name for p in disk.iterdir()) == ["fill", "resumed.jsonl"]
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=False)     # even with a file left open
 
 
 def test_ctrl_c_after_the_last_prompt_started_ends_a_whole_run(tiny_model, many_prompts, tmp_path, monkeypatch):
@@ -321,6 +578,15 @@ BAD_INPUTS = [
     ("input-format-unknown", EX, ["--input-format", "xml"], "--input-format: unknown value 'xml'; choose from jsonl, csv, tsv, text, parquet, arrow"),
     ("input-format-parquet-on-stdin", "-", ["--input-format", "parquet"], "--input-format: parquet is read from a file, not from stdin"),
     ("input-format-csv-missing-column", _write("p.data", "text\nhello\n"), ["--input-format", "csv"], "p.data:1: prompt: missing (columns present: text"),
+    # issue 31 (files)
+    ("output-one-line-not-cai", EX, ["-o", "@write:notes.jsonl:my notes\n"], "notes.jsonl:1: not a whole cai record"),
+    ("filtered-not-cai", EX, ["--filtered", "@write:notes.txt:my notes\n"], "--filtered: " + "{tmp}/notes.txt exists and is not a cai filtered file (line 1 is not a cai record); use another file, or --overwrite to replace it"),
+    ("failures-not-cai", EX, ["--failures", "@write:scores.jsonl:{\"id\": \"a\", \"score\": 3}\n"], "--failures: {tmp}/scores.jsonl exists and is not a cai failures file (its first line has no stage or error field)"),
+    ("skipped-not-cai", EX, ["--skipped", "@write:table.csv:a,b\n1,2\n"], "--skipped: {tmp}/table.csv exists and is not a cai skipped file (line 1 is not a cai record)"),
+    ("skipped-is-the-failures-kind", EX, ["--skipped", "@write:f.jsonl:{\"id\": \"a\", \"stage\": \"response\", \"error\": \"e\"}\n"], "--skipped: {tmp}/f.jsonl exists and is not a cai skipped file (its first line has no kind or reason field)"),
+    ("filtered-of-another-run", EX, ["--filtered", "@write:dropped.jsonl:{\"id\": \"a\", \"meta\": {\"seed\": 0}, \"filter\": {\"reasons\": [\"empty\"]}}\n"], "--filtered: {tmp}/dropped.jsonl holds records of a different run (model: None →"),
+    ("failures-is-a-directory", EX, ["--failures", "@dir"], "--failures: {tmp} is a directory"),
+    ("output-gz-holding-plain-jsonl", EX, ["-o", "@write:old.jsonl.gz:{\"id\": \"a\", \"meta\": {}}\n"], "{tmp}/old.jsonl.gz: not a valid gzip file (it does not start with the gzip signature); it is plain JSON text under a compressed name: rename it without the suffix, or compress it"),
 ]
 
 
@@ -335,10 +601,15 @@ def test_bad_input_gives_one_line_exit_2_and_an_untouched_output(case, tiny_mode
     out = tmp_path / "out.jsonl"
     out.write_text('{"id": "keep-me", "meta": {"seed": 0}}\n')
     args = []
+    written = {}            # files a case brings (@write:NAME:CONTENT): each must be left as it was
     for arg in extra:
         if arg.startswith("@"):
             key = arg[1:]
-            if key.startswith("tpl:"):
+            if key.startswith("write:"):
+                name, content = key[len("write:"):].split(":", 1)
+                arg = _write(name, content)(tmp_path)
+                written[arg] = Path(arg).read_bytes()
+            elif key.startswith("tpl:"):
                 folder = tmp_path / "templates"
                 shutil.copytree(ROOT / "prompts" / "default", folder)
                 (folder / "critique.jinja").write_text(key[4:])
@@ -369,8 +640,40 @@ def test_bad_input_gives_one_line_exit_2_and_an_untouched_output(case, tiny_mode
     assert "Traceback" not in result.output
     assert result.stdout == ""
     assert out.read_bytes() == before, "a bad input never touches the output file"
+    for path, content in written.items():
+        assert Path(path).read_bytes() == content, f"{path} is left as it was"
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    message = message.replace("{tmp}", str(tmp_path))
     assert len(errors) == 1 and message in errors[0], result.stderr
+
+
+def test_side_files_named_explicitly_cai_own_are_continued_others_need_overwrite(tiny_model, tmp_path):
+    """Issue 31: --filtered/--failures/--skipped FILE that holds cai's own lines (a previous run's)
+    work as before (continued, or replaced by a fresh run); another file is refused before anything
+    loads and left as it was, unless --overwrite."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Tell me about number {i}."}) + "\n"
+                               for i in range(3)) + "not json\n")
+    out, filtered, failures, skipped = (tmp_path / name for name in ("out.jsonl", "dropped.jsonl", "failed.jsonl",
+                                                                       "skips.jsonl"))
+    failures.write_text(json.dumps({"id": "p9", "prompt": "x", "line": 9, "stage": "response", "error": "timeout",
+                                    "time": "2025-01-01T00:00:00+00:00"}) + "\n")      # a failures file of cai's
+    args = ["generate", prompts, "--model", tiny_model, "-o", out, "--max-new-tokens", "4", "--skip-invalid",
+            "--filter", "--repairs", "0", "--filtered", filtered, "--failures", failures, "--skipped", skipped]
+    first = CliRunner().invoke(app, plumbing(args))
+    assert first.exit_code == 1, first.output            # the invalid line was skipped
+    assert not failures.exists(), "a fresh run replaces cai's own failures file, as before"
+    assert [s["kind"] for s in read_jsonl(skipped)] == ["invalid"]
+    assert {r["id"] for r in read_jsonl(out)} | {r["id"] for r in read_jsonl(filtered)} == {"p0", "p1", "p2"}
+    again = CliRunner().invoke(app, plumbing(args))     # every side file is cai's own: the run continues
+    assert again.exit_code == 1 and "nothing to do" in again.stderr, again.output
+    failures.write_text("id,score\na,3\n")
+    refused = CliRunner().invoke(app, plumbing(args))
+    assert refused.exit_code == 2 and "--failures: " in refused.stderr and "is not a cai failures file" in refused.stderr
+    assert failures.read_text() == "id,score\na,3\n"
+    replaced = CliRunner().invoke(app, plumbing([*args, "--overwrite"]))
+    assert replaced.exit_code == 1, replaced.output
+    assert not failures.exists() or failures.read_text() != "id,score\na,3\n"
 
 
 def test_there_are_at_least_50_bad_inputs():

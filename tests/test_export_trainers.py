@@ -162,3 +162,62 @@ def test_trl_trains_from_the_exported_folder(made, tmp_path, tiny_model):
     assert "'loss'" in logs and "'eval_loss'" in logs, logs[-2000:]      # trained on train, evaluated on test
     trained = folder / "trl-dpo-out"
     assert (trained / "model.safetensors").exists() or any(trained.glob("*.safetensors")), list(trained.iterdir())
+
+
+# --- issue 31 (files) -------------------------------------------------------------------------
+
+def _one_error(result) -> str:
+    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    return errors[0]
+
+
+def test_a_folder_that_cannot_be_made_is_one_line_and_nothing_written(made, tmp_path):
+    """DIR under a file (what works as root too): one line naming DIR and why, exit 2, nothing made."""
+    (tmp_path / "a-file").write_text("x")
+    for folder in (tmp_path / "a-file" / "dpo", tmp_path / "a-file" / "deeper" / "dpo"):
+        result = run("export", made, "--to", "trl", folder)
+        assert result.exit_code == 2, result.output
+        line = _one_error(result)
+        assert f"{folder}: cannot write output: {tmp_path / 'a-file'} is not a folder" in line, line
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+        assert (tmp_path / "a-file").read_text() == "x"
+
+
+def test_a_folder_in_a_read_only_parent_is_one_line(made, tmp_path):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root writes into a read-only folder")
+    parent = tmp_path / "read-only"
+    parent.mkdir()
+    parent.chmod(0o555)
+    try:
+        result = run("export", made, "--to", "trl", parent / "dpo")
+        assert result.exit_code == 2, result.output
+        assert f"{parent / 'dpo'}: cannot write output: Permission denied" in _one_error(result)
+        assert list(parent.iterdir()) == []
+    finally:
+        parent.chmod(0o755)
+
+
+def test_an_empty_train_split_is_refused_before_anything_is_written(made, tmp_path):
+    """A test size that leaves the train split empty (one record, or --test-size 0.99) would write a
+    folder load_dataset cannot read and no trainer can train on: refused, one line, exit 2."""
+    from datasets import load_dataset
+
+    one = tmp_path / "one.jsonl"
+    one.write_text(made.read_text().splitlines(keepends=True)[0])
+    for pairs in (made, one):
+        folder = tmp_path / f"dpo-{pairs.stem}"
+        result = run("export", pairs, "--to", "trl", folder, "--test-size", "0.99")
+        assert result.exit_code == 2, result.output
+        line = _one_error(result)
+        assert "--test-size: leaves no record for the train split" in line and "use a smaller --test-size" in line
+        assert not folder.exists()
+    folder = tmp_path / "dpo-one"         # one record and no test split: a folder that loads
+    result = run("export", one, "--to", "trl", folder)
+    assert result.exit_code == 0, result.output
+    loaded = load_dataset(str(folder))
+    assert list(loaded) == ["train"] and loaded["train"].num_rows == 1

@@ -293,8 +293,14 @@ def test_iter_jsonl_and_read_records_read_compressed_files(tmp_path):
     assert [r["id"] for _, _, r in iter_jsonl("-", stdin=io.BytesIO(bz2.compress(body)))] == ["0", "1", "2"]
     cut = tmp_path / "cut.jsonl.gz"
     cut.write_bytes(gzip.compress(body * 20)[:-9])
-    with pytest.raises(InputError, match=r"cut\.jsonl\.gz: not a valid gzip file \(it ends early"):
-        list(iter_jsonl(str(cut)))
+    # cai writes compressed outputs a batch (a member) at a time: a file that stops inside its last
+    # member is what a killed writer leaves, read as a torn end is (issue 31), never a short read
+    with pytest.raises(InputError, match=r"cut\.jsonl\.gz: it stops inside its last compressed member .*rerun cai generate"):
+        read_records(str(cut))
+    warned = []
+    assert len(list(iter_jsonl(str(cut), warn=warned.append))) == 60
+    assert warned == [f"{cut}: stops inside its last compressed member after line 60 (a writer stopped mid-batch); "
+                      "read up to there"]
 
 
 def test_cut_off_zstd_is_an_error_not_a_short_read(tmp_path):
@@ -394,3 +400,46 @@ def test_input_format_parquet_for_a_file_named_otherwise(tmp_path):
     assert [i.text for i in read_prompts(str(path), input_format="parquet")] == ["a b", "c d"]
     with pytest.raises(InputError, match="nope.bin: no such file"):
         read_prompts(str(tmp_path / "nope.bin"), input_format="parquet")
+
+
+def test_scan_output_of_a_compressed_output_keeps_its_whole_members(tmp_path):
+    """Issue 31: a compressed output is continued from its whole members: a member cut off, or
+    the members after the last one that ends on a whole line, are the torn end a resume cuts."""
+    line = lambda n: json.dumps({"id": f"r{n}", "meta": {}}).encode() + b"\n"      # noqa: E731
+    one, two = gzip.compress(line(1) + line(2)), gzip.compress(line(3))
+    path = tmp_path / "pairs.jsonl.gz"
+    path.write_bytes(one + two + gzip.compress(line(4))[:-5])
+    existing = scan_output(path)
+    assert (existing.ids, existing.first["id"], existing.whole_bytes, existing.torn) == (
+        {"r1", "r2", "r3"}, "r1", len(one + two), True)
+    path.write_bytes(one + gzip.compress(line(3)[:10]))         # a member that ends mid-line
+    assert (scan_output(path).ids, scan_output(path).whole_bytes) == ({"r1", "r2"}, len(one))
+    path.write_bytes(one + b"\0" * 8 + two)                    # damage between whole members: not a torn end
+    with pytest.raises(InputError, match=r"pairs\.jsonl\.gz: not a valid gzip file"):
+        scan_output(path)
+    path.write_bytes(one + gzip.compress(line(3))[:9] + b"\0" * 4096)     # a crash's unsynced tail: zeros
+    assert (scan_output(path).ids, scan_output(path).whole_bytes, scan_output(path).torn) == ({"r1", "r2"}, len(one), True)
+    path.write_bytes(gzip.compress(line(1) + b"not json\n"))
+    with pytest.raises(InputError, match=r"pairs\.jsonl\.gz:2: not a whole cai record"):
+        scan_output(path)
+    path.write_bytes(b"")
+    assert scan_output(path) == type(existing)(set(), None, 0, torn=False)
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz", ".zst"])
+def test_record_writer_writes_a_member_per_sync(tmp_path, suffix):
+    if suffix == ".zst":
+        pytest.importorskip("zstandard")
+    path = tmp_path / f"out.jsonl{suffix}"
+    writer = RecordWriter(str(path))
+    writer.close()
+    assert path.stat().st_size > 0 and list(iter_jsonl(str(path))) == [], "no record: a valid empty file"
+    writer = RecordWriter(str(path), append_at=scan_output(path).whole_bytes)
+    for n in range(5):
+        writer.write({"id": str(n)})
+        if n % 2:
+            writer.sync()
+    writer.close()
+    assert [r["id"] for _, _, r in iter_jsonl(str(path))] == ["0", "1", "2", "3", "4"]
+    existing = scan_output(path)
+    assert existing.ids == {"0", "1", "2", "3", "4"} and existing.whole_bytes == path.stat().st_size

@@ -245,3 +245,20 @@ def test_generate_judge_against_a_server_without_logprobs_exits_1(tmp_path):
     assert result.exit_code == 1, result.output
     assert "dropped (listed in" in " ".join(result.stderr.split())
     assert len(read_jsonl(f"{tmp_path / 'min.jsonl'}.filtered.jsonl")) == 2
+
+
+def test_cai_judge_refuses_a_filtered_file_that_is_not_cai_s(pairs, tiny_model, tmp_path):
+    """Issue 31: judge's --filtered FILE on someone else's file is refused before the model loads
+    and left as it was, unless --overwrite."""
+    plain, _ = pairs
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text("my notes\n")
+    base = ["judge", plain, "--model", tiny_model, "-o", tmp_path / "judged.jsonl", "--filtered", notes, "-q"]
+    result = run(*base)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert (f"--filtered: {notes} exists and is not a cai filtered file (line 1 is not a cai record)"
+            in " ".join(result.stderr.split())), result.stderr
+    assert notes.read_text() == "my notes\n" and not (tmp_path / "judged.jsonl").exists()
+    result = run(*base, "--overwrite", "--min-preference", "0.99")
+    assert result.exit_code == 0, result.output
+    assert not notes.exists() or notes.read_text() != "my notes\n"

@@ -20,7 +20,7 @@ from cai.cli.render import RunProgress, err, generate_summary, setup_logging
 @backend_options
 def generate(
     prompts: Annotated[str, typer.Argument(help="Prompts: .jsonl (one object per line), .csv/.tsv (a header row), a text file (one prompt per line), any of them .gz/.bz2/.xz/.zst compressed; .parquet, .arrow/.feather, a folder saved by datasets, a Hub dataset id (owner/name); or - for stdin.", show_default=False)],
-    output: Annotated[str, typer.Option("--output", "-o", help="Where records go: a .jsonl file, or - for stdout.")] = "-",
+    output: Annotated[str, typer.Option("--output", "-o", help="Where records go: a .jsonl file (named .jsonl.gz, .bz2, .xz or .zst: written compressed, resumable all the same), or - for stdout.")] = "-",
     constitution: Annotated[str, typer.Option("--constitution", "-c", help="A shipped constitution by name (see `cai constitution list`) or a path to a YAML file.")] = "harmless",
     templates: Annotated[str, typer.Option("--templates", help="Prompt templates: a shipped set by name or a folder of .jinja files.")] = "default",
     input_format: Annotated[Optional[str], typer.Option("--input-format", metavar="jsonl|csv|tsv|text|parquet|arrow", help="The prompts' format, for stdin or a file whose name does not say it (default: told by the suffix, else JSONL when the first line starts with '{', else text).", show_default=False)] = None,

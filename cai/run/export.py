@@ -17,6 +17,7 @@ class ExportSummary:
 
 def export(pairs: str, output: str = "-", *, format: str = "standard", test_size: float | None = None,
            seed: int = 0, lock: bool = True) -> ExportSummary:
+    from cai.compressed import compression_of
     from cai.inputs import read_records
     from cai.locks import Locks
     from cai.output import RecordWriter, check_writable
@@ -26,6 +27,8 @@ def export(pairs: str, output: str = "-", *, format: str = "standard", test_size
         raise OptionError("format", f"unknown value '{format}'; choose from {', '.join(EXPORT_FORMATS)}")
     if test_size is not None and not 0 < test_size < 1:
         raise OptionError("test_size", f"must be between 0 and 1 (got {test_size:g})")
+    if output != "-" and compression_of(output) and Path(output).with_suffix("").suffix == ".parquet":
+        raise OptionError("output", f"{output}: a Parquet file compresses its own columns; name it .parquet")
     if test_size is not None and (output == "-" or (Path(output).exists() and not Path(output).is_file())):
         raise OptionError("test_size", "needs an output file (-o FILE) to name OUT.train and OUT.test after")
     records = _shaped(pairs, read_records(pairs), lambda r: to_format(r, format))
@@ -67,8 +70,13 @@ def _parquet(target: str, part: list[dict]) -> None:
 
 
 def with_part(path: str, part: str) -> str:
+    """OUT.train.jsonl from OUT.jsonl (and OUT.train.jsonl.gz from OUT.jsonl.gz)."""
+    from cai.compressed import compression_of
+
     p = Path(path)
-    return str(p.with_name(f"{p.stem}.{part}{p.suffix}"))
+    compressed = p.suffix if compression_of(path) else ""
+    p = p.with_suffix("") if compressed else p
+    return str(p.with_name(f"{p.stem}.{part}{p.suffix}{compressed}"))
 
 
 @dataclass
@@ -89,7 +97,7 @@ def export_for(pairs: str, trainer: str, folder: str, *, test_size: float | None
     from cai import stats
     from cai.inputs import read_records
     from cai.locks import Locks
-    from cai.output import RecordWriter
+    from cai.output import RecordWriter, check_folder
     from cai.records import split_by_id
     from cai.run.card import card
     from cai.trainers import TRAINERS, configs, layout
@@ -105,13 +113,20 @@ def export_for(pairs: str, trainer: str, folder: str, *, test_size: float | None
         raise OptionError("to", f"{folder} exists and is not a folder")
     if root.is_dir() and any(root.iterdir()) and not overwrite:
         raise OptionError("to", f"{folder} is not empty; pass `overwrite` to write into it")
+    check_folder(folder)
     records = read_records(pairs)
     report, _ = stats.collect(pairs)
     model = model or _model_of(records)
     splits = {"train": records} if test_size is None else dict(zip(("train", "test"), split_by_id(records, test_size, seed)))
     if test_size is not None and not splits["test"]:
         raise OptionError("test_size", f"leaves no record for the test split ({len(records)} records)")
-    root.mkdir(parents=True, exist_ok=True)
+    if not splits["train"]:             # a trainer has nothing to train on, and load_dataset fails on it
+        raise OptionError("test_size", f"leaves no record for the train split (all {len(records)} records fall in "
+                                       "the test split); use a smaller `test_size`, or none for no test split")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(folder, f"cannot write output: {exc.strerror or exc}") from None
     folder = str(root.resolve())
     result = TrainerExport(trainer, folder, records={s: len(part) for s, part in splits.items()})
     texts, result.command = configs(trainer, folder, model, list(splits), len(splits["train"]))
@@ -120,7 +135,10 @@ def export_for(pairs: str, trainer: str, folder: str, *, test_size: float | None
     with Locks([str(root / "README.md")], enabled=lock):
         for shape, rows in shapes:
             for split, relative in shape.files.items():
-                (root / relative).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    (root / relative).parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise OutputError(root / relative, f"cannot write output: {exc.strerror or exc}") from None
                 writer = RecordWriter(str(root / relative))
                 try:
                     for row in rows[split]:

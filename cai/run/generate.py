@@ -14,7 +14,8 @@ from pathlib import Path
 
 from cai.errors import BackendError, OptionError
 from cai.options import GenerateOptions
-from cai.output import MemoryWriter, RecordWriter, SideFile, check_writable, scan_output, side_path
+from cai.output import (MemoryWriter, RecordWriter, SideFile, check_writable, scan_output, side_file_problem,
+                        side_path)
 from cai.run.summary import REFUSED_HINT, SKIP_HINT, Summary
 from cai.signals import StopNow, StopSignals
 
@@ -107,6 +108,7 @@ def _run(selection, paths: _Paths, options: GenerateOptions, constitution, templ
     from cai.pipeline import TOO_LONG, Pipeline, run_fingerprint
 
     fingerprint = run_fingerprint(summary.model, constitution, templates, config)
+    _refuse_foreign_sides(options, fingerprint)
     done, append_at, drop_append_at = _existing(paths, options, fingerprint, summary.source,
                                                 lambda: _prompt_check(selection, constitution, config))
     summary.resumed = sum(record_id in done for record_id in selection.ids)
@@ -278,6 +280,33 @@ def _existing(paths: _Paths, options: GenerateOptions, fingerprint: dict, source
              f" and {len(dropped.ids)} dropped in {paths.filtered}" if dropped and dropped.ids else "",
              " (cutting a torn last line)" if existing.torn else "")
     return done, existing.whole_bytes, dropped.whole_bytes if dropped else None
+
+
+def _refuse_foreign_sides(options: GenerateOptions, fingerprint: dict) -> None:
+    """A side file named explicitly (`filtered`, `failures`, `skipped`) is replaced or continued
+    like the output: an existing one must be a cai side file of its kind, and the filtered file's
+    records those of this run (as `_existing` asks of the output), unless `overwrite` (or, for a
+    different run, `force`). Default side files are named after the output, and follow it."""
+    from cai.pipeline import fingerprint_differences
+
+    for kind in ("filtered", "failures", "skipped"):
+        path = getattr(options, kind)
+        if not path or path == "-":
+            continue
+        if Path(path).is_dir():
+            raise OptionError(kind, f"{path} is a directory")
+        if options.overwrite or not Path(path).is_file():
+            continue
+        problem = side_file_problem(path, kind)
+        if problem:
+            raise OptionError(kind, f"{path} exists and is not a cai {kind} file ({problem}); use another file, "
+                                    "or `overwrite` to replace it")
+        if kind == "filtered" and not options.force:
+            first = scan_output(Path(path)).first
+            changed = fingerprint_differences(first, fingerprint) if first else []
+            if changed:
+                raise OptionError(kind, f"{path} holds records of a different run ({'; '.join(changed)}); use "
+                                        "another file, `overwrite` to replace it, or `force` to append anyway")
 
 
 def _refuse_overlap(prompts, paths: _Paths) -> str:

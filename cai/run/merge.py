@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cai.compressed import compression_of, compressor
 from cai.errors import CaiError, InputError, OptionError
 
 ON_CONFLICT = ("error", "first", "last")
@@ -52,15 +53,22 @@ def _shape(record: dict) -> str:
 
 
 def _lines(path: str, summary: MergeSummary) -> Iterator[tuple[str, bytes, dict]]:
-    """(file:line, the line, its object) for each whole JSON object line of `path`; torn lines
-    are counted and left out."""
+    """(file:line, the line, its object) for each whole JSON object line of `path`, decompressed
+    where its name or first bytes say so; torn lines (and data that stops inside its last
+    compressed member: a writer killed mid-batch) are counted and left out."""
+    from cai.compressed import open_stream
+
+    cut: list[bool] = []
+    torn = False
     with open(path, "rb") as fp:
-        for number, raw in enumerate(fp, start=1):
+        stream, _ = open_stream(fp, path, kind=compression_of(path), on_cut=lambda: cut.append(True))
+        for number, raw in enumerate(stream, start=1):
             where = f"{path}:{number}"
             if not raw.strip():
                 continue
             try:
                 if not raw.endswith(b"\n"):
+                    torn = True
                     raise ValueError("no newline")
                 line = json.loads(raw)
             except (ValueError, UnicodeDecodeError):
@@ -72,6 +80,10 @@ def _lines(path: str, summary: MergeSummary) -> Iterator[tuple[str, bytes, dict]
             else:
                 summary.foreign += 1
                 summary.problems.append(f"{where}: not a cai record; left out")
+    if cut and not torn:              # cut off between two lines: no torn line says so
+        summary.torn += 1
+        summary.problems.append(f"{path}: stops inside its last compressed member (a writer stopped "
+                                "mid-batch); read up to there")
 
 
 def merge(output: str, inputs: list[str], *, overwrite: bool = False, on_conflict: str = "error",
@@ -174,10 +186,11 @@ def merge(output: str, inputs: list[str], *, overwrite: bool = False, on_conflic
                                     "not merged when the output is stdout; merge into a file to keep them")
         summary.side = {}
         return summary
+    kind = compression_of(output) if output != "-" else None
     with Locks([output], enabled=lock):
-        write_whole(output, data)
-        for kind, lines in side_data.items():
-            target = side_path(output, kind)
+        write_whole(output, compressor(kind, output)(data) if kind else data)
+        for side, lines in side_data.items():
+            target = side_path(output, side)
             if lines:
                 write_whole(target, lines)
             elif Path(target).is_file():
