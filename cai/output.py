@@ -169,8 +169,8 @@ def check_writable(target: str) -> None:
     """Fail now, before a model loads, if `target` cannot be written; create nothing."""
     if target == "-":
         return
-    path = Path(target)
-    parent = path.parent if str(path.parent) else Path(".")
+    path = Path(os.path.realpath(target))        # a symlink is written through: its target's folder counts
+    parent = path.parent
     if path.exists():
         ok, reason = os.access(path, os.W_OK), "Permission denied"
     elif not parent.is_dir():

@@ -562,6 +562,7 @@ BAD_INPUTS = [
      "its chat template refuses the conversations this run makes (system, user, assistant, user, …): System role not supported"),
     ("no-filter-over-a-filtered-output", EX, ["-o", "@other-run"], "filters: 'on' → 'off'"),
     ("endless-line", "/dev/zero", [], "/dev/zero:1: a line longer than 64 MiB; is this a text file?"),
+    ("output-dangling-symlink", EX, ["-o", "@dangling"], "dangling.jsonl: cannot write output: No such file or directory"),
     ("lone-surrogate-in-jsonl", _write("p.jsonl", '{"prompt": "a\\ud800b"}\n'), [],
      "p.jsonl:1: prompt: contains a lone surrogate (\\ud800), which is not text"),
     # issue 31 (inputs)
@@ -620,6 +621,9 @@ def test_bad_input_gives_one_line_exit_2_and_an_untouched_output(case, tiny_mode
                 arg = _nopad_model(key)(tmp_path, tiny_model)
             elif key == "dir":
                 arg = str(tmp_path)
+            elif key == "dangling":
+                (tmp_path / "dangling.jsonl").symlink_to(tmp_path / "no" / "such" / "x.jsonl")
+                arg = str(tmp_path / "dangling.jsonl")
             elif key == "missing/out.jsonl":
                 arg = str(tmp_path / "missing" / "out.jsonl")
             elif key == "other-run":
