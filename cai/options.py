@@ -19,6 +19,7 @@ import numbers
 import os
 import types
 import typing
+from pathlib import Path
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import Any, Union
@@ -209,7 +210,9 @@ class BackendSpec:
 
     backend: str = "hf"
     model: Any = None                # a name, a path or Hub id; or (Python API) a backend already open
-    base_url: str | None = None
+    base_url: str | list[str] | None = None    # one API root, or several serving the same model
+    base_urls: str | None = None     # a file of API roots, one a line (`URL [CONCURRENCY]`)
+    allow_down: bool = False         # start even if some endpoints cannot be reached (not all)
     api_key_env: str | None = None   # the variable holding the key (None: OPENAI_API_KEY, if set)
     timeout: float = 120.0
     max_retries: int = 5
@@ -221,6 +224,47 @@ class BackendSpec:
     dtype: str = "auto"
     trust_remote_code: bool = False
 
+    def endpoints(self) -> list[tuple[str, int | None]]:
+        """The API roots to use, each with its own concurrency (None: `concurrency`): those of
+        `base_url`, then those of the `base_urls` file (`URL [CONCURRENCY]` a line; blank lines
+        and `#` comments skipped). A bad URL or line is an OptionError or InputError naming it."""
+        from cai.backends.openai_wire import url_problem
+        from cai.errors import InputError
+
+        given = [self.base_url] if isinstance(self.base_url, str) else list(self.base_url or ())
+        found: list[tuple[str, int | None]] = []
+        for url in given:
+            if (problem := url_problem(url)) is not None:
+                raise OptionError("base_url", problem)
+            found.append((url, None))
+        if self.base_urls:
+            try:
+                lines = Path(self.base_urls).read_text(encoding="utf-8").splitlines()
+            except FileNotFoundError:
+                raise InputError(self.base_urls, "no such file") from None
+            except (OSError, UnicodeDecodeError) as exc:
+                raise InputError(self.base_urls, f"cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+            for number, line in enumerate(lines, start=1):
+                words = line.split("#", 1)[0].split()
+                if not words:
+                    continue
+                if len(words) > 2 or (len(words) == 2 and not (words[1].isdigit() and int(words[1]) >= 1)):
+                    raise InputError(self.base_urls, f"expected URL [CONCURRENCY] (got {line.strip()!r})", line=number)
+                if (problem := url_problem(words[0])) is not None:
+                    raise InputError(self.base_urls, problem, line=number)
+                found.append((words[0], int(words[1]) if len(words) == 2 else None))
+            if not found:
+                raise InputError(self.base_urls, "holds no URL")
+        from cai.backends.openai_wire import endpoint
+
+        roots = {}
+        for url, _ in found:
+            root = endpoint(url).root
+            if root in roots:
+                raise OptionError("base_url", f"{endpoint(url).shown()} is given twice")
+            roots[root] = url
+        return found
+
     def check(self) -> None:
         check_types(self)
         _choice("backend", self.backend, BACKENDS)
@@ -230,16 +274,14 @@ class BackendSpec:
             raise OptionError("model", f"expected a model name or path, or an open backend (got {type(self.model).__name__})")
         if not isinstance(self.model, (str, type(None))):
             return                       # an open backend: nothing else here applies
-        if self.backend == "openai" and (not self.base_url or not self.model):
+        if self.backend == "hf" and (self.base_url or self.base_urls):
+            raise OptionError("base_url" if self.base_url else "base_urls", "is for `backend` openai")
+        if self.backend == "openai" and (not (self.base_url or self.base_urls) or not self.model):
             raise OptionError("backend", "openai needs `base_url` URL and `model` NAME (the name the server serves)")
-        if self.backend == "hf" and self.base_url:
-            raise OptionError("base_url", "is for `backend` openai")
         if self.backend == "openai":
-            from cai.backends.openai_wire import url_problem
-
-            problem = url_problem(self.base_url)
-            if problem:
-                raise OptionError("base_url", problem)
+            self.endpoints()             # each URL checked, the file read: one line naming what is wrong
+        if self.allow_down and self.backend != "openai":
+            raise OptionError("allow_down", "is for `backend` openai")
         if self.backend == "openai" and self.api_key_env is not None:
             # a variable the user named must hold the key: a typo must not send requests without one
             if not self.api_key_env.strip():
@@ -393,10 +435,13 @@ class GenerateOptions(BackendSpec, CurationOptions):
         return Fields(prompt=self.prompt_field, response=self.response_field, regenerate=self.regenerate)
 
     def shard_numbers(self) -> tuple[int, int]:
-        """(K, N) of `shard` ('K/N' or a pair); (1, 1) without one."""
+        """(K, N) of `shard` ('K/N', a pair, or 'auto' / 'auto/N': see `array_task`); (1, 1)
+        without one."""
         if self.shard is None:
             return 1, 1
-        if isinstance(self.shard, tuple):
+        if isinstance(self.shard, str) and self.shard.split("/")[0].strip() == "auto":
+            k, n, _ = array_task(self.shard)
+        elif isinstance(self.shard, tuple):
             k, n = self.shard
         else:
             try:
@@ -406,6 +451,20 @@ class GenerateOptions(BackendSpec, CurationOptions):
         if not 1 <= k <= n:
             raise OptionError("shard", f"K must be between 1 and N (got {k}/{n})")
         return k, n
+
+    def shard_task(self) -> dict:
+        """Where the shard came from, for the run's manifest: the array's task, or nothing."""
+        if isinstance(self.shard, str) and self.shard.split("/")[0].strip() == "auto":
+            return array_task(self.shard)[2]
+        return {}
+
+    def named(self, path: str | None) -> str | None:
+        """`path` with `{shard}` as this run's shard number K (`pairs.{shard}.jsonl`)."""
+        if path is None or "{shard}" not in path:
+            return path
+        if self.shard is None:
+            raise OptionError("output", f"{path} holds {{shard}}, but the run has no `shard`")
+        return path.replace("{shard}", str(self.shard_numbers()[0]))
 
     def backend_spec(self) -> BackendSpec:
         return BackendSpec(**{f.name: getattr(self, f.name) for f in fields(BackendSpec)})
@@ -457,3 +516,46 @@ def build(cls, options: dict[str, Any]):
             close = difflib.get_close_matches(name, sorted(known), n=1)
             raise OptionError(name, "unknown option" + (f"; did you mean `{close[0]}`?" if close else ""))
     return cls(**options)
+
+
+SLURM_VARIABLES = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT")
+
+
+def array_task(spec: str, environ=None) -> tuple[int, int, dict]:
+    """(K, N, the task as the manifest records it) of `--shard auto` or `auto/N`, from a Slurm
+    array job (SLURM_ARRAY_TASK_ID, _MIN, _COUNT, and _STEP where the array has one) or a
+    Kubernetes Indexed Job (JOB_COMPLETION_INDEX, from 0; N from `auto/N`)."""
+    env = os.environ if environ is None else environ
+    parts = [p.strip() for p in spec.split("/")]
+    if len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+        raise OptionError("shard", f"expected auto or auto/N such as auto/8 (got '{spec}')")
+    given = int(parts[1]) if len(parts) == 2 else None
+    if env.get("SLURM_ARRAY_TASK_ID") is not None:
+        try:
+            task, low, count = (int(env[name]) for name in SLURM_VARIABLES)
+            step = int(env.get("SLURM_ARRAY_TASK_STEP") or 1)
+        except (KeyError, ValueError):
+            raise OptionError("shard", "auto: a Slurm array job sets " + ", ".join(SLURM_VARIABLES)
+                              + " as integers; some are missing or not numbers") from None
+        if step < 1 or (task - low) % step:
+            raise OptionError("shard", f"auto: SLURM_ARRAY_TASK_ID {task} is not MIN {low} plus a multiple of "
+                              f"STEP {step}; an array with gaps (--array=1,4,9) cannot be shards, use 0-{count - 1}")
+        k, n = (task - low) // step + 1, count
+        if given is not None and given != n:
+            raise OptionError("shard", f"auto/{given}: the Slurm array has {n} tasks (SLURM_ARRAY_TASK_COUNT)")
+        if not 1 <= k <= n:
+            raise OptionError("shard", f"auto: SLURM_ARRAY_TASK_ID {task} is past the array's {n} tasks from {low}")
+        return k, n, {"scheduler": "slurm", "task": task, "min": low, "step": step}
+    if env.get("JOB_COMPLETION_INDEX") is not None:
+        index = env["JOB_COMPLETION_INDEX"]
+        if not index.isdigit():
+            raise OptionError("shard", f"auto: JOB_COMPLETION_INDEX is {index!r}, not an index")
+        if given is None:
+            raise OptionError("shard", "auto: a Kubernetes Indexed Job does not say how many it has: give "
+                              "auto/N, N its completions")
+        if int(index) >= given:
+            raise OptionError("shard", f"auto/{given}: JOB_COMPLETION_INDEX {index} is past the job's {given} "
+                              "completions")
+        return int(index) + 1, given, {"scheduler": "kubernetes", "task": int(index), "min": 0, "step": 1}
+    raise OptionError("shard", "auto takes the shard from a Slurm array job (" + ", ".join(SLURM_VARIABLES)
+                      + ") or a Kubernetes Indexed Job (JOB_COMPLETION_INDEX, with auto/N); none of them is set")

@@ -17,6 +17,48 @@ from cai.compressed import CUT, compression_of, compressor, members
 from cai.errors import InputError, OutputError
 
 SIDE_FILES = {"filtered": ".filtered.jsonl", "failures": ".failures.jsonl", "skipped": ".skipped.jsonl"}
+RUNS_FILE = ".runs.jsonl"       # the manifest beside an output: a line when each run starts and ends
+
+
+def runs_path(output: str | None) -> str | None:
+    """The manifest of `output` (OUT.runs.jsonl); none for stdout or a run in memory."""
+    return f"{output}{RUNS_FILE}" if output not in (None, "-") else None
+
+
+def note_run(output: str | None, line: dict) -> None:
+    """Append `line` to the manifest beside `output` (synced): what a run planned when it
+    started, and how it ended. A manifest that cannot be written is a warning: the records are
+    what counts, and `cai merge` then takes the shard for unfinished."""
+    import logging
+
+    path = runs_path(output)
+    if path is None:
+        return
+    try:
+        with open(path, "ab") as fp:
+            fp.write((json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8"))
+            fp.flush()
+            os.fsync(fp.fileno())
+    except OSError as exc:
+        logging.getLogger("cai").warning("%s: cannot write the run's manifest: %s", path, exc.strerror or exc)
+
+
+def read_runs(output: str) -> list[dict]:
+    """The manifest's lines beside `output` (none if there is none); a torn last line is left out."""
+    path = runs_path(output)
+    lines = []
+    try:
+        with open(path, "rb") as fp:
+            for raw in fp:
+                try:
+                    line = json.loads(raw)
+                except ValueError:
+                    continue
+                if isinstance(line, dict):
+                    lines.append(line)
+    except OSError:
+        return []
+    return lines
 # the fields every line of a side file has (cai.curation, run.generate._Failures, _skip_invalid)
 SIDE_FIELDS = {"filtered": ("meta", "filter"), "failures": ("stage", "error"), "skipped": ("kind", "reason")}
 

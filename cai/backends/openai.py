@@ -28,6 +28,13 @@ by max_tokens while thinking) is a completion with text "", not a failure. `set_
 the server's chat template for `enable_thinking` through `chat_template_kwargs`; whether the
 template takes it cannot be seen from here (`thinking_switch` is None).
 
+Several endpoints of one model (`base_url` a list: one vLLM per GPU or node) share the requests
+through a Fleet (cai.backends.fleet): each attempt goes to the endpoint with the fewest
+outstanding, each endpoint has its own limit (`concurrency`, or a per-endpoint one), an endpoint
+that keeps failing is taken out and probed until it answers, and what it had in flight is tried
+again on the others at once. The construction check asks every endpoint; with `allow_down`,
+those that cannot be reached start out taken out instead of failing the run.
+
 The API key is read from an environment variable and only ever put in the Authorization
 header: it is scrubbed from every error message this module produces and never logged. User
 info in the base URL (`http://user:password@host/v1`) is sent as HTTP basic auth (which then
@@ -43,12 +50,14 @@ import math
 import os
 import random
 import threading
+import time
 
 from cai.backends import openai_wire as wire
+from cai.backends.fleet import Fleet, Member, NoEndpoint
 from cai.backends.base import ChoiceScores, Completion, Request, SamplingParams, TextCallback
 from cai.backends.openai_stream import OpenAIStream
 from cai.backends.retry import (MAX_BACKOFF, MAX_RETRY_AFTER, OUTAGE_LIMIT, Failed,  # noqa: F401
-                                Retryable, RetryPolicy, from_status, from_transport_error)
+                                Fatal, Retryable, RetryPolicy, from_status, from_transport_error)
 from cai.backends.retry import retry_after as _retry_after  # noqa: F401 -- the old private names
 from cai.errors import BackendError, OptionError
 
@@ -71,9 +80,10 @@ class OpenAIBackend:
     no width (`default_width`). `check`: ask the server first whether it answers and serves
     `model` (BackendError if not); tests against a deliberately broken server turn it off."""
 
-    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY",
+    def __init__(self, base_url, model: str, api_key_env: str = "OPENAI_API_KEY",
                  timeout: float = 120.0, max_retries: int = 5, backoff: float = 0.5,
-                 concurrency: int = DEFAULT_CONCURRENCY, check: bool = True):
+                 concurrency: int = DEFAULT_CONCURRENCY, check: bool = True, allow_down: bool = False):
+        """`base_url`: one API root, or a list of them, each a URL or (URL, its own concurrency)."""
         import httpx
 
         if int(concurrency) < 1:
@@ -82,11 +92,18 @@ class OpenAIBackend:
         self.context_length: int | None = None
         self.thinking_switch: bool | None = None      # the server's chat template is out of sight
         self.thinking: bool | None = None
-        self.endpoint = wire.endpoint(base_url)
-        self.root = self.endpoint.shown()                       # messages: user info as ***, no query
+        given = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not given:
+            raise OptionError("base_url", "needs at least one URL")
+        self.fleet = Fleet([Member(wire.endpoint(url), int(limit or concurrency)) for url, limit in
+                            (entry if isinstance(entry, tuple) else (entry, None) for entry in given)], self._probe)
+        self.endpoint = self.fleet.members[0].endpoint
+        # messages: user info as ***, no query
+        self.root = (self.endpoint.shown() if not self.fleet.several
+                     else f"all {len(self.fleet.members)} endpoints")
         self.url = self.endpoint.url("/chat/completions")       # requests: no user info (see `auth`)
         self.timeout = float(timeout)
-        self.concurrency = int(concurrency)
+        self.concurrency = sum(m.limit for m in self.fleet.members)
         self.policy = RetryPolicy(max_retries, backoff, rng=random.Random())
         self._api_key_env = api_key_env
         self._api_key = (os.environ.get(api_key_env) or "").strip() or None
@@ -98,7 +115,7 @@ class OpenAIBackend:
 
         async def make_client():
             return httpx.AsyncClient(
-                timeout=httpx.Timeout(self.timeout), auth=self.endpoint.auth,
+                timeout=httpx.Timeout(self.timeout),
                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
                 headers={"User-Agent": "cai"},
             )
@@ -106,11 +123,13 @@ class OpenAIBackend:
         self._client = self._call(make_client())
         if check:
             try:
-                self._call(self._preflight())
+                self._call(self._preflight(allow_down))
             except BaseException:
                 self.close()
                 raise
-        log.info("remote model %s at %s", model, self.endpoint.shown("/chat/completions"))
+        for member in self.fleet.members:
+            log.info("remote model %s at %s%s", model, member.endpoint.shown("/chat/completions"),
+                     f" (up to {member.limit} requests in flight)" if self.fleet.several else "")
 
     @property
     def max_retries(self) -> int:
@@ -151,8 +170,14 @@ class OpenAIBackend:
         self.thinking = None if enabled is None else bool(enabled)
 
     def default_width(self) -> int:
-        """Requests in flight when the caller names no width: the `concurrency` it was built with."""
+        """Requests in flight when the caller names no width: the `concurrency` it was built with
+        (with several endpoints, the sum of theirs)."""
         return self.concurrency
+
+    def endpoint_report(self) -> list[dict]:
+        """Each endpoint's figures so far: URL (as shown), requests (attempts), errors, completion
+        tokens, median latency of the attempts that succeeded, times taken out, why it is out."""
+        return self.fleet.report()
 
     def stream(self, params: SamplingParams, width: int, longest: int | None = None,
                on_text: TextCallback | None = None) -> OpenAIStream:
@@ -258,8 +283,8 @@ class OpenAIBackend:
     # ---- one request ----
 
     def _scrub(self, text: str) -> str:
-        """`text` without the API key or the URL's password, should either come back in it."""
-        for secret in (self._api_key, self.endpoint.password):
+        """`text` without the API key or a URL's password, should either come back in it."""
+        for secret in (self._api_key, *(m.endpoint.password for m in self.fleet.members)):
             if secret:
                 text = text.replace(secret, "***")
         return text
@@ -270,19 +295,52 @@ class OpenAIBackend:
     def _scoring_body(self, conversation: list[dict[str, str]], prefix: str) -> dict:
         return wire.scoring_body(self.model_name, conversation, prefix, self.thinking)
 
-    async def _attempt(self, body: dict, parse, on_text=None):
-        """One POST; `parse(json)` makes the result out of a 2xx body, an event stream being put
-        back together first (a body of the wrong shape, or without text, makes the attempt
-        retryable). With `on_text` (a streamed request), the reply is read as it arrives."""
+    async def _attempt(self, body: dict, parse, on_text=None, tried: list[Member] | None = None):
+        """One POST, to the endpoint the fleet picks (another than the last one `tried`, where
+        there is room): see `_attempt_at`. An attempt an endpoint failed for its own reasons is
+        retried elsewhere at once where that endpoint is now out and others are up."""
+        try:
+            member = await self.fleet.acquire(avoid=tried[-1] if tried else None)
+        except NoEndpoint as exc:
+            raise Retryable(str(exc), connection=True) from None
+        if tried is not None:
+            tried.append(member)
+        start = time.monotonic()
+        try:
+            result = await self._attempt_at(member, body, parse, on_text)
+        except Retryable as exc:
+            its_fault = exc.connection or exc.reason.startswith("HTTP 5")
+            out = await self.fleet.done(member, ok=False, its_fault=its_fault, reason=exc.reason)
+            if not self.fleet.several:
+                raise
+            wait = 0.0 if out and self.fleet.up() else exc.wait
+            raise Retryable(f"{member.shown}: {exc.reason}", wait, exc.connection) from None
+        except Fatal as exc:
+            await self.fleet.done(member, ok=False, reason=exc.reason)
+            if self.fleet.several:
+                raise Fatal(f"{member.shown}: {exc.reason}", exc.status) from None
+            raise
+        except BaseException:
+            await asyncio.shield(self.fleet.done(member, ok=False, reason="cancelled"))
+            raise
+        await self.fleet.done(member, ok=True, latency=time.monotonic() - start,
+                              tokens=getattr(result, "completion_tokens", 0) or 0)
+        return result
+
+    async def _attempt_at(self, member: Member, body: dict, parse, on_text=None):
+        """One POST to `member`; `parse(json)` makes the result out of a 2xx body, an event stream
+        being put back together first (a body of the wrong shape, or without text, makes the
+        attempt retryable). With `on_text` (a streamed request), the reply is read as it arrives."""
         import httpx
 
+        url = member.endpoint.url("/chat/completions")
         if on_text is not None:
-            return await self._attempt_streamed(body, parse, on_text)
+            return await self._attempt_streamed(member, url, body, parse, on_text)
         try:
             response = await asyncio.wait_for(
-                self._client.post(self.url, json=body, headers=self._headers), self.timeout)
+                self._client.post(url, json=body, headers=self._headers, auth=member.endpoint.auth), self.timeout)
         except (asyncio.TimeoutError, httpx.RequestError, httpx.InvalidURL) as exc:
-            raise from_transport_error(exc, self.timeout, self.endpoint.shown("/chat/completions")) from None
+            raise from_transport_error(exc, self.timeout, member.endpoint.shown("/chat/completions")) from None
         status = response.status_code
         if not 200 <= status < 300:
             raise from_status(status, response.headers, lambda: wire.error_detail(response))
@@ -294,13 +352,14 @@ class OpenAIBackend:
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise Retryable(f"malformed response ({type(exc).__name__})") from None
 
-    async def _attempt_streamed(self, body: dict, parse, on_text):
+    async def _attempt_streamed(self, member: Member, url: str, body: dict, parse, on_text):
         """One streamed POST, its events read as they arrive; `on_text(content so far)` each time
         the content grows. A reply that is not an event stream is read whole."""
         import httpx
 
         async def read():
-            async with self._client.stream("POST", self.url, json=body, headers=self._headers) as response:
+            async with self._client.stream("POST", url, json=body, headers=self._headers,
+                                           auth=member.endpoint.auth) as response:
                 status = response.status_code
                 if not 200 <= status < 300:
                     await response.aread()
@@ -319,15 +378,17 @@ class OpenAIBackend:
         try:
             return parse(await asyncio.wait_for(read(), self.timeout))
         except (asyncio.TimeoutError, httpx.RequestError, httpx.InvalidURL) as exc:
-            raise from_transport_error(exc, self.timeout, self.endpoint.shown("/chat/completions")) from None
+            raise from_transport_error(exc, self.timeout, member.endpoint.shown("/chat/completions")) from None
         except wire.NoText as exc:
             raise Retryable(str(exc)) from None
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise Retryable(f"malformed response ({type(exc).__name__})") from None
 
     async def _post(self, key: str, body: dict, parse, on_text=None):
-        """POST `body`, retrying transient faults; the parsed result, or Failed."""
-        return await self.policy.run(lambda: self._attempt(body, parse, on_text),
+        """POST `body`, retrying transient faults (on another endpoint where there are several);
+        the parsed result, or Failed."""
+        tried: list[Member] = []
+        return await self.policy.run(lambda: self._attempt(body, parse, on_text, tried),
                                      what=f"{self.model_name}: request {key}", scrub=self._scrub)
 
     async def _complete(self, request: Request, params: SamplingParams, on_text=None) -> Completion:
@@ -359,7 +420,17 @@ class OpenAIBackend:
 
     # ---- the check at construction ----
 
-    async def _preflight(self) -> None:
-        from cai.backends.openai_check import preflight
+    async def _preflight(self, allow_down: bool = False) -> None:
+        from cai.backends.openai_check import check_fleet
 
-        await preflight(self, min(self.timeout, PREFLIGHT_TIMEOUT), PREFLIGHT_RETRIES)
+        await check_fleet(self, min(self.timeout, PREFLIGHT_TIMEOUT), PREFLIGHT_RETRIES, allow_down)
+
+    async def _probe(self, member: Member) -> bool:
+        """Whether an endpoint taken out answers again: any HTTP reply below 500 to GET /models."""
+        try:
+            response = await asyncio.wait_for(
+                self._client.get(member.endpoint.url("/models"), headers=self._headers, auth=member.endpoint.auth,
+                                 timeout=min(self.timeout, PREFLIGHT_TIMEOUT)), min(self.timeout, PREFLIGHT_TIMEOUT) + 1)
+        except Exception:  # noqa: BLE001 -- any failure is "not yet"
+            return False
+        return response.status_code < 500

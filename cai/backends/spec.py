@@ -20,7 +20,7 @@ def resolve(spec: BackendSpec) -> tuple[str, str]:
     """(what the backend loads or calls, the model name records carry). Finds a local model or
     the embedded one (converting its GGUF file once) without loading any weights."""
     if spec.backend != "hf":
-        return spec.base_url, spec.model
+        return spec.endpoints(), spec.model
     from cai.backends.hf import weights_name
     from cai.models import resolve_model
 
@@ -36,7 +36,7 @@ def open_backend(spec: BackendSpec, resolved: tuple[str, str] | None = None):
         from cai.backends.openai import OpenAIBackend
 
         return OpenAIBackend(source, model_name, api_key_env=spec.api_key_env or DEFAULT_KEY_ENV, timeout=spec.timeout,
-                             max_retries=spec.max_retries, concurrency=spec.concurrency)
+                             max_retries=spec.max_retries, concurrency=spec.concurrency, allow_down=spec.allow_down)
     from cai.backends.hf import HFBackend, HFOptions
 
     return HFBackend(source, model_name, HFOptions(

@@ -60,7 +60,7 @@ def generate(
     trust_disagreeing: TrustDisagreeingOpt = False,
     swap: SwapOpt = False,
     clamp: ClampOpt = None,
-    shard: Annotated[Optional[str], typer.Option("--shard", metavar="K/N", help="Take only shard K of N (1 ≤ K ≤ N), a deterministic slice of the prompts by id; combine shard outputs with `cai merge`.", show_default=False)] = None,
+    shard: Annotated[Optional[str], typer.Option("--shard", metavar="K/N|auto", help="Take only shard K of N (1 ≤ K ≤ N), a deterministic slice of the prompts by id; combine shard outputs with `cai merge`. auto: K and N from a Slurm array job (SLURM_ARRAY_TASK_ID/_MIN/_COUNT) or a Kubernetes Indexed Job (JOB_COMPLETION_INDEX, with auto/N). An output name may hold {shard} (-o pairs.{shard}.jsonl).", show_default=False)] = None,
     grace: Annotated[float, typer.Option("--grace", metavar="SECONDS", help="After Ctrl-C, SIGTERM or SIGHUP: how long conversations in flight may take to finish before the run stops at once.")] = 15.0,
     no_lock: NoLockOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, logs or summary; errors and the line saying what was not made still show.")] = False,
@@ -105,9 +105,9 @@ def generate(
             error_line(summary.problem())
         raise typer.Exit(summary.exit_code)
     if summary.stopped_by and summary.not_made:
-        where = "stdout" if output == "-" else output
+        where = "stdout" if summary.output == "-" else summary.output
         err.print(f"[yellow]interrupted[/yellow] ({summary.stopped_by}): {summary.kept} records written to {where}."
-                  + (" Run the same command again to continue where it stopped." if output != "-" else ""),
+                  + (" Run the same command again to continue where it stopped." if summary.output != "-" else ""),
                   highlight=False, soft_wrap=True)
     elif summary.stopped_by:
         err.print(f"[dim]{summary.stopped_by} came after the last prompt had started; every prompt finished[/dim]", highlight=False)

@@ -18,6 +18,7 @@ def merge(
     shards: Annotated[list[str], typer.Argument(help="Files written by cai generate (e.g. with --shard K/N).", show_default=False)],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
     on_conflict: Annotated[str, typer.Option("--on-conflict", metavar="error|first|last", help="One id with two different records: stop and write nothing (error), or keep the first or the last one read.")] = "error",
+    allow_partial: Annotated[bool, typer.Option("--allow-partial", help="Merge the shards that are there even if their manifests say shards of the array are missing or did not finish.")] = False,
     no_lock: NoLockOpt = False,
 ) -> None:
     """Combine output files of one run (shards, or runs on several machines) into one, keeping
@@ -34,7 +35,8 @@ def merge(
     setup_logging(False)
     log = logging.getLogger("cai")
     try:
-        summary = merge_files(output, shards, overwrite=overwrite, on_conflict=on_conflict, lock=not no_lock)
+        summary = merge_files(output, shards, overwrite=overwrite, on_conflict=on_conflict, lock=not no_lock,
+                              allow_partial=allow_partial)
     except MergeConflict as exc:
         for line in exc.conflicts[:10]:
             log.warning("conflict: %s", line)
@@ -45,9 +47,12 @@ def merge(
         log.warning("and %d more lines left out", len(summary.problems) - 10)
     for line in summary.conflicts[:10]:
         log.warning("conflict: %s (kept the %s)", line, on_conflict)
+    if summary.shards is not None and summary.shards.problem():
+        log.warning("merged anyway (--allow-partial): %s", summary.shards.problem())
     err.print(f"merged {summary.files} files: {summary.kept} records, {summary.duplicate} duplicate ids dropped, "
               f"{summary.torn} torn and {summary.foreign} foreign lines left out"
               + (f", {len(summary.conflicts)} conflicts (kept the {on_conflict})" if summary.conflicts else "")
+              + (f" from {len(summary.shards.present)} of {summary.shards.count} shards" if summary.shards else "")
               + f" → {'stdout' if output == '-' else output}"
               + "".join(f"; {count} {name} → {output}{SIDE_FILES[kind]}" for kind, name in
                         (("filtered", "dropped pairs"), ("failures", "failures"), ("skipped", "skipped prompts"))

@@ -13,7 +13,9 @@ from cai.options import BackendSpec
 BACKEND_OPTIONS = [
     ("model", Annotated[Optional[str], typer.Option("--model", "-m", help="Model: a local folder, a .gguf file or a Hub id. Default: the embedded SmolLM2-135M-Instruct.", show_default=False)], None),
     ("backend", Annotated[str, typer.Option("--backend", metavar="hf|openai", help="hf: a local transformers model; openai: an OpenAI-compatible server (vLLM, SGLang, TGI, transformers serve) at --base-url.")], "hf"),
-    ("base_url", Annotated[Optional[str], typer.Option("--base-url", help="With --backend openai: the server's API root, e.g. http://127.0.0.1:8000/v1.", show_default=False)], None),
+    ("base_url", Annotated[Optional[list[str]], typer.Option("--base-url", help="With --backend openai: the server's API root, e.g. http://127.0.0.1:8000/v1. Give it again for more servers of the same model: each request goes to the one with the fewest in flight, and one that fails is taken out until it answers again.", show_default=False)], None),
+    ("base_urls", Annotated[Optional[str], typer.Option("--base-urls", metavar="FILE", help="With --backend openai: a file of API roots, one a line, each optionally followed by its own --concurrency (`http://node7:8000/v1 32`).", show_default=False)], None),
+    ("allow_down", Annotated[bool, typer.Option("--allow-down", help="With several endpoints: start even if some cannot be reached (they are asked again every few seconds and join when they answer).")], False),
     ("api_key_env", Annotated[Optional[str], typer.Option("--api-key-env", metavar="NAME", help="With --backend openai: the environment variable holding the API key (never printed or recorded); a variable named here must be set. [default: OPENAI_API_KEY, when set]", show_default=False)], None),
     ("concurrency", Annotated[int, typer.Option("--concurrency", help="With --backend openai: requests in flight at once (what --batch-size is for a local model).")], 16),
     ("timeout", Annotated[float, typer.Option("--timeout", help="With --backend openai: seconds before a request is given up and retried.")], 120.0),

@@ -118,6 +118,9 @@ def generate_summary(summary) -> None:
         table.add_row("not made (stopped)", str(summary.not_made))
     for name, value in judge_rows(curation):
         table.add_row(name, value)
+    if len(summary.endpoints) > 1:
+        for figures in summary.endpoints:
+            table.add_row(f"endpoint {figures['url']}", endpoint_figures(figures))
     table.add_row("chosen ≠ rejected", f"{summary.changed} of {summary.kept}")
     if not curation.get("active"):
         table.add_row("truncated (hit max tokens)", str(summary.truncated))
@@ -130,6 +133,18 @@ def generate_summary(summary) -> None:
     if summary.skipped and summary.skipped_file:
         table.add_row("skipped prompts", resolved(summary.skipped_file))
     err.print(table)
+
+
+def endpoint_figures(figures: dict) -> str:
+    """One endpoint's share of a run, in a line: requests, errors, tokens, median latency."""
+    median = figures.get("median_latency")
+    text = (f"{figures['requests']:,} requests · {figures['errors']:,} errors · {figures['tokens']:,} tokens"
+            + (f" · median {median:.2f} s" if median is not None else ""))
+    if figures.get("down"):
+        text += f" · out: {figures['down']}"
+    elif figures.get("taken_out"):
+        text += f" · taken out {figures['taken_out']}× (back in)"
+    return text
 
 
 def judge_rows(curation: dict) -> list[tuple[str, str]]:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from cai.errors import BackendError, OptionError
 from cai.options import GenerateOptions
-from cai.output import (MemoryWriter, RecordWriter, SideFile, check_writable, scan_output, side_file_problem,
-                        side_path)
+from cai.output import (MemoryWriter, RecordWriter, SideFile, check_writable, note_run, runs_path, scan_output,
+                        side_file_problem, side_path)
 from cai.run.summary import REFUSED_HINT, SKIP_HINT, Summary
 from cai.signals import StopNow, StopSignals
 
@@ -61,9 +61,15 @@ def run(prompts: str | Iterable, output: str | None, options: GenerateOptions, *
     from cai.prompts import load_templates
     from cai.run.select import select
 
+    from dataclasses import replace
+
     options.check()
     if options.resume and output in (None, "-"):
         raise OptionError("resume", "needs an output file")
+    # `{shard}` in a name: this run's shard number (pairs.{shard}.jsonl → pairs.3.jsonl)
+    output = options.named(output)
+    options = replace(options, filtered=options.named(options.filtered), failures=options.named(options.failures),
+                      skipped=options.named(options.skipped))
     paths = _Paths(output, options)
     source = _refuse_overlap(prompts, paths)
     constitution = (options.constitution if isinstance(options.constitution, Constitution)
@@ -96,8 +102,30 @@ def run(prompts: str | Iterable, output: str | None, options: GenerateOptions, *
             _run(selection, paths, options, constitution, templates, config, resolved, summary, progress, stopper)
         except StopNow as exc:
             summary.stopped_by, summary.stop_exit = str(exc), exc.exit_code
-    summary.elapsed = time.monotonic() - summary.start
+        summary.elapsed = time.monotonic() - summary.start
+        if summary.manifest_started:
+            note_run(output, _run_line("end", summary, options))
     return summary
+
+
+def _run_line(event: str, summary: Summary, options: GenerateOptions) -> dict:
+    """A line of the output's manifest: what the run (this shard) plans when it starts, and
+    when it ends what it made and whether it finished (every record of the shard placed)."""
+    import socket
+    from datetime import datetime, timezone
+
+    from cai import __version__
+
+    k, n = options.shard_numbers()
+    line = {"event": event, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "shard": f"{k}/{n}" if options.shard is not None else None, "planned": summary.planned}
+    if event == "start":
+        return {**line, "task": options.shard_task() or None, "resumed": summary.resumed, "source": summary.source,
+                "model": summary.model, "host": socket.gethostname(), "pid": os.getpid(), "cai": __version__}
+    return {**line, "finished": not summary.not_made, "kept": summary.kept, "dropped": summary.dropped,
+            "failed": summary.failed, "skipped": summary.skipped, "not_made": summary.not_made,
+            "stopped_by": summary.stopped_by, "exit_code": summary.exit_code, "elapsed": round(summary.elapsed, 3),
+            "endpoints": summary.endpoints}
 
 
 def _run(selection, paths: _Paths, options: GenerateOptions, constitution, templates, config, resolved,
@@ -113,6 +141,11 @@ def _run(selection, paths: _Paths, options: GenerateOptions, constitution, templ
                                                 lambda: _prompt_check(selection, constitution, config))
     summary.resumed = sum(record_id in done for record_id in selection.ids)
     summary.removed = len(done - selection.all_ids)
+    if paths.output not in (None, "-"):
+        if append_at is None:            # a new output (or one replaced): a new manifest
+            Path(runs_path(paths.output)).unlink(missing_ok=True)
+        note_run(paths.output, _run_line("start", summary, options))
+        summary.manifest_started = True
     if summary.removed:
         log.warning("%s holds %d records of prompts no longer in %s (left as they are)",
                     paths.output, summary.removed, summary.source)
@@ -174,6 +207,8 @@ def _run(selection, paths: _Paths, options: GenerateOptions, constitution, templ
             _finish_side(summary, skips, curation.drops, failures.file)
             summary.records = writer.records
     finally:
+        report = getattr(backend, "endpoint_report", None)
+        summary.endpoints = report() if report else []
         if not given:
             backend.close()
 

@@ -30,6 +30,109 @@ class MergeSummary:
     conflicts: list[str] = field(default_factory=list)     # "id: file:line vs file:line"
     problems: list[str] = field(default_factory=list)      # lines left out, with file:line
     side: dict[str, int] = field(default_factory=dict)     # side file kind → lines written beside the output
+    shards: ShardSet | None = None                          # the array the inputs are shards of
+
+
+class MergeIncomplete(CaiError):
+    """A set of shards with some missing or unfinished: merging it would lose their prompts
+    without a word."""
+
+    exit_code = 1
+
+
+@dataclass
+class ShardSet:
+    """What the inputs' manifests say of the array they belong to."""
+
+    count: int                                         # N
+    present: dict[int, str] = field(default_factory=dict)      # K → the input holding it
+    unfinished: list[int] = field(default_factory=list)
+    tasks: dict | None = None                          # the array's scheduler, first task and step
+
+    @property
+    def missing(self) -> list[int]:
+        return [k for k in range(1, self.count + 1) if k not in self.present]
+
+    @property
+    def complete(self) -> bool:
+        return not (self.missing or self.unfinished)
+
+    def resubmit(self) -> str:
+        """How to run the missing and unfinished shards again: the array's task ids (Slurm's
+        --array=, or a Kubernetes job's completion indexes), or the --shard values."""
+        shards = sorted({*self.missing, *self.unfinished})
+        if self.tasks:
+            ids = [self.tasks["min"] + (k - 1) * self.tasks["step"] for k in shards]
+            if self.tasks["scheduler"] == "slurm":
+                return f"sbatch --array={_ranges(ids)} …"
+            return f"the Indexed Job's completion indexes {_ranges(ids)}"
+        return ", ".join(f"--shard {k}/{self.count}" for k in shards)
+
+    def problem(self) -> str | None:
+        if self.complete:
+            return None
+        parts = []
+        if self.missing:
+            parts.append(f"{_listed(self.missing)} of {self.count} {'is' if len(self.missing) == 1 else 'are'} missing")
+        if self.unfinished:
+            parts.append(f"{_listed(self.unfinished)} did not finish "
+                         f"({', '.join(self.present[k] for k in self.unfinished)})")
+        return f"{' and '.join(parts)}; run {'it' if len(self.missing) + len(self.unfinished) == 1 else 'them'} " \
+               f"again ({self.resubmit()})"
+
+    def as_dict(self) -> dict:
+        return {"count": self.count, "present": sorted(self.present), "missing": self.missing,
+                "unfinished": self.unfinished, "complete": self.complete}
+
+
+def _listed(shards: list[int]) -> str:
+    return ("shard " if len(shards) == 1 else "shards ") + ", ".join(map(str, shards))
+
+
+def _ranges(ids: list[int]) -> str:
+    """3,4,5,7 → 3-5,7 (Slurm's --array= syntax)."""
+    out, start = [], None
+    for i, n in enumerate(ids):
+        if start is None:
+            start = n
+        if i + 1 == len(ids) or ids[i + 1] != n + 1:
+            out.append(str(start) if start == n else f"{start}-{n}")
+            start = None
+    return ",".join(out)
+
+
+def shard_set(inputs: list[str]) -> ShardSet | None:
+    """The array the inputs are shards of, as their manifests (OUT.runs.jsonl) say; None when
+    none of them was written as a shard. Inputs of two arrays of different sizes are an error."""
+    from cai.output import read_runs
+
+    found: ShardSet | None = None
+    for path in inputs:
+        lines = read_runs(path)
+        starts = [line for line in lines if line.get("event") == "start" and line.get("shard")]
+        if not starts:
+            continue
+        try:
+            k, n = (int(part) for part in str(starts[-1]["shard"]).split("/"))
+        except ValueError:
+            continue
+        if found is None:
+            found = ShardSet(n)
+        elif found.count != n:
+            raise OptionError("inputs", f"{path} is shard {k}/{n}, but {next(iter(found.present.values()))} is of "
+                                        f"{found.count} shards; these are not one array")
+        if k in found.present and found.present[k] != path:
+            raise OptionError("inputs", f"{path} and {found.present[k]} are both shard {k}/{n}")
+        found.present[k] = path
+        ended = lines[-1].get("event") == "end" and lines[-1].get("finished") is True
+        if not ended:
+            found.unfinished.append(k)
+        task = starts[-1].get("task")
+        if found.tasks is None and isinstance(task, dict) and {"scheduler", "min", "step"} <= task.keys():
+            found.tasks = {key: task[key] for key in ("scheduler", "min", "step")}
+    if found is not None:
+        found.unfinished.sort()
+    return found
 
 
 class MergeConflict(CaiError):
@@ -50,6 +153,15 @@ def _content(record: dict) -> dict:
 
 def _shape(record: dict) -> str:
     return "conversational" if isinstance(record.get("prompt"), list) else "standard"
+
+
+def _merge_line(inputs: list[str], summary: MergeSummary) -> dict:
+    """The merged output's manifest: what it was made of, and whether the array was whole."""
+    from datetime import datetime, timezone
+
+    return {"event": "merge", "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "inputs": inputs, "kept": summary.kept, "side": summary.side,
+            "shards": summary.shards.as_dict() if summary.shards else None}
 
 
 def _lines(path: str, summary: MergeSummary) -> Iterator[tuple[str, bytes, dict]]:
@@ -87,9 +199,12 @@ def _lines(path: str, summary: MergeSummary) -> Iterator[tuple[str, bytes, dict]
 
 
 def merge(output: str, inputs: list[str], *, overwrite: bool = False, on_conflict: str = "error",
-          lock: bool = True) -> MergeSummary:
+          lock: bool = True, allow_partial: bool = False) -> MergeSummary:
+    """Merge `inputs` into `output`. Shards whose manifests say they belong to one array must be
+    all there and finished (MergeIncomplete naming the others and how to run them again) unless
+    `allow_partial`; the merged output's manifest records what it holds."""
     from cai.locks import Locks
-    from cai.output import SIDE_FILES, check_writable, side_path, write_whole
+    from cai.output import SIDE_FILES, check_writable, runs_path, side_path, write_whole
     from cai.pipeline import fingerprint_differences
 
     if on_conflict not in ON_CONFLICT:
@@ -106,10 +221,12 @@ def merge(output: str, inputs: list[str], *, overwrite: bool = False, on_conflic
         raise OptionError("output", f"{output} is not a regular file (merge replaces its output whole)")
     sides = {kind: [p for path in inputs if Path(p := side_path(path, kind)).is_file()] for kind in SIDE_FILES}
     if output != "-" and not overwrite:
-        for kind in SIDE_FILES:
-            if Path(side_path(output, kind)).exists():
-                raise OptionError("output", f"{side_path(output, kind)} exists; pass `overwrite` to replace it")
-    summary = MergeSummary(output, len(inputs))
+        for beside in (*(side_path(output, kind) for kind in SIDE_FILES), runs_path(output)):
+            if Path(beside).exists():
+                raise OptionError("output", f"{beside} exists; pass `overwrite` to replace it")
+    summary = MergeSummary(output, len(inputs), shards=shard_set(inputs))
+    if summary.shards is not None and not summary.shards.complete and not allow_partial:
+        raise MergeIncomplete(f"{summary.shards.problem()}; nothing written (--allow-partial merges what is there)")
     chosen: dict[str, tuple[str, bytes, dict]] = {}      # id → (where, line, content)
     reference = None
     shape: tuple[str, str] | None = None                 # (the first record's shape, where it is)
@@ -189,6 +306,7 @@ def merge(output: str, inputs: list[str], *, overwrite: bool = False, on_conflic
     kind = compression_of(output) if output != "-" else None
     with Locks([output], enabled=lock):
         write_whole(output, compressor(kind, output)(data) if kind else data)
+        write_whole(runs_path(output), (json.dumps(_merge_line(inputs, summary), ensure_ascii=False) + "\n").encode())
         for side, lines in side_data.items():
             target = side_path(output, side)
             if lines:

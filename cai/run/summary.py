@@ -45,6 +45,8 @@ class Summary:
     curation: dict = field(default_factory=dict)
     records: list[dict] | None = None  # the records, for a run without an output file
     side: dict[str, list[dict]] = field(default_factory=dict)   # side lines kept in memory
+    endpoints: list[dict] = field(default_factory=list)          # a remote backend's, each with its figures
+    manifest_started: bool = False     # the output's manifest has this run's start line
     start: float = field(default_factory=time.monotonic)
     elapsed: float = 0.0
 
@@ -123,7 +125,7 @@ class Summary:
 
     def as_dict(self) -> dict:
         """The summary for machines (no records)."""
-        out = {k: v for k, v in self.__dict__.items() if k not in ("records", "side", "start")}
+        out = {k: v for k, v in self.__dict__.items() if k not in ("records", "side", "start", "manifest_started")}
         out.update(skipped=self.skipped, not_made=self.not_made, complete=self.complete, exit_code=self.exit_code,
                    kept_per_min=round(self.kept_rate, 3))
         return out
