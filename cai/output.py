@@ -34,12 +34,21 @@ def note_run(output: str | None, line: dict) -> None:
     path = runs_path(output)
     if path is None:
         return
+    existed = os.path.lexists(path)
+    data = (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8")
     try:
         with open(path, "ab") as fp:
-            fp.write((json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8"))
-            fp.flush()
-            os.fsync(fp.fileno())
+            at = fp.tell()
+            try:
+                fp.write(data)
+                fp.flush()
+                os.fsync(fp.fileno())
+            except OSError:
+                fp.truncate(at)          # never half a line
+                raise
     except OSError as exc:
+        if not existed:
+            Path(path).unlink(missing_ok=True)      # a full disk: no empty manifest left behind
         logging.getLogger("cai").warning("%s: cannot write the run's manifest: %s", path, exc.strerror or exc)
 
 

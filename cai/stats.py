@@ -322,7 +322,28 @@ def collect(records: str, filtered: str | None = None, *, stdin: IO[bytes] | Non
                 stats.side_files[kind] = path
                 for _, _, line in iter_jsonl(path, warn=torn):
                     stats.add_unmade(line, kind)
-    return stats.report(records, filtered, found), stats
+    report = stats.report(records, filtered, found)
+    report["runs"] = runs_report(records) if records != "-" else None
+    return report, stats
+
+
+def runs_report(records: str) -> dict | None:
+    """What the manifest beside `records` (OUT.runs.jsonl) says: for a merged file, the array's
+    shards (present, missing, unfinished); for a run's output, its shard, whether its last run
+    finished, and each endpoint's figures. None without a manifest."""
+    from cai.output import read_runs
+
+    lines = read_runs(records)
+    if not lines:
+        return None
+    last = lines[-1]
+    if last.get("event") == "merge":
+        return {"merged_from": len(last.get("inputs") or ()), "shards": last.get("shards")}
+    starts = [line for line in lines if line.get("event") == "start"]
+    ends = [line for line in lines if line.get("event") == "end"]
+    return {"runs": len(starts), "shard": (starts[-1] if starts else {}).get("shard"),
+            "finished": last.get("event") == "end" and last.get("finished") is True,
+            "endpoints": (ends[-1].get("endpoints") if ends else None) or []}
 
 
 def check_plotting() -> None:

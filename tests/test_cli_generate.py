@@ -317,7 +317,7 @@ def test_input_format_says_what_stdin_holds_for_generate_preview_and_compare(tin
     assert compared.exit_code == 0, compared.output
     runs = sorted((tmp_path / "runs").glob("*.jsonl"))
     assert runs and all(sorted(r["id"] for r in read_jsonl(p)) == ["1", "2"] for p in runs
-                        if not p.name.endswith((".filtered.jsonl", ".skipped.jsonl", ".failures.jsonl")))
+                        if not p.name.endswith((".filtered.jsonl", ".skipped.jsonl", ".failures.jsonl", ".runs.jsonl")))
 
 
 def test_a_turn_budget_past_the_context_is_one_option_error(tiny_model, tmp_path):

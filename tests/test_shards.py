@@ -143,3 +143,18 @@ def test_a_complete_array_merges_and_the_cli_says_so(tmp_path, monkeypatch):
     one = CliRunner().invoke(app, ["merge", str(tmp_path / "one.jsonl"), str(tmp_path / "p.1.jsonl")])
     assert one.exit_code == 1 and "shard 2 of 2 is missing" in one.stderr
     assert "the Indexed Job's completion indexes 1" in one.stderr
+
+
+def test_stats_reads_the_manifest_of_a_shard_and_of_a_merged_array(tmp_path, monkeypatch):
+    from cai import stats
+
+    prompts = prompts_file(tmp_path)
+    run(prompts, str(tmp_path / "p.1.jsonl"), options(shard="1/3"))
+    report, _ = stats.collect(str(tmp_path / "p.1.jsonl"))
+    assert report["runs"] == {"runs": 1, "shard": "1/3", "finished": True, "endpoints": []}
+    merge(str(tmp_path / "all.jsonl"), [str(tmp_path / "p.1.jsonl")], allow_partial=True)
+    report, _ = stats.collect(str(tmp_path / "all.jsonl"))
+    assert report["runs"]["shards"] == {"count": 3, "present": [1], "missing": [2, 3], "unfinished": [],
+                                        "complete": False}
+    result = CliRunner().invoke(app, ["stats", str(tmp_path / "all.jsonl")])
+    assert result.exit_code == 0 and "1 of 3 · missing 2, 3" in result.stderr

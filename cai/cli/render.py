@@ -193,6 +193,18 @@ def stats_tables(report: dict) -> None:
     if source["torn_lines"]:
         table.add_row("torn lines skipped", fmt(source["torn_lines"]))
     table.add_row("cleaned (meta.cleaned)", pct(report["cleaned"], kept))
+    runs = report.get("runs")
+    if runs and runs.get("shards"):
+        shards = runs["shards"]
+        table.add_row("shards", f"{len(shards['present'])} of {shards['count']}"
+                      + (f" · missing {', '.join(map(str, shards['missing']))}" if shards["missing"] else "")
+                      + (f" · unfinished {', '.join(map(str, shards['unfinished']))}" if shards["unfinished"] else ""))
+    elif runs:
+        table.add_row("last run", ("finished" if runs["finished"] else "[yellow]did not finish[/yellow] (run it again)")
+                      + (f" · shard {runs['shard']}" if runs["shard"] else ""))
+        if len(runs["endpoints"]) > 1:
+            for figures in runs["endpoints"]:
+                table.add_row(f"endpoint {figures['url']}", endpoint_figures(figures))
     err.print(table)
 
     table = Table(title="principles", title_justify="left")
