@@ -19,6 +19,8 @@ from cai.errors import InputError, OutputError
 SIDE_FILES = {"filtered": ".filtered.jsonl", "failures": ".failures.jsonl", "skipped": ".skipped.jsonl"}
 # the fields every line of a side file has (cai.curation, run.generate._Failures, _skip_invalid)
 SIDE_FIELDS = {"filtered": ("meta", "filter"), "failures": ("stage", "error"), "skipped": ("kind", "reason")}
+# the reviewer's decisions about a pairs file (`cai review`): PAIRS.review.jsonl, under PAIRS's lock
+REVIEW_SUFFIX = ".review.jsonl"
 
 
 def side_path(output: str | None, kind: str) -> str | None:
