@@ -41,10 +41,11 @@ def review(
         except Exception:           # no user name in this environment
             reviewer = None
     server = ReviewServer(pairs, filtered=filtered, host=host, port=port, reviewer=reviewer, lock=not no_lock)
-    summary = server.review.summary()
+    start = server.review.start()
+    dropped = sum(1 for e in server.review.index.entries if e.source)
     try:
-        err.print(f"reviewing {pairs}: {summary['kept']:,} kept and {summary['dropped']:,} dropped pairs, "
-                  f"{summary['reviewed']:,} reviewed; decisions → {server.review.log.path}", highlight=False, soft_wrap=True)
+        err.print(f"reviewing {pairs}: {start['total'] - dropped:,} kept and {dropped:,} dropped pairs, "
+                  f"{start['reviewed']:,} reviewed; decisions → {server.review.log.path}", highlight=False, soft_wrap=True)
         if server.review.log.torn:
             err.print("[yellow]warning:[/yellow] the decisions file ended in a torn line (a server killed mid-write); "
                       "it was cut off", highlight=False)

@@ -12,13 +12,17 @@ import json
 import math
 import mmap
 import os
+import re
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from cai.errors import InputError
 
 KEPT, DROPPED = "kept", "dropped"
+FIGURES = ("principle", "reasons", "preference", "agree", "edit", "whole", "repairs", "swapped")
+_HEAD = re.compile(rb'\{"id": "([^"\\]{1,200})", ')          # how cai starts every record it writes
 
 
 @dataclass(slots=True)
@@ -37,6 +41,7 @@ class Entry:
     whole: bool                     # the line holds the pair's texts (a dropped pair's line may not)
     repairs: int
     swapped: bool                   # judge.swapped: the original is the chosen side
+    line: int = 0                   # its line in its file
 
     @property
     def margin(self) -> float | None:
@@ -51,21 +56,31 @@ def _number(value) -> float | None:
 
 
 def _entry(n: int, source: int, offset: int, length: int, record: dict) -> Entry:
-    meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
-    filt = record.get("filter") if isinstance(record.get("filter"), dict) else None
-    judge = record.get("judge") if isinstance(record.get("judge"), dict) else {}
-    reasons = filt.get("reasons") if filt else None
-    reasons = (reasons,) if isinstance(reasons, str) else tuple(str(r) for r in reasons or ())
-    edit = (filt or {}).get("edit") if isinstance((filt or {}).get("edit"), dict) else meta.get("edit")
+    meta = record.get("meta")
+    if meta.__class__ is not dict:
+        meta = {}
+    judge = record.get("judge")
+    if judge.__class__ is not dict:
+        judge = {}
+    edit = meta.get("edit")
+    reasons = ()
+    if source:
+        filt = record.get("filter")
+        if isinstance(filt, dict):
+            found = filt.get("reasons")
+            reasons = (found,) if isinstance(found, str) else tuple(str(r) for r in found or ())
+            if isinstance(filt.get("edit"), dict):
+                edit = filt["edit"]
     agree = judge.get("agree")
     principle = record.get("principle")
+    repairs = meta.get("repairs")
     return Entry(n, source, offset, length, str(record["id"]),
-                 principle if isinstance(principle, str) and principle else "?",
-                 DROPPED if source else KEPT, reasons if source else (),
-                 _number(judge.get("preference")), agree if isinstance(agree, bool) else None,
-                 _number(edit.get("distance")) if isinstance(edit, dict) else None,
-                 all(k in record for k in ("prompt", "chosen", "rejected")),
-                 len(meta.get("repairs") or ()) if isinstance(meta.get("repairs"), list) else 0,
+                 principle if principle.__class__ is str and principle else "?",
+                 DROPPED if source else KEPT, reasons,
+                 _number(judge.get("preference")) if judge else None, agree if agree.__class__ is bool else None,
+                 _number(edit.get("distance")) if edit.__class__ is dict else None,
+                 "prompt" in record and "chosen" in record and "rejected" in record,
+                 len(repairs) if repairs.__class__ is list else 0,
                  judge.get("swapped") is True)
 
 
@@ -89,16 +104,23 @@ class PairsIndex:
         self.constitutions: set[str] = set()
         self._files: list = []
         self._maps: list = []
+        self._paths: list = []
+        self.ready = threading.Event()          # the figures are in (the second pass is over)
+        self.error: Exception | None = None     # what stopped the second pass
 
-    def build(self) -> PairsIndex:
+    def build(self, background: bool = True) -> PairsIndex:
+        """The first pass (each line's offset and id: fast) now; the second (each line parsed
+        for the figures) in a thread, or now with background=False. `wait()` waits for it."""
         try:
             for source, path in enumerate((self.pairs, self.filtered)):
                 if path is None:
+                    self._paths.append(None)
                     self._files.append(None)
                     self._maps.append(None)
                     continue
                 fp = self._open(path)
                 self._files.append(fp)
+                self._paths.append(path)
                 self._scan(fp, source, path)
                 size = os.fstat(fp.fileno()).st_size
                 self._maps.append(mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) if size else None)
@@ -108,7 +130,41 @@ class PairsIndex:
         if not any(e.source == 0 for e in self.entries):
             self.close()
             raise InputError(self.pairs, "no records found")
+        if background:
+            threading.Thread(target=self._figures, name="cai-review-index", daemon=True).start()
+        else:
+            self._figures()
+            self.wait()
         return self
+
+    def wait(self) -> None:
+        """Wait for the figures; the error of a line the second pass could not read, if any."""
+        self.ready.wait()
+        if self.error is not None:
+            raise self.error
+
+    def _figures(self) -> None:
+        """The second pass: every line parsed, its entry's figures filled in."""
+        loads = json.loads
+        try:
+            for e in self.entries:
+                raw = self._maps[e.source][e.offset:e.offset + e.length]
+                try:
+                    record = loads(raw)
+                except ValueError:
+                    raise InputError(self._paths[e.source], "not a whole JSON record", line=e.line) from None
+                if not isinstance(record, dict):
+                    raise InputError(self._paths[e.source], "not a cai record", line=e.line)
+                full = _entry(e.n, e.source, e.offset, e.length, record)
+                for name in FIGURES:
+                    setattr(e, name, getattr(full, name))
+                meta = record.get("meta")
+                if meta.__class__ is dict and meta.get("constitution").__class__ is str:
+                    self.constitutions.add(meta["constitution"])
+        except Exception as exc:        # the page says so; nothing else can
+            self.error = exc
+        finally:
+            self.ready.set()
 
     def _open(self, path: str):
         from cai.compressed import open_stream
@@ -139,26 +195,36 @@ class PairsIndex:
             return plain
 
     def _scan(self, fp, source: int, path: str) -> None:
+        """The first pass: each line's offset, length and id. A line that starts as cai writes
+        its records (`{"id": "…", `) gives its id without being parsed; any other is parsed."""
         offset = 0
-        loads = json.loads
+        entries, by_id = self.entries, self.by_id
+        head = _HEAD.match
+        status = DROPPED if source else KEPT
         for number, raw in enumerate(fp, start=1):
             length = len(raw)
-            if raw.strip():
-                try:
-                    record = loads(raw)
-                except ValueError:
-                    if not raw.endswith(b"\n"):     # a writer killed mid-line: the torn end
-                        self.torn += 1
-                        break
-                    raise InputError(path, "not a whole JSON record", line=number) from None
-                if not isinstance(record, dict) or not isinstance(record.get("id"), (str, int)):
-                    raise InputError(path, "not a cai record (no id)", line=number)
-                entry = _entry(len(self.entries), source, offset, length, record)
-                self.entries.append(entry)
-                self.by_id.setdefault(entry.id, []).append(entry.n)
-                meta = record.get("meta")
-                if isinstance(meta, dict) and isinstance(meta.get("constitution"), str):
-                    self.constitutions.add(meta["constitution"])
+            if not raw.isspace():
+                found = head(raw) if raw.endswith(b"}\n") else None
+                if found is not None:
+                    pair_id = found[1].decode("utf-8", "replace")
+                else:
+                    try:
+                        record = json.loads(raw)
+                    except ValueError:
+                        if not raw.endswith(b"\n"):     # a writer killed mid-line: the torn end
+                            self.torn += 1
+                            break
+                        raise InputError(path, "not a whole JSON record", line=number) from None
+                    if not isinstance(record, dict) or not isinstance(record.get("id"), (str, int)):
+                        raise InputError(path, "not a cai record (no id)", line=number)
+                    pair_id = str(record["id"])
+                n = len(entries)
+                entries.append(Entry(n, source, offset, length, pair_id, "?", status, (), None, None, None, True, 0,
+                                     False, number))
+                if pair_id in by_id:
+                    by_id[pair_id].append(n)
+                else:
+                    by_id[pair_id] = [n]
             offset += length
 
     def raw(self, n: int) -> bytes:

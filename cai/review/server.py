@@ -24,7 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from urllib.parse import parse_qs, urlsplit
 
-from cai.errors import OptionError
+from cai.errors import CaiError, OptionError
 from cai.review.decisions import DECISIONS, ReviewLog, decision, problem
 from cai.review.index import DROPPED, KEPT, PairsIndex
 
@@ -56,9 +56,10 @@ class Review:
         except BaseException:
             self.log.close()
             raise
-        self.tags = self.index.tags()
+        self._tags: dict[str, list[str]] | None = None
         self._orders: dict[tuple, list[int]] = {}       # filters → the pairs they leave, in order
         self._version = 0                               # decisions made: a cached order that reads them is stale
+        self._fixed: dict | None = None                 # the summary's figures no decision changes
         self._mutex = threading.Lock()
 
     def close(self) -> None:
@@ -70,49 +71,86 @@ class Review:
     def decided(self, entry) -> dict | None:
         return self.log.latest.get(entry.id)
 
-    def summary(self) -> dict:
+    @property
+    def tags(self) -> dict[str, list[str]]:
+        """principle → tags (after the index's second pass, which finds the constitution)."""
+        if self._tags is None:
+            self.index.wait()
+            self._tags = self.index.tags()
+        return self._tags
+
+    def start(self) -> dict:
+        """What the page needs to show its first pair, before the index's figures are in."""
+        entries = self.index.entries
+        return {"pairs": self.pairs, "reviewer": self.reviewer, "decisions_file": self.log.path, "total": len(entries),
+                "reviewed": self.reviewed()[0],
+                "first_unreviewed": next((e.n for e in entries if e.id not in self.log.latest), None)}
+
+    def _static(self) -> dict:
+        """The figures that no decision changes, computed once."""
         entries = self.index.entries
         per: dict[str, dict] = {}
         reasons: Counter[str] = Counter()
-        decisions: Counter[str] = Counter()
         for e in entries:
-            p = per.setdefault(e.principle, {"name": e.principle, "kept": 0, "dropped": 0, "reviewed": 0,
-                                             "judged": 0, "agreeing": 0, "edit_sum": 0.0, "edits": 0})
+            p = per.get(e.principle)
+            if p is None:
+                p = per[e.principle] = {"name": e.principle, "kept": 0, "dropped": 0, "judged": 0, "agreeing": 0,
+                                        "edit_sum": 0.0, "edits": 0}
             p[e.status] += 1
-            reasons.update(e.reasons)
+            if e.reasons:
+                reasons.update(e.reasons)
             if e.agree is not None:
                 p["judged"] += 1
                 p["agreeing"] += e.agree
             if e.edit is not None and e.status == KEPT:
                 p["edit_sum"] += e.edit
                 p["edits"] += 1
-            d = self.decided(e)
-            if d:
-                p["reviewed"] += 1
-                decisions[d["decision"]] += 1
         principles = []
         for p in sorted(per.values(), key=lambda p: p["name"]):
             total = p["kept"] + p["dropped"]
             principles.append({"name": p["name"], "kept": p["kept"], "dropped": p["dropped"], "total": total,
-                               "reviewed": p["reviewed"], "tags": self.tags.get(p["name"], []),
+                               "tags": self.tags.get(p["name"], []),
                                "kept_rate": round(p["kept"] / total, 4) if total else None,
                                "agreement": round(p["agreeing"] / p["judged"], 4) if p["judged"] else None,
                                "edit_mean": round(p["edit_sum"] / p["edits"], 4) if p["edits"] else None})
-        reviewed = sum(1 for e in entries if self.decided(e))
-        first_open = next((e.n for e in entries if not self.decided(e)), None)
+        kept = sum(p["kept"] for p in per.values())
+        return {"principles": principles, "kept": kept, "dropped": len(entries) - kept,
+                "reasons": dict(reasons.most_common()), "judged": any(p["judged"] for p in per.values())}
+
+    def reviewed(self) -> tuple[int, Counter, Counter]:
+        """(pairs with a decision, decisions by kind, reviewed pairs by principle), read from the
+        decisions (few), not from every pair."""
+        entries, by_id = self.index.entries, self.index.by_id
+        count, kinds, principles = 0, Counter(), Counter()
+        for pair_id, line in list(self.log.latest.items()):
+            for n in by_id.get(pair_id, ()):
+                count += 1
+                kinds[line["decision"]] += 1
+                principles[entries[n].principle] += 1
+        return count, kinds, principles
+
+    def summary(self) -> dict:
+        entries = self.index.entries
+        self.index.wait()
+        if self._fixed is None:
+            self._fixed = self._static()
+        fixed = self._fixed
+        reviewed, kinds, per = self.reviewed()
+        first_open = next((e.n for e in entries if e.id not in self.log.latest), None)
         return {"pairs": self.pairs, "filtered": self.index.filtered, "decisions_file": self.log.path,
-                "reviewer": self.reviewer, "total": len(entries),
-                "kept": sum(1 for e in entries if e.status == KEPT), "dropped": sum(1 for e in entries if e.status == DROPPED),
-                "reviewed": reviewed, "decisions": {d: decisions[d] for d in DECISIONS},
-                "first_unreviewed": first_open, "principles": principles,
-                "tags": sorted({t for tags in self.tags.values() for t in tags}),
-                "reasons": dict(reasons.most_common()), "judged": any(e.preference is not None for e in entries),
-                "torn": self.index.torn}
+                "reviewer": self.reviewer, "total": len(entries), "kept": fixed["kept"], "dropped": fixed["dropped"],
+                "reviewed": reviewed, "decisions": {d: kinds[d] for d in DECISIONS}, "first_unreviewed": first_open,
+                "principles": [{**p, "reviewed": per[p["name"]]} for p in fixed["principles"]],
+                "tags": sorted({t for tags in self.tags.values() for t in tags}), "reasons": fixed["reasons"],
+                "judged": fixed["judged"], "torn": self.index.torn}
 
     def order(self, query: dict[str, str]) -> list[int]:
         """The pairs the filters of `query` leave, in its sort order (cached per filters until a
         decision changes what `reviewed`/`decision` filters see)."""
-        key = tuple(sorted((k, v) for k, v in query.items() if k in FILTERS and v != ""))
+        key = tuple(sorted((k, v) for k, v in query.items() if k in FILTERS and v != "" and (k, v) != ("sort", "file")))
+        if not key:                     # the file's order: no figure needed, so no wait for them
+            return list(range(len(self.index.entries)))
+        self.index.wait()
         uses_decisions = any(k in ("reviewed", "decision") for k, _ in key)
         with self._mutex:
             cached = self._orders.get(key)
@@ -173,6 +211,7 @@ class Review:
         return entries
 
     def row(self, n: int) -> dict:
+        self.index.wait()
         e = self.index.entries[n]
         d = self.decided(e)
         return {"n": e.n, "id": e.id, "principle": e.principle, "status": e.status, "reasons": list(e.reasons),
@@ -185,10 +224,13 @@ class Review:
         from cai.records import conversation_of
         from cai.run.preview import word_diff
 
-        e = self.index.entries[n]
+        from cai.review.index import _entry
+
+        at = self.index.entries[n]
         record = self.index.read(n)
+        e = _entry(n, at.source, at.offset, at.length, record)        # its figures, whether the index has them yet
         out = {"n": n, "total": len(self.index.entries), "id": e.id, "principle": e.principle, "status": e.status,
-               "reasons": list(e.reasons), "tags": self.tags.get(e.principle, []), "whole": e.whole,
+               "reasons": list(e.reasons), "tags": self._tags.get(e.principle, []) if self._tags else [], "whole": e.whole,
                "decision": self.decided(e), "record": record, "edit": e.edit, "margin": e.margin}
         if e.whole:
             try:
@@ -216,8 +258,7 @@ class Review:
         line = self.log.append(decision(body, self.reviewer))
         with self._mutex:
             self._version += 1
-        reviewed = sum(1 for e in self.index.entries if self.decided(e))
-        return {"decision": line, "reviewed": reviewed, "total": len(self.index.entries)}
+        return {"decision": line, "reviewed": self.reviewed()[0], "total": len(self.index.entries)}
 
 
 FILTERS = ("principle", "tag", "status", "reason", "agree", "margin_min", "margin_max", "edit_min", "edit_max",
@@ -316,6 +357,8 @@ class Handler(BaseHTTPRequestHandler):
             elif url.path.startswith("/static/") and url.path[len("/static/"):] in STATIC:
                 name = url.path[len("/static/"):]
                 self._send(HTTPStatus.OK, _static(name), STATIC[name])
+            elif url.path == "/api/start":
+                self._json(HTTPStatus.OK, review.start())
             elif url.path == "/api/summary":
                 self._json(HTTPStatus.OK, review.summary())
             elif url.path == "/api/order":
@@ -335,6 +378,8 @@ class Handler(BaseHTTPRequestHandler):
                 self._error(HTTPStatus.NOT_FOUND, "not found")
         except ApiError as exc:
             self._error(exc.status, exc.message)
+        except CaiError as exc:             # a line of the pairs file the index's second pass could not read
+            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, str(exc))
 
     do_HEAD = do_GET
 

@@ -88,7 +88,7 @@ async function loadOrder(keepN) {
   state.order = data.order;
   const at = keepN === null || keepN === undefined ? -1 : state.order.indexOf(keepN);
   state.pos = at >= 0 ? at : 0;
-  $("f-count").textContent = `${state.order.length.toLocaleString()} of ${state.summary.total.toLocaleString()} pairs`;
+  $("f-count").textContent = `${state.order.length.toLocaleString()} of ${state.start.total.toLocaleString()} pairs`;
   state.listOffset = Math.floor(state.pos / PAGE) * PAGE;
 }
 
@@ -136,6 +136,11 @@ function showProgress() {
 async function refreshSummary() {
   state.summary = await api("/api/summary");
   showProgress();
+}
+
+function tagsOf(principle) {
+  const found = state.summary && state.summary.principles ? state.summary.principles.find((p) => p.name === principle) : null;
+  return found ? found.tags : [];
 }
 
 // --- the pair view -------------------------------------------------------------------------------
@@ -215,7 +220,7 @@ function renderPair() {
     h("button", {type: "button", class: "nav", title: "next (→ or n)", onclick: () => move(1)}, "▶"),
     h("code", {id: "pair-id", text: pair.id}),
     badge(pair.principle, "principle", "principle"),
-    pair.tags.map((t) => badge(t, "tag", "tag")),
+    (pair.tags.length ? pair.tags : tagsOf(pair.principle)).map((t) => badge(t, "tag", "tag")),
     pair.status === "kept" ? badge("kept", "ok") : badge(`dropped: ${pair.reasons.join(", ") || "?"}`, "bad", "filter reasons"),
     h("span", {id: "decision-badge"}, decided ? badge(`${PAST[decided.decision]}${decided.reviewer ? " by " + decided.reviewer : ""}`, `decision ${decided.decision}`, decided.rationale || "") : badge("not reviewed", "muted")));
   const repairs = Array.isArray(meta.repairs) ? meta.repairs : [];
@@ -549,18 +554,18 @@ function onKey(event) {
 // --- start ---------------------------------------------------------------------------------------
 
 async function start() {
+  // first what the first pair needs (the server has it at once), then the figures (its index's
+  // second pass over a big file may still be running)
   try {
-    await refreshSummary();
+    state.start = await api("/api/start");
   } catch (error) {
     $("pair-view").replaceChildren(h("p", {class: "empty", text: `cannot reach the review: ${error.message}`}));
     return;
   }
-  const s = state.summary;
+  const s = state.start;
+  state.summary = {total: s.total, reviewed: s.reviewed, decisions_file: s.decisions_file};
+  showProgress();
   $("file").textContent = `${s.pairs}${s.reviewer ? " · reviewer " + s.reviewer : ""}`;
-  fillSelect($("f-principle"), s.principles.map((p) => p.name));
-  fillSelect($("f-tag"), s.tags);
-  $("f-tag-label").hidden = !s.tags.length;
-  fillSelect($("f-reason"), Object.keys(s.reasons));
   fillSelect($("f-decision"), DECISIONS, (d) => PAST[d]);
   const wanted = readHash();
   for (const name of FILTERS) {
@@ -576,6 +581,17 @@ async function start() {
   // resume: the pair in the address, else the first one not reviewed
   await loadOrder(wanted.n !== null ? wanted.n : s.first_unreviewed);
   await setView(["pair", "list", "figures", "help"].includes(wanted.view) ? wanted.view : "pair");
+  try {
+    await refreshSummary();
+  } catch (error) {
+    toast(error.message, true);
+    return;
+  }
+  fillSelect($("f-principle"), state.summary.principles.map((p) => p.name));
+  fillSelect($("f-tag"), state.summary.tags);
+  $("f-tag-label").hidden = !state.summary.tags.length;
+  fillSelect($("f-reason"), Object.keys(state.summary.reasons));
+  if (state.pair && state.view === "pair") { state.pair.tags = tagsOf(state.pair.principle); renderPair(); }
   document.body.dataset.ready = "1";
 }
 
