@@ -22,11 +22,12 @@ _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 def owner(target: str) -> str:
     """The file whose lock covers `target`: itself, or the output a side file is named after
-    (OUT.filtered.jsonl is covered by OUT.lock, whichever run names it), symlinks resolved."""
-    from cai.output import RUNS_FILE, SIDE_FILES
+    (OUT.filtered.jsonl is covered by OUT.lock, whichever run names it, and so are the run's
+    manifest OUT.runs.jsonl and the reviewer's OUT.review.jsonl), symlinks resolved."""
+    from cai.output import REVIEW_SUFFIX, RUNS_FILE, SIDE_FILES
 
     real = os.path.realpath(target)
-    for suffix in (*SIDE_FILES.values(), RUNS_FILE):
+    for suffix in (*SIDE_FILES.values(), RUNS_FILE, REVIEW_SUFFIX):
         if real.endswith(suffix) and len(real) > len(suffix):
             return real[: -len(suffix)]
     return real

@@ -70,6 +70,8 @@ def read_runs(output: str) -> list[dict]:
     return lines
 # the fields every line of a side file has (cai.curation, run.generate._Failures, _skip_invalid)
 SIDE_FIELDS = {"filtered": ("meta", "filter"), "failures": ("stage", "error"), "skipped": ("kind", "reason")}
+# the reviewer's decisions about a pairs file (`cai review`): PAIRS.review.jsonl, under PAIRS's lock
+REVIEW_SUFFIX = ".review.jsonl"
 
 
 def side_path(output: str | None, kind: str) -> str | None:

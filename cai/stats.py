@@ -121,6 +121,9 @@ class Stats:
         self.dropped_distance = array("d")   # of dropped records that carry one (filter.edit)
         self.agreeing = self.order_pairs = 0   # judged records whose two orders agree, of those with both
         self.constitutions: Counter[str] = Counter()   # meta.constitution of the records read
+        self.decisions: dict[str, dict] | None = None   # the review's latest decision per id (cai review)
+        self.review_file: str | None = None
+        self.judge_compared = self.judge_agreeing = 0   # accept/swap decisions on judged pairs, and those the judge shares
 
     def _principle(self, record: dict) -> dict:
         name = record.get("principle")
@@ -170,6 +173,8 @@ class Stats:
 
         judge = record.get("judge")
         preference = _number(judge.get("preference")) if isinstance(judge, dict) else None
+        if preference is not None and self.decisions:
+            self._compare(record, judge, preference)
         if preference is not None:
             self.preference.append(preference)
             principle["judged"] += 1
@@ -200,6 +205,27 @@ class Stats:
         self.cleaned += bool(meta.get("cleaned"))
         self.repaired += bool(meta.get("repairs"))
         self.repair_made = self.repair_made or "attempts" in meta
+
+    def _compare(self, record: dict, judge: dict, preference: float) -> None:
+        """A reviewer's accept (the chosen side is better) or swap (the rejected one is) against
+        the judge's verdict on the chosen side (its preference, or 1 - it where it swapped)."""
+        entry = self.decisions.get(str(record.get("id")))
+        if entry is None or entry.get("decision") not in ("accept", "swap"):
+            return
+        chosen = 1 - preference if judge.get("swapped") is True else preference
+        self.judge_compared += 1
+        self.judge_agreeing += (chosen > 0.5) if entry["decision"] == "accept" else (chosen < 0.5)
+
+    def review_report(self) -> dict | None:
+        if self.decisions is None:
+            return None
+        counts = Counter(entry["decision"] for entry in self.decisions.values())
+        reviewers = Counter(str(entry.get("reviewer") or "?") for entry in self.decisions.values())
+        return {"file": self.review_file, "reviewed": len(self.decisions), "of": self.kept + self.dropped,
+                "decisions": {d: counts[d] for d in ("accept", "reject", "swap", "tie", "skip", "edit")},
+                "reviewers": dict(reviewers.most_common()),
+                "judge_compared": self.judge_compared,
+                "judge_agreement": _mean(self.judge_agreeing, self.judge_compared)}
 
     def add_dropped(self, record: dict) -> None:
         self.dropped += 1
@@ -283,6 +309,7 @@ class Stats:
             "finish_reasons": {"response": dict(self.response_finish.most_common()),
                                "revision": dict(self.revision_finish.most_common())},
             "cleaned": self.cleaned,
+            "review": self.review_report(),
         }
 
 
@@ -300,6 +327,13 @@ def collect(records: str, filtered: str | None = None, *, stdin: IO[bytes] | Non
         stats.torn += 1
         if warn:
             warn(message)
+
+    if records != "-":                  # the reviewer's decisions (cai review), read first: they are few
+        from cai.review.decisions import load, review_path
+
+        if Path(review_path(records)).is_file():
+            stats.review_file = review_path(records)
+            stats.decisions = load(stats.review_file, warn=warn)
 
     for name, number, record in iter_jsonl(records, stdin=stdin, warn=torn):
         stats.add_kept(record, (name, number))

@@ -189,12 +189,12 @@ def test_non_utf8_prompts(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("command", [[], ["generate"], ["constitution"], ["constitution", "list"],
-                                     ["constitution", "validate"]])
+                                     ["constitution", "validate"], ["review"]])
 def test_help(command):
     result = run(*command, "--help")
     assert result.exit_code == 0
     assert "Usage" in result.stdout
-    if command in ([], ["generate"]):
+    if command in ([], ["generate"], ["review"]):
         assert "Examples" in result.stdout
 
 

@@ -21,5 +21,7 @@ def test_wheel_contains_shipped_data(tmp_path):
         assert f"cai/prompts/{path.parent.name}/{path.name}" in names
     assert "cai/backends/hf.py" in names
     assert "cai/backends/decode_attention.c" in names       # compiled on first use by cai.backends.kernels
+    for path in (ROOT / "cai" / "review" / "static").iterdir():   # the review page, served from the package
+        assert f"cai/review/static/{path.name}" in names, path
     for path in (ROOT / "cai").rglob("*.py"):               # every module, so a package left off pyproject fails
         assert path.relative_to(ROOT).as_posix() in names, path

@@ -244,7 +244,8 @@ def test_missing_input_file(tmp_path):
 def test_json_goes_to_stdout_and_no_tables(tmp_path):
     pairs = write(tmp_path / "pairs.jsonl", [record("a", judge=(0.6, 0.5, 0.7))])
     report, result = report_of(pairs)
-    assert set(report) == {"input", "principles", "lengths", "edits", "judge", "finish_reasons", "cleaned", "repairs", "runs"}
+    assert set(report) == {"input", "principles", "lengths", "edits", "judge", "finish_reasons", "cleaned", "repairs",
+                           "review", "runs"}
     assert result.stderr == ""
     assert "┃" not in result.stdout and "cai stats" not in result.stdout
 

@@ -1,7 +1,7 @@
 """The `cai` command line: one module per command, each parsing its options, calling the library
 and rendering what it returns on stderr. stdout carries records only."""
 
-from cai.cli import compare, constitution, export, generate, judge, merge, preview, stats  # noqa: F401  (they register their commands)
+from cai.cli import compare, constitution, export, generate, judge, merge, preview, review, stats  # noqa: F401  (they register their commands)
 from cai.cli.app import app
 
 

@@ -41,6 +41,10 @@ def merge(
         for line in exc.conflicts[:10]:
             log.warning("conflict: %s", line)
         raise
+    if summary.review:
+        from cai.cli.export import _review_line
+
+        _review_line(summary.review)
     for problem in summary.problems[:10]:
         log.warning("%s", problem)
     if len(summary.problems) > 10:

@@ -248,6 +248,19 @@ def stats_tables(report: dict) -> None:
             table.add_row(f"  {low:.1f}–{high:.1f}", f"{'█' * round(20 * count / widest):<20} {count:,}")
         err.print(table)
 
+    review = report.get("review")
+    if review:
+        table = Table(title=f"review ({review['file']})", show_header=False, title_justify="left")
+        table.add_column(style="bold", no_wrap=True)
+        table.add_column()
+        table.add_row("reviewed", f"{review['reviewed']:,} of {review['of']:,}")
+        table.add_row("decisions", " · ".join(f"{d} {n:,}" for d, n in review["decisions"].items() if n) or "none")
+        table.add_row("reviewers", " · ".join(f"{r} {n:,}" for r, n in review["reviewers"].items()) or "none")
+        if review["judge_compared"]:
+            table.add_row("reviewer and judge agree", f"{review['judge_agreement']:.1%} of {review['judge_compared']:,} "
+                          "accepted or swapped judged pairs")
+        err.print(table)
+
     finish = report["finish_reasons"]
     table = Table(title="finish reasons", title_justify="left")
     for column in ("reason", "response", "final revision"):

@@ -13,12 +13,28 @@ from cai.errors import InputError, OptionError, OutputError
 @dataclass
 class ExportSummary:
     written: dict[str, int] = field(default_factory=dict)     # target → records
+    review: dict | None = None          # what a reviewer's decisions did (cai.review.decisions.Applied.to_dict)
+
+
+def reviewed_records(pairs: str, review: str | bool | None, warn=None) -> tuple[list[dict], dict | None]:
+    """The records of `pairs` with the reviewer's decisions applied (PAIRS.review.jsonl when it
+    exists, or the file `review` names; none with review=False), and what they did."""
+    from cai.inputs import read_records
+    from cai.review.decisions import apply, decisions_for
+
+    records = read_records(pairs)
+    decisions, source = decisions_for(pairs, review, warn=warn)
+    if source is None:
+        return records, None
+    records, applied = apply(records, decisions, source)
+    return records, applied.to_dict()
 
 
 def export(pairs: str, output: str = "-", *, format: str = "standard", test_size: float | None = None,
-           seed: int = 0, lock: bool = True) -> ExportSummary:
+           seed: int = 0, lock: bool = True, review: str | bool | None = None) -> ExportSummary:
+    """`pairs` in another shape or file. `review`: the decisions file to apply (default
+    PAIRS.review.jsonl when it exists; False: none)."""
     from cai.compressed import compression_of
-    from cai.inputs import read_records
     from cai.locks import Locks
     from cai.output import RecordWriter, check_writable
     from cai.records import EXPORT_FORMATS, split_by_id, to_format
@@ -31,14 +47,15 @@ def export(pairs: str, output: str = "-", *, format: str = "standard", test_size
         raise OptionError("output", f"{output}: a Parquet file compresses its own columns; name it .parquet")
     if test_size is not None and (output == "-" or (Path(output).exists() and not Path(output).is_file())):
         raise OptionError("test_size", "needs an output file (-o FILE) to name OUT.train and OUT.test after")
-    records = _shaped(pairs, read_records(pairs), lambda r: to_format(r, format))
+    kept, review_counts = reviewed_records(pairs, review)
+    records = _shaped(pairs, kept, lambda r: to_format(r, format))
     parts = {output: records} if test_size is None else {
         with_part(output, name): part for name, part in zip(("train", "test"), split_by_id(records, test_size, seed))}
     if output != "-" and any(Path(t).exists() and Path(t).resolve() == Path(pairs).resolve() for t in parts):
         raise OptionError("output", f"{output} is also the input")
     for target in parts:
         check_writable(target)
-    summary = ExportSummary()
+    summary = ExportSummary(review=review_counts)
     with Locks(list(parts), enabled=lock):
         for target, part in parts.items():
             if target.endswith(".parquet"):
@@ -87,23 +104,25 @@ class TrainerExport:
     records: dict[str, int] = field(default_factory=dict)  # split → records
     command: str = ""
     pushed: str | None = None
+    review: dict | None = None          # what a reviewer's decisions did
 
 
 def export_for(pairs: str, trainer: str, folder: str, *, test_size: float | None = None, seed: int = 0,
                model: str | None = None, overwrite: bool = False, push_to_hub: str | None = None,
-               lock: bool = True) -> TrainerExport:
+               lock: bool = True, review: str | bool | None = None) -> TrainerExport:
     """Write `pairs` into `folder` in the shape `trainer` reads, the config that points it at
-    them, and a dataset card (README.md) that `datasets.load_dataset(folder)` follows."""
+    them, and a dataset card (README.md) that `datasets.load_dataset(folder)` follows; or, for
+    `argilla`, an Argilla ranking dataset (cai.review.argilla). The reviewer's decisions
+    (`review`, as for `export`) are applied first."""
     from cai import stats
-    from cai.inputs import read_records
     from cai.locks import Locks
     from cai.output import RecordWriter, check_folder
     from cai.records import split_by_id
     from cai.run.card import card
     from cai.trainers import TRAINERS, configs, layout
 
-    if trainer not in TRAINERS:
-        raise OptionError("to", f"unknown trainer '{trainer}'; choose from {', '.join(TRAINERS)}")
+    if trainer not in (*TRAINERS, "argilla"):
+        raise OptionError("to", f"unknown trainer '{trainer}'; choose from {', '.join(TRAINERS)}, argilla")
     if test_size is not None and not 0 < test_size < 1:
         raise OptionError("test_size", f"must be between 0 and 1 (got {test_size:g})")
     if pairs == "-":
@@ -114,7 +133,11 @@ def export_for(pairs: str, trainer: str, folder: str, *, test_size: float | None
     if root.is_dir() and any(root.iterdir()) and not overwrite:
         raise OptionError("to", f"{folder} is not empty; pass `overwrite` to write into it")
     check_folder(folder)
-    records = read_records(pairs)
+    records, review_counts = reviewed_records(pairs, review)
+    if not records:
+        raise InputError(pairs, "no record left once the review's rejected and tied pairs are dropped")
+    if trainer == "argilla":
+        return _argilla(pairs, folder, records, review_counts, lock, push_to_hub, test_size)
     report, _ = stats.collect(pairs)
     model = model or _model_of(records)
     splits = {"train": records} if test_size is None else dict(zip(("train", "test"), split_by_id(records, test_size, seed)))
@@ -128,7 +151,7 @@ def export_for(pairs: str, trainer: str, folder: str, *, test_size: float | None
     except OSError as exc:
         raise InputError(folder, f"cannot write output: {exc.strerror or exc}") from None
     folder = str(root.resolve())
-    result = TrainerExport(trainer, folder, records={s: len(part) for s, part in splits.items()})
+    result = TrainerExport(trainer, folder, records={s: len(part) for s, part in splits.items()}, review=review_counts)
     texts, result.command = configs(trainer, folder, model, list(splits), len(splits["train"]))
     shapes = [(shape, {split: _shaped(pairs, splits[split], shape.shape) for split in shape.files})
               for shape in layout(trainer, list(splits))]      # every row made before any file is written
@@ -157,6 +180,25 @@ def export_for(pairs: str, trainer: str, folder: str, *, test_size: float | None
     if push_to_hub:
         result.pushed = _push(folder, push_to_hub)
     return result
+
+
+def _argilla(pairs: str, folder: str, records: list[dict], review: dict | None, lock: bool,
+             push_to_hub: str | None, test_size: float | None) -> TrainerExport:
+    from cai.locks import Locks
+    from cai.review import argilla
+
+    if push_to_hub or test_size is not None:
+        raise OptionError("to", "argilla takes no `push_to_hub` or `test_size` (load the folder with rg.Dataset.from_disk)")
+    root = Path(folder)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(folder, f"cannot write output: {exc.strerror or exc}") from None
+    root = root.resolve()
+    with Locks([str(root / "records.json")], enabled=lock):
+        files = argilla.write(root, pairs, records)
+    command = f"python -c 'import argilla as rg; rg.Dataset.from_disk(\"{root}\")'   (with ARGILLA_API_URL and ARGILLA_API_KEY set)"
+    return TrainerExport("argilla", str(root), files, {"records": len(records)}, command, review=review)
 
 
 def _model_of(records: list[dict]) -> str:

@@ -31,6 +31,7 @@ class MergeSummary:
     problems: list[str] = field(default_factory=list)      # lines left out, with file:line
     side: dict[str, int] = field(default_factory=dict)     # side file kind → lines written beside the output
     shards: ShardSet | None = None                          # the array the inputs are shards of
+    review: dict | None = None      # what the inputs' review decisions (INPUT.review.jsonl) did
 
 
 class MergeIncomplete(CaiError):
@@ -198,6 +199,43 @@ def _lines(path: str, summary: MergeSummary) -> Iterator[tuple[str, bytes, dict]
                                 "mid-batch); read up to there")
 
 
+def _apply_reviews(inputs: list[str], chosen: dict[str, tuple[str, bytes, dict]], summary: MergeSummary) -> dict[str, bytes]:
+    """Apply each input's review decisions (INPUT.review.jsonl, written by cai review) to the
+    records taken from it, in place in `chosen`; the lines of the pairs they drop (rejected,
+    tied), for the filtered file with reason `review`."""
+    from cai.review.decisions import Applied, decisions_for, reviewed
+
+    found = {}
+    for path in inputs:
+        decisions, source = decisions_for(path)
+        if source is not None:
+            found[path] = decisions
+    if not found:
+        return {}
+    applied = Applied(", ".join(f"{p}.review.jsonl" for p in found))
+    dropped: dict[str, bytes] = {}
+    used = 0
+    for key, (where, raw, content) in list(chosen.items()):
+        decisions = found.get(where.rsplit(":", 1)[0])
+        entry = decisions.get(key) if decisions else None
+        if entry is None:
+            continue
+        used += 1
+        applied.counts[entry["decision"]] += 1
+        record = json.loads(raw)
+        changed = reviewed(record, entry)
+        if changed is None:
+            applied.dropped += 1
+            del chosen[key]
+            line = {**record, "filter": {"reasons": ["review"], "review": entry["decision"]}}
+            dropped[key] = (json.dumps(line, ensure_ascii=False) + "\n").encode()
+        else:
+            chosen[key] = (where, (json.dumps(changed, ensure_ascii=False) + "\n").encode(), content)
+    applied.elsewhere = sum(len(d) for d in found.values()) - used
+    summary.review = applied.to_dict()
+    return dropped
+
+
 def merge(output: str, inputs: list[str], *, overwrite: bool = False, on_conflict: str = "error",
           lock: bool = True, allow_partial: bool = False) -> MergeSummary:
     """Merge `inputs` into `output`. Shards whose manifests say they belong to one array must be
@@ -275,6 +313,7 @@ def merge(output: str, inputs: list[str], *, overwrite: bool = False, on_conflic
         shown = "; ".join(summary.conflicts[:3]) + (f"; and {len(summary.conflicts) - 3} more" if len(summary.conflicts) > 3 else "")
         raise MergeConflict(f"{len(summary.conflicts)} ids have two different records ({shown}); nothing written. "
                             "Say which to keep: --on-conflict first|last (on_conflict= in Python)", summary.conflicts)
+    review_dropped = _apply_reviews(inputs, chosen, summary)
     # the side files: each prompt stays in one place (a pair kept by one shard and dropped by
     # another is kept; a failure or skip that another shard made good is gone)
     dropped: dict[str, bytes] = {}
@@ -282,6 +321,8 @@ def merge(output: str, inputs: list[str], *, overwrite: bool = False, on_conflic
         if same_run(where, line) and line["id"] not in chosen:
             reference = reference or line
             dropped.setdefault(line["id"], raw)
+    for key, raw in review_dropped.items():
+        dropped.setdefault(key, raw)
     made = chosen.keys() | dropped.keys()
     others: dict[str, dict[object, bytes]] = {}
     for kind in ("failures", "skipped"):
