@@ -83,7 +83,7 @@ def run(backend, constitution: str, items, options: dict, label: str, console: C
         "kept_per_min": round(kept / wall * 60, 2), "generated_tokens": generated,
         "generated_tok_per_s": round(generated / wall, 1), "prefill_computed": computed, "prefill_reused": reused,
         "kv_cache_mb": round(cache_mb), "peak_rss_mb": round(peak_rss_mb()), **steps, "rss_samples": samples,
-        "records": {r["id"]: r for r in records},
+        "records": {r["id"]: r for r in records}, "endpoints": summary.endpoints,
     }
 
 

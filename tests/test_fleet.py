@@ -58,9 +58,9 @@ class Dying:
     """A server that answers `answers` requests, then dies: the requests it holds and every later
     connection fail (its socket closed)."""
 
-    def __init__(self, answers: int):
+    def __init__(self, answers: int, model: str = "fake"):
         self.answers, self.lock = answers, threading.Lock()
-        self.fake = FakeOpenAI(self.respond, models=["fake"])
+        self.fake = FakeOpenAI(self.respond, models=[model])
 
     def respond(self, body, n):
         if n < self.answers:

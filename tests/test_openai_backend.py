@@ -674,3 +674,25 @@ def test_cai_judge_against_a_server_without_logprobs_says_so(server, tmp_path):
     text = " ".join(result.stderr.split())
     assert "the server returned no logprobs" in text and "no pair could be judged (2 failed)" in text
     assert "Traceback" not in result.output
+
+
+def test_a_real_server_beside_one_that_dies_and_one_never_up(server, tmp_path):
+    """Issue 32 with a real server: `transformers serve` beside a fake one that dies mid-run and a
+    URL nothing listens on (--allow-down): every id exactly once, exit 0."""
+    from conftest import read_jsonl
+    from test_fleet import Dying, refused_url
+
+    upstream, model = server
+    dying = Dying(answers=2, model=model)
+    gone = dying.fake.__enter__()
+    never = refused_url()
+    out = tmp_path / "pairs.jsonl"
+    result = cai("generate", EXAMPLES, "--backend", "openai", "--model", model, "--base-url", upstream,
+                 "--base-url", gone, "--base-url", never, "--allow-down", "--concurrency", "2", "-n", "4",
+                 "-o", out, *REMOTE)
+    assert result.exit_code == 0, result.output
+    assert len({r["id"] for r in read_jsonl(out)}) == len(read_jsonl(out)) == 4
+    [_, end] = read_jsonl(f"{out}.runs.jsonl")
+    figures = {e["url"]: e for e in end["endpoints"]}
+    assert figures[upstream]["errors"] == 0 and figures[upstream]["requests"] >= 4
+    assert figures[never]["down"] and figures[never]["requests"] == 0
