@@ -49,7 +49,7 @@ def serve_and_run(name: str, servers: list[tuple[int, int]], items, args, consol
             console.print(f"[dim]{name}: {' '.join(command)}[/dim]", highlight=False)
             procs.append(start_server(command, port, Path(args.logs) / f"{name.replace(' ', '_')}-{i}.log"))
             urls.append(f"http://127.0.0.1:{port}/v1")
-        options = dict(backend="openai", base_url=urls, model=args.served_name, api_key_env="CAI_BENCH_NO_KEY",
+        options = dict(backend="openai", base_url=urls, model=args.served_name,
                        timeout=args.request_timeout, concurrency=servers[0][0], seed=0,
                        max_new_tokens=args.max_new_tokens, temperature=0.0, few_shot=True, filter=False,
                        lock=False, repairs=0)

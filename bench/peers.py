@@ -130,7 +130,7 @@ def run_peer(name: str, command: list[str], port: int, model: str, items, args, 
     proc = start_server(command, port, log_path, env)
     try:
         options = dict(backend="openai", base_url=f"http://127.0.0.1:{port}/v1", model=model,
-                       api_key_env="CAI_BENCH_NO_KEY", timeout=args.request_timeout, concurrency=concurrency,
+                       timeout=args.request_timeout, concurrency=concurrency,
                        seed=0, max_new_tokens=args.max_new_tokens, temperature=0.0, few_shot=True, filter=False,
                        lock=False, repairs=0)
         row = run(None, args.constitution, items, options, name, console)
