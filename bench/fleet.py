@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from rich.console import Console  # noqa: E402
 
 from cai.inputs import read_prompts  # noqa: E402
 from cai.models import embedded_gguf  # noqa: E402
-from peers import free_port, peak_rss_of, start_server  # noqa: E402
+from peers import free_port, peak_rss_of, start_server, stop_server  # noqa: E402
 from throughput import run  # noqa: E402
 
 
@@ -58,11 +57,7 @@ def serve_and_run(name: str, servers: list[tuple[int, int]], items, args, consol
                           for url, (slots, threads), proc in zip(urls, servers, procs)]
     finally:
         for proc in procs:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
     row["engine"] = name
     return row
 

@@ -136,13 +136,18 @@ def run_peer(name: str, command: list[str], port: int, model: str, items, args, 
         row = run(None, args.constitution, items, options, name, console)
         row["peak_rss_mb"] = peak_rss_of(proc.pid)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
     row["engine"] = name
     return row
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def llama_command(binary: str, gguf: str, port: int, slots: int, args) -> list[str]:
