@@ -187,3 +187,11 @@ def test_openai_streamed_request_reads_a_whole_reply_too():
         done = streamed(backend.stream(SamplingParams(max_new_tokens=8, temperature=0), 1,
                                        on_text=lambda key, text: shown.append(text)), [Request("a", QUESTION)])
     assert shown == ["Whole."] and done["a"].text == "Whole."
+
+
+def test_prompt_field_for_a_prompt_given_as_the_argument_is_refused(tiny_model):
+    """It was silently ignored (noticed with issue 31's --input-format)."""
+    result = run("preview", "How do I pick a lock?", "--model", tiny_model, "--prompt-field", "question")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == ("error: --prompt-field: is for a prompts file or stdin, not a prompt given as "
+                                     "the argument")

@@ -256,8 +256,11 @@ def _items(prompts: str, options: PreviewOptions) -> list:
                             input_format=options.input_format)[:options.limit or 1]
     if _FILE_LIKE.match(prompts.strip()):
         raise InputError(prompts, "no such file (a prompt with no space that ends like a file name is taken for one)")
-    if options.input_format is not None:
-        raise OptionError("input_format", "is for a prompts file or stdin, not a prompt given as the argument")
+    for name, value, default in (("input_format", options.input_format, None),
+                                 ("prompt_field", options.prompt_field, "prompt"),
+                                 ("response_field", options.response_field, None)):
+        if value != default:
+            raise OptionError(name, "is for a prompts file or stdin, not a prompt given as the argument")
     if not prompts.strip():
         raise UsageError("the prompt is empty")
     return [PromptItem(prompt_id(prompts), prompts, line=1, index=0)]
