@@ -225,3 +225,15 @@ def test_an_empty_train_split_is_refused_before_anything_is_written(made, tmp_pa
     assert result.exit_code == 0, result.output
     loaded = load_dataset(str(folder))
     assert list(loaded) == ["train"] and loaded["train"].num_rows == 1
+
+
+def test_a_plain_export_with_an_empty_split_is_refused_too(made, tmp_path):
+    """`cai export -o F --test-size` without --to wrote an empty train (or test) file (noticed with
+    issue 31's item 6)."""
+    for size, which in (("0.99", "train"), ("0.01", "test")):
+        out = tmp_path / f"pairs-{which}.jsonl"
+        result = run("export", made, "-o", out, "--test-size", size)
+        assert result.exit_code == 2, result.output
+        line = _one_error(result)
+        assert f"--test-size: leaves no record for the {which} split" in line
+        assert not list(tmp_path.glob(f"pairs-{which}*"))

@@ -51,6 +51,11 @@ def export(pairs: str, output: str = "-", *, format: str = "standard", test_size
     records = _shaped(pairs, kept, lambda r: to_format(r, format))
     parts = {output: records} if test_size is None else {
         with_part(output, name): part for name, part in zip(("train", "test"), split_by_id(records, test_size, seed))}
+    if test_size is not None:
+        for name, part in zip(("train", "test"), parts.values()):
+            if not part:                # an empty split is a file no trainer can use
+                raise OptionError("test_size", f"leaves no record for the {name} split ({len(records)} records); "
+                                  "use " + ("a smaller" if name == "train" else "a larger") + " `test_size`, or none")
     if output != "-" and any(Path(t).exists() and Path(t).resolve() == Path(pairs).resolve() for t in parts):
         raise OptionError("output", f"{output} is also the input")
     for target in parts:
