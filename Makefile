@@ -1,12 +1,13 @@
 # make demo: venv + install + generate pairs from examples/ with the embedded model.
 # make test: venv + install + the whole test suite.
+# make docs: serve the documentation site locally; make docs-cli: regenerate docs/reference/ from --help.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cai-installed
 DEMO_OUT ?= demo-pairs.jsonl
 
-.PHONY: install demo test clean
+.PHONY: install demo test docs docs-cli clean
 
 install: $(STAMP)
 
@@ -28,5 +29,11 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+docs: install
+	$(BIN)/python -m mkdocs serve
+
+docs-cli: install
+	$(BIN)/python docs/gen_cli.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info $(DEMO_OUT) $(DEMO_OUT).filtered.jsonl
+	rm -rf $(VENV) build site *.egg-info $(DEMO_OUT) $(DEMO_OUT).filtered.jsonl

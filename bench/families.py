@@ -82,7 +82,8 @@ DEFAULT = ("llama", "qwen2", "qwen3", "gemma3")
 def corpus() -> list[str]:
     lines = []
     for path in [*ROOT.glob("constitutions/*.yaml"), *ROOT.glob("prompts/*/*.jinja"),
-                 ROOT / "examples/prompts.jsonl", ROOT / "bench/prompts64.txt", ROOT / "README.md"]:
+                 ROOT / "examples/prompts.jsonl", ROOT / "bench/prompts64.txt", ROOT / "README.md",
+                 *sorted(ROOT.glob("docs/*.md")), *sorted(ROOT.glob("docs/commands/*.md"))]:   # the README's text, moved
         lines += path.read_text(encoding="utf-8").splitlines()
     return lines
 

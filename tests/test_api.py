@@ -1,4 +1,4 @@
-"""The public Python API: the README's snippet runs as written (on the tiny model), `cai`
+"""The public Python API: the snippet of docs/api.md runs as written (on the tiny model), `cai`
 exports what `__all__` says, and the CLI's options are the API's keyword arguments."""
 
 from __future__ import annotations
@@ -14,20 +14,25 @@ from cai.cli import app
 from conftest import ROOT, read_jsonl
 
 
-def readme_section(title: str) -> str:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+def doc_section(page: str, title: str | None = None) -> str:
+    """A page of docs/ (where the README's sections moved), or its `## title` section."""
+    text = (ROOT / "docs" / page).read_text(encoding="utf-8")
+    if title is None:
+        return text
     start = text.index(f"\n## {title}\n")
     end = text.find("\n## ", start + 1)
     return text[start:end if end > 0 else None]
 
 
-def test_the_readme_snippet_runs(tiny_model, tmp_path, monkeypatch, capsys):
-    code = re.search(r"```python\n(.*?)```", readme_section("Python API"), re.S).group(1)
+def test_the_api_page_snippet_runs(tiny_model, tmp_path, monkeypatch, capsys):
+    snippets = re.findall(r"```python\n(.*?)```", doc_section("api.md"), re.S)
+    assert len(snippets) == 1, "every Python snippet of docs/api.md runs here"
+    code = snippets[0]
     assert 'model="smollm2-135m-instruct"' in code
     (tmp_path / "examples").mkdir()
     shutil.copy(ROOT / "examples" / "prompts.jsonl", tmp_path / "examples")
     monkeypatch.chdir(tmp_path)
-    exec(compile(code.replace("smollm2-135m-instruct", str(tiny_model)), "README.md", "exec"), {})
+    exec(compile(code.replace("smollm2-135m-instruct", str(tiny_model)), "docs/api.md", "exec"), {})
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 2 + 1 + 1                         # two records, the counts, the preferences
     assert printed[2] == "4 0 0 0 0"
@@ -52,16 +57,16 @@ def _help_flags(command: str) -> set[str]:
     return flags - {"--help"}
 
 
-def _readme_flags() -> set[str]:
-    table = readme_section("`cai generate` options")
+def _documented_flags() -> set[str]:
+    table = doc_section("commands/generate.md", "`cai generate` options")
     first_cells = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]
     return set(re.findall(r"(--[a-z][a-z0-9-]*)", " ".join(first_cells)))
 
 
-def test_readme_option_table_matches_generate_help():
-    documented, offered = _readme_flags(), _help_flags("generate")
-    assert documented - offered == set(), "in the README but not in --help"
-    assert offered - documented - {"--few-shot", "--filter"} == set(), "in --help but not in the README table"
+def test_generate_option_table_matches_help():
+    documented, offered = _documented_flags(), _help_flags("generate")
+    assert documented - offered == set(), "in docs/commands/generate.md but not in --help"
+    assert offered - documented - {"--few-shot", "--filter"} == set(), "in --help but not in docs/commands/generate.md's table"
 
 
 def test_every_generate_flag_is_a_keyword_of_the_api():

@@ -8,7 +8,7 @@ ships inside PyTorch, has kernels made for that shape:
 * `float16` (the CPU default): weights stored in float16 and widened to float32 inside the kernel;
   activations and sums stay float32. Half the weight bytes to stream, 2-8× faster for a few rows,
   and the same model to within float16 rounding of the weights (loss on held-out text changes in
-  the fifth digit; see README, Speed).
+  the fifth digit; see docs/speed.md).
 * `int8`: the decoder's linears in 8-bit integers. Each weight row (output channel) has its own
   scale; each input row (token) is scaled to max |x| = 1 and quantized with one fixed scale, so
   integer sums are exact and a linear layer's output for a token does not depend on which other
