@@ -17,7 +17,17 @@ from cai.compressed import CUT, compression_of, compressor, members
 from cai.errors import InputError, OutputError
 
 SIDE_FILES = {"filtered": ".filtered.jsonl", "failures": ".failures.jsonl", "skipped": ".skipped.jsonl"}
+# the fields every line of a side file has (cai.curation, run.generate._Failures, _skip_invalid)
+SIDE_FIELDS = {"filtered": ("meta", "filter"), "failures": ("stage", "error"), "skipped": ("kind", "reason")}
+# the reviewer's decisions about a pairs file (`cai review`): PAIRS.review.jsonl, under PAIRS's lock
+REVIEW_SUFFIX = ".review.jsonl"
 RUNS_FILE = ".runs.jsonl"       # the manifest beside an output: a line when each run starts and ends
+
+
+def side_path(output: str | None, kind: str) -> str | None:
+    """The default side file of `kind` beside `output` (OUT.filtered.jsonl, …); none for stdout or
+    a run in memory."""
+    return f"{output}{SIDE_FILES[kind]}" if output not in (None, "-") else None
 
 
 def runs_path(output: str | None) -> str | None:
@@ -68,16 +78,6 @@ def read_runs(output: str) -> list[dict]:
     except OSError:
         return []
     return lines
-# the fields every line of a side file has (cai.curation, run.generate._Failures, _skip_invalid)
-SIDE_FIELDS = {"filtered": ("meta", "filter"), "failures": ("stage", "error"), "skipped": ("kind", "reason")}
-# the reviewer's decisions about a pairs file (`cai review`): PAIRS.review.jsonl, under PAIRS's lock
-REVIEW_SUFFIX = ".review.jsonl"
-
-
-def side_path(output: str | None, kind: str) -> str | None:
-    """The default side file of `kind` beside `output` (OUT.filtered.jsonl, …); none for stdout or
-    a run in memory."""
-    return f"{output}{SIDE_FILES[kind]}" if output not in (None, "-") else None
 
 
 def write_whole(target: str, data: bytes) -> None:
@@ -204,18 +204,33 @@ def _zeroed_end(fp, whole: int, kind: str, name: str) -> bool:
     return True
 
 
-def side_file_problem(path: str, kind: str) -> str | None:
-    """Why the existing file `path` is not a cai side file of `kind` (filtered, failures,
-    skipped), or None when it is one, or is empty: its lines are whole records, as an output's
-    must be to be continued (`scan_output`), with the fields of that kind's lines."""
+def check_side_file(path: str | None, kind: str, overwrite: bool = False) -> ExistingOutput | None:
+    """A side file of `kind` (filtered, failures, skipped) named explicitly is continued or
+    replaced like an output: an existing one must be a cai side file of that kind (its lines whole
+    records, as `scan_output` reads them, with the fields of that kind's lines), unless
+    `overwrite`; else OptionError naming `kind`. Returns what it holds (None: nothing to keep)."""
+    from cai.errors import OptionError
+
+    if not path or path == "-":
+        return None
+    if Path(path).is_dir():
+        raise OptionError(kind, f"{path} is a directory")
+    if overwrite or not Path(path).is_file():
+        return None
+    problem = None
     try:
         existing = scan_output(Path(path))
     except InputError as exc:
-        return f"line {exc.line} is not a cai record" if exc.line else exc.detail
-    if existing.first is None:
-        return "it holds no whole line" if existing.torn else None
-    missing = [name for name in SIDE_FIELDS[kind] if name not in existing.first]
-    return f"its first line has no {' or '.join(missing)} field" if missing else None
+        existing, problem = None, f"line {exc.line} is not a cai record" if exc.line else exc.detail
+    if existing is not None and existing.first is None and existing.torn:
+        problem = "it holds no whole line"
+    elif existing is not None and existing.first is not None:
+        missing = [name for name in SIDE_FIELDS[kind] if name not in existing.first]
+        problem = f"its first line has no {' or '.join(missing)} field" if missing else None
+    if problem:
+        raise OptionError(kind, f"{path} exists and is not a cai {kind} file ({problem}); use another file, "
+                                "or `overwrite` to replace it")
+    return existing
 
 
 def check_writable(target: str) -> None:
@@ -427,7 +442,12 @@ class SideFile:
             return self.path
         if self.lines is not None:
             return "summary.side"
-        return f"listed nowhere: the output is stdout; a {self.kind} file (--{self.kind} FILE) keeps them"
+        return f"listed nowhere: {self.nowhere}"
+
+    @property
+    def nowhere(self) -> str:
+        """Why a file without a path lists nothing, and what would keep its lines."""
+        return f"the output is stdout; a {self.kind} file (--{self.kind} FILE) keeps them"
 
     def write(self, line: dict) -> None:
         self.count += 1

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from cai.errors import BackendError, OptionError
 from cai.options import GenerateOptions
-from cai.output import (MemoryWriter, RecordWriter, SideFile, check_writable, note_run, runs_path, scan_output,
-                        side_file_problem, side_path)
+from cai.output import (MemoryWriter, RecordWriter, SideFile, check_side_file, check_writable, note_run, runs_path,
+                        scan_output, side_path)
 from cai.run.summary import REFUSED_HINT, SKIP_HINT, Summary
 from cai.signals import StopNow, StopSignals
 
@@ -325,19 +325,9 @@ def _refuse_foreign_sides(options: GenerateOptions, fingerprint: dict) -> None:
     from cai.pipeline import fingerprint_differences
 
     for kind in ("filtered", "failures", "skipped"):
-        path = getattr(options, kind)
-        if not path or path == "-":
-            continue
-        if Path(path).is_dir():
-            raise OptionError(kind, f"{path} is a directory")
-        if options.overwrite or not Path(path).is_file():
-            continue
-        problem = side_file_problem(path, kind)
-        if problem:
-            raise OptionError(kind, f"{path} exists and is not a cai {kind} file ({problem}); use another file, "
-                                    "or `overwrite` to replace it")
-        if kind == "filtered" and not options.force:
-            first = scan_output(Path(path)).first
+        existing = check_side_file(getattr(options, kind), kind, options.overwrite)
+        if kind == "filtered" and existing is not None and not options.force:
+            first, path = existing.first, options.filtered
             changed = fingerprint_differences(first, fingerprint) if first else []
             if changed:
                 raise OptionError(kind, f"{path} holds records of a different run ({'; '.join(changed)}); use "
@@ -373,7 +363,7 @@ def _finish_side(summary: Summary, skips: SideFile, drops: SideFile | None, fail
     if drops is not None and drops.count and not drops.path and drops.lines is None:
         for line in drops.first:             # stdout: say which, as failures and skips are
             log.warning("dropped: %s: %s", line.get("id"), ", ".join(line["filter"]["reasons"]))
-        log.warning("%d dropped pairs %s", drops.count, drops.where().replace("listed nowhere", "are listed nowhere", 1))
+        log.warning("%d dropped pairs are listed nowhere: %s", drops.count, drops.nowhere)
     for name, side in (("skipped", skips), ("filtered", drops), ("failures", failures)):
         if side is not None and side.lines is not None:
             summary.side[name] = side.lines

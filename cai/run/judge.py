@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cai.errors import BackendError, OptionError
 from cai.options import JudgeOptions
-from cai.output import MemoryWriter, RecordWriter, SideFile, check_writable, side_file_problem, side_path
+from cai.output import MemoryWriter, RecordWriter, SideFile, check_side_file, check_writable, side_path
 
 log = logging.getLogger("cai")
 
@@ -50,14 +50,7 @@ def run(pairs: str | list[dict], output: str | None, options: JudgeOptions, *,
         raise OptionError("keep_filtered", "with output to stdout needs `filtered` FILE")
     if output not in (None, "-") and Path(output).exists() and not options.overwrite:
         raise OptionError("output", f"{output} exists; pass `overwrite` to replace it")
-    if options.filtered and options.filtered != "-":
-        if Path(options.filtered).is_dir():
-            raise OptionError("filtered", f"{options.filtered} is a directory")
-        problem = (side_file_problem(options.filtered, "filtered")
-                   if Path(options.filtered).is_file() and not options.overwrite else None)
-        if problem:
-            raise OptionError("filtered", f"{options.filtered} exists and is not a cai filtered file ({problem}); "
-                                          "use another file, or `overwrite` to replace it")
+    check_side_file(options.filtered, "filtered", options.overwrite)
     if (isinstance(pairs, str) and output not in (None, "-") and Path(pairs).exists()
             and Path(output).resolve() == Path(pairs).resolve()):
         raise OptionError("output", f"{output} is also the input")
