@@ -22,17 +22,16 @@ import typing
 from pathlib import Path
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
-from typing import Any, Union
+from typing import Any, Optional, Union
 
-from cai.backends.hf import DEVICES, DTYPES
+from cai.backends import registry
 from cai.constitution import SAMPLING_MODES, Constitution
 from cai.constitution.sampling import MAX_REVISIONS
+from cai.declare import check_choices, option
 from cai.errors import OptionError
 from cai.inputs import INPUT_FORMATS
 from cai.reasoning import MODES as REASONING_MODES
 from cai.records import FORMATS
-
-BACKENDS = ("hf", "openai")
 
 
 # ---- types, from the annotations -------------------------------------------------------------
@@ -198,123 +197,74 @@ def _at_least(name: str, value, low) -> None:
         raise OptionError(name, f"must be at least {low} (got {value})")
 
 
-def _choice(name: str, value, allowed: tuple[str, ...]) -> None:
-    if value is not None and value not in allowed:
-        raise OptionError(name, f"unknown value '{value}'; choose from {', '.join(allowed)}")
+@dataclass
+class _Model:
+    """Which backend, and which model it runs."""
+
+    backend: str = option("hf", "--backend", choices=registry.names(), panel="Model", help=registry.described())
+    model: Any = option(None, "--model", "-m", cli=Optional[str], panel="Model", help=(
+        "Model: a local folder, a .gguf file or a Hub id. Default: the embedded SmolLM2-135M-Instruct."))
+    # (Python API) `model` may also be a backend already open
 
 
 @dataclass
-class BackendSpec:
-    """Which model, and how to reach it: a local transformers model (`hf`) or an OpenAI-compatible
-    server (`openai`). `cai.backends.spec.open_backend` opens one."""
-
-    backend: str = "hf"
-    model: Any = None                # a name, a path or Hub id; or (Python API) a backend already open
-    base_url: str | list[str] | None = None    # one API root, or several serving the same model
-    base_urls: str | None = None     # a file of API roots, one a line (`URL [CONCURRENCY]`)
-    allow_down: bool = False         # start even if some endpoints cannot be reached (not all)
-    api_key_env: str | None = None   # the variable holding the key (None: OPENAI_API_KEY, if set)
-    timeout: float = 120.0
-    max_retries: int = 5
-    concurrency: int = 16
-    threads: int | None = None
-    plain_chat_format: bool = False
-    allow_pickle: bool = False
-    device: str = "auto"
-    dtype: str = "auto"
-    trust_remote_code: bool = False
-
-    def endpoints(self) -> list[tuple[str, int | None]]:
-        """The API roots to use, each with its own concurrency (None: `concurrency`): those of
-        `base_url`, then those of the `base_urls` file (`URL [CONCURRENCY]` a line; blank lines
-        and `#` comments skipped). A bad URL or line is an OptionError or InputError naming it."""
-        from cai.backends.openai_wire import url_problem
-        from cai.errors import InputError
-
-        given = [self.base_url] if isinstance(self.base_url, str) else list(self.base_url or ())
-        found: list[tuple[str, int | None]] = []
-        for url in given:
-            if (problem := url_problem(url)) is not None:
-                raise OptionError("base_url", problem)
-            found.append((url, None))
-        if self.base_urls:
-            try:
-                lines = Path(self.base_urls).read_text(encoding="utf-8").splitlines()
-            except FileNotFoundError:
-                raise InputError(self.base_urls, "no such file") from None
-            except (OSError, UnicodeDecodeError) as exc:
-                raise InputError(self.base_urls, f"cannot read: {getattr(exc, 'strerror', None) or exc}") from None
-            for number, line in enumerate(lines, start=1):
-                words = line.split("#", 1)[0].split()
-                if not words:
-                    continue
-                if len(words) > 2 or (len(words) == 2 and not (words[1].isdigit() and int(words[1]) >= 1)):
-                    raise InputError(self.base_urls, f"expected URL [CONCURRENCY] (got {line.strip()!r})", line=number)
-                if (problem := url_problem(words[0])) is not None:
-                    raise InputError(self.base_urls, problem, line=number)
-                found.append((words[0], int(words[1]) if len(words) == 2 else None))
-            if not found:
-                raise InputError(self.base_urls, "holds no URL")
-        from cai.backends.openai_wire import endpoint
-
-        roots = {}
-        for url, _ in found:
-            root = endpoint(url).root
-            if root in roots:
-                raise OptionError("base_url", f"{endpoint(url).shown()} is given twice")
-            roots[root] = url
-        return found
+class BackendSpec(*reversed(registry.settings().values()), _Model):
+    """Which model, and how to reach it: `backend` (a name in cai/backends/registry.py) and the
+    options each backend declares (its `Settings`). `cai.backends.spec.open_backend` opens one."""
 
     def check(self) -> None:
         check_types(self)
-        _choice("backend", self.backend, BACKENDS)
+        check_choices(self)
         if isinstance(self.model, os.PathLike):
             self.model = os.fspath(self.model)
         if self.model is not None and not isinstance(self.model, str) and not hasattr(self.model, "stream"):
             raise OptionError("model", f"expected a model name or path, or an open backend (got {type(self.model).__name__})")
         if not isinstance(self.model, (str, type(None))):
             return                       # an open backend: nothing else here applies
-        if self.backend == "hf" and (self.base_url or self.base_urls):
-            raise OptionError("base_url" if self.base_url else "base_urls", "is for `backend` openai")
-        if self.backend == "openai" and (not (self.base_url or self.base_urls) or not self.model):
-            raise OptionError("backend", "openai needs `base_url` URL and `model` NAME (the name the server serves)")
-        if self.backend == "openai":
-            self.endpoints()             # each URL checked, the file read: one line naming what is wrong
-        if self.allow_down and self.backend != "openai":
-            raise OptionError("allow_down", "is for `backend` openai")
-        if self.backend == "openai" and self.api_key_env is not None:
-            # a variable the user named must hold the key: a typo must not send requests without one
-            if not self.api_key_env.strip():
-                raise OptionError("api_key_env", "must name an environment variable")
-            value = os.environ.get(self.api_key_env)
-            if value is None or not value.strip():
-                raise OptionError("api_key_env", f"the environment variable {self.api_key_env} is "
-                                                 f"{'not set' if value is None else 'empty'}")
-        _at_least("max_retries", self.max_retries, 0)
-        if self.timeout <= 0:
-            raise OptionError("timeout", f"must be more than 0 (got {self.timeout:g})")
-        _at_least("concurrency", self.concurrency, 1)
-        _at_least("threads", self.threads, 1)
-        _choice("device", self.device, DEVICES)
-        _choice("dtype", self.dtype, DTYPES)
+        defaults = {f.name: f.default for f in fields(BackendSpec)}
+        for name, owners in registry.owners().items():
+            if self.backend not in owners and getattr(self, name) != defaults[name]:
+                raise OptionError(name, f"is for `backend` {' or '.join(owners)}")
+        registry.backend_class(self.backend).check_settings(self)
+
+    def backend_spec(self) -> BackendSpec:
+        return BackendSpec(**{f.name: getattr(self, f.name) for f in fields(BackendSpec)})
 
 
 @dataclass
 class CurationOptions:
     """What to keep: filters, then the judge."""
 
-    filter: bool = True
-    similarity: float = 0.9
-    repairs: int = 3
-    repair_from: str = "revision"
-    drop_refusals: bool = False
-    keep_filtered: bool = False
-    filtered: str | None = None
-    judge: bool = False
-    min_preference: float | None = None
-    swap: bool = False
-    clamp: str | tuple[float, float] | None = None
-    trust_disagreeing: bool = False
+    filter: bool = option(True, "--filter/--no-filter", panel="Curation", help=(
+        "Clean revisions (preambles, role labels, next-turn debris) and drop pairs not worth training on: empty, "
+        "unchanged, truncated, meta-talk, copied, repetitive. Counted by reason in the summary."))
+    similarity: float = option(0.9, "--similarity", metavar="S", panel="Curation", help=(
+        "Drop a pair as unchanged when its revision is at least this similar to the original (0-1, over words)."))
+    repairs: int = option(3, "--repairs", metavar="N", panel="Curation", help=(
+        "Tries again, up to N times a pair, a turn whose pair the filters would drop: a fresh sample of the revision "
+        "(a response cut at --max-new-tokens is resampled at once); 0 turns it off. Each try has its own seed, so a "
+        "resumed run makes the same records; a greedy run samples its repairs at temperature 0.5."))
+    repair_from: str = option("revision", "--repair-from", choices=("revision", "critique"), panel="Curation", help=(
+        "What a repair samples anew: the revision, or the critique and the revision."))
+    drop_refusals: bool = option(False, "--drop-refusals", panel="Curation", help=(
+        "Also drop pairs whose revision refuses (for constitutions that must not teach refusing)."))
+    keep_filtered: bool = option(False, "--keep-filtered", panel="Curation", help=(
+        "Write dropped pairs whole, with their reasons, to the filtered file (without it: their ids and reasons only)."))
+    filtered: str | None = option(None, "--filtered", panel="Curation", help=(
+        "JSONL file of dropped pairs and their reasons [default: OUTPUT.filtered.jsonl]; a rerun skips the ids it "
+        "holds."))
+    judge: bool = option(False, "--judge", panel="Judge", help=(
+        "Label each kept pair with the model's own AI-feedback preference (see `cai judge`)."))
+    min_preference: float | None = option(None, "--min-preference", metavar="P", panel="Judge", help=(
+        "Keep only pairs whose chosen side the judge prefers with probability at least P (0-1); the others go to the "
+        "filtered file."))
+    swap: bool = option(False, "--swap", panel="Judge", help=(
+        "Where the judge prefers the original response, write it as chosen and the revision as rejected."))
+    clamp: str | tuple[float, float] | None = option(None, "--clamp", metavar="LO,HI", cli=Optional[str], panel="Judge", help=(
+        "Soft labels: clamp judge.label into [LO, HI], e.g. 0.4,0.6 as in RL-CAI."))
+    trust_disagreeing: bool = option(False, "--trust-disagreeing", panel="Judge", help=(
+        "With --min-preference: take the judge's averaged preference even where its two orders disagree (one prefers "
+        "the revision, the other the original); by default such a pair counts as a tie, 0.5."))
 
     def check(self, judging: bool) -> None:
         if not 0 < self.similarity <= 1:
@@ -360,36 +310,79 @@ class CurationOptions:
 class GenerateOptions(BackendSpec, CurationOptions):
     """Every option of `cai generate` (see its --help, or the table of docs/commands/generate.md)."""
 
-    constitution: str | Constitution = "harmless"    # a name, a path, or a Constitution
-    templates: str = "default"
-    input_format: str | None = None             # the prompts' format, where their name does not say it
-    prompt_field: str = "prompt"
-    response_field: str | None = None
-    regenerate: bool = False
-    split: str | None = None
-    reasoning: str = "auto"
-    reasoning_tags: str = "<think>,</think>"
-    revisions: int | None = None
-    sampling: str | None = None
-    seed: int = 0
-    batch_size: int | None = None
-    max_new_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 0.95
-    few_shot: bool = True
-    limit: int | None = None
-    resume: bool = False
-    overwrite: bool = False
-    force: bool = False
-    skip_invalid: bool = False
-    truncate_long: bool = False
-    format: str = "standard"
-    failures: str | None = None
-    skipped: str | None = None
-    fail_fast: bool = False
-    shard: str | tuple[int, int] | None = None
-    grace: float = 15.0
-    lock: bool = True
+    constitution: str | Constitution = option("harmless", "--constitution", "-c", cli=str, panel="Generation", help=(
+        "A shipped constitution by name (see `cai constitution list`) or a path to a YAML file."))
+    templates: str = option("default", "--templates", panel="Generation", help=(
+        "Prompt templates: a shipped set by name or a folder of .jinja files."))
+    input_format: str | None = option(None, "--input-format", choices=INPUT_FORMATS, panel="Input", help=(
+        "The prompts' format, for stdin or a file whose name does not say it (default: told by the suffix, else JSONL "
+        "when the first line starts with '{', else text)."))
+    prompt_field: str = option("prompt", "--prompt-field", panel="Input", help=(
+        "Field (or column) that holds the prompt: a string, a chat transcript (a messages list, ShareGPT "
+        "conversations, or hh-rlhf 'Human: … Assistant: …' text), or a dotted path into nested fields. Without a "
+        "'prompt' field, 'messages' or 'conversations' is used."))
+    response_field: str | None = option(None, "--response-field", panel="Input", help=(
+        "Field holding an existing answer to revise: only critique and revision run (a conversation ending with an "
+        "assistant turn is taken the same way)."))
+    regenerate: bool = option(False, "--regenerate", panel="Input", help=(
+        "Drop a conversation's final assistant turn and have the model answer anew."))
+    split: str | None = option(None, "--split", panel="Input", help=(
+        "The split of a datasets folder or dataset id (train, test, …)."))
+    reasoning: str = option("auto", "--reasoning", choices=REASONING_MODES, panel="Generation", help=(
+        "Reasoning models: off tells the model not to think (its chat template's switch, or chat_template_kwargs to a "
+        "server); keep lets it think and stores each turn's reasoning apart; drop lets it think and discards it; auto "
+        "is off where the template has the switch, else drop. Reasoning never enters chosen, rejected or the history "
+        "of later turns."))
+    reasoning_tags: str = option("<think>,</think>", "--reasoning-tags", metavar="OPEN,CLOSE", panel="Generation", help=(
+        "The tags around inline reasoning."))
+    revisions: int | None = option(None, "--revisions", "-r", panel="Generation", help=(
+        "Critique → revise rounds per prompt. Default: the constitution's (1)."))
+    sampling: str | None = option(None, "--sampling", choices=SAMPLING_MODES, panel="Generation", help=(
+        "Principle per prompt: random (weighted), all (one record per principle), cycle (round robin by the prompt's "
+        "place in the input). Default: the constitution's (random)."))
+    seed: int = option(0, "--seed", panel="Generation", help=(
+        "Seed for principle choice and sampling: same seed, same records."))
+    batch_size: int | None = option(None, "--batch-size", "-b", panel="Generation", help=(
+        "Conversations in flight at once [default: as many as the KV cache fits, up to 128; with --backend openai, "
+        "--concurrency]."))
+    max_new_tokens: int = option(256, "--max-new-tokens", panel="Generation", help=(
+        "Token limit of each generated turn."))
+    temperature: float = option(0.7, "--temperature", panel="Generation", help=(
+        "Sampling temperature; 0 is greedy."))
+    top_p: float = option(0.95, "--top-p", panel="Generation", help=(
+        "Nucleus sampling threshold (0 < p ≤ 1)."))
+    few_shot: bool = option(True, "--few-shot/--no-few-shot", panel="Generation", help=(
+        "Show the constitution's worked examples to the model as earlier turns."))
+    limit: int | None = option(None, "--limit", "-n", panel="Output and resume", help=(
+        "Use only the first N prompts of the input."))
+    resume: bool = option(False, "--resume", panel="Output and resume", help=(
+        "Continue an existing output (the default when it holds records of the same run): skip the ids it holds, "
+        "append the rest."))
+    overwrite: bool = option(False, "--overwrite", panel="Output and resume", help=(
+        "Replace an existing output file."))
+    force: bool = option(False, "--force", panel="Output and resume", help=(
+        "Append to an output that holds records of a different run config."))
+    skip_invalid: bool = option(False, "--skip-invalid", panel="Input", help=(
+        "Skip malformed input lines (listed in the skipped file) instead of stopping."))
+    truncate_long: bool = option(False, "--truncate-long", panel="Input", help=(
+        "Cut prompts too long for the model's context instead of skipping them."))
+    format: str = option("standard", "--format", "-f", choices=FORMATS, panel="Output and resume", help=(
+        "Record shape: standard (prompt/chosen/rejected strings) or conversational (lists of chat messages)."))
+    failures: str | None = option(None, "--failures", panel="Output and resume", help=(
+        "JSONL file for prompts whose requests failed after their retries [default: OUTPUT.failures.jsonl]."))
+    skipped: str | None = option(None, "--skipped", panel="Output and resume", help=(
+        "JSONL file for prompts skipped as too long or invalid [default: OUTPUT.skipped.jsonl]."))
+    fail_fast: bool = option(False, "--fail-fast", panel="Run", help=(
+        "Stop the run at the first prompt that fails (instead of recording it in the failures file)."))
+    shard: str | tuple[int, int] | None = option(None, "--shard", metavar="K/N|auto", cli=Optional[str], panel="Output and resume", help=(
+        "Take only shard K of N (1 ≤ K ≤ N), a deterministic slice of the prompts by id; combine shard outputs with "
+        "`cai merge`. auto: K and N from a Slurm array job (SLURM_ARRAY_TASK_ID/_MIN/_COUNT) or a Kubernetes Indexed "
+        "Job (JOB_COMPLETION_INDEX, with auto/N). An output name may hold {shard} (-o pairs.{shard}.jsonl)."))
+    grace: float = option(15.0, "--grace", metavar="SECONDS", panel="Run", help=(
+        "After Ctrl-C, SIGTERM or SIGHUP: how long conversations in flight may take to finish before the run stops at "
+        "once."))
+    lock: bool = option(True, "--no-lock", invert=True, panel="Run", help=(
+        "Do not lock the output (only where the file system cannot lock and you are sure no other run writes it)."))
 
     def check(self) -> None:
         check_types(self)
@@ -401,15 +394,10 @@ class GenerateOptions(BackendSpec, CurationOptions):
             raise OptionError("revisions", f"must be at most {MAX_REVISIONS} (got {self.revisions}); each revision is "
                               "two more turns of one conversation")
         _at_least("repairs", self.repairs, 0)
-        _choice("repair_from", self.repair_from, ("revision", "critique"))
         if self.temperature < 0:
             raise OptionError("temperature", f"must be 0 (greedy) or more (got {self.temperature:g})")
         if not 0 < self.top_p <= 1:
             raise OptionError("top_p", f"must be greater than 0 and at most 1 (got {self.top_p:g})")
-        _choice("sampling", self.sampling, SAMPLING_MODES)
-        _choice("format", self.format, FORMATS)
-        _choice("reasoning", self.reasoning, REASONING_MODES)
-        _choice("input_format", self.input_format, INPUT_FORMATS)
         self.tags()
         if self.regenerate and self.response_field:
             raise OptionError("regenerate", "contradicts `response_field` (a given response to revise); pick one")
@@ -475,8 +463,29 @@ class PreviewOptions(GenerateOptions):
     """Every option of `cai preview`: a generation run's (its filters always on), and which
     principles to show. `limit`: prompts taken from a file (None: 1)."""
 
-    principle: tuple[str, ...] = ()     # one conversation per principle named, every round with it
-    all: bool = False                   # one conversation per principle of the constitution
+    # generate's options that preview words for itself
+    constitution: str | Constitution = option("harmless", "--constitution", "-c", cli=str, panel="Generation", help=(
+        "A shipped constitution by name or a path to a YAML file."))
+    input_format: str | None = option(None, "--input-format", choices=INPUT_FORMATS, panel="Input", help=(
+        "The prompts file's format, for stdin or a file whose name does not say it."))
+    prompt_field: str = option("prompt", "--prompt-field", panel="Input", help=(
+        "Field (or column) of a prompts file that holds the prompt."))
+    reasoning: str = option("auto", "--reasoning", choices=REASONING_MODES, panel="Generation", help=(
+        "Reasoning models: as `cai generate --reasoning`."))
+    revisions: int | None = option(None, "--revisions", "-r", panel="Generation", help=(
+        "Critique → revise rounds. Default: the constitution's (1)."))
+    seed: int = option(0, "--seed", panel="Generation", help=(
+        "Seed for the principle choice and sampling (a run with the same seed makes the same pair)."))
+    limit: int | None = option(None, "--limit", "-n", panel="Input", help="Prompts taken from a file (default 1).")
+    drop_refusals: bool = option(False, "--drop-refusals", panel="Curation", help=(
+        "The verdict counts a refusing revision as dropped, as `cai generate --drop-refusals` does."))
+    judge: bool = option(False, "--judge", panel="Judge", help=(
+        "Also show the model's own AI-feedback preference, both orders (see `cai judge`)."))
+    # preview's own
+    principle: tuple[str, ...] = option((), "--principle", "-p", metavar="ID", cli=Optional[list[str]], panel="Generation", help=(
+        "Critique and revise with this principle (every round); repeat for one conversation per principle. Default: "
+        "the principle a run would pick for the prompt."))
+    all: bool = option(False, "--all", panel="Generation", help="One conversation per principle of the constitution.")
 
     def check(self) -> None:
         GenerateOptions.check(self)
@@ -489,21 +498,23 @@ class JudgeOptions(BackendSpec, CurationOptions):
     """Every option of `cai judge`."""
 
     judge: bool = True
-    constitution: str | Constitution | None = None
-    templates: str = "default"
-    prefix: str = "The answer is: ("
-    batch_size: int = 8
-    overwrite: bool = False
-    lock: bool = True
+    constitution: str | Constitution | None = option(None, "--constitution", "-c", cli=Optional[str], panel="Judge", help=(
+        "Where the principles' judge questions (`choice`) come from [default: the shipped constitution the records "
+        "name]."))
+    templates: str = option("default", "--templates", panel="Judge", help=(
+        "Template set whose judge.jinja words the question."))
+    prefix: str = option("The answer is: (", "--prefix", panel="Judge", help=(
+        "How the judge's answer starts; the option letter is read right after it."))
+    batch_size: int = option(8, "--batch-size", "-b", panel="Run", help="Pairs scored per call to the backend.")
+    overwrite: bool = option(False, "--overwrite", panel="Output and resume", help="Replace OUTPUT if it exists.")
+    lock: bool = option(True, "--no-lock", invert=True, panel="Run", help=(
+        "Do not lock the output (only where the file system cannot lock and you are sure no other run writes it)."))
 
     def check(self) -> None:
         check_types(self)
         _at_least("batch_size", self.batch_size, 1)
         BackendSpec.check(self)
         CurationOptions.check(self, True)
-
-    def backend_spec(self) -> BackendSpec:
-        return BackendSpec(**{f.name: getattr(self, f.name) for f in fields(BackendSpec)})
 
 
 def build(cls, options: dict[str, Any]):

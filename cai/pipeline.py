@@ -3,6 +3,8 @@ yields finished records batch by batch. Knows nothing of the terminal or of file
 
 from __future__ import annotations
 
+import functools
+
 import hashlib
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -346,6 +348,13 @@ class Pipeline:
     def fingerprint(self) -> dict:
         return run_fingerprint(self.backend.model_name, self.constitution, self.templates, self.config)
 
+    @functools.cached_property
+    def config_hash(self) -> str:
+        """A short hash of the fingerprint: what decides the records (cai.runconfig.config_hash)."""
+        from cai.runconfig import config_hash
+
+        return config_hash(self.fingerprint())
+
     def _record(self, w: _Work) -> dict:
         response, *turns = w.completions
         keep = self.reasoning == "keep"
@@ -370,6 +379,7 @@ class Pipeline:
             "rounds": rounds,
             "meta": {
                 **self.fingerprint(),
+                "config": self.config_hash,
                 **({"system": system} if system else {}),
                 **({"prompt_truncated": True} if item.truncated else {}),
                 **({"given_response": True} if item.response is not None else {}),

@@ -4,6 +4,7 @@ exports what `__all__` says, and the CLI's options are the API's keyword argumen
 from __future__ import annotations
 
 import re
+from dataclasses import fields
 import shutil
 
 import pytest
@@ -69,13 +70,40 @@ def test_generate_option_table_matches_help():
     assert offered - documented - {"--few-shot", "--filter"} == set(), "in --help but not in docs/commands/generate.md's table"
 
 
+def test_generate_option_table_defaults_are_the_declared_ones():
+    """Where the table names a default for one option, it is the dataclass field's."""
+    from cai.declare import flags
+    from cai.options import GenerateOptions
+
+    table = doc_section("commands/generate.md", "`cai generate` options")
+    by_flag = {flag.long: name for name, flag in flags(GenerateOptions).items()}
+    defaults = {f.name: f.default for f in fields(GenerateOptions)}
+    checked = 0
+    for line in table.splitlines():
+        if not line.startswith("| `"):
+            continue
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        named = re.findall(r"(--[a-z][a-z0-9-]*)", cells[0])
+        if len(named) != 1 or named[0] not in by_flag:
+            continue
+        default, shown = defaults[by_flag[named[0]]], cells[1].strip("`")
+        if isinstance(default, bool):
+            flag = flags(GenerateOptions)[by_flag[named[0]]]
+            assert shown in (("off", "automatic") if not default or flag.invert else ("on", "filters on")), (named[0], shown)
+        elif isinstance(default, (int, float, str)):
+            assert re.search(rf"(?<![\w.]){re.escape(format(default, 'g') if isinstance(default, float) else str(default))}(?![\w.])",
+                             shown), (named[0], shown, default)
+        checked += 1
+    assert checked >= 30
+
+
 def test_every_generate_flag_is_a_keyword_of_the_api():
     from dataclasses import fields
 
     from cai.options import GenerateOptions
 
     names = {f.name for f in fields(GenerateOptions)}
-    for flag in _help_flags("generate") - {"--output", "--quiet", "--no-lock", "--no-few-shot", "--no-filter"}:
+    for flag in _help_flags("generate") - {"--output", "--quiet", "--no-lock", "--no-few-shot", "--no-filter", "--config", "--print-config"}:
         assert flag[2:].replace("-", "_") in names, flag
     assert "lock" in names and "few_shot" in names and "filter" in names
 

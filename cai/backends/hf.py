@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from cai.backends.base import ChoiceScores, Completion, LockstepStream, SamplingParams, TextCallback
 from cai.backends.hf_load import detach_from_files, load_error
+from cai.declare import option
 from cai.errors import ModelError, OptionError, UsageError
 from cai.models import quiet_transformers
 
@@ -36,6 +37,27 @@ class HFOptions:
     engine: bool = True              # False: plain `generate` batches (the reference path)
     threads: int | None = None       # torch CPU threads (None: torch's default, one per core)
     draft: bool = True               # the engine's prompt-lookup drafts (greedy turns)
+
+
+@dataclass
+class HFSettings:
+    """`--backend hf`'s own options (see cai/backends/registry.py)."""
+
+    device: str = option("auto", "--device", choices=DEVICES, panel="Model", help="Where the model runs.")
+    dtype: str = option("auto", "--dtype", choices=DTYPES, metavar="auto|float32|bfloat16|float16|int8", panel="Model", help=(
+        "Weights dtype. GPU: auto is bfloat16 (float16 without bf16). CPU: auto and float16 keep linear weights in "
+        "float16 and compute in float32 (fast, same results to float16 rounding); float32 is plain float32; bfloat16, "
+        "on a CPU with bf16 units (AMX or AVX512-BF16), runs the linears on them (several times faster, slightly less "
+        "exact, and its greedy output depends on how conversations are batched, so a resumed run may not repeat an "
+        "uncut one token for token), the rest float32; int8 quantizes the decoder's linears (faster than float16, "
+        "slightly less exact, and its greedy output depends on how conversations are batched)."))
+    threads: int | None = option(None, "--threads", panel="Model", help="CPU threads for torch [default: one per core].")
+    plain_chat_format: bool = option(False, "--plain-chat-format", panel="Model", help=(
+        "For a tokenizer without a chat template: use cai's plain 'User:/Assistant:' format."))
+    allow_pickle: bool = option(False, "--allow-pickle", panel="Model", help=(
+        "Allow pickle (.bin) checkpoints, which can run code: only for models you trust."))
+    trust_remote_code: bool = option(False, "--trust-remote-code", panel="Model", help=(
+        "Allow model code from the model's repository to run."))
 
 
 def pick_device(requested: str) -> str:
@@ -142,6 +164,29 @@ class HFBackend:
     chat template. `stream` runs cai's continuous-batching engine (KV cache kept across turns and
     shared across conversations) where the architecture allows, and left-padded `generate`
     batches otherwise; `generate` is the plain path."""
+
+    about = "a local transformers model"
+    Settings = HFSettings
+
+    @classmethod
+    def check_settings(cls, spec) -> None:
+        if spec.threads is not None and spec.threads < 1:
+            raise OptionError("threads", f"must be at least 1 (got {spec.threads})")
+
+    @classmethod
+    def resolve(cls, spec) -> tuple[str, str]:
+        """(the local folder to load, the name records carry): a local model or the embedded one
+        (converting its GGUF file once), without loading any weights."""
+        from cai.models import resolve_model
+
+        source, model_name = resolve_model(spec.model)
+        return source, weights_name(model_name, spec.dtype)
+
+    @classmethod
+    def from_spec(cls, spec, source: str, model_name: str) -> "HFBackend":
+        return cls(source, model_name, HFOptions(
+            device=spec.device, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
+            allow_pickle=spec.allow_pickle, plain_chat_format=spec.plain_chat_format, threads=spec.threads))
 
     def __init__(self, source: str, model_name: str, options: HFOptions = HFOptions()):
         import torch

@@ -51,6 +51,9 @@ import os
 import random
 import threading
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 
 from cai.backends import openai_wire as wire
 from cai.backends.fleet import Fleet, Member, NoEndpoint
@@ -59,6 +62,7 @@ from cai.backends.openai_stream import OpenAIStream
 from cai.backends.retry import (MAX_BACKOFF, MAX_RETRY_AFTER, OUTAGE_LIMIT, Failed,  # noqa: F401
                                 Fatal, Retryable, RetryPolicy, from_status, from_transport_error)
 from cai.backends.retry import retry_after as _retry_after  # noqa: F401 -- the old private names
+from cai.declare import option
 from cai.errors import BackendError, OptionError
 
 log = logging.getLogger("cai")
@@ -73,12 +77,112 @@ PREFLIGHT_RETRIES = 2       # quick retries of a connection error that came at o
 _chat_url, _choice_of, _one_line = wire.chat_url, wire.choice_of, wire.one_line
 
 
+DEFAULT_KEY_ENV = "OPENAI_API_KEY"      # read when set; a variable the user names must be set
+
+
+@dataclass
+class OpenAISettings:
+    """`--backend openai`'s own options (see cai/backends/registry.py)."""
+
+    base_url: str | list[str] | None = option(None, "--base-url", cli=Optional[list[str]], panel="Model", help=(
+        "With --backend openai: the server's API root, e.g. http://127.0.0.1:8000/v1. Give it again for more servers "
+        "of the same model: each request goes to the one with the fewest in flight, and one that fails is taken out "
+        "until it answers again."))
+    base_urls: str | None = option(None, "--base-urls", metavar="FILE", panel="Model", help=(
+        "With --backend openai: a file of API roots, one a line, each optionally followed by its own --concurrency "
+        "(`http://node7:8000/v1 32`)."))
+    allow_down: bool = option(False, "--allow-down", panel="Model", help=(
+        "With several endpoints: start even if some cannot be reached (they are asked again every few seconds and "
+        "join when they answer)."))
+    api_key_env: str | None = option(None, "--api-key-env", metavar="NAME", panel="Model", help=(
+        "With --backend openai: the environment variable holding the API key (never printed or recorded); a variable "
+        "named here must be set. [default: OPENAI_API_KEY, when set]"))
+    concurrency: int = option(DEFAULT_CONCURRENCY, "--concurrency", panel="Model", help=(
+        "With --backend openai: requests in flight at once (what --batch-size is for a local model)."))
+    timeout: float = option(120.0, "--timeout", panel="Model", help=(
+        "With --backend openai: seconds before a request is given up and retried."))
+    max_retries: int = option(5, "--max-retries", panel="Model", help=(
+        "With --backend openai: retries of a failed request (connection errors, timeouts, 429, 5xx, replies without "
+        "text)."))
+
+
+def endpoints(spec) -> list[tuple[str, int | None]]:
+    """The API roots `spec` names, each with its own concurrency (None: `concurrency`): those of
+    `base_url`, then those of the `base_urls` file (`URL [CONCURRENCY]` a line; blank lines and
+    `#` comments skipped). A bad URL or line is an OptionError or InputError naming it."""
+    from cai.errors import InputError
+
+    given = [spec.base_url] if isinstance(spec.base_url, str) else list(spec.base_url or ())
+    found: list[tuple[str, int | None]] = []
+    for url in given:
+        if (problem := wire.url_problem(url)) is not None:
+            raise OptionError("base_url", problem)
+        found.append((url, None))
+    if spec.base_urls:
+        try:
+            lines = Path(spec.base_urls).read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            raise InputError(spec.base_urls, "no such file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(spec.base_urls, f"cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+        for number, line in enumerate(lines, start=1):
+            words = line.split("#", 1)[0].split()
+            if not words:
+                continue
+            if len(words) > 2 or (len(words) == 2 and not (words[1].isdigit() and int(words[1]) >= 1)):
+                raise InputError(spec.base_urls, f"expected URL [CONCURRENCY] (got {line.strip()!r})", line=number)
+            if (problem := wire.url_problem(words[0])) is not None:
+                raise InputError(spec.base_urls, problem, line=number)
+            found.append((words[0], int(words[1]) if len(words) == 2 else None))
+        if not found:
+            raise InputError(spec.base_urls, "holds no URL")
+    roots = {}
+    for url, _ in found:
+        root = wire.endpoint(url).root
+        if root in roots:
+            raise OptionError("base_url", f"{wire.endpoint(url).shown()} is given twice")
+        roots[root] = url
+    return found
+
+
 class OpenAIBackend:
     """Generates through an OpenAI-compatible chat-completions server. The server owns the
     model, its chat template and its tokenizer; `context_length` is unknown and token counts
     are estimates (see `count_tokens`). `concurrency`: requests in flight when the caller names
     no width (`default_width`). `check`: ask the server first whether it answers and serves
     `model` (BackendError if not); tests against a deliberately broken server turn it off."""
+
+    about = "an OpenAI-compatible server (vLLM, SGLang, TGI, transformers serve) at --base-url"
+    Settings = OpenAISettings
+
+    @classmethod
+    def check_settings(cls, spec) -> None:
+        if not (spec.base_url or spec.base_urls) or not spec.model:
+            raise OptionError("backend", "openai needs `base_url` URL and `model` NAME (the name the server serves)")
+        endpoints(spec)                  # each URL checked, the file read: one line naming what is wrong
+        if spec.api_key_env is not None:
+            # a variable the user named must hold the key: a typo must not send requests without one
+            if not spec.api_key_env.strip():
+                raise OptionError("api_key_env", "must name an environment variable")
+            value = os.environ.get(spec.api_key_env)
+            if value is None or not value.strip():
+                raise OptionError("api_key_env", f"the environment variable {spec.api_key_env} is "
+                                                 f"{'not set' if value is None else 'empty'}")
+        if spec.max_retries < 0:
+            raise OptionError("max_retries", f"must be at least 0 (got {spec.max_retries})")
+        if spec.timeout <= 0:
+            raise OptionError("timeout", f"must be more than 0 (got {spec.timeout:g})")
+        if spec.concurrency < 1:
+            raise OptionError("concurrency", f"must be at least 1 (got {spec.concurrency})")
+
+    @classmethod
+    def resolve(cls, spec) -> tuple[list, str]:
+        return endpoints(spec), spec.model
+
+    @classmethod
+    def from_spec(cls, spec, source, model_name: str) -> "OpenAIBackend":
+        return cls(source, model_name, api_key_env=spec.api_key_env or DEFAULT_KEY_ENV, timeout=spec.timeout,
+                   max_retries=spec.max_retries, concurrency=spec.concurrency, allow_down=spec.allow_down)
 
     def __init__(self, base_url, model: str, api_key_env: str = "OPENAI_API_KEY",
                  timeout: float = 120.0, max_retries: int = 5, backoff: float = 0.5,

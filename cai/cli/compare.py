@@ -3,23 +3,29 @@
 The run options are `cai generate`'s own, borrowed from its signature (so the two never drift
 apart), less those that name one run's files."""
 
-import inspect
+from dataclasses import fields
 from typing import Annotated, Optional
 
 import typer
 
 from cai.cli.app import app, reports_errors
-from cai.cli.generate import generate as _generate
+from cai.cli.options import declared, option_names
 from cai.cli.render import RunProgress, breakdown_table, err, reasons_cell, setup_logging, summary_table
+from cai.options import GenerateOptions
 
-# generate's parameters that compare sets itself, or that name one run's files
-_NOT_BORROWED = {"prompts", "output", "constitution", "templates", "quiet", "keep_filtered", "filtered",
-                 "failures", "skipped"}
-_RENAMED = {"filter_": "filter", "fmt": "format"}
-_BORROWED = [p for p in inspect.signature(_generate).parameters.values() if p.name not in _NOT_BORROWED]
+# generate's options that compare sets itself, or that name one run's files
+_NOT_BORROWED = {"constitution", "templates", "keep_filtered", "filtered", "failures", "skipped"}
+_BORROWED = option_names(GenerateOptions, exclude=_NOT_BORROWED)
 
 
-def _compare(
+@app.command("compare", epilog=(
+    "[bold]Examples[/bold]\n\n"
+    "  cai compare a.jsonl b.jsonl                                   [dim]# two finished runs[/dim]\n\n"
+    "  cai compare -c harmless -c my.yaml prompts.jsonl -o runs/     [dim]# runs/harmless.jsonl, runs/my.jsonl[/dim]\n\n"
+    "  cai compare --templates default --templates minimal prompts.jsonl -o runs/ --judge --json > cmp.json"))
+@reports_errors
+@declared(GenerateOptions, exclude=_NOT_BORROWED)
+def compare(
     inputs: Annotated[list[str], typer.Argument(help="Two output files of cai generate (each read with its side files), or, with two constitutions or two template sets, one prompts file (anything cai generate reads).", show_default=False)],
     constitution: Annotated[Optional[list[str]], typer.Option("--constitution", "-c", help="Run and compare these (give it twice): shipped names or YAML paths; given once, both sides use it.", show_default=False)] = None,
     templates: Annotated[Optional[list[str]], typer.Option("--templates", help="Template sets (give it twice to compare two); given once, both sides use it (default: the default set).", show_default=False)] = None,
@@ -28,7 +34,7 @@ def _compare(
     as_json: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON on stdout (the tables still go to stderr unless --quiet).")] = False,
     plot_path: Annotated[Optional[str], typer.Option("--plot", metavar="FILE.png", help="Also draw kept pairs, drop reasons, edit size and judge preference per side (needs matplotlib).", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, logs or tables.")] = False,
-    **run_options,
+    options: GenerateOptions = None,
 ) -> None:
     """Compare two runs side by side: pairs kept, drop reasons, refusals, lengths, edit size and
     the judge's preference and order agreement, overall and per principle, and the pairs one side
@@ -51,10 +57,11 @@ def _compare(
         if len(inputs) != 2:
             raise OptionError("constitution", "give two output files, or one prompts file with -c A -c B "
                                               "(or --templates A --templates B)")
-        given = [p.name for p in _BORROWED if run_options[p.name] != p.default]
+        defaults = GenerateOptions()
+        given = [name for name in _BORROWED if getattr(options, name) != getattr(defaults, name)]
         if given:
-            raise OptionError(_RENAMED.get(given[0], given[0]), "is an option of the runs compare makes (-c A -c B "
-                                                                "or --templates A --templates B), not of two files")
+            raise OptionError(given[0], "is an option of the runs compare makes (-c A -c B "
+                                        "or --templates A --templates B), not of two files")
         if constitutions or template_sets or output:
             raise OptionError("constitution" if constitutions else "templates" if template_sets else "output",
                               "is for comparing runs; with two files give neither")
@@ -64,9 +71,6 @@ def _compare(
             raise OptionError("constitution", "comparing runs takes one prompts file")
         if not output:
             raise OptionError("output", "comparing runs needs a folder for them: -o DIR")
-        fields = {_RENAMED.get(name, name): value for name, value in run_options.items()}
-        fields["lock"] = not fields.pop("no_lock")
-        options = GenerateOptions(**fields)
         report = lib.compare_runs(inputs[0], options, constitutions or ["harmless"], template_sets or ["default"],
                                   output, show=show, progress=_Progress(quiet))
         if not report["sides"]:
@@ -159,26 +163,3 @@ def tables(report: dict) -> None:
                       highlight=False, markup=True)
             if side["chosen"] is not None:
                 err.print(f"  rejected: {side['rejected']}\n  chosen:   {side['chosen']}", highlight=False, markup=False)
-
-
-def _signature():
-    own = [p for p in inspect.signature(_compare).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
-    params = [*own, *(p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in _BORROWED)]
-    return inspect.Signature(params)
-
-
-def compare(**kwargs) -> None:
-    own = {name for name in inspect.signature(_compare).parameters if name != "run_options"}
-    return _compare(**{k: v for k, v in kwargs.items() if k in own},
-                    **{k: v for k, v in kwargs.items() if k not in own})
-
-
-compare.__signature__ = _signature()
-compare.__annotations__ = {p.name: p.annotation for p in compare.__signature__.parameters.values()}
-compare.__doc__ = _compare.__doc__
-compare = app.command("compare", epilog=(
-    "[bold]Examples[/bold]\n\n"
-    "  cai compare a.jsonl b.jsonl                                   [dim]# two finished runs[/dim]\n\n"
-    "  cai compare -c harmless -c my.yaml prompts.jsonl -o runs/     [dim]# runs/harmless.jsonl, runs/my.jsonl[/dim]\n\n"
-    "  cai compare --templates default --templates minimal prompts.jsonl -o runs/ --judge --json > cmp.json"))(
-    reports_errors(compare))

@@ -5,8 +5,8 @@ from typing import Annotated, Optional
 import typer
 
 from cai.cli.app import app, reports_errors
-from cai.cli.options import (ClampOpt, FilteredOpt, KeepFilteredOpt, MinPreferenceOpt, NoLockOpt, SwapOpt,
-                             TrustDisagreeingOpt, backend_options)
+from cai.cli.options import declared
+from cai.options import JudgeOptions
 from cai.cli.render import err, judge_rows, setup_logging, summary_table
 
 
@@ -16,41 +16,22 @@ from cai.cli.render import err, judge_rows, setup_logging, summary_table
     "  cai judge pairs.jsonl --model Qwen/Qwen2.5-1.5B-Instruct --min-preference 0.6 -o kept.jsonl\n\n"
     "  cai judge pairs.jsonl --backend openai --base-url http://gpu:8000/v1 --model judge --swap --clamp 0.4,0.6 -o -"))
 @reports_errors
-@backend_options
+@declared(JudgeOptions, exclude=("filter", "similarity", "repairs", "repair_from", "drop_refusals", "judge"))
 def judge(
     pairs: Annotated[str, typer.Argument(help="A file written by cai generate (either format), or - for stdin.", show_default=False)],
-    output: Annotated[str, typer.Option("--output", "-o", help="Where judged records go: a .jsonl file, or - for stdout.")] = "-",
-    constitution: Annotated[Optional[str], typer.Option("--constitution", "-c", help="Where the principles' judge questions (`choice`) come from [default: the shipped constitution the records name].", show_default=False)] = None,
-    templates: Annotated[str, typer.Option("--templates", help="Template set whose judge.jinja words the question.")] = "default",
-    prefix: Annotated[str, typer.Option("--prefix", help="How the judge's answer starts; the option letter is read right after it.")] = "The answer is: (",
-    min_preference: MinPreferenceOpt = None,
-    trust_disagreeing: TrustDisagreeingOpt = False,
-    swap: SwapOpt = False,
-    clamp: ClampOpt = None,
-    keep_filtered: KeepFilteredOpt = False,
-    filtered: FilteredOpt = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Pairs scored per call to the backend.")] = 8,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUTPUT if it exists.")] = False,
-    no_lock: NoLockOpt = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary; errors only.")] = False,
-    spec=None,
+    output: Annotated[str, typer.Option("--output", "-o", rich_help_panel="Output and resume", help="Where judged records go: a .jsonl file, or - for stdout.")] = "-",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", rich_help_panel="Run", help="No progress bar or summary; errors only.")] = False,
+    options: JudgeOptions = None,
 ) -> None:
     """AI-feedback preference labels (RL-CAI): the judge model answers the principle's question
     about the original (A/B) and the revision (B/A); its preference is read from the option tokens'
     log-probabilities and averaged over both orders. Adds a `judge` field to every record."""
-    from dataclasses import asdict
-
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from cai.options import JudgeOptions
     from cai.run.judge import run
     from cai.run.summary import resolved
 
     setup_logging(quiet)
-    options = JudgeOptions(**asdict(spec), constitution=constitution, templates=templates, prefix=prefix,
-                           min_preference=min_preference, trust_disagreeing=trust_disagreeing, swap=swap,
-                           clamp=clamp, keep_filtered=keep_filtered,
-                           filtered=filtered, batch_size=batch_size, overwrite=overwrite, lock=not no_lock)
     bar = Progress(TextColumn("[bold]judging"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    console=err, disable=quiet)
     tasks = []

@@ -1,59 +1,187 @@
-"""Options shared by several commands, declared once. `backend_options` adds the backend block
-(which model, how to reach it) to a command and hands it over as one BackendSpec."""
+"""A command's options come from its options dataclass (cai/options.py and each backend's
+Settings), where each is declared once with its flag, help and choices (cai/declare.py).
+`declared(GenerateOptions)` gives a command those options as typer parameters, grouped in
+--help panels, and hands them over as one options object `options`; with `config=True` the
+command also takes `--config FILE` (values for the same fields; flags given on the command line
+win) and `--print-config` (the effective configuration as YAML on stdout, then exit)."""
 
+from __future__ import annotations
+
+import dataclasses
 import functools
 import inspect
-from typing import Annotated, Optional
+import sys
+import typing
+from typing import Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
 
-from cai.options import BackendSpec
+from cai.declare import PANELS, flag_of
 
-# (name, annotation, default): the backend block of `generate` and `judge`
-BACKEND_OPTIONS = [
-    ("model", Annotated[Optional[str], typer.Option("--model", "-m", help="Model: a local folder, a .gguf file or a Hub id. Default: the embedded SmolLM2-135M-Instruct.", show_default=False)], None),
-    ("backend", Annotated[str, typer.Option("--backend", metavar="hf|openai", help="hf: a local transformers model; openai: an OpenAI-compatible server (vLLM, SGLang, TGI, transformers serve) at --base-url.")], "hf"),
-    ("base_url", Annotated[Optional[list[str]], typer.Option("--base-url", help="With --backend openai: the server's API root, e.g. http://127.0.0.1:8000/v1. Give it again for more servers of the same model: each request goes to the one with the fewest in flight, and one that fails is taken out until it answers again.", show_default=False)], None),
-    ("base_urls", Annotated[Optional[str], typer.Option("--base-urls", metavar="FILE", help="With --backend openai: a file of API roots, one a line, each optionally followed by its own --concurrency (`http://node7:8000/v1 32`).", show_default=False)], None),
-    ("allow_down", Annotated[bool, typer.Option("--allow-down", help="With several endpoints: start even if some cannot be reached (they are asked again every few seconds and join when they answer).")], False),
-    ("api_key_env", Annotated[Optional[str], typer.Option("--api-key-env", metavar="NAME", help="With --backend openai: the environment variable holding the API key (never printed or recorded); a variable named here must be set. [default: OPENAI_API_KEY, when set]", show_default=False)], None),
-    ("concurrency", Annotated[int, typer.Option("--concurrency", help="With --backend openai: requests in flight at once (what --batch-size is for a local model).")], 16),
-    ("timeout", Annotated[float, typer.Option("--timeout", help="With --backend openai: seconds before a request is given up and retried.")], 120.0),
-    ("max_retries", Annotated[int, typer.Option("--max-retries", help="With --backend openai: retries of a failed request (connection errors, timeouts, 429, 5xx, replies without text).")], 5),
-    ("threads", Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch [default: one per core].", show_default=False)], None),
-    ("plain_chat_format", Annotated[bool, typer.Option("--plain-chat-format", help="For a tokenizer without a chat template: use cai's plain 'User:/Assistant:' format.")], False),
-    ("allow_pickle", Annotated[bool, typer.Option("--allow-pickle", help="Allow pickle (.bin) checkpoints, which can run code: only for models you trust.")], False),
-    ("device", Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda|mps", help="Where the model runs.")], "auto"),
-    ("dtype", Annotated[str, typer.Option("--dtype", metavar="auto|float32|bfloat16|float16|int8", help="Weights dtype. GPU: auto is bfloat16 (float16 without bf16). CPU: auto and float16 keep linear weights in float16 and compute in float32 (fast, same results to float16 rounding); float32 is plain float32; bfloat16, on a CPU with bf16 units (AMX or AVX512-BF16), runs the linears on them (several times faster, slightly less exact, and its greedy output depends on how conversations are batched, so a resumed run may not repeat an uncut one token for token), the rest float32; int8 quantizes the decoder's linears (faster than float16, slightly less exact, and its greedy output depends on how conversations are batched).")], "auto"),
-    ("trust_remote_code", Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model's repository to run.")], False),
+CONFIG_PARAMETERS = [
+    inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[str], typer.Option("--config", metavar="FILE", rich_help_panel="Run", show_default=False, help=(
+            "Read the run's options from a YAML file (keys as the long flags, `max_new_tokens` or "
+            "`max-new-tokens`; `prompts` and `output` too); flags given on the command line win. "
+            "Write one with --print-config."))]),
+    inspect.Parameter("print_config", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+        bool, typer.Option("--print-config", rich_help_panel="Run", help=(
+            "Print the run's effective configuration (this command line, its --config and the defaults) as YAML "
+            "on stdout and exit, running nothing."))]),
 ]
 
-# What to keep: shared by `generate --judge` and `judge`.
-MinPreferenceOpt = Annotated[Optional[float], typer.Option("--min-preference", metavar="P", help="Keep only pairs whose chosen side the judge prefers with probability at least P (0-1); the others go to the filtered file.", show_default=False)]
-TrustDisagreeingOpt = Annotated[bool, typer.Option("--trust-disagreeing", help="With --min-preference: take the judge's averaged preference even where its two orders disagree (one prefers the revision, the other the original); by default such a pair counts as a tie, 0.5.")]
-SwapOpt = Annotated[bool, typer.Option("--swap", help="Where the judge prefers the original response, write it as chosen and the revision as rejected.")]
-ClampOpt = Annotated[Optional[str], typer.Option("--clamp", metavar="LO,HI", help="Soft labels: clamp judge.label into [LO, HI], e.g. 0.4,0.6 as in RL-CAI.", show_default=False)]
-KeepFilteredOpt = Annotated[bool, typer.Option("--keep-filtered", help="Write dropped pairs whole, with their reasons, to the filtered file (without it: their ids and reasons only).")]
-FilteredOpt = Annotated[Optional[str], typer.Option("--filtered", help="JSONL file of dropped pairs and their reasons [default: OUTPUT.filtered.jsonl]; a rerun skips the ids it holds.", show_default=False)]
-NoLockOpt = Annotated[bool, typer.Option("--no-lock", help="Do not lock the output (only where the file system cannot lock and you are sure no other run writes it).")]
+
+def cli_type(f: dataclasses.Field, hint) -> Any:
+    """The type typer parses for field `f` (its Flag's `cli`, else the annotation)."""
+    meta = flag_of(f)
+    if meta.cli is not None:
+        return meta.cli
+    if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType")):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return Optional[args[0]]
+    return hint
 
 
-def backend_options(command):
-    """Give `command` the backend block: typer sees its parameters, the command receives them as
-    one BackendSpec argument `spec`."""
-    signature = inspect.signature(command)
-    own = [p for p in signature.parameters.values() if p.name != "spec"]
-    names = [name for name, _, _ in BACKEND_OPTIONS]
-    block = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-             for name, annotation, default in BACKEND_OPTIONS]
+def cli_parameters(cls, names: list[str]) -> list[inspect.Parameter]:
+    """The typer parameters of `cls`'s options `names`, each Annotated with its typer.Option."""
+    hints = typing.get_type_hints(cls)
+    by_name = {f.name: f for f in dataclasses.fields(cls)}
+    params = []
+    for name in names:
+        f, meta = by_name[name], flag_of(by_name[name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if meta.invert:
+            kind, default, param = bool, not default, "no_" + name
+        else:
+            kind, param = cli_type(f, hints[name]), name
+            default = list(default) if isinstance(default, tuple) and default else (None if default == () else default)
+        info = typer.Option(*meta.flags, help=escape(meta.help), metavar=meta.metavar, show_default=meta.show_default,
+                            rich_help_panel=meta.panel)
+        params.append(inspect.Parameter(param, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                        annotation=Annotated[kind, info]))
+    return params
 
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        spec = BackendSpec(**{name: kwargs.pop(name) for name in names if name in kwargs})
-        return command(*args, spec=spec, **kwargs)
 
-    wrapper.__signature__ = signature.replace(parameters=[
-        *(p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own), *block])
-    wrapper.__annotations__ = {**{p.name: p.annotation for p in own}, **{p.name: p.annotation for p in block}}
-    del wrapper.__wrapped__          # typer must read the new signature, not the command's
-    return wrapper
+def option_names(cls, *, exclude=(), only=None) -> list[str]:
+    """The command-line options of `cls` (less `exclude`, or just `only`), by --help panel, then
+    in the order the dataclass declares them."""
+    names = [f.name for f in dataclasses.fields(cls) if flag_of(f) is not None
+             and f.name not in exclude and (only is None or f.name in only)]
+    panel = {f.name: PANELS.index(flag_of(f).panel) for f in dataclasses.fields(cls) if f.name in names}
+    return sorted(names, key=lambda name: panel[name])
+
+
+def from_cli(cls, names: list[str], values: dict[str, Any]) -> dict[str, Any]:
+    """The fields of `cls` that the command-line `values` (typer's, by parameter name) give."""
+    by_name = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    found = {}
+    for name in names:
+        meta = flag_of(by_name[name])
+        if meta.invert:
+            found[name] = not values["no_" + name]
+            continue
+        value = values[name]
+        if isinstance(value, list) and typing.get_origin(hints[name]) is tuple:
+            value = tuple(value)
+        elif value is None and by_name[name].default == ():
+            value = ()
+        found[name] = value
+    return found
+
+
+def parameter_name(cls, name: str) -> str:
+    meta = flag_of(next(f for f in dataclasses.fields(cls) if f.name == name))
+    return "no_" + name if meta.invert else name
+
+
+def _place(parameter: inspect.Parameter) -> int:
+    """Where a parameter goes in --help: arguments first, then options by panel (a stable sort
+    keeps the declared order within one)."""
+    if parameter.annotation is typer.Context:
+        return len(PANELS)
+    info = typing.get_args(parameter.annotation)[1]
+    if isinstance(info, typer.models.ArgumentInfo):
+        return -1
+    return PANELS.index(info.rich_help_panel or "Run")
+
+
+# typer hands the command its context through a parameter of this type (which flags were given)
+CONTEXT = inspect.Parameter("typer_context", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+CONFIG_ARGUMENTS = ("prompts", "output")      # a command's own arguments that a config file may hold
+
+
+def declared(cls, *, exclude=(), only=None, config: str | None = None, fixed: dict | None = None):
+    """Give `command` the options of `cls` as typer parameters after its own (its arguments and
+    what only the CLI has, such as --quiet); the command receives them as `options`, an instance
+    of `cls` (with the `fixed` fields set as given). With `config` (the command's name), the
+    command takes --config and --print-config too (see the module's docstring)."""
+    names = option_names(cls, exclude=exclude, only=only)
+    block = cli_parameters(cls, names)
+
+    def decorate(command):
+        signature = inspect.signature(command)
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in signature.parameters.values()
+               if p.name != "options"]
+        extra = [*CONFIG_PARAMETERS, CONTEXT] if config else []
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            fields = from_cli(cls, names, {p.name: kwargs.pop(p.name) for p in block})
+            if config:
+                fields = _configured(cls, fields, kwargs, [p.name for p in own if p.name in CONFIG_ARGUMENTS],
+                                     kwargs.pop("config"), kwargs.pop("print_config"), config, fixed,
+                                     kwargs.pop("typer_context"))
+            return command(options=cls(**fields, **(fixed or {})), **kwargs)
+
+        parameters = sorted([*own, *block, *extra], key=_place)
+        wrapper.__signature__ = signature.replace(parameters=parameters)
+        wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
+        del wrapper.__wrapped__          # typer must read the new signature, not the command's
+        return wrapper
+
+    return decorate
+
+
+def _configured(cls, fields: dict, arguments: dict, own: list[str], path: str | None, printing: bool,
+                command: str, fixed: dict | None, context) -> dict:
+    """`fields` (the command line's) over those of the config file `path`, over the defaults;
+    the command's own `arguments` likewise (updated in place). With `printing`, the effective
+    configuration goes to stdout and the command exits."""
+    from cai.runconfig import effective, read_config, render
+
+    def given(parameter: str) -> bool:
+        source = context.get_parameter_source(parameter)
+        return source is not None and source.name != "DEFAULT"
+
+    if path is not None:
+        from_file, own_from_file = read_config(path, cls, own=tuple(own))
+        fields = {name: value if given(parameter_name(cls, name)) or name not in from_file else from_file[name]
+                  for name, value in fields.items()}
+        fields.update({name: value for name, value in from_file.items() if name not in fields})
+        for name, value in own_from_file.items():
+            if not given(name):
+                arguments[name] = value
+    if printing:
+        options = cls(**fields, **(fixed or {}))
+        options.check()
+        sys.stdout.write(render(effective(options, {name: arguments.get(name) for name in own}), command))
+        raise typer.Exit(0)
+    return fields
+
+
+def option_annotation(cls, name: str):
+    """The typer annotation of one declared option, for a command that takes it without the rest
+    of `cls` (`cai merge --no-lock`)."""
+    return cli_parameters(cls, [name])[0].annotation
+
+
+def _generate_options():
+    from cai.options import GenerateOptions
+
+    return GenerateOptions
+
+
+NoLockOpt = option_annotation(_generate_options(), "lock")     # a parameter named `no_lock`

@@ -5,14 +5,21 @@ import json
 import os
 import sys
 import time
+from dataclasses import fields
 from typing import Annotated, List, Optional
 
 import typer
 
 from cai.cli.app import app, reports_errors
-from cai.cli.options import backend_options
+from cai.cli.options import declared
+from cai.options import BackendSpec, PreviewOptions
 from cai.cli.render import err, preview_outcome, setup_logging, turn_panel
 from cai.run.preview import Watcher
+
+# the options of a run that preview takes (its filters are always on, it writes no file)
+PREVIEWED = {f.name for f in fields(BackendSpec)} | {
+    "limit", "principle", "all", "constitution", "templates", "input_format", "prompt_field", "revisions",
+    "max_new_tokens", "temperature", "top_p", "seed", "few_shot", "reasoning", "drop_refusals", "judge"}
 
 
 def process_started() -> float:
@@ -119,27 +126,11 @@ class JsonLines(Watcher):
     "  cai preview prompts.jsonl -n 3 --principle harmful -c my.yaml\n\n"
     "  cai preview \"Tell me a joke\" --json | jq .timings"))
 @reports_errors
-@backend_options
+@declared(PreviewOptions, only=PREVIEWED)
 def preview(
     prompt: Annotated[str, typer.Argument(help="A prompt, or a prompts file (any format `cai generate` reads; - for stdin) whose first -n prompts are used.", show_default=False)],
-    limit: Annotated[Optional[int], typer.Option("--limit", "-n", help="Prompts taken from a file (default 1).", show_default=False)] = None,
-    principle: Annotated[Optional[List[str]], typer.Option("--principle", "-p", metavar="ID", help="Critique and revise with this principle (every round); repeat for one conversation per principle. Default: the principle a run would pick for the prompt.", show_default=False)] = None,
-    all_: Annotated[bool, typer.Option("--all", help="One conversation per principle of the constitution.")] = False,
-    constitution: Annotated[str, typer.Option("--constitution", "-c", help="A shipped constitution by name or a path to a YAML file.")] = "harmless",
-    templates: Annotated[str, typer.Option("--templates", help="Prompt templates: a shipped set by name or a folder of .jinja files.")] = "default",
-    input_format: Annotated[Optional[str], typer.Option("--input-format", metavar="jsonl|csv|tsv|text|parquet|arrow", help="The prompts file's format, for stdin or a file whose name does not say it.", show_default=False)] = None,
-    prompt_field: Annotated[str, typer.Option("--prompt-field", help="Field (or column) of a prompts file that holds the prompt.")] = "prompt",
-    revisions: Annotated[Optional[int], typer.Option("--revisions", "-r", help="Critique → revise rounds. Default: the constitution's (1).", show_default=False)] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Token limit of each generated turn.")] = 256,
-    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature; 0 is greedy.")] = 0.7,
-    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold (0 < p ≤ 1).")] = 0.95,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for the principle choice and sampling (a run with the same seed makes the same pair).")] = 0,
-    few_shot: Annotated[bool, typer.Option("--few-shot/--no-few-shot", help="Show the constitution's worked examples to the model as earlier turns.")] = True,
-    reasoning: Annotated[str, typer.Option("--reasoning", metavar="auto|off|keep|drop", help="Reasoning models: as `cai generate --reasoning`.")] = "auto",
-    drop_refusals: Annotated[bool, typer.Option("--drop-refusals", help="The verdict counts a refusing revision as dropped, as `cai generate --drop-refusals` does.")] = False,
-    judge: Annotated[bool, typer.Option("--judge", help="Also show the model's own AI-feedback preference, both orders (see `cai judge`).")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="No panels: one JSON object per conversation on stdout (texts, verdict, judge, timings).")] = False,
-    spec=None,
+    as_json: Annotated[bool, typer.Option("--json", rich_help_panel="Run", help="No panels: one JSON object per conversation on stdout (texts, verdict, judge, timings).")] = False,
+    options: PreviewOptions = None,
 ) -> None:
     """Watch the model answer, critique and revise, live: no file is written.
 
@@ -147,18 +138,10 @@ def preview(
     filters `cai generate` applies (kept, or why it would be dropped), with --judge the judge's
     preference in both orders, and a word diff of rejected → chosen.
     """
-    from dataclasses import asdict
-
-    from cai.options import PreviewOptions
     from cai.run.preview import preview as run
 
     started = process_started()
     setup_logging(quiet=True)
-    options = PreviewOptions(
-        **asdict(spec), constitution=constitution, templates=templates, input_format=input_format,
-        prompt_field=prompt_field, revisions=revisions, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-        few_shot=few_shot, reasoning=reasoning, drop_refusals=drop_refusals, judge=judge, limit=limit,
-        principle=tuple(principle or ()), all=all_)
     watcher = JsonLines(started) if as_json else LivePanels()
     try:
         conversations, load = run(prompt, options, watcher)

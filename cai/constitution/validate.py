@@ -376,3 +376,7 @@ def _check(checker: _Checker, root: yaml.Node, raw: bytes, path: str) -> Constit
         name=top["name"][0], principles=tuple(principles), path=path,
         sha256=hashlib.sha256(raw).hexdigest(), version=top.get("version", (1,))[0],
         description=top.get("description", ("",))[0], defaults=defaults, few_shot=tuple(few_shot))
+
+
+# The composer with the depth guard, for other YAML files cai reads (run configs: cai/runconfig.py).
+GuardedLoader = _Loader
