@@ -15,7 +15,7 @@ from cai.constitution import Constitution, Principle, plan_principles
 from cai.errors import BackendError, ModelError, OptionError
 from cai.messages import PromptItem
 from cai.messages import Message
-from cai.prompts import ConversationBuilder, Templates
+from cai.templates import ConversationBuilder, Templates
 from cai import reasoning as thinking
 from cai.fingerprint import FINGERPRINT_KEYS, LATER_PARAMS, fingerprint_differences, run_fingerprint  # noqa: F401
 

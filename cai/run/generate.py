@@ -58,7 +58,7 @@ def run(prompts: str | Iterable, output: str | None, options: GenerateOptions, *
     from cai.constitution import Constitution, load_constitution
     from cai.locks import Locks
     from cai.pipeline import RunConfig
-    from cai.prompts import load_templates
+    from cai.templates import load_templates
     from cai.run.select import select
 
     from dataclasses import replace

@@ -1,7 +1,7 @@
 """Prompt tables in columnar form: Parquet, Arrow IPC (`.arrow`/`.feather`, file or stream format,
 as `datasets` writes its cache), a folder saved by `datasets` (`save_to_disk`) and a Hugging Face
 Hub dataset id (`owner/name`). Each is read a batch of rows at a time, every row a dict for
-cai.conversations.item_from_row, numbered from 1 within the file (or the split).
+cai.rows.item_from_row, numbered from 1 within the file (or the split).
 
 pyarrow and datasets are optional: without them such an input is one InputError saying what to
 install. A split is chosen with `split`; a dataset with several splits and no `split` is an error
@@ -18,7 +18,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from cai.compressed import COMPRESSED_SUFFIXES
-from cai.conversations import CONVERSATION_FIELDS, Fields
+from cai.rows import CONVERSATION_FIELDS, Fields
 from cai.errors import InputError
 
 PARQUET_SUFFIXES = (".parquet", ".pq")

@@ -1,4 +1,4 @@
-"""Chat transcripts, existing answers and reasoning: input rows → prompts (cai.conversations),
+"""Chat transcripts, existing answers and reasoning: input rows → prompts (cai.rows),
 the pipeline's history and given responses, and reasoning kept out of the pairs."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 
 import cai
 from cai.backends.base import Completion
-from cai.conversations import Fields, item_from_row
+from cai.rows import Fields, item_from_row
 from cai.errors import InputError, OptionError
 from cai.reasoning import Split, split
 from scripted import ScriptedBackend, ScriptedStream

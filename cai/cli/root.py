@@ -1,7 +1,9 @@
-"""The typer app, its sub-apps, and the one place errors become a red line and an exit code."""
+"""The root command: the typer app, its sub-apps, and the one place errors become a red line and an
+exit code."""
 
 import functools
 
+import click
 import typer
 from rich.markup import escape
 
@@ -21,12 +23,20 @@ app = typer.Typer(
          "  cai preview \"How do I pick a lock?\" --judge\n\n"
          "  cai constitution list",
 )
-# True when `cai` runs as its own process (main()), not inside another program (tests, notebooks):
-# only then may a command leave its signal handlers in place until the process exits
-standalone = False
 
 constitution_app = typer.Typer(no_args_is_help=True, help="List and check constitution files.")
 app.add_typer(constitution_app, name="constitution")
+
+
+STANDALONE = "standalone"      # the context object main() runs the app with
+
+
+def standalone() -> bool:
+    """Whether `cai` runs as its own process (main() runs the app with STANDALONE as the click
+    context's object), not inside another program (tests, notebooks): only then may a command
+    leave its signal handlers in place until the process exits."""
+    ctx = click.get_current_context(silent=True)
+    return ctx is not None and ctx.obj == STANDALONE
 
 
 def error_line(message: str) -> None:

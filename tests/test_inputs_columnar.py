@@ -32,7 +32,7 @@ def offline(monkeypatch):
                          ("datasets.config", "HF_DATASETS_OFFLINE")):
         if module in sys.modules and hasattr(sys.modules[module], name):
             monkeypatch.setattr(sys.modules[module], name, True)
-    monkeypatch.setattr("cai.tables._hub_reachable", lambda *a, **k: pytest.fail("the test tried the network"))
+    monkeypatch.setattr("cai.columnar._hub_reachable", lambda *a, **k: pytest.fail("the test tried the network"))
 
 
 def _table(rows=ROWS):
@@ -202,7 +202,7 @@ def test_unknown_dataset_id_offline_is_one_line_and_quick(tmp_path, monkeypatch)
     assert "\n" not in str(caught.value)
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("HF_DATASETS_OFFLINE")
-    monkeypatch.setattr("cai.tables._hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr("cai.columnar._hub_reachable", lambda *a, **k: False)
     with pytest.raises(InputError, match=r"could not load the dataset .*the Hub cannot be reached; offline\? "
                                          r"set HF_HUB_OFFLINE=1"):
         read_prompts("nobody-cai-test/no-such-dataset")
