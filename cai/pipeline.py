@@ -15,6 +15,7 @@ from cai.constitution import Constitution, Principle, plan_principles
 from cai.errors import BackendError, ModelError, OptionError
 from cai.messages import PromptItem
 from cai.messages import Message
+from cai.records import Record
 from cai.templates import ConversationBuilder, Templates
 from cai import reasoning as thinking
 from cai.fingerprint import FINGERPRINT_KEYS, LATER_PARAMS, fingerprint_differences, run_fingerprint  # noqa: F401
@@ -222,8 +223,8 @@ class Pipeline:
 
     def run(self, jobs: list[Job], on_turn: TurnCallback | None = None,
             stop: Callable[[], bool] | None = None, on_failure: FailureCallback | None = None,
-            check: Callable[[dict], list[str]] | None = None,
-            on_text: StageTextCallback | None = None) -> Iterator[list[dict]]:
+            check: Callable[[Record], list[str]] | None = None,
+            on_text: StageTextCallback | None = None) -> Iterator[list[Record]]:
         """Yields records as their conversations finish. Up to `batch_size` conversations are in
         flight at once, each moving through its turns on its own (a finished response goes
         straight on to its critique); a new prompt starts as soon as one finishes. Once `stop()`
@@ -287,7 +288,7 @@ class Pipeline:
             if done:
                 yield done
 
-    def _repair(self, w: _Work, check: Callable[[dict], list[str]], record: dict | None) -> bool:
+    def _repair(self, w: _Work, check: Callable[[Record], list[str]], record: Record | None) -> bool:
         """Whether the turn that just ended is taken back to be tried again (its request is then
         the conversation's last message). A response cut at --max-new-tokens is retried at once
         (a truncated original is dropped whatever the revision says); a finished pair the checks
@@ -346,7 +347,7 @@ class Pipeline:
     def fingerprint(self) -> dict:
         return run_fingerprint(self.backend.model_name, self.constitution, self.templates, self.config)
 
-    def _record(self, w: _Work) -> dict:
+    def _record(self, w: _Work) -> Record:
         response, *turns = w.completions
         keep = self.reasoning == "keep"
         rounds = []
