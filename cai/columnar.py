@@ -173,7 +173,7 @@ def _pick_split(source: str, loaded, split: str | None):
         if split is None and len(splits) == 1:
             split = splits[0]
         if split is None:
-            raise InputError(source, f"has several splits ({', '.join(splits)}): choose one with --split")
+            raise InputError(source, f"has several splits ({', '.join(splits)}): choose one with `split`")
         if split not in loaded:
             raise InputError(source, f"no split '{split}' (splits: {', '.join(splits) or 'none'})")
         return loaded[split], f"{source}[{split}]"
@@ -200,13 +200,13 @@ def _dataset_rows(name: str, dataset) -> Rows:
 
 def _check_columns(name: str, names: list[str], fields: Fields) -> None:
     """A prompt (or response) column that no row can have is one error, not one a row."""
-    for field, flag in ((fields.prompt, "--prompt-field"), (fields.response, "--response-field")):
+    for field, option in ((fields.prompt, "prompt_field"), (fields.response, "response_field")):
         if field is None or field in names or field.split(".")[0] in names:
             continue
-        if field == "prompt" and flag == "--prompt-field" and any(f in names for f in CONVERSATION_FIELDS):
+        if field == "prompt" and option == "prompt_field" and any(f in names for f in CONVERSATION_FIELDS):
             continue
         raise InputError(name, f"missing (columns present: {', '.join(names) or 'none'}; choose one with "
-                               f"{flag})", field=field)
+                               f"`{option}`)", field=field)
 
 
 def _no_split(name: str, split: str | None, what: str) -> None:

@@ -18,12 +18,12 @@ from cai.records import Record
 REASONS = {
     "empty": "the revision or the original response is empty",
     "unchanged": "the revision is (nearly) identical to the original response",
-    "truncated": "the response or the revision hit --max-new-tokens",
+    "truncated": "the response or the revision hit `max_new_tokens`",
     "meta": "the revision talks about the response, the critique or the rewriting instead of answering",
     "copied": "the revision copies the critique or a worked example instead of rewriting the response",
     "repetitive": "the revision repeats itself",
-    "refusal": "the revision refuses (--drop-refusals)",
-    "judge": "the judge preferred the revision less than --min-preference",
+    "refusal": "the revision refuses (`drop_refusals`)",
+    "judge": "the judge preferred the revision less than `min_preference`",
     "reasoning": "a reasoning tag (<think>…) is left in the revision, the original response or a critique",
 }
 DEFAULT_CHECKS = ("empty", "unchanged", "truncated", "meta", "copied", "repetitive", "reasoning")

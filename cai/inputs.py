@@ -295,7 +295,7 @@ def _table_entries(name: str, lines: Iterable[bytes], fields: Fields,
                     raise InputError(name, "header row is not valid UTF-8 text or contains a NUL byte", line=number)
                 if prompt_field.split(".")[0] not in header:
                     raise InputError(name, f"missing (columns present: {', '.join(header)}; choose one with "
-                                           f"--prompt-field)", line=number, field=prompt_field)
+                                           f"`prompt_field`)", line=number, field=prompt_field)
                 for field in (prompt_field, fields.id, fields.response):
                     if field and header.count(field) > 1:
                         raise InputError(name, "column appears more than once in the header", line=number, field=field)

@@ -174,7 +174,7 @@ def test_csv_missing_column_names_line_1_and_the_columns(tmp_path):
     path = tmp_path / "p.csv"
     path.write_text("question,answer\nhi,there\n")
     with pytest.raises(InputError, match=r"p\.csv:1: prompt: missing \(columns present: question, answer; "
-                                         r"choose one with --prompt-field\)"):
+                                         r"choose one with `prompt_field`\)"):
         read_prompts(str(path))
 
 

@@ -148,7 +148,7 @@ def test_missing_column_lists_the_columns(tmp_path, writer):
     else:
         pytest.importorskip("datasets").Dataset.from_list(rows).save_to_disk(str(path))
     with pytest.raises(InputError, match=r"^.*p\.\w+: prompt: missing \(columns present: question, id; "
-                                         r"choose one with --prompt-field\)$"):
+                                         r"choose one with `prompt_field`\)$"):
         read_prompts(str(path), invalid=[])
     assert read_prompts(str(path), prompt_field="question")[0].text == "q"
 
@@ -179,7 +179,7 @@ def test_a_truncated_parquet_file_is_one_input_error(tmp_path):
 
 def test_dataset_splits(sources):
     folder = sources["dataset-dict"][0]
-    with pytest.raises(InputError, match=r"dict: has several splits \(train, test\): choose one with --split$"):
+    with pytest.raises(InputError, match=r"dict: has several splits \(train, test\): choose one with `split`$"):
         read_prompts(folder)
     with pytest.raises(InputError, match=r"dict: no split 'validation' \(splits: train, test\)$"):
         read_prompts(folder, split="validation")
