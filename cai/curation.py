@@ -8,7 +8,7 @@ import logging
 from collections import Counter
 
 from cai.output import SideFile
-from cai.pipeline import FINGERPRINT_KEYS
+from cai.fingerprint import FINGERPRINT_KEYS
 from cai.records import Record
 
 log = logging.getLogger("cai")

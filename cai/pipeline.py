@@ -18,7 +18,7 @@ from cai.messages import Message
 from cai.records import Record
 from cai.templates import ConversationBuilder, Templates
 from cai import reasoning as thinking
-from cai.fingerprint import FINGERPRINT_KEYS, LATER_PARAMS, fingerprint_differences, run_fingerprint  # noqa: F401
+from cai.fingerprint import run_fingerprint
 
 
 REPAIR_TEMPERATURE = 0.5    # a greedy run would repeat its failed turn word for word: repairs sample

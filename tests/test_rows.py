@@ -280,7 +280,7 @@ def test_cli_hh_transcripts_sharegpt_and_a_response_column(tiny_model, tmp_path)
 def test_defaults_change_no_record():
     """Options added later (reasoning, its tags) leave a default run's records as they were, and
     an output written before them resumes."""
-    from cai.pipeline import fingerprint_differences
+    from cai.fingerprint import fingerprint_differences
 
     records, _ = _gen(["Boil an egg"], ScriptedBackend(), filter=True, repairs=0)     # the filters as by default
     meta = records[0]["meta"]

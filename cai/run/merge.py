@@ -243,7 +243,7 @@ def merge(output: str, inputs: list[str], *, overwrite: bool = False, on_conflic
     `allow_partial`; the merged output's manifest records what it holds."""
     from cai.locks import Locks
     from cai.output import SIDE_FILES, check_writable, runs_path, side_path, write_whole
-    from cai.pipeline import fingerprint_differences
+    from cai.fingerprint import fingerprint_differences
 
     if on_conflict not in ON_CONFLICT:
         raise OptionError("on_conflict", f"unknown value '{on_conflict}'; choose from {', '.join(ON_CONFLICT)}")
