@@ -37,7 +37,7 @@ import cai  # noqa: E402
 from cai.filters import is_refusal, similarity, starts_with_preamble  # noqa: E402
 from cai.inputs import read_prompts  # noqa: E402
 from cai.judging import Judge  # noqa: E402
-from cai.prompts import load_templates  # noqa: E402
+from cai.templates import load_templates  # noqa: E402
 
 NEAR = 0.9
 

@@ -62,7 +62,7 @@ def constitution_for(spec, stats):
     if len(names) == 1 and (name := next(iter(names))) in shipped_constitutions():
         return load_constitution(name)
     found = ", ".join(sorted(stats.constitutions)) or "none"
-    raise OptionError("constitution", f"is needed by --by tag: the records' constitution ({found}) is not a "
+    raise OptionError("constitution", f"is needed by `by` tag: the records' constitution ({found}) is not a "
                                       "single shipped one; give its NAME or PATH")
 
 

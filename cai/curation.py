@@ -8,7 +8,8 @@ import logging
 from collections import Counter
 
 from cai.output import SideFile
-from cai.pipeline import FINGERPRINT_KEYS
+from cai.fingerprint import FINGERPRINT_KEYS
+from cai.records import Record
 
 log = logging.getLogger("cai")
 
@@ -34,7 +35,7 @@ class Curation:
         """Whether anything can drop a pair."""
         return self.filters is not None or self.min_preference is not None
 
-    def __call__(self, records: list[dict]) -> list[dict]:
+    def __call__(self, records: list[Record]) -> list[Record]:
         from cai.edits import edit_of
         from cai.filters import curate
 

@@ -1,9 +1,17 @@
 """Domain errors. Every error a user can cause carries where it happened; the CLI renders it as
-one line on stderr and exits with the error's code (2 bad input or usage, 1 run failure)."""
+one line on stderr and exits with the error's code (2 bad input or usage, 1 run failure).
+
+The library's messages (errors, log lines, summaries) name an option by its Python name in
+backquotes (`max_new_tokens`, or `few_shot=False` for a switch turned off), never by a flag; the CLI
+shows the flags of its command instead ("--max-new-tokens", "--no-few-shot": see
+cai.cli.render.as_flags)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+OPTION_NAME = re.compile(r"`([a-z][a-z0-9_]*)(=False)?`")     # how a message names an option
 
 
 class CaiError(Exception):
@@ -37,9 +45,7 @@ class OptionError(UsageError):
 
     def flag(self) -> str:
         """The command-line spelling: '--max-new-tokens: … --other-option …'."""
-        import re
-
-        text = re.sub(r"`([a-z_]+)`", lambda m: "--" + m[1].replace("_", "-"), self.detail)
+        text = OPTION_NAME.sub(lambda m: ("--no-" if m[2] else "--") + m[1].replace("_", "-"), self.detail)
         return f"--{self.option.replace('_', '-')}: {text}"
 
 

@@ -13,15 +13,17 @@ import difflib
 import re
 from dataclasses import dataclass, field
 
+from cai.records import Record
+
 REASONS = {
     "empty": "the revision or the original response is empty",
     "unchanged": "the revision is (nearly) identical to the original response",
-    "truncated": "the response or the revision hit --max-new-tokens",
+    "truncated": "the response or the revision hit `max_new_tokens`",
     "meta": "the revision talks about the response, the critique or the rewriting instead of answering",
     "copied": "the revision copies the critique or a worked example instead of rewriting the response",
     "repetitive": "the revision repeats itself",
-    "refusal": "the revision refuses (--drop-refusals)",
-    "judge": "the judge preferred the revision less than --min-preference",
+    "refusal": "the revision refuses (`drop_refusals`)",
+    "judge": "the judge preferred the revision less than `min_preference`",
     "reasoning": "a reasoning tag (<think>…) is left in the revision, the original response or a critique",
 }
 DEFAULT_CHECKS = ("empty", "unchanged", "truncated", "meta", "copied", "repetitive", "reasoning")
@@ -192,7 +194,7 @@ class FilterConfig:
 
 @dataclass
 class Verdict:
-    record: dict                       # the record with `chosen` cleaned (and meta.cleaned noted)
+    record: Record                     # the record with `chosen` cleaned (and meta.cleaned noted)
     reasons: list[str] = field(default_factory=list)
     similarity: float = 0.0            # of the cleaned chosen to rejected
     judge_error: str | None = None     # why the judge could not label it
@@ -210,7 +212,7 @@ class Filters:
         self.config = config
         self._references = [words(text) for text in config.references]
 
-    def apply(self, record: dict) -> Verdict:
+    def apply(self, record: Record) -> Verdict:
         """Clean `record` (a standard-shape record as the pipeline makes it) and judge it. The raw
         revision stays in `rounds`; `chosen` becomes the cleaned one."""
         prompt = record.get("prompt") if isinstance(record.get("prompt"), str) else ""
@@ -260,7 +262,7 @@ def references_of(constitution) -> tuple[str, ...]:
     return tuple(t for t in texts if t)
 
 
-def curate(records: list[dict], filters: Filters | None = None, judge=None,
+def curate(records: list[Record], filters: Filters | None = None, judge=None,
            min_preference: float | None = None, swap: bool = False,
            trust_disagreeing: bool = False) -> list[Verdict]:
     """Clean and filter `records`, then (with a `judge`) label the pairs that survived, swap

@@ -1,5 +1,5 @@
 """Reading what users bring: prompts (JSONL, CSV/TSV tables, plain text, stdin, compressed or
-not; Parquet, Arrow and `datasets` through cai.tables) and cai's own record files, each problem
+not; Parquet, Arrow and `datasets` through cai.columnar) and cai's own record files, each problem
 reported with file:line and field. Files are read as they go, a line (or a batch of rows) at a
 time, so memory holds the prompts and little more."""
 
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import IO
 
 from cai.compressed import COMPRESSED_SUFFIXES, open_stream
-from cai.conversations import Fields, item_from_row
+from cai.rows import Fields, item_from_row
 from cai.errors import InputError, OptionError
 from cai.messages import PromptItem, prompt_id
 
@@ -25,7 +25,7 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 # `input_format`: what a file's suffix would say, for stdin and for files whose name says nothing
 FORMAT_SUFFIXES = {"jsonl": ".jsonl", "csv": ".csv", "tsv": ".tsv", "text": ".txt"}
-FILE_FORMATS = ("parquet", "arrow")           # read by cai.tables, from a file only
+FILE_FORMATS = ("parquet", "arrow")           # read by cai.columnar, from a file only
 INPUT_FORMATS = (*FORMAT_SUFFIXES, *FILE_FORMATS)
 Entry = PromptItem | InputError
 
@@ -42,7 +42,7 @@ def read_prompts(source: str, prompt_field: str = "prompt", stdin: IO[bytes] | N
     one prompt a line; else (and on stdin) JSONL when the first non-blank line starts with '{',
     else text. Compressed data without a compression suffix (stdin) is recognised by its first
     bytes. `.parquet`, `.arrow`/`.feather`, a folder saved by `datasets` and a Hub dataset id
-    (`owner/name`) are read row by row (see cai.tables); `split` picks a split of those.
+    (`owner/name`) are read row by row (see cai.columnar); `split` picks a split of those.
     `input_format` (one of INPUT_FORMATS) says the format instead, for stdin or a file whose name
     does not tell it. Plain text has no fields: a `prompt` or `response` field other than the
     default is an OptionError there, not ignored.
@@ -50,7 +50,7 @@ def read_prompts(source: str, prompt_field: str = "prompt", stdin: IO[bytes] | N
     Each prompt's `index` is its place among the prompt lines (table rows) of the whole input,
     invalid ones included and blank ones not, so skipping a line never moves a later prompt's.
     `fields` says where a row keeps its prompt (or conversation), a given response and its id
-    (default: `prompt_field`, no response, `id`); see cai.conversations."""
+    (default: `prompt_field`, no response, `id`); see cai.rows."""
     fields = fields or Fields(prompt=prompt_field)
     name = "<stdin>" if source == "-" else source
     items: list[PromptItem] = []
@@ -97,11 +97,11 @@ def _entries(source: str, name: str, fields: Fields, stdin: IO[bytes] | None, sp
     if source == "-" and input_format in FILE_FORMATS:
         raise OptionError("input_format", f"{input_format} is read from a file, not from stdin")
     if source != "-":
-        from cai import tables
+        from cai import columnar
 
         path = Path(source)
         if input_format is None:
-            kind = tables.kind_of(source)
+            kind = columnar.kind_of(source)
         elif path.is_dir():
             raise OptionError("input_format", f"is for a prompts file or stdin; {source} is a folder")
         elif not path.exists():
@@ -109,7 +109,7 @@ def _entries(source: str, name: str, fields: Fields, stdin: IO[bytes] | None, sp
         else:
             kind = input_format if input_format in FILE_FORMATS else None
         if kind:
-            shown, rows = tables.rows(source, kind, fields, split, stack)
+            shown, rows = columnar.rows(source, kind, fields, split, stack)
             return shown, _row_entries(shown, rows, fields)
         if path.is_dir():
             raise InputError(source, "is a directory, not a prompts file")
@@ -295,7 +295,7 @@ def _table_entries(name: str, lines: Iterable[bytes], fields: Fields,
                     raise InputError(name, "header row is not valid UTF-8 text or contains a NUL byte", line=number)
                 if prompt_field.split(".")[0] not in header:
                     raise InputError(name, f"missing (columns present: {', '.join(header)}; choose one with "
-                                           f"--prompt-field)", line=number, field=prompt_field)
+                                           f"`prompt_field`)", line=number, field=prompt_field)
                 for field in (prompt_field, fields.id, fields.response):
                     if field and header.count(field) > 1:
                         raise InputError(name, "column appears more than once in the header", line=number, field=field)

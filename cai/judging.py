@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from cai.backends.base import Backend
 from cai.constitution import Constitution
-from cai.prompts import JUDGE, Templates
+from cai.templates import JUDGE, Templates
 from cai.messages import text_of as _text
 
 DEFAULT_QUESTION = "Which of these assistant responses is better?"

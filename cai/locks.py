@@ -76,7 +76,7 @@ class OutputLock:
                 os.close(fd)
                 if exc.errno in _NO_LOCKS:
                     raise OutputError(self.target, f"cannot lock {self.path}: this file system does not support "
-                                      f"locks ({exc.strerror}); some network file systems do not. Pass --no-lock "
+                                      f"locks ({exc.strerror}); some network file systems do not. Pass `lock=False` "
                                       "if you are sure no other run writes this output", exit_code=2) from None
                 raise OutputError(self.target, f"cannot lock {self.path}: {exc.strerror}", exit_code=2) from None
             try:

@@ -418,7 +418,7 @@ class GenerateOptions(BackendSpec, CurationOptions):
 
     def fields(self):
         """Where an input row keeps its prompt, its given response and its id."""
-        from cai.conversations import Fields
+        from cai.rows import Fields
 
         return Fields(prompt=self.prompt_field, response=self.response_field, regenerate=self.regenerate)
 

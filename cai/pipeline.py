@@ -17,9 +17,10 @@ from cai.constitution import Constitution, Principle, plan_principles
 from cai.errors import BackendError, ModelError, OptionError
 from cai.messages import PromptItem
 from cai.messages import Message
-from cai.prompts import ConversationBuilder, Templates
+from cai.records import Record
+from cai.templates import ConversationBuilder, Templates
 from cai import reasoning as thinking
-from cai.fingerprint import FINGERPRINT_KEYS, LATER_PARAMS, fingerprint_differences, run_fingerprint  # noqa: F401
+from cai.fingerprint import run_fingerprint
 
 
 REPAIR_TEMPERATURE = 0.5    # a greedy run would repeat its failed turn word for word: repairs sample
@@ -224,8 +225,8 @@ class Pipeline:
 
     def run(self, jobs: list[Job], on_turn: TurnCallback | None = None,
             stop: Callable[[], bool] | None = None, on_failure: FailureCallback | None = None,
-            check: Callable[[dict], list[str]] | None = None,
-            on_text: StageTextCallback | None = None) -> Iterator[list[dict]]:
+            check: Callable[[Record], list[str]] | None = None,
+            on_text: StageTextCallback | None = None) -> Iterator[list[Record]]:
         """Yields records as their conversations finish. Up to `batch_size` conversations are in
         flight at once, each moving through its turns on its own (a finished response goes
         straight on to its critique); a new prompt starts as soon as one finishes. Once `stop()`
@@ -289,7 +290,7 @@ class Pipeline:
             if done:
                 yield done
 
-    def _repair(self, w: _Work, check: Callable[[dict], list[str]], record: dict | None) -> bool:
+    def _repair(self, w: _Work, check: Callable[[Record], list[str]], record: Record | None) -> bool:
         """Whether the turn that just ended is taken back to be tried again (its request is then
         the conversation's last message). A response cut at --max-new-tokens is retried at once
         (a truncated original is dropped whatever the revision says); a finished pair the checks
@@ -355,7 +356,7 @@ class Pipeline:
 
         return config_hash(self.fingerprint())
 
-    def _record(self, w: _Work) -> dict:
+    def _record(self, w: _Work) -> Record:
         response, *turns = w.completions
         keep = self.reasoning == "keep"
         rounds = []

@@ -68,11 +68,6 @@ def split(text: str, apart: str | None = None, tags: tuple[str, str] = DEFAULT_T
     return Split(body.strip(), reasoning if parts else None, unfinished)
 
 
-def leaks(text: str, tags: tuple[str, str] = DEFAULT_TAGS) -> bool:
-    """Whether a reasoning tag is left in text meant for training."""
-    return any(tag in text for tag in tags)
-
-
 def resolve(mode: str, switch: bool | None) -> str:
     """The mode a run uses: `auto` is `off` where the backend says the model has a thinking
     switch, else `drop`."""

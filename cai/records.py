@@ -8,24 +8,60 @@ A prompt that is a conversation with earlier turns (chat transcripts) has only t
 conversational shape: its `prompt` list holds the whole history. (The pipeline's own records keep
 those turns in `history` until they are written.)
 Every shape keeps `id`, `principle`, `critique`, `rounds` and `meta`.
+
+`Record` is the shape of the pipeline's own records (cai.pipeline makes them; the filters, the
+judge, the writers and the readers take them); the trainer shapes are made from it by to_format.
 """
 
 from __future__ import annotations
 
+from typing import Any, TypedDict
+
+from cai.messages import Message
 from cai.messages import text_of as _text
+
+
+class Round(TypedDict, total=False):
+    """One critique/revise round."""
+
+    principle: str              # the principle's id
+    critique: str
+    revision: str
+    reasoning: dict[str, str | None]    # reasoning "keep": {"critique": …, "revision": …}
+
+
+class _Required(TypedDict):
+    id: str
+    prompt: str                 # the last user turn (the conversational shape: the messages)
+    chosen: str                 # the last revision
+    rejected: str               # the first response
+    principle: str              # the last round's principle, critique
+    critique: str
+    rounds: list[Round]
+    meta: dict[str, Any]        # the run's fingerprint (model, constitution, templates, params, …),
+                                # finish_reasons, tokens, created, cai; where they apply: system,
+                                # prompt_truncated, given_response, attempts, repairs, reasoning,
+                                # and what later steps add (cleaned, judge, edit, review)
+
+
+class Record(_Required, total=False):
+    """A record as the pipeline makes it (the standard shape, with `history`)."""
+
+    history: list[Message]      # a conversation's earlier turns (system turn included)
+    reasoning: str | None       # the response's reasoning (reasoning "keep")
 
 FORMATS = ("standard", "conversational")
 EXPORT_FORMATS = ("standard", "conversational", "sft")
 
 
-def _system(record: dict) -> str | None:
+def _system(record: Record) -> str | None:
     prompt = record.get("prompt")
     if isinstance(prompt, list):
         return next((m["content"] for m in prompt if m.get("role") == "system"), None)
     return (record.get("meta") or {}).get("system")
 
 
-def conversation_of(record: dict) -> tuple[str | None, list[dict], str]:
+def conversation_of(record: Record) -> tuple[str | None, list[dict], str]:
     """(system message, earlier turns, the last user turn) of a record in either shape: the
     standard shape keeps a conversation's earlier turns in `history`, the conversational one in
     its `prompt` list."""
@@ -37,7 +73,7 @@ def conversation_of(record: dict) -> tuple[str | None, list[dict], str]:
     return _system(record), history, prompt
 
 
-def to_format(record: dict, fmt: str) -> dict:
+def to_format(record: Record, fmt: str) -> dict:
     """The same record in another shape. Converting back and forth loses nothing; a conversation
     with earlier turns has no string shape (standard, sft) and raises ValueError."""
     extra = {k: v for k, v in record.items() if k not in ("prompt", "chosen", "rejected", "completion", "history")}
@@ -67,7 +103,7 @@ def _unit(key: str) -> float:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
 
 
-def split_by_id(records: list[dict], test_size: float, seed: int) -> tuple[list[dict], list[dict]]:
+def split_by_id(records: list[Record], test_size: float, seed: int) -> tuple[list[Record], list[Record]]:
     """(train, test): a record's side depends only on its id and the seed."""
     train, test = [], []
     for record in records:

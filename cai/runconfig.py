@@ -97,7 +97,7 @@ def read_config(path: str, cls, own: tuple[str, ...] = ()) -> tuple[dict[str, An
         if name not in fields:
             known = sorted([*fields, *inverted, *own])
             close = difflib.get_close_matches(key, known, n=1)
-            raise InputError(path, f"{key_node.value}: unknown option" + (f"; did you mean `{close[0]}`?" if close else ""),
+            raise InputError(path, f"{key_node.value}: unknown option" + (f"; did you mean '{close[0]}'?" if close else ""),
                              line=line)
         try:
             if name != key:                             # no_lock: true is lock: false

@@ -343,7 +343,7 @@ def collect(records: str, filtered: str | None = None, *, stdin: IO[bytes] | Non
     filtered = filtered if explicit else side_file(records)
     found = filtered is not None and Path(filtered).is_file()
     if explicit and not found and not Path(filtered).is_dir():
-        raise InputError(filtered, "no such file (--filtered)")
+        raise InputError(filtered, "no such file (`filtered`)")
     if explicit or found:
         for _, _, record in iter_jsonl(filtered, warn=torn):
             stats.add_dropped(record)

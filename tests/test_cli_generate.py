@@ -188,13 +188,53 @@ def test_non_utf8_prompts(tiny_model, tmp_path):
     assert "prompts.txt:2: not valid UTF-8 text" in result.stderr
 
 
-@pytest.mark.parametrize("command", [[], ["generate"], ["constitution"], ["constitution", "list"],
-                                     ["constitution", "validate"], ["review"]])
+def _commands(group=None, path=()) -> list[tuple[str, ...]]:
+    """Every command and group of `cai`, as the words that name it ((), ("generate",), …)."""
+    import typer.main
+
+    group = group or typer.main.get_command(app)
+    found = [path]
+    for name, command in getattr(group, "commands", {}).items():
+        found += _commands(command, (*path, name))
+    return found
+
+
+COMMANDS = _commands()
+
+
+def test_every_command_is_in_the_help_test():
+    """A command added later is picked up by test_help on its own; this list says which exist."""
+    assert set(COMMANDS) == {(), ("generate",), ("preview",), ("judge",), ("compare",), ("stats",), ("merge",),
+                             ("export",), ("review",), ("constitution",), ("constitution", "list"),
+                             ("constitution", "show"), ("constitution", "validate"), ("constitution", "schema"),
+                             ("constitution", "init")}
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "cai")
 def test_help(command):
-    result = run(*command, "--help")
-    assert result.exit_code == 0
-    assert "Usage" in result.stdout
-    if command in ([], ["generate"], ["review"]):
+    """`--help` (and `-h`) of every command: exit 0, its usage and every option it takes on
+    stdout, nothing else (no model loaded, no record, nothing on stderr)."""
+    import typer.main
+
+    click_command = typer.main.get_command(app)
+    for name in command:
+        click_command = click_command.commands[name]
+    for flag in ("--help", "-h"):
+        result = CliRunner().invoke(app, [*command, flag], env={"COLUMNS": "300"}, terminal_width=300)
+        assert result.exit_code == 0, result.output
+        assert result.stderr == ""
+        lines = [line for line in result.stdout.splitlines() if line.strip()]
+        assert lines[0].strip().startswith(f"Usage: {' '.join(('cai', *command))} "), lines[0]
+        assert not any(line.lstrip().startswith("{") for line in lines), "a record on stdout"
+        for param in click_command.params:
+            if getattr(param, "hidden", False) or param.param_type_name != "option":
+                continue
+            shown = [f for f in (*param.opts, *param.secondary_opts) if f.startswith("--")]
+            assert any(f in result.stdout for f in shown), f"{' '.join(command)} --help does not show {shown}"
+        assert "--help" in result.stdout
+        for name in getattr(click_command, "commands", {}):
+            assert name in result.stdout, f"{' '.join(command)} --help does not list {name}"
+    if command in ((), ("generate",), ("review",)):
         assert "Examples" in result.stdout
 
 

@@ -252,7 +252,7 @@ def test_pipeline_records_are_the_same_with_and_without_the_engine(tiny_model):
     from cai.constitution import load_constitution
     from cai.inputs import read_prompts
     from cai.pipeline import Pipeline, RunConfig
-    from cai.prompts import load_templates
+    from cai.templates import load_templates
 
     items = read_prompts(str(Path(__file__).resolve().parent.parent / "examples/prompts.jsonl"))[:7]
     params = SamplingParams(max_new_tokens=10, temperature=0)
@@ -284,7 +284,7 @@ def test_pipeline_sizes_the_cache_once_from_its_longest_conversation(tiny_model,
     from cai.constitution import load_constitution
     from cai.inputs import read_prompts
     from cai.pipeline import Pipeline, RunConfig
-    from cai.prompts import load_templates
+    from cai.templates import load_templates
 
     def refuse(self, capacity, lengths):
         raise AssertionError(f"the cache grew to {capacity}")

@@ -147,7 +147,7 @@ def test_the_check_asks_every_endpoint_and_allow_down_starts_without_one(tmp_pat
                       "--base-url", dead, "-o", tmp_path / "a.jsonl")
         assert refused.exit_code == 1, refused.output
         [error] = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
-        assert f"{dead}: cannot reach the server" in error and "with allow_down (--allow-down) the run starts without it" in error
+        assert f"{dead}: cannot reach the server" in error and "with --allow-down the run starts without it" in error
         assert not (tmp_path / "a.jsonl").exists()
         # a server that does not serve the model is never "down": --allow-down does not hide it
         served = run("generate", prompts, "--backend", "openai", "--model", "fake", "--base-url", ok,

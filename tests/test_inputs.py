@@ -174,7 +174,7 @@ def test_csv_missing_column_names_line_1_and_the_columns(tmp_path):
     path = tmp_path / "p.csv"
     path.write_text("question,answer\nhi,there\n")
     with pytest.raises(InputError, match=r"p\.csv:1: prompt: missing \(columns present: question, answer; "
-                                         r"choose one with --prompt-field\)"):
+                                         r"choose one with `prompt_field`\)"):
         read_prompts(str(path))
 
 
@@ -330,7 +330,7 @@ def test_the_writer_never_writes_nan_and_escapes_a_lone_surrogate(tmp_path):
 # ---- issue 31: --input-format, and field options on plain text ----
 
 def test_input_format_reads_stdin_and_unhelpfully_named_files_as_it_says(tmp_path):
-    from cai.conversations import Fields
+    from cai.rows import Fields
 
     table = b"prompt,id\nHello there,1\nWrite a poem,2\n"
     # without it, CSV on stdin is text: its header becomes a prompt
@@ -370,7 +370,7 @@ def test_input_format_that_cannot_apply_is_an_option_error(tmp_path, source, fmt
     ({"prompt": "question"}, "text", "prompt_field"),
 ])
 def test_field_options_on_plain_text_are_an_error_not_ignored(tmp_path, fields, how, option):
-    from cai.conversations import Fields
+    from cai.rows import Fields
     from cai.errors import OptionError
 
     path = tmp_path / "p.txt"

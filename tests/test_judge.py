@@ -13,7 +13,7 @@ from cai.backends.base import ChoiceScores
 from cai.cli import app
 from cai.constitution import load_constitution
 from cai.judging import DEFAULT_QUESTION, Judge, JudgeConfig, preference_of
-from cai.prompts import load_templates
+from cai.templates import load_templates
 from conftest import ROOT, read_jsonl
 
 EXAMPLES = ROOT / "examples" / "prompts.jsonl"

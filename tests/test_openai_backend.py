@@ -521,40 +521,6 @@ def test_results_keep_the_order_of_the_conversations_under_concurrency():
         backend.score_choices(conversations, (" A", "B"))
 
 
-# ---- helpers (no server) ----
-
-def test_base_urls():
-    from cai.backends.openai import _chat_url
-    from cai.errors import UsageError
-
-    assert _chat_url("http://127.0.0.1:8000/v1/") == "http://127.0.0.1:8000/v1/chat/completions"
-    assert _chat_url("http://127.0.0.1:8000") == "http://127.0.0.1:8000/v1/chat/completions"
-    assert _chat_url("https://h/api/v1/chat/completions") == "https://h/api/v1/chat/completions"
-    for bad in ("127.0.0.1:8000", "ftp://h/v1", "http://"):
-        with pytest.raises(UsageError, match="base URL"):
-            _chat_url(bad)
-
-
-def test_choice_tokens():
-    from cai.backends.openai import _choice_of
-
-    for token in ("A", " A", "(A", " (A", "( A", "\nA", "A "):
-        assert _choice_of(token, ("A", "B")) == "A", token
-    for token in ("AB", "a", "(", "", " ", "((A", "A)", "C"):
-        assert _choice_of(token, ("A", "B")) is None, token
-
-
-def test_retry_after_values():
-    from email.utils import formatdate
-
-    from cai.backends.openai import MAX_RETRY_AFTER, _retry_after
-
-    assert _retry_after(None) is None and _retry_after("soon") is None
-    assert _retry_after("1") == 1.0 and _retry_after("-3") == 0.0
-    assert _retry_after("100000") == MAX_RETRY_AFTER
-    assert 3 <= _retry_after(formatdate(time.time() + 5, usegmt=True)) <= 5
-
-
 # ---- cai generate --backend openai, end to end ----
 
 def cai(*args, env: dict | None = None):

@@ -18,15 +18,23 @@ def reply(message=None, **choice) -> dict:
 
 
 def test_urls():
-    assert wire.api_root("http://127.0.0.1:8000/v1/") == "http://127.0.0.1:8000/v1"
-    assert wire.api_root("http://127.0.0.1:8000") == "http://127.0.0.1:8000/v1"
-    assert wire.api_root("https://h/api/v1/chat/completions") == "https://h/api/v1"
+    assert wire.endpoint("http://127.0.0.1:8000/v1/").root == "http://127.0.0.1:8000/v1"
+    assert wire.endpoint("http://127.0.0.1:8000").root == "http://127.0.0.1:8000/v1"
+    assert wire.endpoint("https://h/api/v1/chat/completions").root == "https://h/api/v1"
+    assert wire.chat_url("http://127.0.0.1:8000/v1/") == "http://127.0.0.1:8000/v1/chat/completions"
     assert wire.chat_url("http://h:1") == "http://h:1/v1/chat/completions"
     assert wire.chat_url("https://h/api/v1/chat/completions") == "https://h/api/v1/chat/completions"
-    assert wire.models_url("https://h/api/v1/chat/completions") == "https://h/api/v1/models"
+    assert wire.endpoint("https://h/api/v1/chat/completions").url("/models") == "https://h/api/v1/models"
     for bad in ("127.0.0.1:8000", "ftp://h/v1", "http://"):
         with pytest.raises(UsageError, match="base URL"):
             wire.chat_url(bad)
+
+
+def test_choice_tokens():
+    for token in ("A", " A", "(A", " (A", "( A", "\nA", "A "):
+        assert wire.choice_of(token, ("A", "B")) == "A", token
+    for token in ("AB", "a", "(", "", " ", "((A", "A)", "C"):
+        assert wire.choice_of(token, ("A", "B")) is None, token
 
 
 def test_a_reply_with_text():

@@ -129,7 +129,7 @@ def test_too_long_prompts_are_skipped_into_the_skipped_file(tmp_path):
     summary = run(prompts, str(out), options(ScriptedBackend(context_length=300), few_shot=False))
     assert (summary.kept, summary.skipped_long, summary.exit_code) == (2, 1, 1)
     assert [line["kind"] for line in read_jsonl(f"{out}.skipped.jsonl")] == ["too long"]
-    assert "try --no-few-shot or --truncate-long" in summary.problem()
+    assert "try `few_shot=False` or `truncate_long`" in summary.problem()
 
 
 def test_no_record_made_at_all_says_so(tmp_path):

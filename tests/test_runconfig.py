@@ -99,7 +99,7 @@ def test_meta_config_follows_what_decides_the_records(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("text,line,message", [
-    ("seed: 1\nmax_new_token: 8\n", 2, "max_new_token: unknown option; did you mean `max_new_tokens`?"),
+    ("seed: 1\nmax_new_token: 8\n", 2, "max_new_token: unknown option; did you mean 'max_new_tokens'?"),
     ("seed: one\n", 1, "seed: expected an integer, got str 'one'"),
     ("temperature: .nan\n", 1, "temperature: expected a number, got NaN"),
     ("format: jsonl\n", 1, "format: unknown value 'jsonl'; choose from standard, conversational"),

@@ -116,7 +116,7 @@ def test_merge_names_missing_and_unfinished_shards_and_how_to_run_them_again(tmp
     with pytest.raises(MergeIncomplete) as caught:
         merge(str(tmp_path / "all.jsonl"), shards)
     assert str(caught.value) == (f"shards 3, 6 of 6 are missing and shard 4 did not finish ({tmp_path / 'p.4.jsonl'}); "
-                                 "run them again (sbatch --array=2-3,5 …); nothing written (--allow-partial merges "
+                                 "run them again (sbatch --array=2-3,5 …); nothing written (`allow_partial` merges "
                                  "what is there)")
     assert caught.value.exit_code == 1 and not (tmp_path / "all.jsonl").exists()
     partial = merge(str(tmp_path / "all.jsonl"), shards, allow_partial=True)

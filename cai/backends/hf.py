@@ -222,7 +222,7 @@ class HFBackend:
         if not self.tokenizer.chat_template:
             if not options.plain_chat_format:
                 raise ModelError(f"{model_name}: the tokenizer has no chat template; use a chat model, or pass "
-                                 "--plain-chat-format to use cai's plain 'User:/Assistant:' format")
+                                 "`plain_chat_format` to use cai's plain 'User:/Assistant:' format")
             self.tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
         self.thinking_switch = has_thinking_switch(self.tokenizer.chat_template)
         self.thinking: bool | None = None

@@ -49,7 +49,7 @@ def load_error(exc: Exception, source: str, model_name: str) -> ModelError | Non
         return ModelError(f"{where}: {reason}")
     if isinstance(exc, (OSError, ValueError)):
         if "pickle" in reason.lower() or ".bin" in reason or "safetensors" in reason.lower():
-            reason += " (cai loads safetensors weights only; --allow-pickle loads pickle checkpoints you trust)"
+            reason += " (cai loads safetensors weights only; `allow_pickle` loads pickle checkpoints you trust)"
         return ModelError(f"{where}: {reason}")
     return None
 

@@ -59,9 +59,7 @@ from cai.backends import openai_wire as wire
 from cai.backends.fleet import Fleet, Member, NoEndpoint
 from cai.backends.base import ChoiceScores, Completion, Request, SamplingParams, TextCallback
 from cai.backends.openai_stream import OpenAIStream
-from cai.backends.retry import (MAX_BACKOFF, MAX_RETRY_AFTER, OUTAGE_LIMIT, Failed,  # noqa: F401
-                                Fatal, Retryable, RetryPolicy, from_status, from_transport_error)
-from cai.backends.retry import retry_after as _retry_after  # noqa: F401 -- the old private names
+from cai.backends.retry import Failed, Fatal, Retryable, RetryPolicy, from_status, from_transport_error
 from cai.declare import option
 from cai.errors import BackendError, OptionError
 
@@ -72,9 +70,6 @@ TOKENS_PER_MESSAGE = 8      # count_tokens: role markers and separators of the c
 DEFAULT_CONCURRENCY = 16    # requests in flight unless told otherwise
 PREFLIGHT_TIMEOUT = 10.0    # seconds: the longest the construction check waits for one reply
 PREFLIGHT_RETRIES = 2       # quick retries of a connection error that came at once (refused, reset)
-
-# The old private names of what now lives in cai.backends.openai_wire.
-_chat_url, _choice_of, _one_line = wire.chat_url, wire.choice_of, wire.one_line
 
 
 DEFAULT_KEY_ENV = "OPENAI_API_KEY"      # read when set; a variable the user names must be set
@@ -152,7 +147,7 @@ class OpenAIBackend:
     no width (`default_width`). `check`: ask the server first whether it answers and serves
     `model` (BackendError if not); tests against a deliberately broken server turn it off."""
 
-    about = "an OpenAI-compatible server (vLLM, SGLang, TGI, transformers serve) at --base-url"
+    about = "an OpenAI-compatible server (vLLM, SGLang, TGI, transformers serve) at a base URL"
     Settings = OpenAISettings
 
     @classmethod

@@ -51,7 +51,7 @@ async def check_fleet(backend: OpenAIBackend, timeout: float, retries: int, allo
         more = len(failed) - 1
         hint = ""
         if several and not wrong and len(failed) < len(members):
-            hint = "; with allow_down (--allow-down) the run starts without it"
+            hint = "; with `allow_down` the run starts without it"
         raise BackendError(f"{error}" + (f" (and {more} more of the {len(members)} endpoints failed the check)"
                                          if more else "") + hint) from None
     for member, error in failed:

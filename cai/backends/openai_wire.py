@@ -108,20 +108,10 @@ def endpoint(base_url: str) -> Endpoint:
     return Endpoint(f"{parts.scheme}://{netloc}{path}", parts.query, username, password)
 
 
-def api_root(base_url: str) -> str:
-    """The API root (`http://host:8000/v1`) of what the user gave: a bare `http://host:8000` gets
-    `/v1`, and a full `.../chat/completions` URL is cut back to its root (no query, no user info)."""
-    return endpoint(base_url).root
-
-
 def chat_url(base_url: str) -> str:
     """`base_url` is what OpenAI clients call it (`http://host:8000/v1`); a bare `http://host:8000`
     gets `/v1`, and a full `.../chat/completions` URL is used as it is (its query kept)."""
     return endpoint(base_url).url("/chat/completions")
-
-
-def models_url(base_url: str) -> str:
-    return endpoint(base_url).url("/models")
 
 
 def one_line(text, limit: int = 200) -> str:

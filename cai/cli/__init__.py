@@ -2,17 +2,12 @@
 and rendering what it returns on stderr. stdout carries records only."""
 
 from cai.cli import compare, constitution, export, generate, judge, merge, preview, review, stats  # noqa: F401  (they register their commands)
-from cai.cli.app import app
+from cai.cli.root import STANDALONE, app
 
 
 def main() -> None:
-    import importlib
-
-    app_module = importlib.import_module("cai.cli.app")     # the module (`cai.cli.app` the name is the Typer app)
-
-    app_module.standalone = True
     try:
-        app(prog_name="cai")
+        app(prog_name="cai", obj=STANDALONE)
     except SystemExit as exc:
         from cai import signals
 

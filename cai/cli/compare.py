@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cai.cli.app import app, reports_errors
+from cai.cli.root import app, reports_errors
 from cai.cli.options import declared, option_names
 from cai.cli.render import RunProgress, breakdown_table, err, reasons_cell, setup_logging, summary_table
 from cai.options import GenerateOptions

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cai.cli.app import constitution_app, reports_errors
+from cai.cli.root import constitution_app, reports_errors
 from cai.cli.render import err
 from cai.errors import UsageError
 

@@ -4,7 +4,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cai.cli.app import app, reports_errors
+from cai.cli.root import app, reports_errors
 from cai.cli.options import NoLockOpt
 from cai.cli.render import err
 

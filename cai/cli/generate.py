@@ -4,7 +4,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cai.cli.app import app, error_line, reports_errors
+from cai.cli.root import app, error_line, reports_errors, standalone
 from cai.cli.options import declared
 from cai.options import GenerateOptions
 from cai.cli.render import RunProgress, err, generate_summary, setup_logging
@@ -42,11 +42,7 @@ def generate(
         err.print(f"[yellow]{name}: stopping: finishing the conversations in flight[/yellow] (up to {seconds:g} s; "
                   "Ctrl-C again to stop at once)", highlight=False)
 
-    import importlib
-
-    app_module = importlib.import_module("cai.cli.app")     # the module (`cai.cli.app` the name is the Typer app)
-
-    with StopSignals(grace, on_signal=on_signal, keep=app_module.standalone) as stopper, RunProgress(quiet) as progress:
+    with StopSignals(grace, on_signal=on_signal, keep=standalone()) as stopper, RunProgress(quiet) as progress:
         summary = run(prompts, output, options, progress=progress, stop=stopper)
     if summary.nothing_to_do:
         if summary.problem():

@@ -10,7 +10,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from cai.cli.app import app, reports_errors
+from cai.cli.root import app, reports_errors
 from cai.cli.options import declared
 from cai.options import BackendSpec, PreviewOptions
 from cai.cli.render import err, preview_outcome, setup_logging, turn_panel

@@ -2,6 +2,7 @@
 and the summary tables of each command. stdout is never touched here."""
 
 import logging
+import re
 import time
 
 from rich.console import Console
@@ -9,17 +10,49 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from cai.errors import OPTION_NAME
+
 err = Console(stderr=True)
 
 
+def current_context():
+    """The click context of the command running now, or None (typer from 0.2x runs its own copy
+    of click, whose contexts click's get_current_context does not see)."""
+    try:
+        from typer._click.globals import get_current_context
+    except ImportError:
+        from click import get_current_context
+    return get_current_context(silent=True)
+
+
+def as_flags(text: str) -> str:
+    """A library message as the command line shows it: each option it names in backquotes
+    (cai.errors.OPTION_NAME) becomes the running command's flag (`prompt_field` → --prompt-field,
+    `few_shot=False` → --no-few-shot); backquoted words that are none of its options (a model's
+    name in a server's message) stay as they are."""
+    ctx = current_context()
+    if ctx is None:
+        return text
+    flags = {flag for p in ctx.command.params for flag in (*p.opts, *p.secondary_opts) if flag.startswith("--")}
+    names = {p.name: next((f for f in p.opts if f.startswith("--")), None) for p in ctx.command.params}
+
+    def flag(m: re.Match) -> str:
+        kebab = "--" + ("no-" if m[2] else "") + m[1].replace("_", "-")
+        if kebab in flags:
+            return kebab
+        return (None if m[2] else names.get(m[1])) or m[0]
+    return OPTION_NAME.sub(flag, text)
+
+
 class _StderrHandler(logging.Handler):
-    """Log lines on stderr, one line each however long (greppable, never wrapped mid-path)."""
+    """Log lines on stderr, one line each however long (greppable, never wrapped mid-path); the
+    options they name are shown as flags."""
 
     STYLES = {"WARNING": "yellow", "ERROR": "red", "INFO": "dim"}
 
     def emit(self, record: logging.LogRecord) -> None:
         line = Text(f"{record.levelname.lower()}: ", style=self.STYLES.get(record.levelname, ""))
-        line.append(record.getMessage())
+        line.append(as_flags(record.getMessage()))
         err.print(line, soft_wrap=True, highlight=False)
 
 
@@ -307,7 +340,7 @@ def preview_outcome(conversation) -> None:
         verdict = Text("dropped", style="bold red")
         for reason in conversation.reasons:
             verdict.append(f"\n  {reason}", style="red")
-            verdict.append(f": {REASONS.get(reason, '')}", style="dim")
+            verdict.append(f": {as_flags(REASONS.get(reason, ''))}", style="dim")
     else:
         verdict = Text("kept", style="bold green")
     verdict.append(f"\n  similarity of chosen to rejected: {conversation.similarity:.2f}", style="dim")

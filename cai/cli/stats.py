@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cai.cli.app import app, reports_errors
+from cai.cli.root import app, reports_errors
 from cai.cli.render import breakdown_table, err, setup_logging, stats_tables
 
 log = logging.getLogger("cai")

@@ -95,7 +95,7 @@ class PairsIndex:
         explicit = filtered is not None
         self.filtered = filtered if explicit else side_path(pairs, "filtered")
         if explicit and not Path(filtered).is_file():
-            raise InputError(filtered, "no such file (--filtered)")
+            raise InputError(filtered, "no such file (`filtered`)")
         if not explicit and not Path(self.filtered).is_file():
             self.filtered = None
         self.entries: list[Entry] = []

@@ -136,7 +136,7 @@ def sides(constitutions: list, templates: list) -> list[tuple[str, object, str]]
     if not 1 <= len(constitutions) <= 2 or not 1 <= len(templates) <= 2:
         raise OptionError("constitution", "give one or two constitutions and one or two template sets")
     if len(constitutions) == 1 and len(templates) == 1:
-        raise OptionError("constitution", "compare runs needs two sides: -c A -c B, or --templates A --templates B")
+        raise OptionError("constitution", "compare runs needs two sides: two constitutions or two `templates`")
     cons = constitutions * (3 - len(constitutions))
     temps = templates * (3 - len(templates))
     if (_key(cons[0]), temps[0]) == (_key(cons[1]), temps[1]):

@@ -58,7 +58,7 @@ def run(prompts: str | Iterable, output: str | None, options: GenerateOptions, *
     from cai.constitution import Constitution, load_constitution
     from cai.locks import Locks
     from cai.pipeline import RunConfig
-    from cai.prompts import load_templates
+    from cai.templates import load_templates
     from cai.run.select import select
 
     from dataclasses import replace
@@ -133,7 +133,8 @@ def _run(selection, paths: _Paths, options: GenerateOptions, constitution, templ
     from dataclasses import replace
 
     from cai.backends.spec import is_open_backend, open_backend
-    from cai.pipeline import TOO_LONG, Pipeline, run_fingerprint
+    from cai.fingerprint import run_fingerprint
+    from cai.pipeline import TOO_LONG, Pipeline
 
     fingerprint = run_fingerprint(summary.model, constitution, templates, config)
     _refuse_foreign_sides(options, fingerprint)
@@ -279,7 +280,7 @@ def _existing(paths: _Paths, options: GenerateOptions, fingerprint: dict, source
     existing output is continued when it holds records of this same run, refused otherwise; the
     ids of pairs the filters dropped (the filtered file) count as done too. A record made from
     another prompt than its id names now (what `prompt_check()` returns says) is refused too."""
-    from cai.pipeline import fingerprint_differences
+    from cai.fingerprint import fingerprint_differences
 
     output = paths.output
     if output in (None, "-"):
@@ -322,7 +323,7 @@ def _refuse_foreign_sides(options: GenerateOptions, fingerprint: dict) -> None:
     like the output: an existing one must be a cai side file of its kind, and the filtered file's
     records those of this run (as `_existing` asks of the output), unless `overwrite` (or, for a
     different run, `force`). Default side files are named after the output, and follow it."""
-    from cai.pipeline import fingerprint_differences
+    from cai.fingerprint import fingerprint_differences
 
     for kind in ("filtered", "failures", "skipped"):
         existing = check_side_file(getattr(options, kind), kind, options.overwrite)

@@ -41,7 +41,7 @@ def run(pairs: str | list[dict], output: str | None, options: JudgeOptions, *,
     from cai.inputs import read_records
     from cai.judging import Judge
     from cai.locks import Locks
-    from cai.prompts import load_templates
+    from cai.templates import load_templates
     from cai.signals import StopNow, StopSignals
 
     options.check()

@@ -243,7 +243,7 @@ def merge(output: str, inputs: list[str], *, overwrite: bool = False, on_conflic
     `allow_partial`; the merged output's manifest records what it holds."""
     from cai.locks import Locks
     from cai.output import SIDE_FILES, check_writable, runs_path, side_path, write_whole
-    from cai.pipeline import fingerprint_differences
+    from cai.fingerprint import fingerprint_differences
 
     if on_conflict not in ON_CONFLICT:
         raise OptionError("on_conflict", f"unknown value '{on_conflict}'; choose from {', '.join(ON_CONFLICT)}")
@@ -264,7 +264,7 @@ def merge(output: str, inputs: list[str], *, overwrite: bool = False, on_conflic
                 raise OptionError("output", f"{beside} exists; pass `overwrite` to replace it")
     summary = MergeSummary(output, len(inputs), shards=shard_set(inputs))
     if summary.shards is not None and not summary.shards.complete and not allow_partial:
-        raise MergeIncomplete(f"{summary.shards.problem()}; nothing written (--allow-partial merges what is there)")
+        raise MergeIncomplete(f"{summary.shards.problem()}; nothing written (`allow_partial` merges what is there)")
     chosen: dict[str, tuple[str, bytes, dict]] = {}      # id → (where, line, content)
     reference = None
     shape: tuple[str, str] | None = None                 # (the first record's shape, where it is)
@@ -312,7 +312,7 @@ def merge(output: str, inputs: list[str], *, overwrite: bool = False, on_conflic
     if summary.conflicts and on_conflict == "error":
         shown = "; ".join(summary.conflicts[:3]) + (f"; and {len(summary.conflicts) - 3} more" if len(summary.conflicts) > 3 else "")
         raise MergeConflict(f"{len(summary.conflicts)} ids have two different records ({shown}); nothing written. "
-                            "Say which to keep: --on-conflict first|last (on_conflict= in Python)", summary.conflicts)
+                            "Say which to keep: `on_conflict` first|last", summary.conflicts)
     review_dropped = _apply_reviews(inputs, chosen, summary)
     # the side files: each prompt stays in one place (a pair kept by one shard and dropped by
     # another is kept; a failure or skip that another shard made good is gone)

@@ -129,7 +129,7 @@ def preview(prompts: str, options: PreviewOptions, watcher: Watcher | None = Non
     from cai.constitution import load_constitution
     from cai.judging import Judge
     from cai.pipeline import Pipeline, RunConfig
-    from cai.prompts import load_templates
+    from cai.templates import load_templates
     from cai.run.generate import make_filters
 
     watcher = watcher or Watcher()

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SKIP_HINT = "try --no-few-shot or --truncate-long"
+SKIP_HINT = "try `few_shot=False` or `truncate_long`"
 REFUSED_HINT = "fix their turns' roles and order, or use a model whose template takes them"
 
 

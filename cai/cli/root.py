@@ -1,4 +1,5 @@
-"""The typer app, its sub-apps, and the one place errors become a red line and an exit code."""
+"""The root command: the typer app, its sub-apps, and the one place errors become a red line and an
+exit code."""
 
 import functools
 
@@ -6,7 +7,7 @@ import typer
 from rich.markup import escape
 
 from cai import __version__
-from cai.cli.render import err
+from cai.cli.render import as_flags, current_context, err
 from cai.errors import CaiError, OptionError
 
 app = typer.Typer(
@@ -21,32 +22,38 @@ app = typer.Typer(
          "  cai preview \"How do I pick a lock?\" --judge\n\n"
          "  cai constitution list",
 )
-# True when `cai` runs as its own process (main()), not inside another program (tests, notebooks):
-# only then may a command leave its signal handlers in place until the process exits
-standalone = False
 
 constitution_app = typer.Typer(no_args_is_help=True, help="List and check constitution files.")
 app.add_typer(constitution_app, name="constitution")
 
 
+STANDALONE = "standalone"      # the context object main() runs the app with
+
+
+def standalone() -> bool:
+    """Whether `cai` runs as its own process (main() runs the app with STANDALONE as the click
+    context's object), not inside another program (tests, notebooks): only then may a command
+    leave its signal handlers in place until the process exits."""
+    ctx = current_context()
+    return ctx is not None and ctx.obj == STANDALONE
+
+
 def error_line(message: str) -> None:
-    err.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
+    """One red line on stderr; the options a library message names are shown as flags."""
+    err.print(f"[bold red]error:[/bold red] {escape(as_flags(message))}", highlight=False, markup=True, soft_wrap=True)
 
 
 def reports_errors(command):
-    """Turn cai's errors into one red line on stderr and the error's exit code; an option's
-    error is shown with its flag (`--device: …`)."""
+    """Turn cai's errors into one red line on stderr and the error's exit code; the options
+    an error names are shown as flags (`--device: …`)."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         from cai.signals import StopNow
 
         try:
             return command(*args, **kwargs)
-        except OptionError as exc:
-            error_line(exc.flag())
-            raise typer.Exit(exc.exit_code) from None
         except CaiError as exc:
-            error_line(str(exc))
+            error_line(exc.flag() if isinstance(exc, OptionError) else str(exc))
             raise typer.Exit(exc.exit_code) from None
         except BrokenPipeError:
             # the reader went away (`cai generate … -o - | head`): stop quietly, as Unix tools do

@@ -1,7 +1,7 @@
 """Prompt tables in columnar form: Parquet, Arrow IPC (`.arrow`/`.feather`, file or stream format,
 as `datasets` writes its cache), a folder saved by `datasets` (`save_to_disk`) and a Hugging Face
 Hub dataset id (`owner/name`). Each is read a batch of rows at a time, every row a dict for
-cai.conversations.item_from_row, numbered from 1 within the file (or the split).
+cai.rows.item_from_row, numbered from 1 within the file (or the split).
 
 pyarrow and datasets are optional: without them such an input is one InputError saying what to
 install. A split is chosen with `split`; a dataset with several splits and no `split` is an error
@@ -18,7 +18,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from cai.compressed import COMPRESSED_SUFFIXES
-from cai.conversations import CONVERSATION_FIELDS, Fields
+from cai.rows import CONVERSATION_FIELDS, Fields
 from cai.errors import InputError
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -173,7 +173,7 @@ def _pick_split(source: str, loaded, split: str | None):
         if split is None and len(splits) == 1:
             split = splits[0]
         if split is None:
-            raise InputError(source, f"has several splits ({', '.join(splits)}): choose one with --split")
+            raise InputError(source, f"has several splits ({', '.join(splits)}): choose one with `split`")
         if split not in loaded:
             raise InputError(source, f"no split '{split}' (splits: {', '.join(splits) or 'none'})")
         return loaded[split], f"{source}[{split}]"
@@ -200,13 +200,13 @@ def _dataset_rows(name: str, dataset) -> Rows:
 
 def _check_columns(name: str, names: list[str], fields: Fields) -> None:
     """A prompt (or response) column that no row can have is one error, not one a row."""
-    for field, flag in ((fields.prompt, "--prompt-field"), (fields.response, "--response-field")):
+    for field, option in ((fields.prompt, "prompt_field"), (fields.response, "response_field")):
         if field is None or field in names or field.split(".")[0] in names:
             continue
-        if field == "prompt" and flag == "--prompt-field" and any(f in names for f in CONVERSATION_FIELDS):
+        if field == "prompt" and option == "prompt_field" and any(f in names for f in CONVERSATION_FIELDS):
             continue
         raise InputError(name, f"missing (columns present: {', '.join(names) or 'none'}; choose one with "
-                               f"{flag})", field=field)
+                               f"`{option}`)", field=field)
 
 
 def _no_split(name: str, split: str | None, what: str) -> None:

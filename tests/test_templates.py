@@ -6,7 +6,7 @@ import pytest
 
 from cai.constitution import load_constitution
 from cai.errors import TemplateError
-from cai.prompts import ConversationBuilder, load_templates
+from cai.templates import ConversationBuilder, load_templates
 
 
 def _template_dir(tmp_path, **overrides):

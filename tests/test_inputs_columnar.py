@@ -32,7 +32,7 @@ def offline(monkeypatch):
                          ("datasets.config", "HF_DATASETS_OFFLINE")):
         if module in sys.modules and hasattr(sys.modules[module], name):
             monkeypatch.setattr(sys.modules[module], name, True)
-    monkeypatch.setattr("cai.tables._hub_reachable", lambda *a, **k: pytest.fail("the test tried the network"))
+    monkeypatch.setattr("cai.columnar._hub_reachable", lambda *a, **k: pytest.fail("the test tried the network"))
 
 
 def _table(rows=ROWS):
@@ -148,7 +148,7 @@ def test_missing_column_lists_the_columns(tmp_path, writer):
     else:
         pytest.importorskip("datasets").Dataset.from_list(rows).save_to_disk(str(path))
     with pytest.raises(InputError, match=r"^.*p\.\w+: prompt: missing \(columns present: question, id; "
-                                         r"choose one with --prompt-field\)$"):
+                                         r"choose one with `prompt_field`\)$"):
         read_prompts(str(path), invalid=[])
     assert read_prompts(str(path), prompt_field="question")[0].text == "q"
 
@@ -179,7 +179,7 @@ def test_a_truncated_parquet_file_is_one_input_error(tmp_path):
 
 def test_dataset_splits(sources):
     folder = sources["dataset-dict"][0]
-    with pytest.raises(InputError, match=r"dict: has several splits \(train, test\): choose one with --split$"):
+    with pytest.raises(InputError, match=r"dict: has several splits \(train, test\): choose one with `split`$"):
         read_prompts(folder)
     with pytest.raises(InputError, match=r"dict: no split 'validation' \(splits: train, test\)$"):
         read_prompts(folder, split="validation")
@@ -202,7 +202,7 @@ def test_unknown_dataset_id_offline_is_one_line_and_quick(tmp_path, monkeypatch)
     assert "\n" not in str(caught.value)
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("HF_DATASETS_OFFLINE")
-    monkeypatch.setattr("cai.tables._hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr("cai.columnar._hub_reachable", lambda *a, **k: False)
     with pytest.raises(InputError, match=r"could not load the dataset .*the Hub cannot be reached; offline\? "
                                          r"set HF_HUB_OFFLINE=1"):
         read_prompts("nobody-cai-test/no-such-dataset")

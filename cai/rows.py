@@ -42,7 +42,7 @@ def item_from_row(name: str, number: int, row: dict, fields: Fields = Fields()) 
         found, value = lookup(row, field)
     if not found:
         present = ", ".join(map(str, row)) or "none"
-        raise InputError(name, f"missing (fields present: {present}; choose one with --prompt-field)",
+        raise InputError(name, f"missing (fields present: {present}; choose one with `prompt_field`)",
                          line=number, field=fields.prompt)
     rid = row.get(fields.id)
     if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int)) or not str(rid).strip()):
@@ -66,7 +66,7 @@ def item_from_row(name: str, number: int, row: dict, fields: Fields = Fields()) 
         response = _given_response(name, number, row, fields.response)
         if turns[-1]["role"] == "assistant" and not fields.regenerate:
             raise InputError(name, f"the conversation already ends with an assistant turn and "
-                                   f"--response-field {fields.response} gives another", line=number, field=field)
+                                   f"`response_field` {fields.response} gives another", line=number, field=field)
     history, text, ending = split_turns(name, number, field, turns, fields.regenerate)
     if response is None:
         response = ending
@@ -166,7 +166,7 @@ def _given_response(name: str, number: int, row: dict, field: str) -> str:
     found, value = lookup(row, field)
     if not found:
         present = ", ".join(map(str, row)) or "none"
-        raise InputError(name, f"missing (fields present: {present}; choose one with --response-field)",
+        raise InputError(name, f"missing (fields present: {present}; choose one with `response_field`)",
                          line=number, field=field)
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
         # TRL's conversational chosen/completion: one assistant message

@@ -1,4 +1,4 @@
-"""Chat transcripts, existing answers and reasoning: input rows → prompts (cai.conversations),
+"""Chat transcripts, existing answers and reasoning: input rows → prompts (cai.rows),
 the pipeline's history and given responses, and reasoning kept out of the pairs."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 
 import cai
 from cai.backends.base import Completion
-from cai.conversations import Fields, item_from_row
+from cai.rows import Fields, item_from_row
 from cai.errors import InputError, OptionError
 from cai.reasoning import Split, split
 from scripted import ScriptedBackend, ScriptedStream
@@ -280,7 +280,7 @@ def test_cli_hh_transcripts_sharegpt_and_a_response_column(tiny_model, tmp_path)
 def test_defaults_change_no_record():
     """Options added later (reasoning, its tags) leave a default run's records as they were, and
     an output written before them resumes."""
-    from cai.pipeline import fingerprint_differences
+    from cai.fingerprint import fingerprint_differences
 
     records, _ = _gen(["Boil an egg"], ScriptedBackend(), filter=True, repairs=0)     # the filters as by default
     meta = records[0]["meta"]
