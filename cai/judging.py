@@ -35,6 +35,12 @@ def preference_of(logprobs: dict[str, float], letter: str) -> float:
 class Judge:
     def __init__(self, backend: Backend, constitution: Constitution | None, templates: Templates,
                  config: JudgeConfig = JudgeConfig()):
+        from cai.backends.base import Scoring
+        from cai.errors import OptionError
+
+        if not isinstance(backend, Scoring):
+            raise OptionError("judge", f"{backend.model_name} cannot be a judge: its backend reads no "
+                                       "log-probabilities (score_choices)")
         self.backend, self.constitution, self.templates, self.config = backend, constitution, templates, config
         self.model_name = backend.model_name
 

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from typing import Callable, Iterable, Iterator
 
 from cai import __version__
-from cai.backends.base import Backend, Completion, Request, SamplingParams, Stream
+from cai.backends.base import Backend, Completion, Request, SamplingParams, Stream, ThinkingSwitch
 from cai.constitution import Constitution, Principle, plan_principles
 from cai.errors import BackendError, ModelError, OptionError
 from cai.messages import PromptItem
@@ -114,9 +114,9 @@ class Pipeline:
         self._fixed_cache: dict[tuple[Principle, ...], int] = {}
         self._mentions: int | None = None
         self._empty_turn = 0
-        switch = getattr(backend, "thinking_switch", None)
+        switch = backend.thinking_switch if isinstance(backend, ThinkingSwitch) else None
         self.reasoning = thinking.resolve(config.reasoning, switch)
-        if hasattr(backend, "set_thinking"):
+        if isinstance(backend, ThinkingSwitch):
             # off: the template's (or server's) switch; keep/drop: thinking on where there is a
             # switch, else the model's own default
             backend.set_thinking(False if self.reasoning == "off" else True if switch else None)

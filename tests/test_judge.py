@@ -262,3 +262,32 @@ def test_cai_judge_refuses_a_filtered_file_that_is_not_cai_s(pairs, tiny_model, 
     result = run(*base, "--overwrite", "--min-preference", "0.99")
     assert result.exit_code == 0, result.output
     assert not notes.exists() or notes.read_text() != "my notes\n"
+
+
+def test_a_backend_that_cannot_score_is_refused_as_judge_in_one_line(tmp_path):
+    """Capabilities are protocols checked with isinstance: a backend without score_choices is
+    no judge, said before any pair is read."""
+    from cai.backends.base import LockstepStream, Scoring, ThinkingSwitch
+    from cai.errors import OptionError
+    from cai.judging import Judge
+    from cai.templates import load_templates
+
+    class TextOnly:
+        model_name, context_length = "text-only", None
+
+        def count_tokens(self, conversation):
+            return 1
+
+        def default_width(self):
+            return 1
+
+        def stream(self, params, width, longest=None, on_text=None):
+            return LockstepStream(self, params, width, on_text)
+
+        def close(self):
+            pass
+
+    backend = TextOnly()
+    assert not isinstance(backend, Scoring) and not isinstance(backend, ThinkingSwitch)
+    with pytest.raises(OptionError, match="text-only cannot be a judge"):
+        Judge(backend, None, load_templates("default"))

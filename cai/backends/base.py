@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass
-from typing import Callable, Protocol
+from typing import Callable, Protocol, runtime_checkable
 
 from cai.messages import Message
 
@@ -79,17 +79,11 @@ class Stream(Protocol):
 
 
 class Backend(Protocol):
+    """What every backend does. What only some do is a capability below (Scoring,
+    ThinkingSwitch), checked with isinstance: a backend written before one need not have it."""
+
     model_name: str                 # what records name as meta.model
     context_length: int | None      # tokens a conversation plus its completion may hold (None: unknown)
-    # Whether the model can be told not to think: True when its chat template takes
-    # `enable_thinking`, False when it does not, None when the backend cannot see the template.
-    thinking_switch: bool | None
-
-    def set_thinking(self, enabled: bool | None) -> None:
-        """Render every later conversation with `enable_thinking=enabled` where the chat template
-        takes it (a server: ask for it in each request). None, the default, leaves the
-        template's own default alone."""
-        ...
 
     def count_tokens(self, conversation: list[dict[str, str]]) -> int:
         """Tokens of the conversation as the model sees it, generation prompt included."""
@@ -115,6 +109,13 @@ class Backend(Protocol):
         it leave it out, so backends written before it need not take it."""
         ...
 
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Scoring(Protocol):
+    """A backend that reads answers' log-probabilities: the judge and feedback models need it."""
+
     def score_choices(self, conversations: list[list[dict[str, str]]], choices: tuple[str, ...],
                       prefix: str = "") -> list[ChoiceScores]:
         """For each conversation, the log-probability of each choice as the next token of the
@@ -122,7 +123,20 @@ class Backend(Protocol):
         conversation, in order; one that could not be scored has `error` set."""
         ...
 
-    def close(self) -> None: ...
+
+@runtime_checkable
+class ThinkingSwitch(Protocol):
+    """A backend that can tell a reasoning model not to think."""
+
+    # True when the model's chat template takes `enable_thinking`, False when it does not, None
+    # when the backend cannot see the template (a server)
+    thinking_switch: bool | None
+
+    def set_thinking(self, enabled: bool | None) -> None:
+        """Render every later conversation with `enable_thinking=enabled` where the chat template
+        takes it (a server: ask for it in each request). None, the default, leaves the
+        template's own default alone."""
+        ...
 
 
 class LockstepStream:
