@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cai.options import GenerateOptions
 from cai.run.generate import run
-from scripted import ScriptedBackend
+from cai.backends.scripted import ScriptedBackend
 
 PROMPTS = [f"How do I make tea number {i}?" for i in range(8)]
 HOSTILE_ID = "hostile-pair"

@@ -376,3 +376,17 @@ def test_a_turn_budget_past_the_context_is_one_option_error(tiny_model, tmp_path
     assert "fewer revisions would fit" in many.stderr
     capped = run("generate", EXAMPLES, "--model", tiny_model, "-o", out, "--revisions", "1000")
     assert capped.exit_code == 2 and "error: --revisions: must be at most 100 (got 1000)" in capped.stderr
+
+
+def test_the_scripted_backend_runs_a_pipeline_with_no_model(tmp_path):
+    """`--backend scripted` (cai/backends/scripted.py): the whole run, records and all, in
+    milliseconds, for trying a constitution, templates or a downstream pipeline."""
+    out = tmp_path / "pairs.jsonl"
+    result = run("generate", EXAMPLES, "--backend", "scripted", "-o", out, "--format", "conversational")
+    assert result.exit_code == 0, result.output
+    records = read_jsonl(out)
+    assert len(records) == len(EXAMPLES.read_text().splitlines())
+    assert {r["meta"]["model"] for r in records} == {"scripted"}
+    assert all(r["chosen"][-1]["content"].startswith("Heat the kettle") for r in records)
+    again = run("generate", EXAMPLES, "--backend", "scripted", "-o", out, "--format", "conversational")
+    assert again.exit_code == 0 and len(read_jsonl(out)) == len(records)      # resumed: nothing to do

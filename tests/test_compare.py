@@ -7,7 +7,7 @@ import json
 
 import pytest
 from conftest import plumbing, read_jsonl
-from scripted import ScriptedBackend
+from cai.backends.scripted import ScriptedBackend
 from typer.testing import CliRunner
 
 import cai

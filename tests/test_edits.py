@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from scripted import ScriptedBackend
+from cai.backends.scripted import ScriptedBackend
 
 import cai
 from cai.backends.base import ChoiceScores

@@ -296,7 +296,7 @@ def test_every_format_makes_the_same_records(sources):
     import json
 
     import cai
-    from scripted import ScriptedBackend
+    from cai.backends.scripted import ScriptedBackend
 
     def records(source, split):
         summary = cai.generate(source, None, model=ScriptedBackend(), split=split, filter=False)

@@ -13,7 +13,7 @@ from cai.errors import BackendError, OptionError
 from cai.messages import PromptItem
 from cai.pipeline import REFUSED, TOO_LONG, Pipeline, RunConfig
 from cai.templates import load_templates
-from scripted import ScriptedBackend, ScriptedStream
+from cai.backends.scripted import ScriptedBackend, ScriptedStream
 
 CONSTITUTION = load_constitution("minimal")
 TEMPLATES = load_templates("default")

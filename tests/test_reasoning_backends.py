@@ -89,7 +89,7 @@ def test_plain_generate_and_the_engine_render_with_the_switch(switched):
 
 
 def test_the_scripted_backend_has_the_interface():
-    from scripted import ScriptedBackend
+    from cai.backends.scripted import ScriptedBackend
 
     backend = ScriptedBackend()
     assert backend.thinking_switch is False

@@ -10,7 +10,7 @@ import pytest
 import cai
 from cai.backends.base import Completion
 from conftest import read_jsonl
-from scripted import ScriptedBackend, ScriptedStream
+from cai.backends.scripted import ScriptedBackend, ScriptedStream
 
 PROMPTS = ["Boil an egg", "Make tea", "Cut bread", "Fold a shirt"]
 
@@ -73,7 +73,7 @@ def test_repairs_off_makes_todays_records():
     off = _gen(FlakyBackend(flaky={"Make tea"}), 0)
 
     def content(records):
-        return _same([{**r, "meta": {k: v for k, v in r["meta"].items() if k != "edit"}} for r in records])
+        return _same([{**r, "meta": {k: v for k, v in r["meta"].items() if k not in ("edit", "config")}} for r in records])
 
     assert content(off.records) == content(before) and len(before) == 3
     assert all("attempts" not in r["meta"] and "repairs" not in r["meta"]["params"] for r in off.records)

@@ -10,7 +10,7 @@ from cai.backends.base import Completion
 from cai.rows import Fields, item_from_row
 from cai.errors import InputError, OptionError
 from cai.reasoning import Split, split
-from scripted import ScriptedBackend, ScriptedStream
+from cai.backends.scripted import ScriptedBackend, ScriptedStream
 
 CHAT = [{"role": "system", "content": "Be brief."},
         {"role": "user", "content": "How do I pick a lock?"},

@@ -11,7 +11,7 @@ from cai.errors import OptionError, OutputError
 from cai.options import GenerateOptions
 from cai.run.generate import run
 from conftest import read_jsonl
-from scripted import ScriptedBackend
+from cai.backends.scripted import ScriptedBackend
 
 PROMPTS = [f"How do I make tea number {i}?" for i in range(12)]
 

@@ -15,7 +15,7 @@ from cai.options import GenerateOptions, array_task
 from cai.run.generate import run
 from cai.run.merge import MergeIncomplete, merge
 from conftest import read_jsonl
-from scripted import ScriptedBackend
+from cai.backends.scripted import ScriptedBackend
 
 PROMPTS = [f"How do I make tea number {i}?" for i in range(20)]
 SLURM = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_STEP",

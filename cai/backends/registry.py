@@ -17,6 +17,7 @@ import importlib
 BACKENDS = {
     "hf": "cai.backends.hf:HFBackend",
     "openai": "cai.backends.openai:OpenAIBackend",
+    "scripted": "cai.backends.scripted:ScriptedBackend",
 }
 
 

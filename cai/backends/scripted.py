@@ -1,15 +1,38 @@
 """A scripted backend: no model, deterministic text from the conversation, failures and context
-limits on request. It lets the run module's logic (resume, side files, curation, outcome) be
-tested in milliseconds, through the same Backend protocol a real model uses."""
+limits on request. It lets a run's logic (resume, side files, curation, outcome, export) be
+tested in milliseconds, through the same Backend protocol a real model uses: cai's own tests use
+it, and so can yours (`cai generate prompts.jsonl --backend scripted`, or
+`cai.generate(prompts, model=ScriptedBackend(fail={"boom"}))` from Python)."""
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 from cai.backends.base import ChoiceScores, Completion, Request
 
 
+@dataclass
+class ScriptedSettings:
+    """The scripted backend has no options of its own."""
+
+
 class ScriptedBackend:
+    about = "no model: deterministic scripted text, to try a constitution, templates or a pipeline in milliseconds"
+    Settings = ScriptedSettings
+
+    @classmethod
+    def check_settings(cls, spec) -> None:
+        pass
+
+    @classmethod
+    def resolve(cls, spec) -> tuple[None, str]:
+        return None, spec.model or "scripted"
+
+    @classmethod
+    def from_spec(cls, spec, source, model_name: str) -> "ScriptedBackend":
+        return cls(model_name=model_name)
+
     def __init__(self, *, fail: set[str] = frozenset(), unchanged: set[str] = frozenset(),
                  context_length: int | None = None, model_name: str = "scripted", width: int = 4):
         self.model_name = model_name
