@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from cai.backends.base import ChoiceScores, Completion, LockstepStream, SamplingParams, TextCallback
 from cai.backends.hf_load import detach_from_files, load_error
 from cai.errors import ModelError, OptionError, UsageError
-from cai.models import quiet_transformers
+from cai.model_files import quiet_transformers
 
 log = logging.getLogger("cai")
 

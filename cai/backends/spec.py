@@ -22,7 +22,7 @@ def resolve(spec: BackendSpec) -> tuple[str, str]:
     if spec.backend != "hf":
         return spec.endpoints(), spec.model
     from cai.backends.hf import weights_name
-    from cai.models import resolve_model
+    from cai.model_files import resolve_model
 
     source, model_name = resolve_model(spec.model)
     return source, weights_name(model_name, spec.dtype)
