@@ -141,15 +141,15 @@ def test_the_first_prompt_is_the_root_and_the_others_read_their_share_of_it():
 
 def test_the_cache_is_allocated_once_from_the_hint_less_the_root_share():
     root = list(range(100, 140))
-    d = Driver(Scheduler(slots=2, stop_ids=[], capacity=600))
+    d = Driver(Scheduler(slots=2, stop_ids=[], capacity=530))
     d.submit("a", root + [1], 8)
     d.submit("b", root[:30] + [2, 3], 8)
     d.run()
-    assert d.ops == [Allocate(768)]          # 600 - 30 (the smallest share) → pages of 256
+    assert d.ops == [Allocate(512)]          # 530 - 30 (the smallest share), in pages of 256
     turn = root[:30] + [2, 3] + d.scheduler.slot("b").generated + [4] * 100
     d.submit("b", turn, 8)
     d.run()
-    assert d.ops == [Allocate(768)], "the second turn fits: no grow"
+    assert d.ops == [Allocate(512)], "the second turn fits: no grow"
 
 
 def test_a_turn_that_outgrows_the_cache_grows_it_keeping_what_the_slots_hold():
