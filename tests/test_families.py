@@ -62,10 +62,10 @@ def backend(tiny_gemma3):
 
 def test_engine_refuses_gemma3_and_the_backend_falls_back_to_generate(backend):
     from cai.backends.base import LockstepStream, SamplingParams
-    from cai.backends.engine import supports
+    from cai.backends.runner import unsupported_reason
 
     assert type(backend.model).__name__ == "Gemma3ForCausalLM"
-    assert "gemma3_text" in supports(backend.model)
+    assert "gemma3_text" in unsupported_reason(backend.model)
     assert isinstance(backend.stream(SamplingParams(max_new_tokens=4), width=4), LockstepStream)
     assert backend.engine is None
     assert backend.default_width() == 8

@@ -39,7 +39,7 @@ NOT_OPTIONS = {
     "cai/backends/kernels.py": {"--version"},                  # the C compiler's
     "cai/constitution/schema.py": {"--revisions", "--sampling"},   # the format's help: the flag a field defaults
     "cai/errors.py": {"--no-"},                                 # OptionError.flag() makes flags
-    "cai/models.py": {"--no-deps", "--model"},                  # pip's; --model: TODO (INSTALL_HINT)
+    "cai/model_files.py": {"--no-deps", "--model"},                  # pip's; --model: TODO (INSTALL_HINT)
     "cai/options.py": {"--array"},                              # Slurm's
     "cai/review/argilla.py": {"--to"},                          # `cai export --to argilla`, a command line
     "cai/run/generate.py": {"--fail-fast"},                     # TODO: the failure message of fail_fast

@@ -10,9 +10,10 @@ import torch
 from typer.testing import CliRunner
 
 from cai.backends import quant
-from cai.backends.engine import Engine, supports
+from cai.backends.engine import Engine
 from cai.backends.hf import HFBackend, HFOptions, keep_freed_memory, linear_mode, pick_dtype, weights_name
 from cai.backends.quant import Bfloat16Linear, Float16WeightLinear, Int8Linear, convert_linears
+from cai.backends.runner import unsupported_reason
 from cai.cli import app
 from cai.errors import UsageError
 from conftest import ROOT, plumbing, read_jsonl
@@ -166,7 +167,7 @@ def test_convert_linears_replaces_every_linear(mode):
     for name in before:
         if name != "lm_head":
             assert type(modules[name]) is decoder, name
-    assert supports(model) is None
+    assert unsupported_reason(model) is None
     with torch.inference_mode():
         got = model(ids).logits
     assert got.shape == want.shape
@@ -309,8 +310,8 @@ def test_cli_bfloat16_runs_the_engine_on_the_cpus_bf16_units(tiny_model, tmp_pat
     assert len(records) == 3 and all(isinstance(r["chosen"], str) and r["rounds"][0]["revision"] == r["chosen"] for r in records)
     assert all(r["meta"]["model"] == f"{tiny_model} (bfloat16)" for r in records)
     (engine,) = engines
-    assert type(engine.model.get_output_embeddings()) is Bfloat16Linear
-    assert type(engine.model.model.layers[0].mlp.down_proj) is Bfloat16Linear
+    assert type(engine.runner.model.get_output_embeddings()) is Bfloat16Linear
+    assert type(engine.runner.model.model.layers[0].mlp.down_proj) is Bfloat16Linear
     assert engine.cache.root and engine.cache.root[0][0].dtype == torch.bfloat16
     assert engine.cache.keys[0].dtype == torch.bfloat16
     refused = run("generate", EXAMPLES, "--model", tiny_model, "-o", out, "--limit", "4", *FAST)

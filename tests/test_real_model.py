@@ -5,7 +5,7 @@ from __future__ import annotations
 from typer.testing import CliRunner
 
 from cai.cli import app
-from cai.models import EMBEDDED_HUB_ID, cache_dir
+from cai.model_files import EMBEDDED_HUB_ID, cache_dir
 from conftest import read_jsonl
 
 

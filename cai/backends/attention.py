@@ -1,7 +1,6 @@
-"""How the engine plugs into a transformers model: the attention function it switches the model
-to (`cascade_attention`, registered with transformers as "cai_cascade"), which takes its mask
-from the engine's cache rather than from the forward's arguments, and `supports()`, which says
-which architectures are known to follow that contract.
+"""The engine's attention: over [root prefix | each row's own positions], reading its layout from
+the step's metadata (step_metadata.py) rather than from a mask in the forward's arguments. Plain
+PyTorch: the runner (runner.py) registers it with transformers and hands it each layer's call.
 
 Each row's own positions are read by a native kernel (kernels.py) that reads each row to its own
 length; rows encoding a long turn go, padded and grouped by length, through PyTorch's flash
@@ -10,44 +9,20 @@ the few root positions only some rows share)."""
 
 from __future__ import annotations
 
-import threading
-
 import torch
-from transformers import AttentionInterface
 
-from cai.backends.kv_cache import SlotCache
-
-# Architectures whose forward hands a cache object `update(k, v, layer)` and calls the configured
-# attention function, and whose attention is plain causal attention over the whole context (tests/test_engine.py
-# checks each against transformers' own generate).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma")
+from cai.backends.step_metadata import StepMetadata
 
 
-def supports(model) -> str | None:
-    """None when the engine can drive `model`, else why not."""
-    config = model.config
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        return f"model type '{config.model_type}' is not one the engine is tested with"
-    window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True) and window < (config.max_position_embeddings or 0):
-        return "sliding-window attention"
-    return None
-
-
-# The cache of the forward under way: the engine sets it around each forward (the model calls
-# the attention function with no way to pass it through).
-bound = threading.local()
-
-
-def cascade_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
-    """Attention over [root prefix | each row's own positions], as a transformers attention
-    function. The root part is one product for all ids at once (every row shares those keys), so
-    its keys and values are read once per layer instead of once per row; the two parts are joined
-    under one softmax through their log-sum-exps. `query` [1, heads, ids, dim] holds the packed
-    ids of every row; `key`/`value` are what `SlotCache.update` returned."""
-    cache: SlotCache = bound.cache
+def cascade_attention(step: StepMetadata, layer: int, query: torch.Tensor, key: torch.Tensor,
+                      value: torch.Tensor, scaling: float | None = None) -> torch.Tensor:
+    """Attention over [root prefix | each row's own positions] for `layer`. The root part is one
+    product for all ids at once (every row shares those keys), so its keys and values are read
+    once per layer instead of once per row; the two parts are joined under one softmax through
+    their log-sum-exps. `query` [1, heads, ids, dim] holds the packed ids of every row;
+    `key`/`value` are what `StepMetadata.update` returned. Returns [1, ids, heads, dim]."""
     _, q_heads, n_ids, dim = query.shape
-    kv_heads = cache.keys[0].shape[1]
+    kv_heads = step.kv_heads
     group = q_heads // kv_heads
     scale = scaling if scaling is not None else dim ** -0.5
     # Query heads h*group … h*group+group-1 read kv head h (transformers' repeat_kv order), so a
@@ -57,33 +32,33 @@ def cascade_attention(module, query, key, value, attention_mask=None, scaling=No
     # the root first: one product for all ids (two where rows share different lengths of it)
     root = None
     flat = queries.reshape(1, kv_heads, group * n_ids, dim)
-    for root_k, root_v, mask in cache.root_parts(module.layer_idx, group):
+    for root_k, root_v, mask in step.root_parts(layer, group):
         o, l = part(flat.to(root_k.dtype), root_k, root_v, mask, scale)
         o, l = o.view(kv_heads, group, n_ids, dim).float(), l.view(kv_heads, group, n_ids)
         root = (o, l) if root is None else _join(*root, o, l)
     out = None
-    if cache.native_rows:
+    if step.native_rows:
         # the native kernel starts each query's softmax from the root's, so its result is the join
-        out, _ = cache.native(queries, key, value, cache.slots[:cache.native_rows],
-                              cache.offsets[:cache.native_rows + 1], cache.index, 0, scale, root)
-    if cache.pad_index is not None:        # (every id, where there is no native kernel)
+        out, _ = step.native(queries, key, value, step.slots[:step.native_rows],
+                             step.offsets[:step.native_rows + 1], step.index, 0, scale, root)
+    if step.pad_index is not None:        # (every id, where there is no native kernel)
         # PyTorch's kernels want rows padded to one width: lay the ids out so, run, and pick them back
-        rows, width = cache.pad_index.shape
-        padded = queries[:, :, cache.pad_index].permute(2, 0, 1, 3, 4).reshape(rows, kv_heads, group * width, dim)
-        mask = cache.mask[:, None, None].expand(rows, 1, group, width, -1).reshape(rows, 1, group * width, -1)
-        o, l = part(padded.to(key.dtype), cache.padded_part(key), cache.padded_part(value), mask, scale)
-        o = o.view(rows, kv_heads, group, width, dim)[cache.id_row, :, :, cache.id_column].permute(1, 2, 0, 3)
-        l = l.view(rows, kv_heads, group, width)[cache.id_row, :, :, cache.id_column].permute(1, 2, 0)
+        rows, width = step.pad_index.shape
+        padded = queries[:, :, step.pad_index].permute(2, 0, 1, 3, 4).reshape(rows, kv_heads, group * width, dim)
+        mask = step.mask[:, None, None].expand(rows, 1, group, width, -1).reshape(rows, 1, group * width, -1)
+        o, l = part(padded.to(key.dtype), step.padded_part(key), step.padded_part(value), mask, scale)
+        o = o.view(rows, kv_heads, group, width, dim)[step.id_row, :, :, step.id_column].permute(1, 2, 0, 3)
+        l = l.view(rows, kv_heads, group, width)[step.id_row, :, :, step.id_column].permute(1, 2, 0)
         if root is not None:
-            first = cache.first_padded
+            first = step.first_padded
             o, _ = _join(o, l, root[0][:, :, first:], root[1][:, :, first:])
         if out is None:
             out = o
         else:
-            out[:, :, cache.first_padded:] = o
+            out[:, :, step.first_padded:] = o
     # the log-sum-exp weights are float32; in bfloat16 or float16 the result must come back in the
     # model's dtype, or the next linear layer refuses it
-    return out.to(query.dtype).reshape(q_heads, n_ids, dim).transpose(0, 1)[None], None
+    return out.to(query.dtype).reshape(q_heads, n_ids, dim).transpose(0, 1)[None]
 
 
 def _join(out, lse, other, other_lse):
@@ -112,6 +87,3 @@ def _cpu_flash(queries, key, value, mask, scale):
 
 _flash = _cpu_flash if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu") else None
 
-
-ATTENTION = "cai_cascade"
-AttentionInterface.register(ATTENTION, cascade_attention)

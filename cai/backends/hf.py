@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from cai.backends.base import ChoiceScores, Completion, LockstepStream, SamplingParams, TextCallback
 from cai.backends.hf_load import detach_from_files, load_error
 from cai.declare import option
 from cai.errors import ModelError, OptionError, UsageError
-from cai.models import quiet_transformers
+from cai.model_files import quiet_transformers
 
 log = logging.getLogger("cai")
 
@@ -177,7 +176,7 @@ class HFBackend:
     def resolve(cls, spec) -> tuple[str, str]:
         """(the local folder to load, the name records carry): a local model or the embedded one
         (converting its GGUF file once), without loading any weights."""
-        from cai.models import resolve_model
+        from cai.model_files import resolve_model
 
         source, model_name = resolve_model(spec.model)
         return source, weights_name(model_name, spec.dtype)
@@ -230,8 +229,10 @@ class HFBackend:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.stop_ids = self._stop_ids()
-        self.context_length = getattr(self.model.config, "max_position_embeddings", None)
-        self.attn_implementation = self.model.config._attn_implementation
+        from cai.backends.runner import attention_implementation, context_length
+
+        self.context_length = context_length(self.model)
+        self.attn_implementation = attention_implementation(self.model)
         self.use_engine = options.engine
         self.draft = options.draft
         self.engine = None
@@ -261,10 +262,11 @@ class HFBackend:
                on_text: TextCallback | None = None):
         import torch
 
-        from cai.backends.engine import Engine, supports
+        from cai.backends.engine import Engine
         from cai.backends.engine_stream import EngineStream
+        from cai.backends.runner import unsupported_reason
 
-        reason = supports(self.model)
+        reason = unsupported_reason(self.model)
         if reason or not self.use_engine:
             if reason:
                 log.info("%s: %s; using plain batched generate", self.model_name, reason)
@@ -284,9 +286,9 @@ class HFBackend:
         import os
 
         import torch
-        from cai.backends.engine import kv_bytes_per_token, supports
+        from cai.backends.runner import kv_bytes_per_token, unsupported_reason
 
-        if not self.use_engine or supports(self.model):
+        if not self.use_engine or unsupported_reason(self.model):
             return 8
         per_token = kv_bytes_per_token(self.model)
         if self.device == "cuda":
@@ -348,18 +350,12 @@ class HFBackend:
             completions.append(self.decode(tokens, "length" if end is None else "stop", int(prompt_len)))
         return completions
 
-    @contextmanager
     def _plain_attention(self):
         """The model's own attention implementation for a plain forward, and the engine's again
         afterwards (the engine switches the model to its cascade attention)."""
-        current = self.model.config._attn_implementation
-        if current != self.attn_implementation:
-            self.model.set_attn_implementation(self.attn_implementation)
-        try:
-            yield
-        finally:
-            if current != self.attn_implementation:
-                self.model.set_attn_implementation(current)
+        from cai.backends.runner import plain_attention
+
+        return plain_attention(self.model, self.attn_implementation)
 
     # Forward passes of `score_choices` hold at most this many tokens (rows × padded length).
     SCORE_TOKENS = 4096

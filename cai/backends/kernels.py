@@ -1,7 +1,7 @@
 """Native CPU kernels, compiled on first use with the machine's C compiler.
 
 `decode_attention.c` (next to this file) is built once per machine into the cache
-(`cai.models.cache_dir()/kernels`, keyed by the source, the flags, the compiler and the CPU) and
+(`cai.model_files.cache_dir()/kernels`, keyed by the source, the flags, the compiler and the CPU) and
 loaded with ctypes. `-march=native` is safe because the build runs where it is used, and a cache
 folder shared by machines with other CPUs (a home on NFS) holds one build each; the source stays a
 plain C file, so the package needs no build step and no compiler to install. With no compiler,
@@ -50,7 +50,7 @@ def _cpu() -> str:
 def _build(compiler: str) -> Path:
     """The shared library for this source, flags and compiler: from the cache, else compiled
     into it (written under a temporary name and renamed, so concurrent runs never load half a file)."""
-    from cai.models import cache_dir
+    from cai.model_files import cache_dir
 
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version, _cpu()]).encode()).hexdigest()[:16]

@@ -1,11 +1,11 @@
-"""What the engine keeps for each conversation in flight (its request and the slot of the KV
-cache it owns) and what it reports (each finished turn, and counters over the run)."""
+"""What the engine keeps for each conversation in flight (its turn's request and the slot of the
+KV cache it owns) and what it reports (each finished turn, and counters over the run). Plain
+data: the scheduler (scheduler.py) works on these with no model and no torch."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import torch
+from typing import Any
 
 
 @dataclass
@@ -32,13 +32,17 @@ class EngineStats:
 
 
 @dataclass
-class Request:
+class EngineRequest:
+    """One turn the engine is asked to decode (a backend's `Request` is a conversation; this is
+    its token ids and sampling settings, as the engine takes them)."""
     key: str
     tokens: list[int]
     max_new_tokens: int
     temperature: float
     top_p: float
     seed: int | None
+    # the sampler's state for this turn (its generator), made on its first sample
+    sampling: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -47,8 +51,7 @@ class Slot:
     tokens: list[int] = field(default_factory=list)      # ids whose K/V are in this slot, in order
     pending: list[int] = field(default_factory=list)     # ids still to encode before decoding
     generated: list[int] = field(default_factory=list)
-    request: Request | None = None
-    generator: torch.Generator | None = None
+    request: EngineRequest | None = None
     state: str = "idle"                                  # prefill → decode → done
     fresh: bool = False                                  # a new conversation, not yet matched to the root
     root_shared: int = 0                                 # leading positions read from the root, not stored here
