@@ -1,5 +1,6 @@
 # make demo: venv + install + generate pairs from examples/ with the embedded model.
 # make test: venv + install + the whole test suite.
+# make test-quick: the same minus the tests marked slow or browser (pyproject.toml), for the edit-test loop.
 # make docs: serve the documentation site locally; make docs-cli: regenerate docs/reference/ from --help.
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.cai-installed
 DEMO_OUT ?= demo-pairs.jsonl
 
-.PHONY: install demo test docs docs-cli clean
+.PHONY: install demo test test-quick docs docs-cli clean
 
 install: $(STAMP)
 
@@ -28,6 +29,9 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+test-quick: install
+	$(BIN)/python -m pytest -q -m "not slow and not browser"
 
 docs: install
 	$(BIN)/python -m mkdocs serve

@@ -47,6 +47,7 @@ def test_generate_writes_one_record_per_prompt(tiny_model, tmp_path):
     assert "records written" in result.stderr
 
 
+@pytest.mark.slow
 def test_stdout_carries_only_json_lines(tiny_model):
     """A real pipe: every stdout line parses, while progress and summary go to stderr."""
     env = {**os.environ, "COLUMNS": "100"}
@@ -238,6 +239,7 @@ def test_help(command):
         assert "Examples" in result.stdout
 
 
+@pytest.mark.slow
 def test_closed_pipe_stops_quietly(tiny_model):
     """`cai generate … -o - | head -n 2`: no traceback when head goes away."""
     command = (f"{sys.executable} -m cai generate {EXAMPLES} --model {tiny_model} -o - "

@@ -35,14 +35,29 @@ def whole_records(path: Path) -> list[dict]:
     return records
 
 
-@pytest.fixture(scope="module")
-def many_prompts(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("prompts") / "many.jsonl"
+def _prompts(folder: Path, count: int) -> Path:
+    path = folder / f"prompts-{count}.jsonl"
     words = "apple river stone cloud music paper light garden window bridge".split()
     with path.open("w") as fp:
-        for i in range(40):
+        for i in range(count):
             fp.write(json.dumps({"id": f"p{i:03d}", "prompt": f"Tell me about {words[i % 10]} number {i}."}) + "\n")
     return path
+
+
+@pytest.fixture(scope="module")
+def many_prompts(tmp_path_factory) -> Path:
+    """40 prompts: enough for a run to be killed at least three times before it finishes."""
+    return _prompts(tmp_path_factory.mktemp("prompts"), 40)
+
+
+SOME = 12
+
+
+@pytest.fixture(scope="module")
+def some_prompts(tmp_path_factory) -> Path:
+    """12 prompts: a run signalled after its first record still has most of them ahead (two in
+    flight), and the resume that finishes them is short."""
+    return _prompts(tmp_path_factory.mktemp("prompts"), SOME)
 
 
 def _members(data: bytes) -> tuple[list[bytes], bytes]:
@@ -72,6 +87,7 @@ def _lines(path: Path) -> int:
     return _text(path).count(b"\n")
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume(tiny_model, many_prompts, tmp_path):
     """Kill -9 a real run at random moments (after a random number of new records plus a random
     delay, so kills land between and inside batches on fast and slow machines alike), resume,
@@ -79,6 +95,7 @@ def test_sigkill_at_random_moments_then_resume(tiny_model, many_prompts, tmp_pat
     _kill_and_resume(tiny_model, many_prompts, tmp_path / "pairs.jsonl")
 
 
+@pytest.mark.slow
 def test_sigkill_a_gzip_output_at_random_moments_then_resume(tiny_model, many_prompts, tmp_path):
     """Issue 31: the same for -o pairs.jsonl.gz (a gzip member per batch): every member before the
     kill is whole, every record there once, and the file a valid gzip file throughout."""
@@ -176,6 +193,7 @@ main()
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", list(CODECS))
 def test_a_compressed_output_killed_mid_member_resumes_with_every_record_once(tiny_model, many_prompts, tmp_path, suffix):
     """-o pairs.jsonl.gz (.bz2, .xz, .zst) is written compressed, a member per batch; kill -9 while
@@ -258,10 +276,11 @@ def test_one_writer_per_compressed_output(tiny_model, tmp_path):
     assert not out.exists()
 
 
-def test_sigterm_on_a_gzip_output_writes_what_is_in_flight_then_resumes(tiny_model, many_prompts, tmp_path):
+@pytest.mark.slow
+def test_sigterm_on_a_gzip_output_writes_what_is_in_flight_then_resumes(tiny_model, some_prompts, tmp_path):
     """A graceful stop writes the records in flight as a last whole member; the resume finishes."""
     out = tmp_path / "pairs.jsonl.gz"
-    args = [many_prompts, "--model", tiny_model, "-o", out, "--batch-size", "2", "--max-new-tokens", "12",
+    args = [some_prompts, "--model", tiny_model, "-o", out, "--batch-size", "2", "--max-new-tokens", "12",
             "--no-few-shot"]
     proc = _start_and_wait_for_records(args, out)
     proc.send_signal(signal.SIGTERM)
@@ -269,11 +288,11 @@ def test_sigterm_on_a_gzip_output_writes_what_is_in_flight_then_resumes(tiny_mod
     stderr = proc.communicate(timeout=120)[1].decode()
     assert proc.returncode == 143, stderr
     records = _read(out)                          # whole members only: nothing cut off
-    assert written_then <= len(records) <= written_then + 2 < 40
+    assert written_then <= len(records) <= written_then + 2 < SOME
     assert f"interrupted (SIGTERM): {len(records)} records written" in " ".join(stderr.split())
     resumed = subprocess.run(cai_command(*args, "-q"), capture_output=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr.decode()
-    assert sorted(r["id"] for r in _read(out)) == [f"p{i:03d}" for i in range(40)]
+    assert sorted(r["id"] for r in _read(out)) == [f"p{i:03d}" for i in range(SOME)]
 
 
 def _default_signals() -> None:
@@ -281,6 +300,12 @@ def _default_signals() -> None:
     nohup (cai respects an ignored SIGHUP, which would make the SIGHUP test meaningless)."""
     for signum in (signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_DFL)
+
+
+def _wait_for_stderr(proc: subprocess.Popen, text: str) -> None:
+    """Read the run's stderr until a line holds `text` (or the run ends)."""
+    while (line := proc.stderr.readline()) and text not in line.decode(errors="replace"):
+        pass
 
 
 def _start_and_wait_for_records(args, out: Path) -> subprocess.Popen:
@@ -294,13 +319,14 @@ def _start_and_wait_for_records(args, out: Path) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)],
                          ids=["SIGINT", "SIGTERM", "SIGHUP"])
-def test_first_signal_finishes_what_is_in_flight_and_says_how_to_resume(tiny_model, many_prompts, tmp_path, signum, code):
+def test_first_signal_finishes_what_is_in_flight_and_says_how_to_resume(tiny_model, some_prompts, tmp_path, signum, code):
     """Ctrl-C, and what schedulers send (SIGTERM: Kubernetes, Slurm, systemd; SIGHUP: a closed
     ssh session): no new prompt starts, those in flight finish, one line says how to resume."""
     out = tmp_path / "pairs.jsonl"
-    args = [many_prompts, "--model", tiny_model, "-o", out, "--batch-size", "2", "--max-new-tokens", "12",
+    args = [some_prompts, "--model", tiny_model, "-o", out, "--batch-size", "2", "--max-new-tokens", "12",
             "--no-few-shot"]
     proc = _start_and_wait_for_records(args, out)
     proc.send_signal(signum)
@@ -311,13 +337,14 @@ def test_first_signal_finishes_what_is_in_flight_and_says_how_to_resume(tiny_mod
     assert "Run the same command again to continue" in stderr
     records = read_jsonl(out)
     # No new prompt starts after the signal; the (at most 2) conversations in flight finish.
-    assert written_then <= len(records) <= written_then + 2 < 40
+    assert written_then <= len(records) <= written_then + 2 < SOME
     assert not Path(f"{out}.lock").exists()
     resumed = subprocess.run(cai_command(*args, "-q"), capture_output=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr.decode()
-    assert sorted(r["id"] for r in read_jsonl(out)) == [f"p{i:03d}" for i in range(40)]
+    assert sorted(r["id"] for r in read_jsonl(out)) == [f"p{i:03d}" for i in range(SOME)]
 
 
+@pytest.mark.slow
 def test_second_signal_or_the_grace_period_stops_at_once_with_whole_lines(tiny_model, many_prompts, tmp_path):
     out = tmp_path / "pairs.jsonl"
     args = [many_prompts, "--model", tiny_model, "-o", out, "--batch-size", "8", "--max-new-tokens", "64",
@@ -332,13 +359,16 @@ def test_second_signal_or_the_grace_period_stops_at_once_with_whole_lines(tiny_m
     records = read_jsonl(out)                 # every line whole
     proc = _start_and_wait_for_records([*args[:-2], "--grace", "30"], out)
     proc.send_signal(signal.SIGTERM)
-    time.sleep(2)            # two signals sent too close together arrive as one (POSIX does not queue them)
+    # Two signals sent too close together arrive as one (POSIX does not queue them): the second
+    # goes once the run has said it is stopping, so it is a second signal.
+    _wait_for_stderr(proc, "SIGTERM: stopping")
     proc.send_signal(signal.SIGTERM)
     stderr = proc.communicate(timeout=120)[1].decode()
     assert proc.returncode == 143, stderr
     assert len(read_jsonl(out)) >= len(records)
 
 
+@pytest.mark.slow
 def test_two_runs_on_one_output_the_second_exits_2_naming_the_first(tiny_model, many_prompts, tmp_path):
     out = tmp_path / "pairs.jsonl"
     args = [many_prompts, "--model", tiny_model, "-o", out, "--batch-size", "2", "--max-new-tokens", "12",

@@ -143,6 +143,7 @@ def test_export_errors_are_one_line(made, tmp_path):
     assert (tmp_path / "c" / "README.md").exists(), "the folder is written before the push"
 
 
+@pytest.mark.slow
 def test_trl_trains_from_the_exported_folder(made, tmp_path, tiny_model):
     pytest.importorskip("trl")
     folder = tmp_path / "trl"

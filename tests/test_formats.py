@@ -111,6 +111,7 @@ def test_dpo_trainer_trains_on_cai_output(pairs, tiny_model, tmp_path, fmt):
     assert changed, "training must change the weights"
 
 
+@pytest.mark.slow
 def test_a_real_pipe_into_the_trainer(tiny_model, tmp_path):
     """`cai generate … -o - | python examples/train_dpo.py -`: the trainer reads the pipe."""
     pytest.importorskip("trl")

@@ -128,6 +128,7 @@ def check_ok(completion, max_tokens: int = 8) -> None:
 
 # ---- the happy path ----
 
+@pytest.mark.slow
 def test_stream_returns_one_completion_per_request(server):
     upstream, model = server
     with make_backend(upstream, model) as backend:
@@ -140,6 +141,7 @@ def test_stream_returns_one_completion_per_request(server):
         assert stream.poll() == []
 
 
+@pytest.mark.slow
 def test_width_bounds_concurrency_and_next_turns_reuse_keys(server):
     upstream, model = server
     proxy = FaultProxy(upstream)
@@ -159,6 +161,7 @@ def test_width_bounds_concurrency_and_next_turns_reuse_keys(server):
         assert second["c0"].prompt_tokens > first["c0"].prompt_tokens
 
 
+@pytest.mark.slow
 def test_greedy_is_deterministic_and_generate_keeps_order(server):
     upstream, model = server
     with make_backend(upstream, model) as backend:
@@ -170,6 +173,7 @@ def test_greedy_is_deterministic_and_generate_keeps_order(server):
         assert backend.generate([], GREEDY) == []
 
 
+@pytest.mark.slow
 def test_release_drops_a_request_in_flight(server):
     upstream, model = server
     with FaultProxy(upstream, script=["delay"], delay=1.0) as url, make_backend(url, model) as backend:
@@ -182,6 +186,7 @@ def test_release_drops_a_request_in_flight(server):
         check_ok(results["kept"])
 
 
+@pytest.mark.slow
 def test_request_body(server):
     """The body the server gets: top_p only when sampling, seed only when given."""
     upstream, model = server
@@ -197,6 +202,7 @@ def test_request_body(server):
         backend.close()
 
 
+@pytest.mark.slow
 def test_count_tokens_estimates(server):
     upstream, model = server
     with make_backend(upstream, model) as backend:
@@ -208,6 +214,7 @@ def test_count_tokens_estimates(server):
 
 # ---- faults ----
 
+@pytest.mark.slow
 def test_transient_faults_are_retried(server):
     upstream, model = server
     proxy = FaultProxy(upstream, seed=3, script=["500", "drop", "ok", "delay"], error_rate=0.1, drop_rate=0.05,
@@ -223,6 +230,7 @@ def test_transient_faults_are_retried(server):
     assert proxy.requests == 12 + proxy.faults["500"] + proxy.faults["drop"]
 
 
+@pytest.mark.slow
 def test_malformed_json_and_timeouts_are_retried(server):
     upstream, model = server
     proxy = FaultProxy(upstream, script=["malformed", "delay"], delay=2.0)
@@ -232,6 +240,7 @@ def test_malformed_json_and_timeouts_are_retried(server):
     assert [seen.action for seen in proxy.log] == ["malformed", "delay", "ok"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault, reason", [("error_rate", "HTTP 500 after 2 attempts"),
                                            ("drop_rate", "after 2 attempts"),
                                            ("throttle_rate", "HTTP 429 after 2 attempts")])
@@ -250,6 +259,7 @@ def test_requests_that_keep_failing_come_back_as_errors(server, fault, reason):
             backend.generate([conversation(0), conversation(1)], GREEDY)
 
 
+@pytest.mark.slow
 def test_timeouts_and_refused_connections_come_back_as_errors(server):
     upstream, model = server
     with FaultProxy(upstream, delay_rate=1.0, delay=2.0) as url, \
@@ -261,6 +271,7 @@ def test_timeouts_and_refused_connections_come_back_as_errors(server):
         assert completion.finish_reason == "error" and "ConnectError" in completion.error
 
 
+@pytest.mark.slow
 def test_client_errors_are_not_retried(server):
     upstream, _ = server
     proxy = FaultProxy(upstream)
@@ -271,6 +282,7 @@ def test_client_errors_are_not_retried(server):
     assert proxy.requests == 1
 
 
+@pytest.mark.slow
 def test_retry_after_is_honoured(server):
     upstream, model = server
     proxy = FaultProxy(upstream, script=["429"], retry_after="1")
@@ -284,6 +296,7 @@ def test_retry_after_is_honoured(server):
 
 # ---- the check at construction ----
 
+@pytest.mark.slow
 def test_the_check_passes_for_the_served_model_with_one_listing(server):
     upstream, model = server
     proxy = FaultProxy(upstream)
@@ -292,6 +305,7 @@ def test_the_check_passes_for_the_served_model_with_one_listing(server):
         check_ok(backend.generate([conversation(0)], GREEDY)[0])
 
 
+@pytest.mark.slow
 def test_the_check_refuses_a_model_the_server_does_not_serve(server):
     upstream, model = server
     start = time.monotonic()
@@ -315,6 +329,7 @@ def test_generate_against_a_server_that_is_not_there_fails_at_once(tmp_path):
 
 # ---- the API key ----
 
+@pytest.mark.slow
 def test_api_key_goes_in_the_header_and_nowhere_else(server, monkeypatch, caplog):
     upstream, model = server
     monkeypatch.setenv("CAI_TEST_API_KEY", API_KEY)
@@ -334,6 +349,7 @@ def test_api_key_goes_in_the_header_and_nowhere_else(server, monkeypatch, caplog
     assert API_KEY not in caplog.text
 
 
+@pytest.mark.slow
 def test_no_key_no_authorization_header(server, monkeypatch):
     upstream, model = server
     monkeypatch.delenv("CAI_TEST_API_KEY", raising=False)
@@ -343,6 +359,7 @@ def test_no_key_no_authorization_header(server, monkeypatch):
     assert "authorization" not in proxy.log[0].headers
 
 
+@pytest.mark.slow
 def test_closed_backend_refuses_work(server):
     upstream, model = server
     backend = make_backend(upstream, model)
@@ -359,6 +376,7 @@ def test_closed_backend_refuses_work(server):
 # it refuses `continue_final_message` / `add_generation_prompt` with a 422 ("Unexpected fields in
 # the request"). So against it every conversation comes back with a clear error, after one request.
 
+@pytest.mark.slow
 def test_score_choices_against_transformers_serve_says_it_gives_no_logprobs(server):
     upstream, model = server
     proxy = FaultProxy(upstream)
@@ -374,6 +392,7 @@ def test_score_choices_against_transformers_serve_says_it_gives_no_logprobs(serv
         assert backend.score_choices(conversations, ("A", "B")) == first
 
 
+@pytest.mark.slow
 def test_score_choices_with_a_prefix_against_transformers_serve_names_the_refused_fields(server):
     upstream, model = server
     proxy = FaultProxy(upstream)
@@ -543,6 +562,7 @@ def _records(path) -> list[dict]:
     return read_jsonl(path)
 
 
+@pytest.mark.slow
 def test_generate_through_a_server_writes_the_same_record_shape(server, tiny_model, tmp_path):
     upstream, model = server
     remote, local = tmp_path / "remote.jsonl", tmp_path / "local.jsonl"
@@ -560,6 +580,7 @@ def test_generate_through_a_server_writes_the_same_record_shape(server, tiny_mod
         assert r["meta"]["model"] == model and len(r["rounds"]) == 1
 
 
+@pytest.mark.slow
 def test_every_prompt_is_recorded_once_through_a_proxy_failing_a_fifth_of_requests(server, tmp_path):
     upstream, model = server
     out = tmp_path / "pairs.jsonl"
@@ -574,6 +595,7 @@ def test_every_prompt_is_recorded_once_through_a_proxy_failing_a_fifth_of_reques
     assert not (tmp_path / "pairs.jsonl.failures.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_failed_prompts_go_to_the_failures_file_and_a_rerun_retries_them(server, tmp_path):
     upstream, model = server
     out = tmp_path / "pairs.jsonl"
@@ -597,6 +619,7 @@ def test_failed_prompts_go_to_the_failures_file_and_a_rerun_retries_them(server,
     assert not failures.exists()
 
 
+@pytest.mark.slow
 def test_fail_fast_stops_at_the_first_failure(server, tmp_path):
     upstream, model = server
     with FaultProxy(upstream, error_rate=1.0) as url:
@@ -607,6 +630,7 @@ def test_fail_fast_stops_at_the_first_failure(server, tmp_path):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_the_api_key_is_sent_but_never_written(server, tmp_path):
     upstream, model = server
     out = tmp_path / "pairs.jsonl"
@@ -627,6 +651,7 @@ def test_openai_backend_options_are_checked(tmp_path):
     assert result.exit_code == 2 and "choose from hf, openai" in result.output
 
 
+@pytest.mark.slow
 def test_cai_judge_against_a_server_without_logprobs_says_so(server, tmp_path):
     """`transformers serve` ignores logprobs: `cai judge` names the cause and exits 1."""
     base_url, model = server
@@ -642,6 +667,7 @@ def test_cai_judge_against_a_server_without_logprobs_says_so(server, tmp_path):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_a_real_server_beside_one_that_dies_and_one_never_up(server, tmp_path):
     """Issue 32 with a real server: `transformers serve` beside a fake one that dies mid-run and a
     URL nothing listens on (--allow-down): every id exactly once, exit 0."""

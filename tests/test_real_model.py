@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from typer.testing import CliRunner
 
 from cai.cli import app
@@ -9,6 +10,7 @@ from cai.model_files import EMBEDDED_HUB_ID, cache_dir
 from conftest import read_jsonl
 
 
+@pytest.mark.slow
 def test_embedded_model_generates_real_pairs(embedded_model, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("How do I boil an egg?\nHow can I break into my neighbour's car?\n")

@@ -21,6 +21,8 @@ import pytest
 from conftest import ROOT, read_jsonl
 from reviewdata import HOSTILE, HOSTILE_ID, make_pairs, records
 
+pytestmark = pytest.mark.browser      # Chromium through Playwright: left out by `make test-quick`
+
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 PAST = {"accept": "accepted", "reject": "rejected", "swap": "swapped", "tie": "tie", "skip": "skipped", "edit": "edited"}
