@@ -36,7 +36,7 @@ def _fake_openai_replies(body, n):
     return 200, chat_reply(f"A careful answer {digest}, with a safety note.", reasoning_content=f"plan {digest}")
 
 
-@pytest.fixture(scope="module", params=["scripted", "hf", "openai", "vllm"])
+@pytest.fixture(scope="module", params=["scripted", "hf", "openai", pytest.param("vllm", marks=pytest.mark.slow)])
 def backend(request, tiny_model):
     name = request.param
     if name == "scripted":
