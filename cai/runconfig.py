@@ -49,9 +49,10 @@ def _raise(path, key, node):
                      line=node.start_mark.line + 1)
 
 
-def read_config(path: str, cls, own: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the options of `cls` that the file `path` sets, the command's own arguments `own` it
-    sets), each value checked against its field's type and choices."""
+def read_config(path: str, cls, own: tuple[str, ...] = (), names=None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the options of `cls` (those in `names`, if given) that the file `path` sets, the
+    command's own arguments `own` it sets), each value checked against its field's type and
+    choices."""
     from cai.constitution.validate import GuardedLoader
     from cai.options import conform
 
@@ -77,7 +78,7 @@ def read_config(path: str, cls, own: tuple[str, ...] = ()) -> tuple[dict[str, An
         return {}, {}
     if not isinstance(root, yaml.MappingNode):
         raise InputError(path, "expected a mapping of option: value", line=root.start_mark.line + 1)
-    fields = _fields(cls)
+    fields = {name: f for name, f in _fields(cls).items() if names is None or name in names}
     inverted = {"no_" + name: name for name, f in fields.items() if flag_of(f).invert}
     hints = typing.get_type_hints(cls)
     found, arguments, seen = {}, {}, {}
@@ -115,11 +116,14 @@ def read_config(path: str, cls, own: tuple[str, ...] = ()) -> tuple[dict[str, An
     return found, arguments
 
 
-def effective(options, own: dict[str, Any]) -> dict[str, Any]:
+def effective(options, own: dict[str, Any], names=None) -> dict[str, Any]:
     """The configuration `options` and the command's own arguments `own` make, as a config file
-    holds it: every command-line option, in the dataclass's order, values as YAML writes them."""
+    holds it: every command-line option (those in `names`, if given), in the dataclass's order,
+    values as YAML writes them."""
     config = {name: value for name, value in own.items()}
     for name, f in _fields(type(options)).items():
+        if names is not None and name not in names:
+            continue
         value = getattr(options, name)
         if hasattr(value, "ref"):                      # a Constitution object (the Python API)
             value = value.ref

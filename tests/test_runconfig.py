@@ -37,7 +37,7 @@ def _strip(records):
 
 @pytest.mark.parametrize("command,cls,own", [
     ("generate", GenerateOptions, {"--output", "--quiet", "--config", "--print-config"}),
-    ("judge", JudgeOptions, {"--output", "--quiet"}),
+    ("judge", JudgeOptions, {"--output", "--quiet", "--config", "--print-config"}),
     ("preview", PreviewOptions, {"--json"}),
 ])
 def test_every_option_on_the_command_line_is_declared_once_in_its_dataclass(command, cls, own):
@@ -134,3 +134,15 @@ def test_a_backend_option_given_to_another_backend_is_refused(tmp_path):
     assert result.exit_code == 2 and "--dtype: is for --backend hf" in result.output, result.output
     result = run("generate", EXAMPLES, "--concurrency", "4", "-o", tmp_path / "out.jsonl")
     assert result.exit_code == 2 and "--concurrency: is for --backend openai" in result.output, result.output
+
+
+def test_judge_takes_a_config_too(tmp_path):
+    path = tmp_path / "judge.yaml"
+    path.write_text("pairs: pairs.jsonl\nmin-preference: 0.6\nclamp: 0.4,0.6\n")
+    printed = run("judge", "--config", path, "--print-config")
+    assert printed.exit_code == 0, printed.output
+    config = yaml.safe_load(printed.stdout)
+    assert config["pairs"] == "pairs.jsonl" and config["min_preference"] == 0.6 and config["clamp"] == "0.4,0.6"
+    path.write_text("pairs: pairs.jsonl\nsimilarity: 0.5\n")           # not an option of judge
+    result = run("judge", "--config", path)
+    assert result.exit_code == 2 and f"{path}:2: similarity" in result.output, result.output

@@ -16,9 +16,9 @@ from cai.cli.render import err, judge_rows, setup_logging, summary_table
     "  cai judge pairs.jsonl --model Qwen/Qwen2.5-1.5B-Instruct --min-preference 0.6 -o kept.jsonl\n\n"
     "  cai judge pairs.jsonl --backend openai --base-url http://gpu:8000/v1 --model judge --swap --clamp 0.4,0.6 -o -"))
 @reports_errors
-@declared(JudgeOptions, exclude=("filter", "similarity", "repairs", "repair_from", "drop_refusals", "judge"))
+@declared(JudgeOptions, exclude=("filter", "similarity", "repairs", "repair_from", "drop_refusals", "judge"), config="judge")
 def judge(
-    pairs: Annotated[str, typer.Argument(help="A file written by cai generate (either format), or - for stdin.", show_default=False)],
+    pairs: Annotated[Optional[str], typer.Argument(help="A file written by cai generate (either format), or - for stdin. May come from --config instead.", show_default=False)] = None,
     output: Annotated[str, typer.Option("--output", "-o", rich_help_panel="Output and resume", help="Where judged records go: a .jsonl file, or - for stdout.")] = "-",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", rich_help_panel="Run", help="No progress bar or summary; errors only.")] = False,
     options: JudgeOptions = None,
@@ -28,9 +28,12 @@ def judge(
     log-probabilities and averaged over both orders. Adds a `judge` field to every record."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from cai.errors import OptionError
     from cai.run.judge import run
     from cai.run.summary import resolved
 
+    if pairs is None:
+        raise OptionError("pairs", "missing: give a pairs file (or - for stdin), or `pairs:` in --config")
     setup_logging(quiet)
     bar = Progress(TextColumn("[bold]judging"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    console=err, disable=quiet)

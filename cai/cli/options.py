@@ -110,7 +110,7 @@ def _place(parameter: inspect.Parameter) -> int:
 
 # typer hands the command its context through a parameter of this type (which flags were given)
 CONTEXT = inspect.Parameter("typer_context", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
-CONFIG_ARGUMENTS = ("prompts", "output")      # a command's own arguments that a config file may hold
+CONFIG_ARGUMENTS = ("prompts", "pairs", "output")      # a command's own arguments that a config file may hold
 
 
 def declared(cls, *, exclude=(), only=None, config: str | None = None, fixed: dict | None = None):
@@ -157,17 +157,16 @@ def _configured(cls, fields: dict, arguments: dict, own: list[str], path: str | 
         return source is not None and source.name != "DEFAULT"
 
     if path is not None:
-        from_file, own_from_file = read_config(path, cls, own=tuple(own))
+        from_file, own_from_file = read_config(path, cls, own=tuple(own), names=set(fields))
         fields = {name: value if given(parameter_name(cls, name)) or name not in from_file else from_file[name]
                   for name, value in fields.items()}
-        fields.update({name: value for name, value in from_file.items() if name not in fields})
         for name, value in own_from_file.items():
             if not given(name):
                 arguments[name] = value
     if printing:
         options = cls(**fields, **(fixed or {}))
         options.check()
-        sys.stdout.write(render(effective(options, {name: arguments.get(name) for name in own}), command))
+        sys.stdout.write(render(effective(options, {name: arguments.get(name) for name in own}, names=set(fields)), command))
         raise typer.Exit(0)
     return fields
 
