@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import nullcontext
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cai.errors import BackendError, OptionError
 from cai.options import JudgeOptions
-from cai.output import MemoryWriter, RecordWriter, SideFile, check_side_file, check_writable, side_path
+from cai.output import MemoryWriter, RecordWriter, SideFile, check_side_file, side_path
 
 log = logging.getLogger("cai")
 
@@ -36,13 +35,12 @@ class JudgeSummary:
 
 def run(pairs: str | list[dict], output: str | None, options: JudgeOptions, *,
         progress: Callable[[int, int], None] | None = None, stop: Callable[[], bool] | None = None) -> JudgeSummary:
-    from cai.backends.spec import is_open_backend, open_backend, resolve
+    from cai.backends.spec import is_open_backend, resolve
     from cai.curation import Curation
     from cai.inputs import read_records
     from cai.judging import Judge
-    from cai.locks import Locks
     from cai.templates import load_templates
-    from cai.signals import StopNow, StopSignals
+    from cai.run.session import RunSession
 
     options.check()
     filtered = options.filtered or side_path(output, "filtered")
@@ -57,17 +55,11 @@ def run(pairs: str | list[dict], output: str | None, options: JudgeOptions, *,
     records = read_records(pairs) if isinstance(pairs, str) else _given(pairs)
     constitution = judge_constitution(options.constitution, records)
     templates = load_templates(options.templates)
-    for target in (output, filtered):
-        if target:
-            check_writable(target)
-    given = is_open_backend(options.model)
-    resolved = (None, options.model.model_name) if given else resolve(options.backend_spec())
+    resolved = (None, options.model.model_name) if is_open_backend(options.model) else resolve(options.backend_spec())
     summary = JudgeSummary(model=resolved[1], output=output, read=len(records))
     start = time.monotonic()
-    stopper = stop if stop is not None else StopSignals(0)
-    with Locks([output, filtered], enabled=options.lock and output is not None), \
-            (stopper if stop is None else nullcontext()):
-        backend = options.model if given else open_backend(options.backend_spec(), resolved)
+    with RunSession([output, filtered], lock=options.lock and output is not None, stop=stop) as session:
+        backend = session.backend(options, resolved)
         curation = Curation(None, Judge(backend, constitution, templates, options.judge_config(options.prefix)),
                             options.min_preference, options.swap, SideFile(filtered, memory=output is None),
                             options.keep_filtered, options.trust_disagreeing)
@@ -75,25 +67,21 @@ def run(pairs: str | list[dict], output: str | None, options: JudgeOptions, *,
         if progress:
             progress(0, len(records))
         try:
-            for i in range(0, len(records), options.batch_size):
-                if stopper():
-                    break
-                for record in curation(records[i:i + options.batch_size]):
-                    writer.write(record)
-                writer.sync()
-                if progress:
-                    progress(min(i + options.batch_size, len(records)), len(records))
-        except StopNow as exc:
-            summary.stopped_by, summary.stop_exit = str(exc), exc.exit_code
+            with session.stoppable():
+                for i in range(0, len(records), options.batch_size):
+                    if session.stop():
+                        break
+                    for record in curation(records[i:i + options.batch_size]):
+                        writer.write(record)
+                    writer.sync()
+                    if progress:
+                        progress(min(i + options.batch_size, len(records)), len(records))
         finally:
-            if not given:
-                backend.close()
             writer.close()
             curation.drops.close()
             summary.written, summary.curation, summary.records = writer.count, curation.counts(), writer.records
-    if stopper() and not summary.stopped_by:
-        summary.stopped_by = getattr(stopper, "name", None) or "stop"
-        summary.stop_exit = getattr(stopper, "exit_code", 130)
+        session.note_stop()
+    summary.stopped_by, summary.stop_exit = session.stopped_by, session.stop_exit
     summary.elapsed = time.monotonic() - start
     if curation.unjudged and curation.judged == 0 and not summary.stopped_by:
         raise BackendError(f"no pair could be judged ({curation.unjudged} failed); see the warnings above")

@@ -125,7 +125,8 @@ def preview(prompts: str, options: PreviewOptions, watcher: Watcher | None = Non
     """Run the conversations `prompts` (a prompt, or a prompts file and `limit` of its prompts)
     makes with `options`, telling `watcher` as they go. Returns them and the model's load time
     (None for a backend given open)."""
-    from cai.backends.spec import is_open_backend, open_backend, resolve
+    from cai.backends.spec import is_open_backend, resolve
+    from cai.run.session import RunSession, never
     from cai.constitution import load_constitution
     from cai.judging import Judge
     from cai.pipeline import Pipeline, RunConfig
@@ -147,18 +148,17 @@ def preview(prompts: str, options: PreviewOptions, watcher: Watcher | None = Non
         few_shot=options.few_shot, reasoning=options.reasoning, reasoning_tags=options.tags(),
         params=_sampling(options))
     plans = _plans(_items(prompts, options), options, constitution, config)
-    given = is_open_backend(options.model)
     load = None
-    if given:
-        backend = options.model
-    else:
-        resolved = resolve(options.backend_spec())
-        watcher.loading(resolved[1])
-        began = time.monotonic()
-        backend = open_backend(options.backend_spec(), resolved)
-        load = time.monotonic() - began
-        watcher.loaded(resolved[1], load)
-    try:
+    with RunSession((), lock=False, stop=never) as session:         # Ctrl-C raises: nothing is written
+        if is_open_backend(options.model):
+            backend = session.backend(options)
+        else:
+            resolved = resolve(options.backend_spec())
+            watcher.loading(resolved[1])
+            began = time.monotonic()
+            backend = session.backend(options, resolved)
+            load = time.monotonic() - began
+            watcher.loaded(resolved[1], load)
         pipeline = Pipeline(backend, constitution, templates, config)
         jobs = []
         for item, record_id, principles in plans:
@@ -169,10 +169,6 @@ def preview(prompts: str, options: PreviewOptions, watcher: Watcher | None = Non
         filters = make_filters(options, constitution, config)
         judge = Judge(backend, constitution, templates, options.judge_config()) if options.judge else None
         return _Run(watcher, jobs, config.revisions).go(pipeline, filters, judge), load
-    finally:
-        if not given:
-            backend.close()
-
 
 class _Run:
     """The conversations in flight one at a time, each turn's times and text as it streams."""
