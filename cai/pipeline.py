@@ -37,6 +37,10 @@ class RunConfig:
     repair_temperature: float = REPAIR_TEMPERATURE       # what a greedy run samples its repairs at
     repair_from: str = "revision"  # what a repair of a finished pair samples anew: the revision, or the critique too
     filters: str = "on"            # what drops pairs ("on", "off", "on+refusal", …): the output's records depend on it
+    # issue 33: sampled pairs (what the feedback compares: see cai.feedback), first-stage variants
+    feedback: dict | None = None   # FeedbackConfig.describe() of a run with samples
+    critique: bool = True          # False: each round revises directly against its principle
+    keep_rounds: bool = False      # a pair per revision round, not only the last
 
 
 TOO_LONG, REFUSED = "too long", "refused"      # why a prompt is left out before it starts

@@ -63,6 +63,18 @@ def generate(
     shard: Annotated[Optional[str], typer.Option("--shard", metavar="K/N|auto", help="Take only shard K of N (1 ≤ K ≤ N), a deterministic slice of the prompts by id; combine shard outputs with `cai merge`. auto: K and N from a Slurm array job (SLURM_ARRAY_TASK_ID/_MIN/_COUNT) or a Kubernetes Indexed Job (JOB_COMPLETION_INDEX, with auto/N). An output name may hold {shard} (-o pairs.{shard}.jsonl).", show_default=False)] = None,
     grace: Annotated[float, typer.Option("--grace", metavar="SECONDS", help="After Ctrl-C, SIGTERM or SIGHUP: how long conversations in flight may take to finish before the run stops at once.")] = 15.0,
     no_lock: NoLockOpt = False,
+    # issue 33: sampled pairs labelled by a feedback model (RL-CAI), and the first stage's variants
+    samples: Annotated[Optional[int], typer.Option("--samples", metavar="N", help="The paper's second stage: sample N (≥ 2) answers per prompt (each seeded on its own; set --temperature above 0) and let the feedback model pick the better of each pair; records are best against worst (or, with --min-margin, every pair decided enough), the label in judge.label and the whole comparison in meta.feedback.", show_default=False)] = None,
+    principles_per_comparison: Annotated[int, typer.Option("--principles-per-comparison", metavar="K", help="With --samples: principles asked per comparison (each in both orders; drawn by --seed, weighted); the label is their mean probability.")] = 1,
+    min_margin: Annotated[Optional[float], typer.Option("--min-margin", metavar="M", help="With --samples: a record for every pair whose margin |2p - 1| is at least M (0-1), instead of best against worst; a prompt with none is dropped (reason: margin).", show_default=False)] = None,
+    cot: Annotated[bool, typer.Option("--cot", help="With --samples: the feedback model reasons step by step before it answers; the reasoning is stored in meta.feedback.cot, and labels are clamped to 0.4,0.6 unless --clamp says otherwise.")] = False,
+    judge_model: Annotated[Optional[str], typer.Option("--judge-model", help="The feedback model of --samples or --judge (default: the policy model itself): a local folder, a .gguf file, a Hub id, or with --judge-backend openai the name the server serves.", show_default=False)] = None,
+    judge_backend: Annotated[Optional[str], typer.Option("--judge-backend", metavar="hf|openai", help="The feedback model's backend [default: hf, or openai with --judge-base-url].", show_default=False)] = None,
+    judge_base_url: Annotated[Optional[list[str]], typer.Option("--judge-base-url", help="The feedback model's server (API root); give it again for more servers of the same model.", show_default=False)] = None,
+    judge_api_key_env: Annotated[Optional[str], typer.Option("--judge-api-key-env", metavar="NAME", help="The environment variable holding the feedback server's API key.", show_default=False)] = None,
+    judge_concurrency: Annotated[Optional[int], typer.Option("--judge-concurrency", help="Requests in flight at once to the feedback server [default: --concurrency].", show_default=False)] = None,
+    critique: Annotated[bool, typer.Option("--critique/--no-critique", help="--no-critique: each round revises the answer directly against its principle, without a critique first (the paper found it as good for large models).")] = True,
+    keep_rounds: Annotated[bool, typer.Option("--keep-rounds", help="With --revisions above 1: a record for each round (its revision against the one before it) as well as the final pair.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, logs or summary; errors and the line saying what was not made still show.")] = False,
     spec=None,
 ) -> None:
@@ -88,7 +100,12 @@ def generate(
         fail_fast=fail_fast, filter=filter_, similarity=similarity, repairs=repairs, repair_from=repair_from, drop_refusals=drop_refusals,
         keep_filtered=keep_filtered, filtered=filtered, judge=judge, min_preference=min_preference,
         trust_disagreeing=trust_disagreeing, swap=swap,
-        clamp=clamp, shard=shard, grace=grace, lock=not no_lock)
+        clamp=clamp, shard=shard, grace=grace, lock=not no_lock,
+        # issue 33
+        samples=samples, principles_per_comparison=principles_per_comparison, min_margin=min_margin, cot=cot,
+        judge_model=judge_model, judge_backend=judge_backend, judge_base_url=judge_base_url,
+        judge_api_key_env=judge_api_key_env, judge_concurrency=judge_concurrency, critique=critique,
+        keep_rounds=keep_rounds)
 
     def on_signal(name: str, seconds: float) -> None:
         err.print(f"[yellow]{name}: stopping: finishing the conversations in flight[/yellow] (up to {seconds:g} s; "

@@ -1,0 +1,285 @@
+"""issue 33: the paper's second stage, sampled pairs labelled by a feedback model (cai.feedback),
+with scripted backends (milliseconds, exact figures) and end to end on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from cai.backends.base import ChoiceScores, Completion
+from cai.cli import app
+from cai.constitution import load_constitution
+from cai.errors import OptionError
+from cai.options import GenerateOptions
+from cai.run.generate import run
+from conftest import ROOT, plumbing, read_jsonl
+from scripted import ScriptedBackend
+
+PROMPTS = [f"How do I make tea number {i}?" for i in range(6)]
+EXAMPLES = ROOT / "examples" / "prompts.jsonl"
+
+
+class SampledBackend(ScriptedBackend):
+    """Answers whose length depends on the request's seed (so N samples differ), and a feedback
+    side that prefers the longer answer: P(A) = len(A) / (len(A) + len(B)), with a bias toward (A)
+    of `bias` (so the two orders differ). `fail_feedback`: prompts whose comparisons fail."""
+
+    def __init__(self, bias: float = 0.05, fail_feedback: set[str] = frozenset(), **kwargs):
+        super().__init__(**kwargs)
+        self.bias, self.fail_feedback = bias, set(fail_feedback)
+        self.scored: list[list[dict]] = []
+        self.generated: list[list[dict]] = []
+
+    def stream(self, params, width, longest=None):
+        return SeededStream(self, width)
+
+    def score_choices(self, conversations, choices, prefix=""):
+        out = []
+        for conversation in conversations:
+            self.scored.append(conversation)
+            text = conversation[-1]["content"]
+            if any(p in text for p in self.fail_feedback):
+                out.append(ChoiceScores({}, error="scripted feedback failure"))
+                continue
+            a, b = re.search(r"\(A\) (.*)\n\(B\) (.*)\n", text).groups()
+            p_a = min(0.99, len(a) / (len(a) + len(b)) + self.bias)
+            out.append(ChoiceScores({"A": math.log(p_a), "B": math.log(1 - p_a)}))
+        return out
+
+    def generate(self, conversations, params, seed=None):
+        self.generated += conversations
+        return [Completion(f"Option one is longer by {len(c[-1]['content']) % 7} words.", "stop", 10, 8)
+                for c in conversations]
+
+
+class SeededStream:
+    def __init__(self, backend, width):
+        self.backend, self.width, self.waiting = backend, width, []
+
+    def submit(self, request):
+        self.waiting.append(request)
+
+    def poll(self):
+        batch, self.waiting = self.waiting[:self.width], self.waiting[self.width:]
+        out = []
+        for request in batch:
+            prompt = request.conversation[-1]["content"]
+            if any(p in prompt for p in self.backend.fail):
+                out.append((request.key, Completion("", "error", 0, 0, error="scripted failure")))
+                continue
+            words = 3 + request.seed % 11
+            out.append((request.key, Completion(" ".join(["tea"] * words) + f" ({request.seed})", "stop", 5, words)))
+        return out
+
+    def release(self, key):
+        pass
+
+
+def options(backend, **extra) -> GenerateOptions:
+    return GenerateOptions(model=backend, **{"filter": False, "max_new_tokens": 16, "samples": 2, **extra})
+
+
+def prompts_file(tmp_path, prompts=PROMPTS):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return path
+
+
+def without_created(records):
+    return {r["id"]: {**r, "meta": {k: v for k, v in r["meta"].items() if k != "created"}} for r in records}
+
+
+def test_two_samples_make_one_pair_per_prompt_the_longer_chosen(tmp_path):
+    out = tmp_path / "out.jsonl"
+    summary = run(prompts_file(tmp_path), str(out), options(SampledBackend()))
+    assert summary.complete and summary.kept == len(PROMPTS) == summary.pairs
+    records = read_jsonl(out)
+    assert [r["prompt"] for r in records] == PROMPTS
+    for r in records:
+        fb = r["meta"]["feedback"]
+        assert len(r["chosen"]) >= len(r["rejected"])
+        assert fb["samples"] in ([0, 1], [1, 0]) and len(fb["principles"]) == 1 and len(fb["orders"]) == 1
+        first_as_a, first_as_b = fb["orders"][0]
+        assert fb["preference"] == pytest.approx((first_as_a + first_as_b) / 2, abs=1e-6)
+        assert fb["preference"] >= 0.5 and fb["label"] == fb["preference"]       # no clamp
+        assert fb["agreement"] == (1.0 if fb["agree"][0] else 0.0)
+        assert r["judge"]["preference"] == fb["preference"] and r["judge"]["orders"] == [first_as_b, first_as_a]
+        assert r["meta"]["params"]["feedback"]["samples"] == 2 and r["meta"]["params"]["revisions"] == 0
+        assert r["principle"] == fb["principles"][0]
+
+
+def test_four_samples_best_against_worst_and_k_principles(tmp_path):
+    harmless = load_constitution("harmless")
+    summary = run(PROMPTS, None, options(SampledBackend(), samples=4, principles_per_comparison=4))
+    assert summary.kept == len(PROMPTS)
+    for r in summary.records:
+        fb = r["meta"]["feedback"]
+        scores = {int(k): v for k, v in fb["scores"].items()}
+        assert sorted(scores) == [0, 1, 2, 3]
+        best, worst = fb["samples"]
+        assert scores[best] == max(scores.values()) and scores[worst] == min(scores.values())
+        assert len(fb["principles"]) == 4 == len(set(fb["principles"])) == len(fb["orders"])
+        assert all(p in {q.id for q in harmless.principles} for p in fb["principles"])
+    # K principles × 2 orders × 6 comparisons, per prompt
+    again = run(PROMPTS, None, options(SampledBackend(), samples=4, principles_per_comparison=4, batch_size=1))
+    assert without_created(again.records) == without_created(summary.records), "batching changes nothing"
+
+
+def test_min_margin_writes_every_decided_pair_and_drops_a_prompt_with_none(tmp_path):
+    out = tmp_path / "out.jsonl"
+    summary = run(prompts_file(tmp_path), str(out), options(SampledBackend(bias=0.0), samples=4, min_margin=0.2))
+    records = read_jsonl(out)
+    assert records and all(re.fullmatch(r"[0-9a-f]+#[0-3]-[0-3]", r["id"]) for r in records)
+    assert all(abs(2 * r["meta"]["feedback"]["preference"] - 1) >= 0.2 for r in records)
+    assert summary.pairs == len(records) and summary.kept + summary.dropped == len(PROMPTS) == summary.planned
+    # all of them at a margin nothing reaches: every prompt dropped, and said why
+    out2 = tmp_path / "none.jsonl"
+    none = run(prompts_file(tmp_path), str(out2), options(SampledBackend(), samples=2, min_margin=1.0))
+    assert none.dropped == len(PROMPTS) and none.kept == 0 and read_jsonl(out2) == []
+    drops = read_jsonl(f"{out2}.filtered.jsonl")
+    assert [d["filter"]["reasons"] for d in drops] == [["margin"]] * len(PROMPTS)
+    rerun = run(prompts_file(tmp_path), str(out2), options(SampledBackend(), samples=2, min_margin=1.0))
+    assert rerun.nothing_to_do, "dropped prompts count as done"
+
+
+def test_a_comparison_that_cannot_be_scored_fails_its_prompt_and_a_rerun_retries_it(tmp_path):
+    out = tmp_path / "out.jsonl"
+    summary = run(prompts_file(tmp_path), str(out), options(SampledBackend(fail_feedback={PROMPTS[2]})))
+    assert summary.failed == 1 and summary.kept == len(PROMPTS) - 1 and summary.exit_code == 1
+    (failure,) = read_jsonl(f"{out}.failures.jsonl")
+    assert failure["stage"] == "feedback" and failure["error"] == "scripted feedback failure"
+    fixed = run(prompts_file(tmp_path), str(out), options(SampledBackend()))
+    assert fixed.resumed == len(PROMPTS) - 1 and fixed.kept == 1 and fixed.complete
+    # a sample the policy could not make
+    out2 = tmp_path / "sample.jsonl"
+    failed = run(prompts_file(tmp_path), str(out2), options(SampledBackend(fail={PROMPTS[0]})))
+    assert failed.failed == 1 and read_jsonl(f"{out2}.failures.jsonl")[0]["stage"].startswith("sample")
+
+
+def test_a_stopped_run_resumed_makes_the_records_of_an_uncut_one(tmp_path):
+    whole = tmp_path / "whole.jsonl"
+    run(prompts_file(tmp_path), str(whole), options(SampledBackend(), samples=3, batch_size=3))
+    cut = tmp_path / "cut.jsonl"
+    calls = iter(range(1000))
+    first = run(prompts_file(tmp_path), str(cut), options(SampledBackend(), samples=3, batch_size=3),
+                stop=lambda: next(calls) >= 2)
+    assert first.stopped_by and 0 < first.kept < len(PROMPTS) and first.not_made
+    backend = SampledBackend()
+    second = run(prompts_file(tmp_path), str(cut), options(backend, samples=3, batch_size=6))
+    assert second.resumed == first.kept and second.complete
+    asked = {c[-1]["content"] for c in backend.scored}
+    assert not any(r["prompt"] in text for r in read_jsonl(cut)[:first.kept] for text in asked), "nothing redone"
+    assert without_created(read_jsonl(cut)) == without_created(read_jsonl(whole))
+    with pytest.raises(OptionError, match="different run.*samples"):
+        run(prompts_file(tmp_path), str(cut), options(SampledBackend(), samples=4))
+
+
+def test_a_separate_feedback_model_gives_the_labels(tmp_path):
+    policy, feedback = SampledBackend(model_name="policy-model"), SampledBackend(model_name="feedback-model")
+    summary = run(PROMPTS, None, options(policy, judge_model=feedback))
+    assert not policy.scored and feedback.scored and not feedback.closed, "the caller's backend stays open"
+    record = summary.records[0]
+    assert record["meta"]["model"] == "policy-model" and record["meta"]["feedback"]["model"] == "feedback-model"
+    assert record["meta"]["params"]["feedback"]["model"] == "feedback-model"
+
+
+def test_cot_reasons_first_stores_it_apart_and_clamps(tmp_path):
+    backend = SampledBackend(bias=0.3)
+    summary = run(PROMPTS, None, options(backend, cot=True))
+    assert backend.generated and all(c[-1]["content"].endswith("Let's think step by step.") for c in backend.generated)
+    for r in summary.records:
+        fb = r["meta"]["feedback"]
+        assert 0.4 <= fb["label"] <= 0.6 and r["judge"]["label"] == fb["label"]
+        ((as_a, as_b),) = fb["cot"]
+        assert as_a.startswith("Option one") and "Option one" not in r["chosen"]
+    assert summary.records[0]["meta"]["params"]["feedback"]["clamp"] == [0.4, 0.6]
+    unclamped = run(PROMPTS, None, options(SampledBackend(bias=0.3), cot=True, clamp="0,1"))
+    assert any(r["meta"]["feedback"]["label"] > 0.6 for r in unclamped.records)
+
+
+@pytest.mark.parametrize("extra, option", [
+    ({"samples": 1}, "samples"),
+    ({"samples": 2, "principles_per_comparison": 15}, "principles_per_comparison"),
+    ({"samples": None, "cot": True}, "cot"),
+    ({"samples": None, "min_margin": 0.5}, "min_margin"),
+    ({"samples": None, "principles_per_comparison": 2}, "principles_per_comparison"),
+    ({"samples": 2, "judge": True}, "judge"),
+    ({"samples": 2, "min_margin": 1.5}, "min_margin"),
+    ({"samples": 2, "judge_backend": "openai"}, "judge_backend"),
+    ({"samples": None, "judge_model": "x"}, "judge_model"),
+])
+def test_bad_options_are_one_line_before_anything_runs(tmp_path, extra, option):
+    backend = SampledBackend()
+    with pytest.raises(OptionError) as caught:
+        run(PROMPTS, None, options(backend, **extra))
+    assert caught.value.option == option and "\n" not in str(caught.value)
+    assert backend.calls == 0 and not backend.scored
+
+
+def test_a_feedback_model_without_log_probabilities_is_refused(tmp_path):
+    class NoScores:
+        model_name = "no-scores"
+
+        def stream(self, *a, **k):      # an open backend, but it cannot score options
+            raise AssertionError("never opened")
+
+    with pytest.raises(OptionError, match="judge_model: no-scores gives no option log-probabilities"):
+        run(PROMPTS, None, options(SampledBackend(), judge_model=NoScores()))
+
+
+# --- the tiny model, end to end ------------------------------------------------------------------
+
+def cli(*args):
+    return CliRunner().invoke(app, plumbing(args))
+
+
+@pytest.mark.parametrize("samples, k", [(2, 1), (4, 4)])
+def test_tiny_model_samples_and_principles(tiny_model, tmp_path, samples, k):
+    out = tmp_path / "pairs.jsonl"
+    result = cli("generate", EXAMPLES, "--model", tiny_model, "-o", out, "--max-new-tokens", "8", "--no-filter",
+                 "--samples", samples, "--principles-per-comparison", k, "--limit", "3", "--temperature", "1.0")
+    assert result.exit_code == 0, result.output
+    records = read_jsonl(out)
+    assert len(records) == 3
+    for r in records:
+        fb = r["meta"]["feedback"]
+        assert len(fb["principles"]) == k and len(fb["scores"]) == samples
+        assert 0.5 <= fb["preference"] <= 1 and all(0 <= p <= 1 for o in fb["orders"] for p in o)
+        assert r["chosen"] != r["rejected"]
+
+
+def test_tiny_model_separate_feedback_model_cot_conversational(tiny_model, thinking_model, tmp_path):
+    out = tmp_path / "pairs.jsonl"
+    result = cli("generate", EXAMPLES, "--model", tiny_model, "--judge-model", thinking_model, "-o", out,
+                 "--max-new-tokens", "8", "--no-filter", "--samples", "2", "--cot", "--limit", "2",
+                 "--format", "conversational")
+    assert result.exit_code == 0, result.output
+    records = read_jsonl(out)
+    assert len(records) == 2
+    for r in records:
+        assert r["prompt"][-1]["role"] == "user" and r["chosen"][0]["role"] == "assistant"
+        fb = r["meta"]["feedback"]
+        assert fb["model"] != r["meta"]["model"] and len(fb["cot"][0]) == 2
+        assert 0.4 <= fb["label"] <= 0.6
+
+
+def test_tiny_model_resume_and_batch_size_give_the_same_records(tiny_model, tmp_path):
+    common = ["--model", tiny_model, "--max-new-tokens", "6", "--no-filter", "--samples", "2", "--limit", "4"]
+    whole, other = tmp_path / "whole.jsonl", tmp_path / "other.jsonl"
+    assert cli("generate", EXAMPLES, "-o", whole, "-b", "4", *common).exit_code == 0
+    assert cli("generate", EXAMPLES, "-o", other, "-b", "2", *common).exit_code == 0
+    assert without_created(read_jsonl(other)) == without_created(read_jsonl(whole))
+    # a run cut after its first records, resumed, ends as the uncut one
+    cut = tmp_path / "cut.jsonl"
+    calls = iter(range(1000))
+    import cai
+
+    first = cai.generate(str(EXAMPLES), str(cut), model=str(tiny_model), max_new_tokens=6, filter=False, samples=2,
+                         limit=4, batch_size=2, stop=lambda: next(calls) >= 1)
+    assert 0 < first.kept < 4
+    assert cli("generate", EXAMPLES, "-o", cut, "-b", "4", *common).exit_code == 0
+    assert without_created(read_jsonl(cut)) == without_created(read_jsonl(whole))
