@@ -283,3 +283,67 @@ def test_tiny_model_resume_and_batch_size_give_the_same_records(tiny_model, tmp_
     assert 0 < first.kept < 4
     assert cli("generate", EXAMPLES, "-o", cut, "-b", "4", *common).exit_code == 0
     assert without_created(read_jsonl(cut)) == without_created(read_jsonl(whole))
+
+
+# --- the first stage's variants: --no-critique, --keep-rounds ------------------------------------
+
+def test_no_critique_revises_directly_against_the_principle(tmp_path):
+    summary = run(PROMPTS[:2], None, GenerateOptions(model=ScriptedBackend(), filter=False, samples=None,
+                                                      critique=False, revisions=2))
+    assert summary.kept == 2
+    for r in summary.records:
+        assert [set(k for k in rnd) for rnd in r["rounds"]] == [{"principle", "critique", "revision"}] * 2
+        assert all(rnd["critique"] is None for rnd in r["rounds"]) and r["critique"] is None
+        assert r["meta"]["finish_reasons"] == {"response": "stop", "critique": [], "revision": ["stop", "stop"]}
+        assert r["meta"]["params"]["critique"] is False
+
+
+def test_no_critique_conversation_has_no_critique_turns(tmp_path):
+    from cai.pipeline import Pipeline, RunConfig
+    from cai.prompts import load_templates
+
+    seen = []
+
+    class Recording(ScriptedBackend):
+        def stream(self, params, width, longest=None):
+            stream = super().stream(params, width, longest)
+            submit = stream.submit
+            stream.submit = lambda request: (seen.append(request.conversation), submit(request))[1]
+            return stream
+
+    harmless = load_constitution("harmless")
+    pipeline = Pipeline(Recording(), harmless, load_templates("default"), RunConfig(revisions=2, critique=False))
+    jobs, _ = pipeline.plan(__import__("cai.inputs", fromlist=["x"]).read_prompts(str(prompts_file(tmp_path))))
+    (batch, *_), = [list(pipeline.run(jobs[:1]))]
+    last = max(seen, key=len)
+    critique_text = "Write a short critique"
+    assert not any(critique_text in m["content"] for m in last)
+    roles = [m["role"] for m in last]
+    assert roles[-4:] == ["assistant", "user", "assistant", "user"]        # response, revise 1, revision, revise 2
+
+
+def test_keep_rounds_writes_each_round_as_a_pair(tmp_path):
+    out = tmp_path / "out.jsonl"
+    summary = run(prompts_file(tmp_path, PROMPTS[:3]), str(out),
+                  GenerateOptions(model=ScriptedBackend(), filter=False, revisions=3, keep_rounds=True))
+    records = read_jsonl(out)
+    assert summary.kept == 3 and summary.pairs == 6 and len(records) == 9
+    main = [r for r in records if "#" not in r["id"]]
+    for r in main:
+        r1, r2 = (next(x for x in records if x["id"] == f"{r['id']}#r{k}") for k in (1, 2))
+        assert r1["rejected"] == r["rejected"] and r1["chosen"] == r["rounds"][0]["revision"]
+        assert r2["rejected"] == r["rounds"][0]["revision"] and r2["chosen"] == r["rounds"][1]["revision"]
+        assert r2["principle"] == r["rounds"][1]["principle"] and r2["meta"]["round"] == 2
+    again = run(prompts_file(tmp_path, PROMPTS[:3]), str(out),
+                GenerateOptions(model=ScriptedBackend(), filter=False, revisions=3, keep_rounds=True))
+    assert again.nothing_to_do and again.removed == 0
+
+
+def test_tiny_model_no_critique_and_keep_rounds(tiny_model, tmp_path):
+    out = tmp_path / "pairs.jsonl"
+    result = cli("generate", EXAMPLES, "--model", tiny_model, "-o", out, "--max-new-tokens", "6", "--no-filter",
+                 "--no-critique", "--revisions", "2", "--keep-rounds", "--limit", "2")
+    assert result.exit_code == 0, result.output
+    records = read_jsonl(out)
+    assert len(records) == 4 and sum("#r1" in r["id"] for r in records) == 2
+    assert all(rnd["critique"] is None for r in records for rnd in r["rounds"])

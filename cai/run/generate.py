@@ -149,10 +149,11 @@ def _run(selection, paths: _Paths, options: GenerateOptions, constitution, templ
     _refuse_foreign_sides(options, fingerprint)
     done, append_at, drop_append_at = _existing(paths, options, fingerprint, summary.source,
                                                 lambda: _prompt_check(selection, constitution, config))
-    if config.feedback is not None:
+    if config.feedback is not None or config.keep_rounds:
         from cai.feedback import prompt_of
 
-        done = {prompt_of(record_id) for record_id in done}     # a sampled prompt's pairs are made together
+        # a sampled prompt's pairs, and a record's round pairs (ID#rK), are made together
+        done = {prompt_of(record_id) for record_id in done}
     summary.resumed = sum(record_id in done for record_id in selection.ids)
     summary.removed = len(done - selection.all_ids)
     if paths.output not in (None, "-"):
@@ -321,6 +322,7 @@ def _sampled_loop(pipeline, jobs, writer, curation, failures, fmt: str, summary:
 
 def _loop(pipeline, jobs, writer, curation, failures, fmt: str, summary: Summary, progress, stop) -> None:
     from cai.edits import edit_of
+    from cai.pipeline import round_pairs
     from cai.records import to_format
 
     def on_turn(stage: str, completion) -> None:
@@ -336,6 +338,13 @@ def _loop(pipeline, jobs, writer, curation, failures, fmt: str, summary: Summary
         for record in kept:
             record["meta"]["edit"] = edit_of(record)         # of the final, cleaned chosen
             writer.write(to_format(record, fmt) if fmt != "standard" else record)
+            for extra in round_pairs(record) if pipeline.config.keep_rounds else ():
+                verdict = curation.filters.apply(extra) if curation.filters else None
+                if verdict is None or verdict.kept:           # an earlier round's pair the filters pass
+                    extra = verdict.record if verdict else extra
+                    extra["meta"] = {**extra["meta"], "edit": edit_of(extra)}
+                    writer.write(to_format(extra, fmt) if fmt != "standard" else extra)
+                    summary.pairs += 1
             summary.kept += 1
             summary.repaired += bool(record["meta"].get("repairs"))
             summary.changed += record["chosen"].strip() != record["rejected"].strip()
