@@ -103,13 +103,18 @@ class FeedbackModel:
     def question(self, principle: Principle) -> str:
         return principle.choice or DEFAULT_QUESTION
 
+    def _shot_question(self, shot) -> str:
+        if shot.principle:
+            return self.question(self.constitution.principle(shot.principle))
+        return shot.question or DEFAULT_QUESTION
+
     def conversation(self, item: PromptItem, principle: Principle, a: str, b: str) -> list[dict]:
         record = {"prompt": item.text, "history": list(item.history)}
         content = self.templates.render(JUDGE, prompt=_transcript(record), question=self.question(principle),
                                         a=a, b=b)
         examples = []
-        for shot in self.constitution.feedback_examples if hasattr(self.constitution, "feedback_examples") else ():
-            examples += _example_turns(self.templates, shot, self.config)
+        for shot in self.constitution.feedback_examples:
+            examples += _example_turns(self.templates, shot, self.config, self._shot_question(shot))
         if self.config.cot:
             content += "\n\n" + COT_REQUEST
         return [*examples, {"role": "user", "content": content}]
@@ -165,11 +170,10 @@ class FeedbackModel:
         return p if bounds is None else min(max(p, bounds[0]), bounds[1])
 
 
-def _example_turns(templates: Templates, shot, config: FeedbackConfig) -> list[dict]:
+def _example_turns(templates: Templates, shot, config: FeedbackConfig, asked: str) -> list[dict]:
     """A worked feedback example from the constitution as an earlier exchange: the question, and
     the answer (with its reasoning under `cot`)."""
-    question = templates.render(JUDGE, prompt=shot.prompt, question=shot.question or DEFAULT_QUESTION,
-                                a=shot.a, b=shot.b)
+    question = templates.render(JUDGE, prompt=shot.prompt, question=asked, a=shot.a, b=shot.b)
     if config.cot:
         question += "\n\n" + COT_REQUEST
     answer = ((shot.reasoning.strip() + "\n") if config.cot and shot.reasoning else "") + config.judge.prefix \

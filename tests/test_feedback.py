@@ -347,3 +347,66 @@ def test_tiny_model_no_critique_and_keep_rounds(tiny_model, tmp_path):
     records = read_jsonl(out)
     assert len(records) == 4 and sum("#r1" in r["id"] for r in records) == 2
     assert all(rnd["critique"] is None for r in records for rnd in r["rounds"])
+
+
+# --- few-shot examples for the feedback model, from the constitution ------------------------------
+
+FEEDBACK_YAML = """\
+name: fb
+principles:
+  - id: be-honest
+    critique: Point out anything false.
+    revision: Rewrite it truthfully.
+    choice: Which response is more honest?
+feedback_examples:
+  - principle: be-honest
+    prompt: How many moons does Mars have?
+    a: Two, Phobos and Deimos.
+    b: None.
+    reasoning: Mars has two moons; B is false.
+    answer: A
+"""
+
+
+def test_feedback_examples_are_earlier_turns_of_every_comparison(tmp_path):
+    path = tmp_path / "fb.yaml"
+    path.write_text(FEEDBACK_YAML)
+    backend = SampledBackend()
+    run(PROMPTS[:1], None, options(backend, constitution=str(path)))
+    conversation = backend.scored[0]
+    assert [m["role"] for m in conversation] == ["user", "assistant", "user"]
+    assert "Which response is more honest?" in conversation[0]["content"]
+    assert "(A) Two, Phobos and Deimos.\n(B) None." in conversation[0]["content"]
+    assert conversation[1]["content"] == "The answer is: (A)"
+    cot = SampledBackend()
+    run(PROMPTS[:1], None, options(cot, constitution=str(path), cot=True))
+    assert cot.generated[0][1]["content"] == "Mars has two moons; B is false.\nThe answer is: (A)"
+
+
+@pytest.mark.parametrize("edit, where, message", [
+    ("    answer: A\n", "feedback_examples[0].answer", "must be A or B (got 'C')"),
+    ("  - principle: be-honest\n", "feedback_examples[0].principle", "no principle with id 'nope'"),
+    ("    b: None.\n", "feedback_examples[0].b", "missing required key"),
+])
+def test_bad_feedback_examples_name_file_line_and_field(tmp_path, edit, where, message):
+    from cai.constitution import load_constitution as load
+    from cai.errors import ConstitutionError
+
+    text = FEEDBACK_YAML.replace(edit, {"    answer: A\n": "    answer: C\n",
+                                        "  - principle: be-honest\n": "  - principle: nope\n",
+                                        "    b: None.\n": ""}[edit])
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConstitutionError) as caught:
+        load(str(path))
+    shown = str(caught.value)
+    assert str(path) in shown and where in shown and message in shown and re.search(r":\d+:\d+", shown), shown
+    assert "\n" not in shown
+
+
+def test_the_starter_constitution_has_a_feedback_example():
+    from cai.constitution import parse_constitution, starter_text
+
+    starter = parse_constitution(starter_text(), "constitution.yaml")
+    (example,) = starter.feedback_examples
+    assert example.answer == "A" and example.principle == "be-honest" and example.reasoning
