@@ -410,3 +410,36 @@ def test_the_starter_constitution_has_a_feedback_example():
     starter = parse_constitution(starter_text(), "constitution.yaml")
     (example,) = starter.feedback_examples
     assert example.answer == "A" and example.principle == "be-honest" and example.reasoning
+
+
+# --- stats, export and the dataset card of sampled pairs --------------------------------------------
+
+def test_stats_export_and_card_of_sampled_pairs(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    run(prompts_file(tmp_path), str(pairs), options(SampledBackend(), samples=3, principles_per_comparison=3))
+    records = read_jsonl(pairs)
+    result = cli("stats", pairs, "--json")
+    assert result.exit_code == 0, result.output
+    feedback = json.loads(result.stdout)["feedback"]
+    labels = sorted(r["meta"]["feedback"]["label"] for r in records)
+    assert feedback["pairs"] == len(records) and feedback["label"]["min"] == pytest.approx(labels[0])
+    assert sum(feedback["histogram"]["counts"]) == len(records)
+    asked = sum(len(r["meta"]["feedback"]["principles"]) for r in records)
+    assert sum(row["asked"] for row in feedback["principles"].values()) == asked
+    for name, row in feedback["principles"].items():
+        means = [sum(o) / 2 for r in records for p, o in zip(r["meta"]["feedback"]["principles"],
+                                                              r["meta"]["feedback"]["orders"]) if p == name]
+        assert row["win_rate"] == pytest.approx(sum(m > 0.5 for m in means) / len(means), abs=1e-6)
+    tables = cli("stats", pairs)
+    assert "feedback (sampled pairs)" in tables.stderr and "chosen wins" in tables.stderr
+    for trainer in ("trl", "axolotl", "openrlhf", "llamafactory", "nemo-rl"):
+        folder = tmp_path / trainer
+        exported = cli("export", pairs, "--to", trainer, folder)
+        assert exported.exit_code == 0, exported.output
+        card = (folder / "README.md").read_text()
+        assert "## AI feedback on sampled pairs" in card and "chosen wins" in card
+    rows = read_jsonl(tmp_path / "trl" / "data" / "train.jsonl")
+    by_chosen = {r["chosen"]: r for r in records}
+    for row in rows:
+        label = by_chosen[row["chosen"][0]["content"]]["judge"]["label"]
+        assert row["margin"] == pytest.approx(math.log(label / (1 - label)), abs=1e-5)
