@@ -26,6 +26,9 @@ from cai.prompts import JUDGE, Templates
 COT_REQUEST = "Let's think step by step."       # what the feedback model is asked before it reasons
 COT_CLAMP = (0.4, 0.6)                           # the paper's clamp of chain-of-thought labels
 COT_TOKENS = 256                                 # most tokens of a chain of thought
+# what a server says when it gives no option log-probabilities at all (cai.backends.openai_wire):
+# retrying will not help, so the run stops rather than fail every prompt
+CANNOT_SCORE = ("returned no logprobs", "returned no top_logprobs", "the server does not take")
 
 
 @dataclass(frozen=True)
@@ -272,6 +275,9 @@ class SampledPipeline:
         except BackendError as exc:
             results = str(exc)
         if isinstance(results, str):
+            if any(mark in results for mark in CANNOT_SCORE):
+                # a model that gives no option log-probabilities at all: no prompt can be labelled
+                raise BackendError(f"the feedback model {self.feedback.model_name} cannot be scored: {results}")
             return Outcome(job, failed=("feedback", results))
         if self.fb.min_margin is None:
             chosen = [self._best_worst(results)]

@@ -327,7 +327,7 @@ def test_keep_rounds_writes_each_round_as_a_pair(tmp_path):
     summary = run(prompts_file(tmp_path, PROMPTS[:3]), str(out),
                   GenerateOptions(model=ScriptedBackend(), filter=False, revisions=3, keep_rounds=True))
     records = read_jsonl(out)
-    assert summary.kept == 3 and summary.pairs == 6 and len(records) == 9
+    assert summary.kept == 3 and summary.pairs == 9 and len(records) == 9
     main = [r for r in records if "#" not in r["id"]]
     for r in main:
         r1, r2 = (next(x for x in records if x["id"] == f"{r['id']}#r{k}") for k in (1, 2))
@@ -443,3 +443,116 @@ def test_stats_export_and_card_of_sampled_pairs(tmp_path):
     for row in rows:
         label = by_chosen[row["chosen"][0]["content"]]["judge"]["label"]
         assert row["margin"] == pytest.approx(math.log(label / (1 - label)), abs=1e-5)
+
+
+# --- the feedback model on a server: one of each, both servers, and one without logprobs ----------
+
+def _fake_feedback(with_logprobs: bool = True, reply: str = "Boil water, then pour."):
+    from fault_proxy import FakeOpenAI, chat_reply
+    from test_openai_backend import chat_logprobs
+
+    def respond(body, n):
+        if body.get("logprobs"):
+            if not with_logprobs:
+                return 200, chat_reply("A")
+            # prefers whichever answer is shown as (A) a little, and the shorter one more
+            text = body["messages"][-2]["content"] if body["messages"][-1]["role"] == "assistant" \
+                else body["messages"][-1]["content"]
+            a, b = re.search(r"\(A\) (.*)\n\(B\) (.*)\n", text, re.S).groups()
+            p_a = 0.55 if len(a) <= len(b) else 0.35
+            return 200, chat_logprobs(("A", math.log(p_a)), ("B", math.log(1 - p_a)))
+        return 200, chat_reply(reply + f" ({n})")
+    return FakeOpenAI(respond, models=["fake"])
+
+
+def test_a_local_policy_with_a_feedback_model_on_a_server(tiny_model, tmp_path):
+    pytest.importorskip("httpx")
+    out = tmp_path / "pairs.jsonl"
+    with _fake_feedback() as url:
+        result = CliRunner().invoke(app, plumbing([
+            "generate", EXAMPLES, "--model", tiny_model, "-o", out, "--limit", "2", "--max-new-tokens", "6",
+            "--no-filter", "--samples", "2", "--judge-backend", "openai", "--judge-base-url", url,
+            "--judge-model", "fake", "--temperature", "1.0"]), env={"OPENAI_API_KEY": None})
+    assert result.exit_code == 0, result.output
+    for record in read_jsonl(out):
+        fb = record["meta"]["feedback"]
+        assert fb["model"] == "fake" and record["meta"]["model"] != "fake"
+        assert len(record["chosen"]) <= len(record["rejected"]) or fb["preference"] == 0.5
+
+
+def test_both_models_on_servers(tmp_path):
+    pytest.importorskip("httpx")
+    out = tmp_path / "pairs.jsonl"
+    with _fake_feedback(reply="An answer") as policy, _fake_feedback() as feedback:
+        result = CliRunner().invoke(app, plumbing([
+            "generate", EXAMPLES, "--backend", "openai", "--base-url", policy, "--model", "fake", "-o", out,
+            "--limit", "2", "--max-new-tokens", "6", "--no-filter", "--samples", "3", "--judge-base-url", feedback,
+            "--judge-model", "fake", "--principles-per-comparison", "2"]), env={"OPENAI_API_KEY": None})
+    assert result.exit_code == 0, result.output
+    records = read_jsonl(out)
+    assert len(records) == 2 and all(len(r["meta"]["feedback"]["principles"]) == 2 for r in records)
+
+
+def test_a_feedback_server_without_logprobs_stops_the_run_in_one_line(tmp_path):
+    pytest.importorskip("httpx")
+    out = tmp_path / "pairs.jsonl"
+    with _fake_feedback(reply="An answer") as policy, _fake_feedback(with_logprobs=False) as feedback:
+        result = CliRunner().invoke(app, plumbing([
+            "generate", EXAMPLES, "--backend", "openai", "--base-url", policy, "--model", "fake", "-o", out,
+            "--limit", "3", "--max-new-tokens", "6", "--no-filter", "--samples", "2", "--judge-base-url", feedback,
+            "--judge-model", "fake"]), env={"OPENAI_API_KEY": None})
+    assert result.exit_code != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "the feedback model fake cannot be scored" in errors[0]
+    assert "returned no logprobs" in errors[0] and "Traceback" not in result.output
+
+
+def test_tiny_model_sigterm_then_resume_gives_the_records_of_an_uncut_run(tiny_model, tmp_path):
+    """A real SIGTERM to `cai generate --samples`: the prompts in flight finish, the run exits
+    143, and the rerun resumes (no prompt sampled again) to the records of an uncut run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    prompts = tmp_path / "many.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i:02d}", "prompt": f"Tell me about river number {i}."}) + "\n"
+                               for i in range(24)))
+    common = [prompts, "--model", tiny_model, "--max-new-tokens", "12", "--no-filter", "--samples", "2",
+              "--no-few-shot", "--principles-per-comparison", "2"]
+    whole = tmp_path / "whole.jsonl"
+    assert cli("generate", *common, "-o", whole, "-b", "4").exit_code == 0
+    cut = tmp_path / "cut.jsonl"
+    command = [sys.executable, "-m", "cai", *plumbing(("generate", *common, "-o", cut, "-b", "2"))]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not (cut.exists() and cut.read_bytes().count(b"\n")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=120)[1].decode()
+    made = read_jsonl(cut)
+    assert proc.returncode == 143 and 0 < len(made) < 24, stderr
+    resumed = cli("generate", *common, "-o", cut, "-b", "3")
+    assert resumed.exit_code == 0 and f"{len(made)} records already there" in " ".join(resumed.stderr.split()), \
+        resumed.stderr
+    assert without_created(read_jsonl(cut)) == without_created(read_jsonl(whole))
+
+
+def test_filters_drop_sampled_pairs_and_a_dropped_prompt_is_done(tmp_path):
+    out = tmp_path / "out.jsonl"
+    # the plain scripted backend ignores seeds: both samples are the same answer, "unchanged"
+    summary = run(prompts_file(tmp_path), str(out), options(ScriptedBackend(), filter=True))
+    assert summary.dropped == len(PROMPTS) and summary.kept == 0 and summary.complete
+    assert summary.curation["reasons"] == {"unchanged": len(PROMPTS)}
+    assert {d["filter"]["reasons"][0] for d in read_jsonl(f"{out}.filtered.jsonl")} == {"unchanged"}
+    assert run(prompts_file(tmp_path), str(out), options(ScriptedBackend(), filter=True)).nothing_to_do
+    kept = run(prompts_file(tmp_path), None, options(SampledBackend(), filter=True))
+    assert kept.kept + kept.dropped == len(PROMPTS) and kept.kept
+
+
+def test_judge_with_a_separate_judge_model_labels_critique_pairs(tmp_path):
+    judge = SampledBackend(model_name="judge-model")
+    summary = run(PROMPTS[:3], None, GenerateOptions(model=ScriptedBackend(model_name="policy-model"), filter=False,
+                                                      judge=True, judge_model=judge))
+    assert judge.scored and summary.kept == 3
+    assert all(r["judge"]["model"] == "judge-model" and r["meta"]["model"] == "policy-model" for r in summary.records)

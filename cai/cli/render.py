@@ -103,7 +103,9 @@ def generate_summary(summary) -> None:
     table.add_row("records written", str(summary.kept)
                   + (f" ({summary.kept - summary.repaired} on the first try, {summary.repaired} after repair)"
                      if summary.repaired else ""))
-    if curation.get("active"):
+    if summary.pairs != summary.kept:        # sampled pairs (--samples), earlier rounds (--keep-rounds)
+        table.add_row("pairs written in all", str(summary.pairs))
+    if curation.get("active") or summary.dropped:
         reasons = " · ".join(f"{reason} {count}" for reason, count in curation["reasons"].items())
         table.add_row("dropped (filters)", f"{summary.dropped}" + (f" ({reasons})" if reasons else ""))
     if summary.failed:

@@ -346,6 +346,7 @@ def _loop(pipeline, jobs, writer, curation, failures, fmt: str, summary: Summary
                     writer.write(to_format(extra, fmt) if fmt != "standard" else extra)
                     summary.pairs += 1
             summary.kept += 1
+            summary.pairs += 1
             summary.repaired += bool(record["meta"].get("repairs"))
             summary.changed += record["chosen"].strip() != record["rejected"].strip()
             reasons = record["meta"]["finish_reasons"]
