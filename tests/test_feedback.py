@@ -556,3 +556,33 @@ def test_judge_with_a_separate_judge_model_labels_critique_pairs(tmp_path):
                                                       judge=True, judge_model=judge))
     assert judge.scored and summary.kept == 3
     assert all(r["judge"]["model"] == "judge-model" and r["meta"]["model"] == "policy-model" for r in summary.records)
+
+
+def test_the_review_index_reads_sampled_pairs_and_their_margin_drops(tmp_path):
+    from cai.review.index import PairsIndex
+
+    out = tmp_path / "out.jsonl"
+    run(prompts_file(tmp_path), str(out), options(SampledBackend(bias=0.0), samples=4, min_margin=0.35))
+    index = PairsIndex(str(out)).build(background=False)
+    try:
+        index.wait()
+        assert index.error is None and index.torn == 0
+        kept = read_jsonl(out)
+        dropped = read_jsonl(f"{out}.filtered.jsonl")
+        assert kept and dropped, "the margin keeps some pairs and drops some prompts"
+        assert len(index.entries) == len(kept) + len(dropped)
+        for entry in index.entries:
+            assert index.read(entry.n)["id"]
+    finally:
+        index.close()
+    from cai.review.server import Review
+
+    review = Review(str(out), lock=False)
+    try:
+        review.index.wait()
+        for n in range(len(kept) + len(dropped)):
+            view = review.pair(n)
+            assert view["record"]["id"] and view["status"] in ("kept", "dropped")
+        assert review.summary()
+    finally:
+        review.close()
