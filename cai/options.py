@@ -463,9 +463,9 @@ class GenerateOptions(BackendSpec, CurationOptions):
                                ("revisions", "sampled pairs have no critique rounds")):
                 if getattr(self, name) not in (None, False):
                     raise OptionError(name, f"does not go with `samples`: {hint}")
-            if self.sampling == "all":
-                raise OptionError("sampling", "all does not go with `samples`: the principles of a comparison are "
-                                              "drawn per comparison (`principles_per_comparison`)")
+            if self.sampling is not None:
+                raise OptionError("sampling", "does not go with `samples`: the principles of each comparison are "
+                                              "drawn for it (`principles_per_comparison`)")
             if not self.critique or self.keep_rounds:
                 raise OptionError("critique" if not self.critique else "keep_rounds",
                                   "is for critique-and-revise runs, not `samples`")

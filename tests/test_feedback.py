@@ -211,6 +211,9 @@ def test_cot_reasons_first_stores_it_apart_and_clamps(tmp_path):
     ({"samples": 2, "min_margin": 1.5}, "min_margin"),
     ({"samples": 2, "judge_backend": "openai"}, "judge_backend"),
     ({"samples": None, "judge_model": "x"}, "judge_model"),
+    ({"samples": 2, "sampling": "cycle"}, "sampling"),
+    ({"samples": 2, "revisions": 2}, "revisions"),
+    ({"samples": 2, "critique": False}, "critique"),
 ])
 def test_bad_options_are_one_line_before_anything_runs(tmp_path, extra, option):
     backend = SampledBackend()
