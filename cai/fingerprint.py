@@ -14,7 +14,7 @@ FINGERPRINT_KEYS = ("model", "constitution", "templates", "seed", "params")
 # Run parameters added after records were first written, with the value that makes the same
 # records as before: a file written without one continues under that value.
 LATER_PARAMS = {"reasoning": "auto", "reasoning_tags": ",".join(thinking.DEFAULT_TAGS), "repairs": 0,
-                "repair_from": "revision", "filters": "on"}
+                "repair_from": "revision", "filters": "on", "feedback": None, "critique": True, "keep_rounds": False}
 
 
 def run_fingerprint(model_name: str, constitution, templates, config: "RunConfig") -> dict:
@@ -23,7 +23,8 @@ def run_fingerprint(model_name: str, constitution, templates, config: "RunConfig
     params = {**config.params.to_dict(), "revisions": config.revisions, "sampling": config.sampling,
               "few_shot": config.few_shot}
     later = {"reasoning": config.reasoning, "reasoning_tags": ",".join(config.reasoning_tags),
-             "repairs": config.repairs, "repair_from": config.repair_from, "filters": config.filters}
+             "repairs": config.repairs, "repair_from": config.repair_from, "filters": config.filters,
+             "feedback": config.feedback, "critique": config.critique, "keep_rounds": config.keep_rounds}
     params.update({k: v for k, v in later.items() if v != LATER_PARAMS[k]})   # the defaults change no record
     return dict(zip(FINGERPRINT_KEYS, (model_name, constitution.ref, templates.ref, config.seed, params), strict=True))
 

@@ -384,8 +384,42 @@ class GenerateOptions(BackendSpec, CurationOptions):
     lock: bool = option(True, "--no-lock", invert=True, panel="Run", help=(
         "Do not lock the output (only where the file system cannot lock and you are sure no other run writes it)."))
 
+    # the paper's second stage (sampled pairs labelled by a feedback model) and first-stage variants
+    samples: int | None = option(None, "--samples", metavar="N", panel="Generation", help=(
+        "The paper's second stage: sample N (≥ 2) answers per prompt (each seeded on its own; set --temperature "
+        "above 0) and let the feedback model pick the better of each pair; records are best against worst (or, with "
+        "--min-margin, every pair decided enough), the label in judge.label and the whole comparison in "
+        "meta.feedback."))
+    principles_per_comparison: int = option(1, "--principles-per-comparison", metavar="K", panel="Judge", help=(
+        "With --samples: principles asked per comparison (each in both orders; drawn by --seed, weighted); the label "
+        "is their mean probability."))
+    min_margin: float | None = option(None, "--min-margin", metavar="M", panel="Judge", help=(
+        "With --samples: a record for every pair whose margin |2p - 1| is at least M (0-1), instead of best against "
+        "worst; a prompt with none is dropped (reason: margin)."))
+    cot: bool = option(False, "--cot", panel="Judge", help=(
+        "With --samples: the feedback model reasons step by step before it answers; the reasoning is stored in "
+        "meta.feedback.cot, and labels are clamped to 0.4,0.6 unless --clamp says otherwise."))
+    judge_model: Any = option(None, "--judge-model", cli=Optional[str], panel="Judge", help=(
+        "The feedback model of --samples or --judge (default: the policy model itself): a local folder, a .gguf "
+        "file, a Hub id, or with --judge-backend openai the name the server serves."))
+    judge_backend: str | None = option(None, "--judge-backend", choices=registry.names(), panel="Judge", help=(
+        "The feedback model's backend [default: hf, or openai with --judge-base-url]."))
+    judge_base_url: str | list[str] | None = option(None, "--judge-base-url", cli=Optional[list[str]], panel="Judge", help=(
+        "The feedback model's server (API root); give it again for more servers of the same model."))
+    judge_api_key_env: str | None = option(None, "--judge-api-key-env", metavar="NAME", panel="Judge", help=(
+        "The environment variable holding the feedback server's API key."))
+    judge_concurrency: int | None = option(None, "--judge-concurrency", panel="Judge", help=(
+        "Requests in flight at once to the feedback server [default: --concurrency]."))
+    critique: bool = option(True, "--critique/--no-critique", panel="Generation", help=(
+        "--no-critique: each round revises the answer directly against its principle, without a critique first "
+        "(the paper found it as good for large models)."))
+    keep_rounds: bool = option(False, "--keep-rounds", panel="Generation", help=(
+        "With --revisions above 1: a record for each round (its revision against the one before it) as well as the "
+        "final pair."))
+
     def check(self) -> None:
         check_types(self)
+        self._check_feedback()
         if self.resume and self.overwrite:
             raise OptionError("resume", "contradicts `overwrite`; pick one")
         for name in ("revisions", "batch_size", "max_new_tokens", "limit"):
@@ -404,8 +438,91 @@ class GenerateOptions(BackendSpec, CurationOptions):
         if self.grace < 0:
             raise OptionError("grace", f"must be 0 or more seconds (got {self.grace:g})")
         BackendSpec.check(self)
-        CurationOptions.check(self, self.judge)
+        CurationOptions.check(self, self.judge or self.samples is not None)
         self.shard_numbers()
+
+    def _check_feedback(self) -> None:
+        """issue 33's options: each one-line error names the option, before anything loads."""
+        sampled = self.samples is not None
+        if isinstance(self.judge_model, os.PathLike):
+            self.judge_model = os.fspath(self.judge_model)
+        if self.judge_model is not None and not isinstance(self.judge_model, str) \
+                and not hasattr(self.judge_model, "model_name"):
+            raise OptionError("judge_model", f"expected a model name or path, or an open backend (got "
+                                             f"{type(self.judge_model).__name__})")
+        if sampled and self.samples < 2:
+            raise OptionError("samples", f"must be at least 2 (got {self.samples}): a pair needs two answers")
+        _at_least("principles_per_comparison", self.principles_per_comparison, 1)
+        _at_least("judge_concurrency", self.judge_concurrency, 1)
+        if self.min_margin is not None and not 0 <= self.min_margin <= 1:
+            raise OptionError("min_margin", f"must be between 0 and 1 (got {self.min_margin:g})")
+        if not sampled:
+            for name, unset in (("principles_per_comparison", 1), ("min_margin", None), ("cot", False)):
+                if getattr(self, name) is not unset and getattr(self, name) != unset:
+                    raise OptionError(name, "needs `samples` N (answers compared by the feedback model)")
+        if not (sampled or self.judge) and any(getattr(self, name) is not None for name in (
+                "judge_model", "judge_backend", "judge_base_url", "judge_api_key_env", "judge_concurrency")):
+            raise OptionError("judge_model", "names the feedback model of `samples` or `judge`; give one of them")
+        if sampled:
+            for name, hint in (("judge", "`samples` labels every pair with the feedback model already"),
+                               ("swap", "the chosen answer of a sampled pair is always the preferred one"),
+                               ("min_preference", "use `min_margin`"),
+                               ("response_field", "a given response cannot be sampled N times"),
+                               ("revisions", "sampled pairs have no critique rounds")):
+                if getattr(self, name) not in (None, False):
+                    raise OptionError(name, f"does not go with `samples`: {hint}")
+            if self.sampling is not None:
+                raise OptionError("sampling", "does not go with `samples`: the principles of each comparison are "
+                                              "drawn for it (`principles_per_comparison`)")
+            if not self.critique or self.keep_rounds:
+                raise OptionError("critique" if not self.critique else "keep_rounds",
+                                  "is for critique-and-revise runs, not `samples`")
+            if self.cot and self.clamp is None:
+                from cai.feedback import COT_CLAMP
+
+                self.clamp = COT_CLAMP                 # the paper's clamp of chain-of-thought labels
+        if sampled or self.judge:
+            # an open backend (the Python API's) must read option log-probabilities to give feedback
+            given = self.judge_model if self.judge_model is not None else self.model
+            name = "judge_model" if self.judge_model is not None else "model"
+            if given is not None and not isinstance(given, (str, os.PathLike)) \
+                    and not callable(getattr(given, "score_choices", None)):
+                raise OptionError(name, f"{getattr(given, 'model_name', type(given).__name__)} gives no option "
+                                        "log-probabilities (no score_choices), which the feedback is read from")
+        spec = self.feedback_spec()
+        if spec is not None:
+            try:
+                spec.check()
+            except OptionError as exc:
+                import re
+
+                # the feedback model's own options: --judge-model, --judge-base-url, …
+                raise OptionError(f"judge_{exc.option}", re.sub(r"`(model|backend|base_url|api_key_env|concurrency)`",
+                                                              r"`judge_\1`", exc.detail)) from None
+
+    def feedback_spec(self) -> BackendSpec | None:
+        """The feedback model's BackendSpec, or None where the policy model gives the feedback.
+        It shares the policy's local settings (device, dtype, threads, timeouts)."""
+        if self.judge_model is None and self.judge_backend is None and self.judge_base_url is None:
+            return None
+        backend = self.judge_backend or ("openai" if self.judge_base_url else "hf")
+        policy = self.backend_spec()
+        values = {name: getattr(policy, name) for name in registry.owners()}      # the policy's settings…
+        values.update(base_url=self.judge_base_url, base_urls=None, allow_down=False,
+                      api_key_env=self.judge_api_key_env, concurrency=self.judge_concurrency or self.concurrency)
+        # …where the feedback backend takes them; its own defaults elsewhere
+        owned = {name for name, owners in registry.owners().items() if backend in owners}
+        return BackendSpec(backend=backend, model=self.judge_model,
+                           **{name: value for name, value in values.items() if name in owned})
+
+    def feedback_config(self):
+        """The FeedbackConfig of a run with `samples` (None without)."""
+        from cai.feedback import FeedbackConfig
+
+        if self.samples is None:
+            return None
+        return FeedbackConfig(samples=self.samples, principles=self.principles_per_comparison,
+                              min_margin=self.min_margin, cot=self.cot, judge=self.judge_config())
 
     def tags(self) -> tuple[str, str]:
         """The (open, close) reasoning tags of `reasoning_tags`."""

@@ -40,6 +40,10 @@ class RunConfig:
     repair_temperature: float = REPAIR_TEMPERATURE       # what a greedy run samples its repairs at
     repair_from: str = "revision"  # what a repair of a finished pair samples anew: the revision, or the critique too
     filters: str = "on"            # what drops pairs ("on", "off", "on+refusal", …): the output's records depend on it
+    # issue 33: sampled pairs (what the feedback compares: see cai.feedback), first-stage variants
+    feedback: dict | None = None   # FeedbackConfig.describe() of a run with samples
+    critique: bool = True          # False: each round revises directly against its principle
+    keep_rounds: bool = False      # a pair per revision round, not only the last
 
 
 TOO_LONG, REFUSED = "too long", "refused"      # why a prompt is left out before it starts
@@ -110,7 +114,8 @@ class Pipeline:
         self.constitution = constitution
         self.templates = templates
         self.config = config
-        self.builder = ConversationBuilder(constitution, templates, few_shot=config.few_shot)
+        self.builder = ConversationBuilder(constitution, templates, few_shot=config.few_shot, critique=config.critique)
+        self.per_round = 2 if config.critique else 1      # turns a round adds: critique and revision, or revision
         self._fixed_cache: dict[tuple[Principle, ...], int] = {}
         self._mentions: int | None = None
         self._empty_turn = 0
@@ -155,7 +160,7 @@ class Pipeline:
             return item, None, None
         fixed = self._fixed_tokens(principles)
         if fixed >= context:        # no prompt fits: the turns' budget alone is past the context
-            turns = 1 + 2 * len(principles)
+            turns = 1 + self.per_round * len(principles)
             per_turn = self.config.params.max_new_tokens
             most = (context - (fixed - turns * per_turn)) // turns
             raise OptionError("max_new_tokens", f"{per_turn} new tokens for each of a conversation's {turns} turns "
@@ -195,11 +200,12 @@ class Pipeline:
         if principles not in self._fixed_cache:
             conversation = self.builder.opening("")
             for round_no, principle in enumerate(principles, start=1):
+                if self.config.critique:
+                    conversation += [{"role": "assistant", "content": ""},
+                                     self.builder.critique_request(principle, round_no, "")]
                 conversation += [{"role": "assistant", "content": ""},
-                                 self.builder.critique_request(principle, round_no, ""),
-                                 {"role": "assistant", "content": ""},
                                  self.builder.revision_request(principle, round_no, "")]
-            turns = 1 + 2 * len(principles)
+            turns = 1 + self.per_round * len(principles)
             try:
                 counted = self.backend.count_tokens(conversation)
             except Exception as exc:  # noqa: BLE001 -- the chat template refuses every conversation of this run
@@ -216,8 +222,10 @@ class Pipeline:
         if self._mentions is None:
             sentinel = "\x1fcai-prompt\x1f"
             p = self.constitution.principles[0]
-            quoted = sum(sentinel in m["content"] for m in (self.builder.critique_request(p, 1, sentinel),
-                                                           self.builder.revision_request(p, 1, sentinel)))
+            requests = [self.builder.revision_request(p, 1, sentinel)]
+            if self.config.critique:
+                requests.append(self.builder.critique_request(p, 1, sentinel))
+            quoted = sum(sentinel in m["content"] for m in requests)
             self._mentions = 1 + self.config.revisions * quoted
             self._empty_turn = self.backend.count_tokens([self.builder.user_prompt("")])
         added = self.backend.count_tokens([self.builder.user_prompt(text)]) - self._empty_turn
@@ -243,11 +251,11 @@ class Pipeline:
         longest = max((j.tokens or 0 for j in jobs), default=0) or None
         work: dict[str, _Work] = {}
         shown = {} if on_text is None else {
-            "on_text": lambda key, text: on_text(key, _stage(len(work[key].completions)), text)}
+            "on_text": lambda key, text: on_text(key, self._stage(len(work[key].completions)), text)}
         stream = self.backend.stream(self.config.params, max(1, min(self.config.batch_size, len(jobs))), longest,
                                      **shown)
         waiting = deque(jobs)
-        turns = 1 + 2 * self.config.revisions
+        turns = 1 + self.per_round * self.config.revisions
         check = check if self.config.repairs else None
         while True:
             while waiting and len(work) < self.config.batch_size and not (stop and stop()):
@@ -268,14 +276,14 @@ class Pipeline:
                 if completion.error is not None:
                     stream.release(key)
                     del work[key]
-                    stage = _stage(len(w.completions))
+                    stage = self._stage(len(w.completions))
                     if on_failure is None:
                         raise BackendError(f"{w.job.record_id}: {stage}: {completion.error}")
                     on_failure(w.job, stage, completion.error)
                     continue
                 self._add_turn(w, completion)
                 if on_turn:
-                    on_turn(_stage(len(w.completions) - 1), completion)
+                    on_turn(self._stage(len(w.completions) - 1), completion)
                 record = self._record(w) if len(w.completions) == turns else None
                 if check and self._repair(w, check, record):
                     self._submit(stream, w)
@@ -311,10 +319,10 @@ class Pipeline:
             return False
         taken = [w.completions.pop()]
         w.messages.pop()
-        if ended and self.config.repair_from == "critique":
+        if ended and self.config.repair_from == "critique" and self.config.critique:
             taken.append(w.completions.pop())   # the critique too, and the revision request after it
             del w.messages[-2:]
-        w.repairs.append({"turn": _stage(ended), "reasons": reasons,
+        w.repairs.append({"turn": self._stage(ended), "reasons": reasons,
                           "tokens": sum(c.completion_tokens for c in taken)})
         return True
 
@@ -328,14 +336,24 @@ class Pipeline:
         w.spent[0] += completion.prompt_tokens
         w.spent[1] += completion.completion_tokens
 
+    def _stage(self, turn: int) -> str:
+        """The name of a turn: the response, then each round's critique and revision (without
+        critiques, each round's revision)."""
+        return _stage(turn) if self.config.critique else ("response" if turn == 0 else f"revision {turn}")
+
     def _next_request(self, w: _Work) -> None:
+        if not self.config.critique:
+            round_no = len(w.completions)
+            principle = w.job.principles[round_no - 1]
+            w.messages.append(self.builder.revision_request(principle, round_no, w.job.prompt.text))
+            return
         round_no = (len(w.completions) + 1) // 2
         principle, prompt = w.job.principles[round_no - 1], w.job.prompt.text
         w.messages.append(self.builder.critique_request(principle, round_no, prompt)
                           if len(w.completions) % 2 else self.builder.revision_request(principle, round_no, prompt))
 
     def _submit(self, stream: Stream, w: _Work) -> None:
-        stage = _stage(len(w.completions))
+        stage = self._stage(len(w.completions))
         tries = w.tries[stage] = w.tries.get(stage, 0) + 1
         # a retry gets its own seed (the first try's is what it always was), and a greedy run
         # samples its retries, or it would write the same turn again
@@ -361,10 +379,14 @@ class Pipeline:
         keep = self.reasoning == "keep"
         rounds = []
         for i, principle in enumerate(w.job.principles):
-            critique, revision = turns[2 * i], turns[2 * i + 1]
-            rounds.append({"principle": principle.id, "critique": critique.text, "revision": revision.text,
-                           **({"reasoning": {"critique": critique.reasoning, "revision": revision.reasoning}}
-                              if keep else {})})
+            if self.config.critique:
+                critique, revision = turns[2 * i], turns[2 * i + 1]
+            else:
+                critique, revision = None, turns[i]
+            rounds.append({"principle": principle.id, "critique": critique.text if critique else None,
+                           "revision": revision.text,
+                           **({"reasoning": {"critique": critique.reasoning if critique else None,
+                                             "revision": revision.reasoning}} if keep else {})})
         last = rounds[-1]
         item = w.job.prompt
         system = next((m["content"] for m in item.history[:1] if m["role"] == "system"), self.builder.system)
@@ -390,14 +412,32 @@ class Pipeline:
                 **({"reasoning": self.reasoning} if self.reasoning != "drop" or self.config.reasoning != "auto" else {}),
                 "finish_reasons": {
                     "response": response.finish_reason,
-                    "critique": [turns[2 * i].finish_reason for i in range(len(rounds))],
-                    "revision": [turns[2 * i + 1].finish_reason for i in range(len(rounds))],
+                    "critique": [turns[2 * i].finish_reason for i in range(len(rounds))] if self.config.critique
+                    else [],
+                    "revision": [turns[self.per_round * i + self.per_round - 1].finish_reason
+                                 for i in range(len(rounds))],
                 },
                 "tokens": {"prompt": w.spent[0], "completion": w.spent[1]},     # failed tries included
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "cai": __version__,
             },
         }
+
+
+def round_pairs(record: dict) -> list[dict]:
+    """`keep_rounds`: a pair for each round before the last, its revision (chosen) against the
+    answer it revised (rejected: the response, or the round before's revision), with the id
+    `ID#rK`. The record itself stays the final pair (the last revision against the response)."""
+    rounds, pairs = record.get("rounds") or [], []
+    for k in range(1, len(rounds)):
+        this = rounds[k - 1]
+        before = record["rejected"] if k == 1 else rounds[k - 2]["revision"]
+        pairs.append({**record, "id": f"{record['id']}#r{k}", "chosen": this["revision"], "rejected": before,
+                      "principle": this["principle"], "critique": this["critique"], "rounds": rounds[:k],
+                      "meta": {**record["meta"], "round": k, "finish_reasons": {
+                          **record["meta"]["finish_reasons"],
+                          "revision": record["meta"]["finish_reasons"]["revision"][:k]}}})
+    return pairs
 
 
 def _stage(turn: int) -> str:

@@ -124,6 +124,10 @@ class Stats:
         self.decisions: dict[str, dict] | None = None   # the review's latest decision per id (cai review)
         self.review_file: str | None = None
         self.judge_compared = self.judge_agreeing = 0   # accept/swap decisions on judged pairs, and those the judge shares
+        # issue 33: sampled pairs (meta.feedback): soft labels, order agreement, each principle's verdicts
+        self.labels = array("d")
+        self.feedback_agreement = array("d")
+        self.feedback_principles: dict[str, list] = {}    # principle → [asked, chosen preference sum, won, agreeing]
 
     def _principle(self, record: dict) -> dict:
         name = record.get("principle")
@@ -194,6 +198,8 @@ class Stats:
                     principle["order_pairs"] += 1
                     principle["agreeing"] += agree
 
+        if isinstance(meta.get("feedback"), dict):
+            self._feedback(meta["feedback"])
         finish = meta.get("finish_reasons") if isinstance(meta.get("finish_reasons"), dict) else {}
         if isinstance(finish.get("response"), str):
             self.response_finish[finish["response"]] += 1
@@ -205,6 +211,47 @@ class Stats:
         self.cleaned += bool(meta.get("cleaned"))
         self.repaired += bool(meta.get("repairs"))
         self.repair_made = self.repair_made or "attempts" in meta
+
+    def _feedback(self, feedback: dict) -> None:
+        """A sampled pair's comparison: its label, and per principle asked the probability that
+        the chosen answer is the better (both orders' mean) and whether the two orders agree."""
+        label = _number(feedback.get("label"))
+        if label is not None:
+            self.labels.append(label)
+        agreement = _number(feedback.get("agreement"))
+        if agreement is not None:
+            self.feedback_agreement.append(agreement)
+        principles, orders = feedback.get("principles"), feedback.get("orders")
+        if not isinstance(principles, list) or not isinstance(orders, list) or len(principles) != len(orders):
+            return
+        for name, pair in zip(principles, orders):
+            values = [_number(v) for v in pair] if isinstance(pair, list) and len(pair) == 2 else [None]
+            if None in values:
+                continue
+            entry = self.feedback_principles.setdefault(str(name), [0, 0.0, 0, 0])
+            mean = sum(values) / 2
+            entry[0] += 1
+            entry[1] += mean
+            entry[2] += mean > 0.5
+            entry[3] += orders_agree(values)
+
+    def feedback_report(self) -> dict | None:
+        if not self.labels:
+            return None
+        n = len(self.labels)
+        counts = [0] * HISTOGRAM_BINS
+        for p in self.labels:
+            counts[min(max(int(p * HISTOGRAM_BINS), 0), HISTOGRAM_BINS - 1)] += 1
+        return {
+            "pairs": n,
+            "label": distribution(self.labels),
+            "histogram": {"edges": [_num(i / HISTOGRAM_BINS) for i in range(HISTOGRAM_BINS + 1)], "counts": counts},
+            "agreement": _mean(sum(self.feedback_agreement), len(self.feedback_agreement)),
+            "principles": {name: {"asked": asked, "chosen_mean": _mean(total, asked), "win_rate": _mean(won, asked),
+                                  "agreement": _mean(agreeing, asked)}
+                           for name, (asked, total, won, agreeing) in sorted(
+                               self.feedback_principles.items(), key=lambda kv: (-kv[1][0], kv[0]))},
+        }
 
     def _compare(self, record: dict, judge: dict, preference: float) -> None:
         """A reviewer's accept (the chosen side is better) or swap (the rejected one is) against
@@ -306,6 +353,7 @@ class Stats:
                 "computed": self.edit_computed,
             },
             "judge": judge,
+            "feedback": self.feedback_report(),
             "finish_reasons": {"response": dict(self.response_finish.most_common()),
                                "revision": dict(self.revision_finish.most_common())},
             "cleaned": self.cleaned,

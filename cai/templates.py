@@ -211,9 +211,11 @@ class ConversationBuilder:
     then critique and revision requests. The prefix (system + few-shot) is the same for every
     prompt, so it is built once."""
 
-    def __init__(self, constitution: Constitution, templates: Templates, few_shot: bool = True):
+    def __init__(self, constitution: Constitution, templates: Templates, few_shot: bool = True,
+                 critique: bool = True):
         self.constitution = constitution
         self.templates = templates
+        self.critique = critique            # False: worked examples revise without their critique turns
         self.prefix: tuple[Message, ...] = tuple(self._prefix(few_shot))
 
     def _prefix(self, few_shot: bool) -> list[Message]:
@@ -226,8 +228,8 @@ class ConversationBuilder:
             messages += [
                 self.user_prompt(example.prompt),
                 {"role": "assistant", "content": example.response},
-                self.critique_request(principle, 1, example.prompt),
-                {"role": "assistant", "content": example.critique},
+                *([self.critique_request(principle, 1, example.prompt),
+                   {"role": "assistant", "content": example.critique}] if self.critique else []),
                 self.revision_request(principle, 1, example.prompt),
                 {"role": "assistant", "content": example.revision},
             ]

@@ -31,6 +31,28 @@ def conversational(record: dict) -> dict:
     return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
 
 
+def soft_margin(record: dict) -> float | None:
+    """A labelled pair's soft label as a reward margin: logit(P(chosen better)), the margin
+    TRL's reward trainer reads from a row's `margin` (the Bradley-Terry model's reward gap);
+    None without a label (`judge.label`, of `cai judge`, `--judge` or `--samples`)."""
+    import math
+
+    judge = record.get("judge")
+    label = judge.get("label") if isinstance(judge, dict) else None
+    if isinstance(label, bool) or not isinstance(label, (int, float)) or not math.isfinite(label):
+        return None
+    p = min(max(float(label), 1e-6), 1 - 1e-6)
+    return round(math.log(p / (1 - p)), 6)
+
+
+def trl_row(record: dict) -> dict:
+    """TRL's conversational row, with the soft label as `margin` where the pair has one (TRL's
+    reward trainer reads it; its DPO trainer leaves it be)."""
+    row = conversational(record)
+    margin = soft_margin(record)
+    return row if margin is None else {**row, "margin": margin}
+
+
 def sharegpt(record: dict) -> dict:
     """LLaMA-Factory's sharegpt ranking row, with OpenAI role/content tags."""
     row = conversational(record)
@@ -68,7 +90,9 @@ class Layout:
 
 
 def layout(trainer: str, splits: list[str]) -> list[Layout]:
-    if trainer in ("trl", "axolotl", "openrlhf"):
+    if trainer == "trl":
+        return [Layout({s: f"data/{s}.jsonl" for s in splits}, trl_row)]
+    if trainer in ("axolotl", "openrlhf"):
         return [Layout({s: f"data/{s}.jsonl" for s in splits}, conversational)]
     if trainer == "llamafactory":
         return [Layout({s: f"llamafactory/cai_sharegpt_{s}.jsonl" for s in splits}, sharegpt),

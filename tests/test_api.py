@@ -103,7 +103,7 @@ def test_every_generate_flag_is_a_keyword_of_the_api():
     from cai.options import GenerateOptions
 
     names = {f.name for f in fields(GenerateOptions)}
-    for flag in _help_flags("generate") - {"--output", "--quiet", "--no-lock", "--no-few-shot", "--no-filter", "--config", "--print-config"}:
+    for flag in _help_flags("generate") - {"--output", "--quiet", "--no-lock", "--no-few-shot", "--no-filter", "--config", "--print-config", "--no-critique"}:
         assert flag[2:].replace("-", "_") in names, flag
     assert "lock" in names and "few_shot" in names and "filter" in names
 

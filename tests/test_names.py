@@ -37,7 +37,8 @@ def test_the_layout_map_lists_every_module_once_and_nothing_that_is_gone():
 # Flags that are not cai's options, or are part of a command line a message shows whole.
 NOT_OPTIONS = {
     "cai/backends/kernels.py": {"--version"},                  # the C compiler's
-    "cai/constitution/schema.py": {"--revisions", "--sampling"},   # the format's help: the flag a field defaults
+    "cai/constitution/schema.py": {"--revisions", "--sampling", "--samples", "--cot"},
+    "cai/constitution/lookup.py": {"--samples", "--cot"},       # the starter file's comments, a command line   # the format's help: the flag a field defaults
     "cai/errors.py": {"--no-"},                                 # OptionError.flag() makes flags
     "cai/model_files.py": {"--no-deps", "--model"},                  # pip's; --model: TODO (INSTALL_HINT)
     "cai/options.py": {"--array"},                              # Slurm's

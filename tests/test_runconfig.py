@@ -25,7 +25,7 @@ def run(*args, input: str | None = None):
 
 
 def _help_flags(*command: str) -> set[str]:
-    text = run(*command, "--help").output
+    text = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "400"}, terminal_width=400).output
     return set(re.findall(r"(--[a-z][a-z0-9-]*)", text))
 
 

@@ -245,7 +245,7 @@ def test_json_goes_to_stdout_and_no_tables(tmp_path):
     pairs = write(tmp_path / "pairs.jsonl", [record("a", judge=(0.6, 0.5, 0.7))])
     report, result = report_of(pairs)
     assert set(report) == {"input", "principles", "lengths", "edits", "judge", "finish_reasons", "cleaned", "repairs",
-                           "review", "runs"}
+                           "review", "runs", "feedback"}
     assert result.stderr == ""
     assert "┃" not in result.stdout and "cai stats" not in result.stdout
 

@@ -136,7 +136,9 @@ def generate_summary(summary) -> None:
     table.add_row("records written", str(summary.kept)
                   + (f" ({summary.kept - summary.repaired} on the first try, {summary.repaired} after repair)"
                      if summary.repaired else ""))
-    if curation.get("active"):
+    if summary.pairs != summary.kept:        # sampled pairs (--samples), earlier rounds (--keep-rounds)
+        table.add_row("pairs written in all", str(summary.pairs))
+    if curation.get("active") or summary.dropped:
         reasons = " · ".join(f"{reason} {count}" for reason, count in curation["reasons"].items())
         table.add_row("dropped (filters)", f"{summary.dropped}" + (f" ({reasons})" if reasons else ""))
     if summary.failed:
@@ -279,6 +281,25 @@ def stats_tables(report: dict) -> None:
         widest = max(counts) or 1
         for low, high, count in zip(edges, edges[1:], counts):
             table.add_row(f"  {low:.1f}–{high:.1f}", f"{'█' * round(20 * count / widest):<20} {count:,}")
+        err.print(table)
+
+    feedback = report.get("feedback")
+    if feedback:
+        table = Table(title="feedback (sampled pairs): P(chosen better)", show_header=False, title_justify="left")
+        table.add_column(style="bold", no_wrap=True)
+        table.add_column()
+        label = feedback["label"]
+        table.add_row("pairs", f"{feedback['pairs']:,}")
+        table.add_row("label", " · ".join(f"{k} {fmt(label[k])}" for k in ("min", "p50", "mean", "max")))
+        if feedback["agreement"] is not None:
+            table.add_row("orders agree", f"{feedback['agreement']:.1%}")
+        counts, edges = feedback["histogram"]["counts"], feedback["histogram"]["edges"]
+        widest = max(counts) or 1
+        for low, high, count in zip(edges, edges[1:], counts):
+            table.add_row(f"  {low:.1f}–{high:.1f}", f"{'█' * round(20 * count / widest):<20} {count:,}")
+        for name, row in feedback["principles"].items():
+            table.add_row(f"  {name}", f"asked {row['asked']:,} · chosen wins {row['win_rate']:.1%} · "
+                                       f"mean {fmt(row['chosen_mean'])} · orders agree {row['agreement']:.1%}")
         err.print(table)
 
     review = report.get("review")

@@ -24,7 +24,24 @@ def starter_text() -> str:
     lines = text.splitlines(keepends=True)
     if lines and lines[0].startswith("# yaml-language-server:"):
         lines[0] = f"# yaml-language-server: $schema={(folder / 'schema.json').as_uri()}\n"
-    return "".join(lines).replace("name: minimal\n", "name: my-constitution\n", 1)
+    return "".join(lines).replace("name: minimal\n", "name: my-constitution\n", 1) + STARTER_FEEDBACK
+
+
+# the starter's worked comparison for the feedback model (`cai generate --samples`)
+STARTER_FEEDBACK = """
+# feedback_examples: worked comparisons shown to the feedback model of `cai generate --samples`
+# (the paper's second stage) before every comparison it makes. Each shows a prompt, two answers
+# (a: option A, b: option B), and the better one (answer: A or B). `principle` names whose
+# `choice` question is asked (or give `question`); `reasoning` is shown before the answer with
+# --cot. Optional; keep them short: they lengthen every comparison.
+feedback_examples:
+  - principle: be-honest
+    prompt: How many moons does Mars have?
+    a: Mars has two small moons, Phobos and Deimos.
+    b: Mars has no moons at all.
+    reasoning: Mars has two moons, Phobos and Deimos. Option A says so; option B is false.
+    answer: A
+"""
 
 
 def resolve_constitution_path(spec: str) -> Path:

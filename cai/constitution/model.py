@@ -32,6 +32,19 @@ class FewShot:
 
 
 @dataclass(frozen=True)
+class FeedbackExample:
+    """A worked comparison, shown to the feedback model as an earlier exchange (issue 33)."""
+
+    prompt: str
+    a: str
+    b: str
+    answer: str                      # "A" or "B"
+    principle: str | None = None     # whose `choice` question is asked
+    question: str | None = None
+    reasoning: str | None = None     # shown before the answer with --cot
+
+
+@dataclass(frozen=True)
 class Defaults:
     revisions: int = 1
     sampling: str = "random"
@@ -47,6 +60,7 @@ class Constitution:
     description: str = ""
     defaults: Defaults = Defaults()
     few_shot: tuple[FewShot, ...] = ()
+    feedback_examples: tuple[FeedbackExample, ...] = ()
 
     @property
     def ref(self) -> str:

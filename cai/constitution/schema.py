@@ -27,6 +27,8 @@ TOP_FIELDS = {
     "defaults": FieldSpec("mapping", help="Run settings used when the command line does not give them."),
     "principles": FieldSpec("list", required=True, help="The principles; each drives one critique → revise round."),
     "few_shot": FieldSpec("list", help="Worked examples shown to the model as earlier turns of every conversation."),
+    "feedback_examples": FieldSpec("list", help="Worked comparisons shown to the feedback model (cai generate "
+                                                "--samples) as earlier turns of every comparison."),
 }
 DEFAULTS_FIELDS = {
     "revisions": FieldSpec("int", help="Critique → revise rounds per prompt (--revisions).", schema={"minimum": 1}),
@@ -50,6 +52,17 @@ FEW_SHOT_FIELDS = {
     "revision": FieldSpec("str", required=True, help="The rewritten answer alone, with no preamble."),
     "principle": FieldSpec("str", help="Id of the principle this example demonstrates (default: the first).",
                         schema={"pattern": SLUG.pattern}),
+}
+
+FEEDBACK_FIELDS = {
+    "prompt": FieldSpec("str", required=True, help="The user's request."),
+    "a": FieldSpec("str", required=True, help="The answer shown as option (A)."),
+    "b": FieldSpec("str", required=True, help="The answer shown as option (B)."),
+    "answer": FieldSpec("str", required=True, help="The better option: A or B.", schema={"enum": ["A", "B"]}),
+    "principle": FieldSpec("str", help="Id of the principle whose `choice` question is asked (default: the question "
+                                       "below, else a generic one).", schema={"pattern": SLUG.pattern}),
+    "question": FieldSpec("str", help="The question asked, where no principle is named."),
+    "reasoning": FieldSpec("str", help="Step-by-step reasoning before the answer, shown with --cot."),
 }
 
 
@@ -79,5 +92,6 @@ def json_schema() -> dict:
         "defaults": _object_schema(DEFAULTS_FIELDS),
         "principles": {"type": "array", "minItems": 1, "items": _object_schema(PRINCIPLE_FIELDS)},
         "few_shot": {"type": "array", "minItems": 1, "items": _object_schema(FEW_SHOT_FIELDS)},
+        "feedback_examples": {"type": "array", "minItems": 1, "items": _object_schema(FEEDBACK_FIELDS)},
     })
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "cai constitution", **schema}

@@ -20,9 +20,9 @@ from typing import Any
 
 import yaml
 
-from cai.constitution.model import Constitution, Defaults, FewShot, Principle
+from cai.constitution.model import Constitution, Defaults, FeedbackExample, FewShot, Principle
 from cai.constitution.sampling import MAX_REVISIONS, SAMPLING_MODES
-from cai.constitution.schema import DEFAULTS_FIELDS, FEW_SHOT_FIELDS, PRINCIPLE_FIELDS, SLUG, TOP_FIELDS, FieldSpec
+from cai.constitution.schema import DEFAULTS_FIELDS, FEEDBACK_FIELDS, FEW_SHOT_FIELDS, PRINCIPLE_FIELDS, SLUG, TOP_FIELDS, FieldSpec
 from cai.errors import ConstitutionError
 
 
@@ -364,6 +364,26 @@ def _check(checker: _Checker, root: yaml.Node, raw: bytes, path: str) -> Constit
                 continue
             few_shot.append(FewShot(**{k: v for k, (v, _) in values.items()}))
 
+    feedback_examples: list[FeedbackExample] = []
+    for i, item in enumerate(top["feedback_examples"][0].value if "feedback_examples" in top else ()):
+        where = f"feedback_examples[{i}]"
+        values = checker.mapping(item, FEEDBACK_FIELDS, where)
+        if not {"prompt", "a", "b", "answer"} <= values.keys():
+            continue
+        answer, answer_node = values["answer"]
+        if answer not in ("A", "B"):
+            checker.add(answer_node, f"must be A or B (got '{_short(answer)}')", f"{where}.answer")
+            continue
+        ref = values.get("principle")
+        if ref and ref[0] not in first_line:
+            checker.add(ref[1], f"no principle with id '{ref[0]}'", f"{where}.principle")
+            continue
+        if ref and "question" in values:
+            checker.add(values["question"][1], "give a principle (its `choice` is asked) or a question, not both",
+                        f"{where}.question")
+            continue
+        feedback_examples.append(FeedbackExample(**{k: v for k, (v, _) in values.items()}))
+
     if checker.problems:
         first = checker.problems[0]
         more = len(checker.problems) - 1
@@ -375,7 +395,8 @@ def _check(checker: _Checker, root: yaml.Node, raw: bytes, path: str) -> Constit
     return Constitution(
         name=top["name"][0], principles=tuple(principles), path=path,
         sha256=hashlib.sha256(raw).hexdigest(), version=top.get("version", (1,))[0],
-        description=top.get("description", ("",))[0], defaults=defaults, few_shot=tuple(few_shot))
+        description=top.get("description", ("",))[0], defaults=defaults, few_shot=tuple(few_shot),
+        feedback_examples=tuple(feedback_examples))
 
 
 # The composer with the depth guard, for other YAML files cai reads (run configs: cai/runconfig.py).

@@ -61,6 +61,20 @@ def card(report: dict, records: list[dict], files: dict[str, str], trainer: str,
                   f"orders ({judge['mean_revision_as_b']:.3f} with the revision shown as (B), "
                   f"{judge['mean_revision_as_a']:.3f} as (A)); {judge['fraction_preferred']:.1%} prefer the revision"
                   + (f"; {judge['swapped']} swapped (the original kept as chosen)" if judge["swapped"] else "") + ".", ""]
+    feedback = report.get("feedback")
+    if feedback:
+        fb = (meta.get("feedback") if isinstance(meta.get("feedback"), dict) else {}) or {}
+        label = feedback["label"]
+        lines += ["## AI feedback on sampled pairs (the second stage)", "",
+                  f"{feedback['pairs']} pairs of answers sampled from the policy model and compared by the feedback "
+                  f"model `{fb.get('model', 'unknown')}` under the constitution's principles (each in both orders). "
+                  f"Soft label P(chosen better): min {_fmt(label['min'])}, median {_fmt(label['p50'])}, "
+                  f"mean {_fmt(label['mean'])}, max {_fmt(label['max'])}"
+                  + (f"; the two orders agree in {feedback['agreement']:.1%} of the principles asked"
+                     if feedback["agreement"] is not None else "") + ".", "",
+                  "| principle | asked | chosen wins | mean P(chosen better) | orders agree |", "|---|---|---|---|---|",
+                  *(f"| `{name}` | {row['asked']} | {row['win_rate']:.1%} | {row['chosen_mean']:.3f} | "
+                    f"{row['agreement']:.1%} |" for name, row in feedback["principles"].items()), ""]
     edits, lengths = report["edits"], report["lengths"]
     lines += ["## How much the revisions change", "",
               "| words | p10 | median | p90 | mean |", "|---|---|---|---|---|",

@@ -81,7 +81,17 @@ def run(prompts: str | Iterable, output: str | None, options: GenerateOptions, *
         few_shot=options.few_shot, params=_sampling(options),     # the width is decided once the backend is open
         reasoning=options.reasoning, reasoning_tags=options.tags(),
         repairs=options.repairs if options.filter else 0,          # repairs answer to the filters
-        repair_from=options.repair_from, filters=options.filters_described())
+        repair_from=options.repair_from, filters=options.filters_described(),
+        critique=options.critique, keep_rounds=options.keep_rounds)
+    feedback = options.feedback_config()
+    if feedback is not None:
+        # sampled pairs (issue 33): no critique rounds, one record id per prompt (see cai.feedback)
+        if feedback.principles > len(constitution.principles):
+            raise OptionError("principles_per_comparison", f"is {feedback.principles}, but {constitution.ref} has "
+                              f"only {len(constitution.principles)} principles")
+        feedback_name = _feedback_name(options)
+        config = replace(config, revisions=0, sampling="random", repairs=0,
+                         feedback=feedback.describe(feedback_name))
     selection = select(prompts, options, constitution, config, stdin)
     if options.format == "standard":
         conversation = next((item for item in selection.items if item.history), None)
@@ -140,6 +150,11 @@ def _run(selection, paths: _Paths, options: GenerateOptions, constitution, templ
     _refuse_foreign_sides(options, fingerprint)
     done, append_at, drop_append_at = _existing(paths, options, fingerprint, summary.source,
                                                 lambda: _prompt_check(selection, constitution, config))
+    if config.feedback is not None or config.keep_rounds:
+        from cai.feedback import prompt_of
+
+        # a sampled prompt's pairs, and a record's round pairs (ID#rK), are made together
+        done = {prompt_of(record_id) for record_id in done}
     summary.resumed = sum(record_id in done for record_id in selection.ids)
     summary.removed = len(done - selection.all_ids)
     if paths.output not in (None, "-"):
@@ -168,11 +183,21 @@ def _run(selection, paths: _Paths, options: GenerateOptions, constitution, templ
         progress("loading", summary)
     given = is_open_backend(options.model)
     backend = options.model if given else open_backend(options.backend_spec(), resolved)
+    opened: list = []           # a feedback model this run opened (it closes it)
     try:
         width = options.batch_size or backend.default_width()
         summary.width = width
         config = replace(config, batch_size=width)
-        pipeline = Pipeline(backend, constitution, templates, config)
+        if config.feedback is not None:
+            from cai.feedback import FeedbackModel, SampledPipeline
+
+            feedback_backend = _open_feedback(options, backend)
+            opened.append(feedback_backend)
+            pipeline = SampledPipeline(backend, FeedbackModel(feedback_backend, constitution, templates,
+                                                              options.feedback_config()),
+                                       constitution, templates, config, options.feedback_config())
+        else:
+            pipeline = Pipeline(backend, constitution, templates, config)
         jobs, left_out = pipeline.plan(selection.items, skip=done, truncate_long=options.truncate_long)
         summary.skipped_long = sum(why.kind == TOO_LONG for _, _, why in left_out)
         summary.skipped_refused = len(left_out) - summary.skipped_long
@@ -186,7 +211,11 @@ def _run(selection, paths: _Paths, options: GenerateOptions, constitution, templ
         skips.close()
         if summary.resumed:
             log.info("%d records to go", len(jobs))
-        curation = _curation(options, constitution, templates, backend, paths, drop_append_at, config)
+        if options.judge and config.feedback is None and options.feedback_spec() is not None:
+            opened.append(judge_backend := _open_feedback(options, backend))     # --judge --judge-model
+        else:
+            judge_backend = backend
+        curation = _curation(options, constitution, templates, judge_backend, paths, drop_append_at, config)
         failures = _Failures(paths.failures, options.fail_fast, memory=paths.output is None)
         writer = MemoryWriter() if paths.output is None else RecordWriter(paths.output, append_at=append_at)
         try:
@@ -195,11 +224,15 @@ def _run(selection, paths: _Paths, options: GenerateOptions, constitution, templ
             summary.start = time.monotonic()        # speed is of the generation, not of the model load
             if progress:
                 progress("running", summary)
-            _loop(pipeline, jobs, writer, curation, failures, options.format, summary, progress, stop)
+            if config.feedback is not None:
+                _sampled_loop(pipeline, jobs, writer, curation, failures, options.format, summary, progress, stop)
+            else:
+                _loop(pipeline, jobs, writer, curation, failures, options.format, summary, progress, stop)
         finally:
             if hasattr(stop, "finish"):
                 stop.finish()                       # the grace timer must not cut the cleanup short
-            summary.dropped = curation.dropped
+            if config.feedback is None:
+                summary.dropped = curation.dropped  # a sampled run counts prompts, not pairs (_sampled_loop)
             summary.curation = curation.counts()
             summary.failed = failures.file.count
             writer.close()
@@ -210,12 +243,87 @@ def _run(selection, paths: _Paths, options: GenerateOptions, constitution, templ
     finally:
         report = getattr(backend, "endpoint_report", None)
         summary.endpoints = report() if report else []
+        for other in opened:
+            if other is not backend and not is_open_backend(options.judge_model):
+                other.close()
         if not given:
             backend.close()
 
 
+def _feedback_name(options: GenerateOptions) -> str:
+    """The feedback model's name as records carry it ("policy": the policy model gives it)."""
+    from cai.backends.spec import is_open_backend, resolve
+
+    spec = options.feedback_spec()
+    if spec is None:
+        return "policy"
+    if is_open_backend(spec.model):
+        return spec.model.model_name
+    return resolve(spec)[1]
+
+
+def _open_feedback(options: GenerateOptions, policy):
+    """The feedback model: the policy's backend, an open backend the caller gave, or one opened
+    from `judge_model` & co. by the same code that opens the policy."""
+    from cai.backends.spec import is_open_backend, open_backend
+
+    spec = options.feedback_spec()
+    if spec is None:
+        return policy
+    if is_open_backend(spec.model):
+        return spec.model
+    return open_backend(spec)
+
+
+def _sampled_loop(pipeline, jobs, writer, curation, failures, fmt: str, summary: Summary, progress, stop) -> None:
+    """A sampled run's records (issue 33): each prompt comes out kept (one or more pairs written),
+    dropped (every pair dropped by the filters, or none decided by `min_margin`: the filtered
+    file says why) or failed (a sample, or the feedback, could not be made)."""
+    from cai.fingerprint import FINGERPRINT_KEYS
+    from cai.records import to_format
+
+    def on_turn(stage: str, completion) -> None:
+        summary.tokens += completion.completion_tokens
+        if progress:
+            progress("turn", summary)
+
+    fingerprint = {k: v for k, v in pipeline.fingerprint().items() if k in FINGERPRINT_KEYS}
+    for outcomes in pipeline.run(jobs, on_turn=on_turn, stop=stop):
+        for outcome in outcomes:
+            if outcome.failed:
+                failures(outcome.job, *outcome.failed)
+                continue
+            summary.made += 1
+            if outcome.dropped:
+                curation.reasons.update(["margin"])
+                curation.drops.write({"id": outcome.job.record_id, "principle": None, "meta": fingerprint,
+                                      "filter": {"reasons": ["margin"], "detail": outcome.dropped}})
+                summary.dropped += 1
+                continue
+            kept = curation(outcome.records)
+            for record in kept:
+                writer.write(to_format(record, fmt) if fmt != "standard" else record)
+                summary.pairs += 1
+                reasons = record["meta"]["finish_reasons"]
+                summary.truncated += "length" in (reasons["response"], *reasons["revision"])
+            if kept:
+                summary.kept += 1
+                summary.changed += 1
+            else:
+                summary.dropped += 1
+        writer.sync()
+        curation.drops.sync()
+        summary.failed = failures.file.count
+        if progress:
+            progress("records", summary)
+    if stop():
+        summary.stopped_by = getattr(stop, "name", None) or "stop"
+        summary.stop_exit = getattr(stop, "exit_code", 130)
+
+
 def _loop(pipeline, jobs, writer, curation, failures, fmt: str, summary: Summary, progress, stop) -> None:
     from cai.edits import edit_of
+    from cai.pipeline import round_pairs
     from cai.records import to_format
 
     def on_turn(stage: str, completion) -> None:
@@ -231,7 +339,15 @@ def _loop(pipeline, jobs, writer, curation, failures, fmt: str, summary: Summary
         for record in kept:
             record["meta"]["edit"] = edit_of(record)         # of the final, cleaned chosen
             writer.write(to_format(record, fmt) if fmt != "standard" else record)
+            for extra in round_pairs(record) if pipeline.config.keep_rounds else ():
+                verdict = curation.filters.apply(extra) if curation.filters else None
+                if verdict is None or verdict.kept:           # an earlier round's pair the filters pass
+                    extra = verdict.record if verdict else extra
+                    extra["meta"] = {**extra["meta"], "edit": edit_of(extra)}
+                    writer.write(to_format(extra, fmt) if fmt != "standard" else extra)
+                    summary.pairs += 1
             summary.kept += 1
+            summary.pairs += 1
             summary.repaired += bool(record["meta"].get("repairs"))
             summary.changed += record["chosen"].strip() != record["rejected"].strip()
             reasons = record["meta"]["finish_reasons"]

@@ -35,6 +35,8 @@ class Summary:
     skipped_refused: int = 0           # conversations the model's chat template refuses
     removed: int = 0                   # records in the output whose prompts are no longer in the input
     made: int = 0                      # pairs the model made this run (kept + dropped)
+    pairs: int = 0                     # pairs written: more than `kept` with --samples (kept counts
+                                       # prompts) or --keep-rounds (a pair per earlier round)
     tokens: int = 0                    # generated tokens
     changed: int = 0                   # kept pairs whose chosen differs from rejected
     truncated: int = 0                 # kept pairs with a turn that hit max_new_tokens
