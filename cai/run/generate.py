@@ -8,16 +8,15 @@ from __future__ import annotations
 import logging
 import os
 import time
-from contextlib import nullcontext
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from cai.errors import BackendError, OptionError
 from cai.options import GenerateOptions
-from cai.output import (MemoryWriter, RecordWriter, SideFile, check_side_file, check_writable, note_run, runs_path,
+from cai.output import (MemoryWriter, RecordWriter, SideFile, check_side_file, note_run, runs_path,
                         scan_output, side_path)
 from cai.run.summary import REFUSED_HINT, SKIP_HINT, Summary
-from cai.signals import StopNow, StopSignals
+from cai.run.session import RunSession
 
 log = logging.getLogger("cai")
 
@@ -56,7 +55,6 @@ def run(prompts: str | Iterable, output: str | None, options: GenerateOptions, *
     and end when those in flight are done; without one, SIGINT, SIGTERM and SIGHUP do that."""
     from cai.backends.spec import is_open_backend, resolve
     from cai.constitution import Constitution, load_constitution
-    from cai.locks import Locks
     from cai.pipeline import RunConfig
     from cai.templates import load_templates
     from cai.run.select import select
@@ -104,17 +102,15 @@ def run(prompts: str | Iterable, output: str | None, options: GenerateOptions, *
     summary = Summary(model=resolved[1], constitution=constitution.ref, output=output, source=source,
                       filtered=paths.filtered, failures=paths.failures, skipped_file=paths.skipped,
                       planned=selection.planned, skipped_invalid=len(selection.invalid) * selection.per_invalid)
-    for target in paths.files():
-        check_writable(target)          # before the lock: an unwritable output creates nothing
-    stopper = stop if stop is not None else StopSignals(options.grace, on_signal=_log_signal)
-    with (stopper if stop is None else nullcontext()), Locks(paths.files(), enabled=options.lock and output is not None):
-        try:
-            _run(selection, paths, options, constitution, templates, config, resolved, summary, progress, stopper)
-        except StopNow as exc:
-            summary.stopped_by, summary.stop_exit = str(exc), exc.exit_code
+    with RunSession(paths.files(), lock=options.lock and output is not None, stop=stop, grace=options.grace,
+                    on_signal=_log_signal) as session:
+        with session.stoppable():
+            _run(selection, paths, options, constitution, templates, config, resolved, summary, progress, session)
+        if session.stopped_by is not None:
+            summary.stopped_by, summary.stop_exit = session.stopped_by, session.stop_exit
         summary.elapsed = time.monotonic() - summary.start
         if summary.manifest_started:
-            note_run(output, _run_line("end", summary, options))
+            note_run(output, _run_line("end", summary, options))    # still under the lock
     return summary
 
 
@@ -139,10 +135,9 @@ def _run_line(event: str, summary: Summary, options: GenerateOptions) -> dict:
 
 
 def _run(selection, paths: _Paths, options: GenerateOptions, constitution, templates, config, resolved,
-         summary: Summary, progress: Progress | None, stop) -> None:
+         summary: Summary, progress: Progress | None, session) -> None:
     from dataclasses import replace
 
-    from cai.backends.spec import is_open_backend, open_backend
     from cai.fingerprint import run_fingerprint
     from cai.pipeline import TOO_LONG, Pipeline
 
@@ -181,9 +176,8 @@ def _run(selection, paths: _Paths, options: GenerateOptions, constitution, templ
         return
     if progress:
         progress("loading", summary)
-    given = is_open_backend(options.model)
-    backend = options.model if given else open_backend(options.backend_spec(), resolved)
-    opened: list = []           # a feedback model this run opened (it closes it)
+    stop = session.stop
+    backend = session.backend(options, resolved)          # the session closes what it opened
     try:
         width = options.batch_size or backend.default_width()
         summary.width = width
@@ -191,8 +185,7 @@ def _run(selection, paths: _Paths, options: GenerateOptions, constitution, templ
         if config.feedback is not None:
             from cai.feedback import FeedbackModel, SampledPipeline
 
-            feedback_backend = _open_feedback(options, backend)
-            opened.append(feedback_backend)
+            feedback_backend = _open_feedback(options, backend, session)
             pipeline = SampledPipeline(backend, FeedbackModel(feedback_backend, constitution, templates,
                                                               options.feedback_config()),
                                        constitution, templates, config, options.feedback_config())
@@ -212,7 +205,7 @@ def _run(selection, paths: _Paths, options: GenerateOptions, constitution, templ
         if summary.resumed:
             log.info("%d records to go", len(jobs))
         if options.judge and config.feedback is None and options.feedback_spec() is not None:
-            opened.append(judge_backend := _open_feedback(options, backend))     # --judge --judge-model
+            judge_backend = _open_feedback(options, backend, session)     # --judge --judge-model
         else:
             judge_backend = backend
         curation = _curation(options, constitution, templates, judge_backend, paths, drop_append_at, config)
@@ -243,11 +236,6 @@ def _run(selection, paths: _Paths, options: GenerateOptions, constitution, templ
     finally:
         report = getattr(backend, "endpoint_report", None)
         summary.endpoints = report() if report else []
-        for other in opened:
-            if other is not backend and not is_open_backend(options.judge_model):
-                other.close()
-        if not given:
-            backend.close()
 
 
 def _feedback_name(options: GenerateOptions) -> str:
@@ -262,17 +250,11 @@ def _feedback_name(options: GenerateOptions) -> str:
     return resolve(spec)[1]
 
 
-def _open_feedback(options: GenerateOptions, policy):
+def _open_feedback(options: GenerateOptions, policy, session):
     """The feedback model: the policy's backend, an open backend the caller gave, or one opened
-    from `judge_model` & co. by the same code that opens the policy."""
-    from cai.backends.spec import is_open_backend, open_backend
-
+    from `judge_model` & co. by the session, as the policy is (and closed with it)."""
     spec = options.feedback_spec()
-    if spec is None:
-        return policy
-    if is_open_backend(spec.model):
-        return spec.model
-    return open_backend(spec)
+    return policy if spec is None else session.backend(spec)
 
 
 def _sampled_loop(pipeline, jobs, writer, curation, failures, fmt: str, summary: Summary, progress, stop) -> None:
