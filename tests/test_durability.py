@@ -585,7 +585,9 @@ BAD_INPUTS = [
     ("truncated-weights", EX, ["--model", "@truncated", "--force"], "model.safetensors is truncated or corrupt"),
     ("template-include", EX, ["--templates", "@tpl:{% include 'x.jinja' %}"], "critique.jinja:1: {% include %} is not supported"),
     ("template-huge-range", EX, ["--templates", "@tpl:{% for i in range(10**9) %}x{% endfor %}"], "critique.jinja:1: cannot render: range() of 1,000,000,000 items"),
-    ("concurrency-0", EX, ["--concurrency", "0"], "--concurrency: must be at least 1 (got 0)"),
+    ("concurrency-0", EX, ["--backend", "openai", "--base-url", "http://127.0.0.1:9/v1", "-m", "m", "--concurrency", "0"],
+     "--concurrency: must be at least 1 (got 0)"),
+    ("concurrency-of-hf", EX, ["--concurrency", "4"], "--concurrency: is for --backend openai"),
     ("negative-grace", EX, ["--grace", "-1"], "--grace: must be 0 or more seconds"),
     # issue 31 (runs)
     ("template-refuses-every-conversation", EX, ["--model", "@no-system", "--force"],
