@@ -39,7 +39,6 @@ def test_readme_is_a_front_page():
         assert (ROOT / target).exists(), target
 
 
-@pytest.mark.slow
 def test_mkdocs_build_strict(tmp_path):
     """`mkdocs build --strict`: a broken link or anchor, a page missing from the nav, or an API
     object mkdocstrings cannot find fails it. Runs in CI (mkdocs is in the dev extra), never skips."""

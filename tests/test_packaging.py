@@ -6,12 +6,9 @@ import subprocess
 import sys
 import zipfile
 
-import pytest
-
 from conftest import ROOT
 
 
-@pytest.mark.slow
 def test_wheel_contains_shipped_data(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                            "-q", "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
