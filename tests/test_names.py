@@ -37,13 +37,12 @@ def test_the_layout_map_lists_every_module_once_and_nothing_that_is_gone():
 # Flags that are not cai's options, or are part of a command line a message shows whole.
 NOT_OPTIONS = {
     "cai/backends/kernels.py": {"--version"},                  # the C compiler's
-    "cai/constitution/schema.py": {"--revisions", "--sampling", "--samples", "--cot"},
-    "cai/constitution/lookup.py": {"--samples", "--cot"},       # the starter file's comments, a command line   # the format's help: the flag a field defaults
+    "cai/constitution/schema.py": {"--revisions", "--sampling", "--samples", "--cot"},   # the format's help
+    "cai/constitution/lookup.py": {"--samples", "--cot"},       # the starter file's comments
     "cai/errors.py": {"--no-"},                                 # OptionError.flag() makes flags
-    "cai/model_files.py": {"--no-deps", "--model"},                  # pip's; --model: TODO (INSTALL_HINT)
+    "cai/model_files.py": {"--no-deps"},                        # pip's
     "cai/options.py": {"--array"},                              # Slurm's
     "cai/review/argilla.py": {"--to"},                          # `cai export --to argilla`, a command line
-    "cai/run/generate.py": {"--fail-fast"},                     # TODO: the failure message of fail_fast
     "cai/run/merge.py": {"--array", "--shard", "--format"},     # command lines to run (sbatch, cai generate, cai export)
     "cai/runconfig.py": {"--config"},                           # the printed file says how to run it again
     "cai/trainers.py": None,                                    # other programs' command lines and scripts

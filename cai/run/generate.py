@@ -503,7 +503,7 @@ class _Failures:
         from datetime import datetime, timezone
 
         if self.fail_fast:
-            raise BackendError(f"prompt {job.record_id} (input line {job.prompt.line}): {stage}: {reason} (--fail-fast)")
+            raise BackendError(f"prompt {job.record_id} (input line {job.prompt.line}): {stage}: {reason} (`fail_fast`)")
         if self.file.count < WARN_FIRST:
             log.warning("failed: prompt %s: %s: %s", job.record_id, stage, reason)
         self.file.write({"id": job.record_id, "prompt": job.prompt.text, "line": job.prompt.line, "stage": stage,
