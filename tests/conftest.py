@@ -44,9 +44,11 @@ def _corpus() -> list[str]:
     return lines + ["the quick brown fox jumps over the lazy dog"] * 10
 
 
-def _tiny_llama(out: Path, chat_template: str) -> Path:
+def _tiny_llama(out: Path, chat_template: str, heads: int = 4, kv_heads: int = 2) -> Path:
     """Save into `out` a 2-layer Llama with random (seeded) weights and a 600-token byte-level BPE
-    tokenizer whose only special tokens are <|endoftext|>, <|im_start|> and <|im_end|>."""
+    tokenizer whose only special tokens are <|endoftext|>, <|im_start|> and <|im_end|>. `heads`
+    attention heads (and `kv_heads` key/value heads) over a hidden size of 64: 4 make heads of 16
+    dimensions, 2 heads of 32 (the least vLLM's CPU attention takes)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -66,7 +68,7 @@ def _tiny_llama(out: Path, chat_template: str) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, initializer_range=0.2)
     model = LlamaForCausalLM(config)

@@ -19,6 +19,12 @@ def is_open_backend(model) -> bool:
 def resolve(spec: BackendSpec) -> tuple[str, str]:
     """(what the backend loads or calls, the model name records carry). Finds a local model or
     the embedded one (converting its GGUF file once) without loading any weights."""
+    if spec.backend == "vllm":                  # issue 30: the name says engine and precision
+        from cai.backends.vllm import resolve_name
+        from cai.models import resolve_model
+
+        source, model_name = resolve_model(spec.model)
+        return source, resolve_name(source, model_name, spec.vllm_options())
     if spec.backend != "hf":
         return spec.endpoints(), spec.model
     from cai.backends.hf import weights_name
@@ -37,6 +43,10 @@ def open_backend(spec: BackendSpec, resolved: tuple[str, str] | None = None):
 
         return OpenAIBackend(source, model_name, api_key_env=spec.api_key_env or DEFAULT_KEY_ENV, timeout=spec.timeout,
                              max_retries=spec.max_retries, concurrency=spec.concurrency, allow_down=spec.allow_down)
+    if spec.backend == "vllm":
+        from cai.backends.vllm import VLLMBackend
+
+        return VLLMBackend(source, model_name, spec.vllm_options())
     from cai.backends.hf import HFBackend, HFOptions
 
     return HFBackend(source, model_name, HFOptions(

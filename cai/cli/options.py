@@ -12,7 +12,7 @@ from cai.options import BackendSpec
 # (name, annotation, default): the backend block of `generate` and `judge`
 BACKEND_OPTIONS = [
     ("model", Annotated[Optional[str], typer.Option("--model", "-m", help="Model: a local folder, a .gguf file or a Hub id. Default: the embedded SmolLM2-135M-Instruct.", show_default=False)], None),
-    ("backend", Annotated[str, typer.Option("--backend", metavar="hf|openai", help="hf: a local transformers model; openai: an OpenAI-compatible server (vLLM, SGLang, TGI, transformers serve) at --base-url.")], "hf"),
+    ("backend", Annotated[str, typer.Option("--backend", metavar="hf|openai|vllm", help="hf: a local transformers model; openai: an OpenAI-compatible server (vLLM, SGLang, TGI, transformers serve) at --base-url; vllm: vLLM's engine in this process (pip install 'cai[vllm]'; CPUs: see docs/backends.md).")], "hf"),
     ("base_url", Annotated[Optional[list[str]], typer.Option("--base-url", help="With --backend openai: the server's API root, e.g. http://127.0.0.1:8000/v1. Give it again for more servers of the same model: each request goes to the one with the fewest in flight, and one that fails is taken out until it answers again.", show_default=False)], None),
     ("base_urls", Annotated[Optional[str], typer.Option("--base-urls", metavar="FILE", help="With --backend openai: a file of API roots, one a line, each optionally followed by its own --concurrency (`http://node7:8000/v1 32`).", show_default=False)], None),
     ("allow_down", Annotated[bool, typer.Option("--allow-down", help="With several endpoints: start even if some cannot be reached (they are asked again every few seconds and join when they answer).")], False),
@@ -26,6 +26,12 @@ BACKEND_OPTIONS = [
     ("device", Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda|mps", help="Where the model runs.")], "auto"),
     ("dtype", Annotated[str, typer.Option("--dtype", metavar="auto|float32|bfloat16|float16|int8", help="Weights dtype. GPU: auto is bfloat16 (float16 without bf16). CPU: auto and float16 keep linear weights in float16 and compute in float32 (fast, same results to float16 rounding); float32 is plain float32; bfloat16, on a CPU with bf16 units (AMX or AVX512-BF16), runs the linears on them (several times faster, slightly less exact, and its greedy output depends on how conversations are batched, so a resumed run may not repeat an uncut one token for token), the rest float32; int8 quantizes the decoder's linears (faster than float16, slightly less exact, and its greedy output depends on how conversations are batched).")], "auto"),
     ("trust_remote_code", Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model's repository to run.")], False),
+    # vllm (issue 30)
+    ("tensor_parallel_size", Annotated[int, typer.Option("--tensor-parallel-size", help="With --backend vllm: GPUs the model is split over.")], 1),
+    ("gpu_memory_utilization", Annotated[Optional[float], typer.Option("--gpu-memory-utilization", metavar="FRACTION", help="With --backend vllm: the share of each GPU's memory vLLM may take (weights and KV cache). [default: vLLM's, 0.92]", show_default=False)], None),
+    ("max_model_len", Annotated[Optional[int], typer.Option("--max-model-len", metavar="TOKENS", help="With --backend vllm: the context vLLM serves (a conversation plus its reply). [default: the model's]", show_default=False)], None),
+    ("quantization", Annotated[Optional[str], typer.Option("--quantization", metavar="METHOD", help="With --backend vllm: the quantization method of the weights (awq, gptq, fp8, ...). [default: what the model's config says]", show_default=False)], None),
+    ("engine_arg", Annotated[Optional[list[str]], typer.Option("--engine-arg", metavar="KEY=VALUE", help="With --backend vllm: any other argument of vLLM's engine (EngineArgs), e.g. enforce_eager=true or max_num_seqs=64; repeatable. VALUE is read as JSON where it is JSON.", show_default=False)], None),
 ]
 
 # What to keep: shared by `generate --judge` and `judge`.
