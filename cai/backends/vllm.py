@@ -86,13 +86,16 @@ class VLLMOptions:
 
         from vllm.engine.arg_utils import EngineArgs
 
-        known = {f.name for f in dataclasses.fields(EngineArgs)}
+        known = {f.name: f for f in dataclasses.fields(EngineArgs)}
         extra = parse_engine_args(self.engine_arg)
-        for key in extra:
+        for key, value in extra.items():
             if key not in known:
                 close = difflib.get_close_matches(key, sorted(known), n=1)
                 raise OptionError("engine_arg", f"'{key}' is not an engine argument of vLLM "
                                                 f"{_version()}" + (f"; did you mean {close[0]}?" if close else ""))
+            wrong = _wrong_kind(known[key].default, value)
+            if wrong:
+                raise OptionError("engine_arg", f"{key}: expected {wrong}, got {value!r}")
         kwargs: dict[str, Any] = {
             "model": source, "enable_prefix_caching": True, "disable_log_stats": True, "seed": 0,
             "tensor_parallel_size": self.tensor_parallel_size, "dtype": self.dtype,
@@ -137,6 +140,22 @@ def parse_engine_args(given) -> dict[str, Any]:
     return found
 
 
+def _wrong_kind(default, value) -> str | None:
+    """What an engine argument whose default is `default` takes, where `value` is not one (its
+    annotations are not all importable; the default's type says enough for the plain ones)."""
+    if value is None or default is dataclasses.MISSING or default is None:
+        return None
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "true or false"
+    if isinstance(default, int):
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if isinstance(default, float):
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "a string"
+    return None
+
+
 def _version() -> str:
     try:
         from importlib.metadata import PackageNotFoundError, version
@@ -173,6 +192,7 @@ def import_vllm():
         hint = ("; torchvision, torchaudio or torchcodec built for another torch: pip uninstall -y torchvision "
                 "torchaudio torchcodec" if "torchvision" in str(exc) else f"; {INSTALL}")
         raise ModelError(f"--backend vllm: vLLM cannot be imported ({_one_line(exc)}){hint}") from None
+    logging.getLogger("vllm").setLevel(logging.INFO if verbose else logging.ERROR)
     return vllm
 
 
@@ -200,7 +220,8 @@ def _validation_message(exc: BaseException) -> str | None:
 def load_error(exc: BaseException, model_name: str, options: VLLMOptions) -> Exception:
     """The one-line error a user meets for what building vLLM's engine raised: a wrong engine
     argument (OptionError naming `engine_arg` or the option), an unsupported model, or memory."""
-    text = _validation_message(exc) or _one_line(exc)
+    text = (_validation_message(exc) or _one_line(exc)).replace("Value error, ", "")
+    text = text.split(" Supported architectures:")[0]
     lowered = str(exc).lower()
     given = set(parse_engine_args(options.engine_arg))
     field = text.split(":", 1)[0].split(".")[-1].strip() if ":" in text else ""
@@ -208,19 +229,26 @@ def load_error(exc: BaseException, model_name: str, options: VLLMOptions) -> Exc
         return OptionError("engine_arg", text)
     if field in ("max_model_len", "gpu_memory_utilization", "quantization", "tensor_parallel_size", "dtype"):
         return OptionError(field, text.split(":", 1)[1].strip())
+    if "max_model_len" in lowered and "derived max_model_len" in lowered:
+        return OptionError("max_model_len", text.split(". ")[0] + " (the model's own context)")
     if "max_model_len" in lowered and ("greater than" in lowered or "larger than" in lowered):
-        return OptionError("max_model_len", f"{text} (lower `max_model_len`, or give the KV cache more memory: "
-                                            "`gpu_memory_utilization`, or on a CPU --engine-arg kv_cache_memory_bytes=…)")
+        return OptionError("max_model_len", f"{text.split('. ')[0]} (lower `max_model_len`, or give the KV cache more "
+                                            "memory: `gpu_memory_utilization`, or on a CPU --engine-arg "
+                                            "kv_cache_memory_bytes=BYTES)")
+    if options.quantization and options.quantization.lower() in lowered:
+        return OptionError("quantization", text)
     if isinstance(exc, MemoryError) or "out of memory" in lowered or "memory" in lowered and (
             "not enough" in lowered or "insufficient" in lowered or "no available memory" in lowered):
         return ModelError(f"cannot load model '{model_name}' with vLLM: out of memory ({text}); lower "
                           "--max-model-len or --gpu-memory-utilization, use more devices "
                           "(--tensor-parallel-size) or a quantized model")
-    if "not supported" in lowered or "unsupported" in lowered or "architectures" in lowered:
+    if "architecture" in lowered and ("not supported" in lowered or "unsupported" in lowered):
         return ModelError(f"cannot load model '{model_name}' with vLLM: unsupported model ({text}); "
                           "use --backend hf for it")
     if isinstance(exc, TypeError) and "unexpected keyword" in lowered:
         return OptionError("engine_arg", text)
+    if given:
+        return OptionError("engine_arg", f"vLLM cannot start with {', '.join(sorted(given))} as given: {text}")
     return ModelError(f"cannot load model '{model_name}' with vLLM: {text}")
 
 
@@ -267,12 +295,19 @@ class VLLMBackend:
         options.check()
         self.options = options
         kwargs = options.engine_kwargs(source)
+        import torch
+
+        # vLLM's CPU worker, run in this process, turns torch.set_num_threads into a no-op for the
+        # whole process; it never calls it again, and other backends of this process may
+        set_num_threads = torch.set_num_threads
         try:
             self.engine = LLMEngine.from_engine_args(EngineArgs(**kwargs))
         except (OptionError, ModelError):
             raise
         except Exception as exc:  # noqa: BLE001 -- sorted into a one-line error
-            raise load_error(exc, model_name, options) from None
+            raise load_error(exc, model_name.split(" (vllm, ")[0], options) from None
+        finally:
+            torch.set_num_threads = set_num_threads
         self._closed = False
         config = self.engine.model_config
         self.model_name = engine_name(model_name.split(" (vllm, ")[0], config)
