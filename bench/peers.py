@@ -132,6 +132,13 @@ def peak_rss_of(pid: int) -> int:
     return 0
 
 
+def _peak_or_0(pid: int) -> int:
+    try:
+        return peak_rss_of(pid)
+    except OSError:                 # gone meanwhile
+        return 0
+
+
 def run_peer(name: str, command: list[str], port: int, model: str, items, args, console: Console,
              concurrency: int, env: dict | None = None) -> dict:
     """One peer: start it, run cai's pipeline through it (asking for `model`), read its peak
@@ -145,7 +152,10 @@ def run_peer(name: str, command: list[str], port: int, model: str, items, args, 
                        seed=0, max_new_tokens=args.max_new_tokens, temperature=0.0, few_shot=True, filter=False,
                        lock=False, repairs=0)
         row = run(None, args.constitution, items, options, name, console)
-        row["peak_rss_mb"] = peak_rss_of(proc.pid)
+        # the server's processes together (vLLM's engine core runs in a child of its API server)
+        from cai.backends.vllm import descendants
+
+        row["peak_rss_mb"] = peak_rss_of(proc.pid) + sum(_peak_or_0(pid) for pid in descendants(proc.pid))
     finally:
         stop_server(proc)
     row["engine"] = name
@@ -197,7 +207,7 @@ def vllm_settings(args) -> dict:
     return env
 
 
-def run_vllm_inprocess(label: str, model_dir: str, items, args, console: Console, engine_args: list[str],
+def run_vllm_inprocess(label: str, items, args, console: Console, engine_args: list[str],
                        env: dict) -> dict:
     """`cai generate --backend vllm` in its own process over `items`; the rate is of the generation
     (the manifest's elapsed, the model's load and warm-up apart), peak RSS is the process's."""
@@ -209,7 +219,7 @@ def run_vllm_inprocess(label: str, model_dir: str, items, args, console: Console
     folder = Path(tempfile.mkdtemp(prefix="vllm-", dir=args.logs))
     prompts, out = folder / "prompts.jsonl", folder / "pairs.jsonl"
     prompts.write_text("".join(json.dumps({"id": item.id, "prompt": item.text}) + "\n" for item in items))
-    command = [sys.executable, "-m", "cai", "generate", str(prompts), "--backend", "vllm", "--model", model_dir,
+    command = [sys.executable, "-m", "cai", "generate", str(prompts), "--backend", "vllm",      # the embedded model
                "-o", str(out), "--overwrite", "--no-lock", "--seed", "0", "--max-new-tokens", str(args.max_new_tokens),
                "--temperature", "0", "--few-shot", "--no-filter", "--repairs", "0", "--constitution", args.constitution,
                "--quiet", *[a for arg in engine_args for a in ("--engine-arg", arg)]]
@@ -333,7 +343,7 @@ def main() -> int:
         vllm_env = vllm_settings(args)
         vllm_items = items[:args.vllm_limit or len(items)]
         for label, engine_args in (("vllm in-process", []), ("vllm in-process enforce_eager", ["enforce_eager=true"])):
-            peers.append(run_vllm_inprocess(label, model_dir, vllm_items, args, console,
+            peers.append(run_vllm_inprocess(label, vllm_items, args, console,
                                             [*engine_args, f"max_num_seqs={args.vllm_concurrency}"], vllm_env))
         if args.vllm_server:
             port = free_port()
