@@ -315,7 +315,7 @@ class BackendSpec:
         # vllm (issue 30)
         if self.backend != "vllm":
             for name in ("gpu_memory_utilization", "max_model_len", "quantization", "engine_arg"):
-                if getattr(self, name):
+                if getattr(self, name) not in (None, (), [], {}):
                     raise OptionError(name, "is for `backend` vllm")
             if self.tensor_parallel_size != 1:
                 raise OptionError("tensor_parallel_size", "is for `backend` vllm")
