@@ -48,6 +48,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 OWN = {"model": "model", "tokenizer": "model", "tensor_parallel_size": "tensor_parallel_size",
        "gpu_memory_utilization": "gpu_memory_utilization", "max_model_len": "max_model_len",
        "quantization": "quantization", "dtype": "dtype", "trust_remote_code": "trust_remote_code"}
+CPU_KV_CACHE = 4 << 30      # bytes of KV cache on a CPU, unless told (vLLM's own former default)
 STOP_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 
 
@@ -106,8 +107,22 @@ class VLLMOptions:
         for name in ("gpu_memory_utilization", "max_model_len", "quantization"):
             if getattr(self, name) is not None:
                 kwargs[name] = getattr(self, name)
+        if (self.gpu_memory_utilization is None and "kv_cache_memory_bytes" not in extra
+                and not os.environ.get("VLLM_CPU_KVCACHE_SPACE") and _on_cpu()):
+            # on a CPU vLLM would reserve 92% of the machine's memory, and refuses to start where
+            # other processes hold more than 8%: a KV cache of CPU_KV_CACHE instead
+            kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE
         kwargs.update(extra)
         return kwargs
+
+
+def _on_cpu() -> bool:
+    try:
+        from vllm.platforms import current_platform
+
+        return bool(current_platform.is_cpu())
+    except Exception:  # noqa: BLE001 -- an older vLLM: its own default
+        return False
 
 
 def parse_engine_args(given) -> dict[str, Any]:
@@ -239,6 +254,10 @@ def load_error(exc: BaseException, model_name: str, options: VLLMOptions) -> Exc
                                             f"{length[1] + ' tokens' if length else 'the full context'}: lower "
                                             "`max_model_len`, or give the cache more memory (`gpu_memory_utilization`; "
                                             "on a CPU --engine-arg kv_cache_memory_bytes=BYTES or VLLM_CPU_KVCACHE_SPACE=GiB)")
+    if "memory utilization" in lowered and "less than" in lowered:
+        return OptionError("gpu_memory_utilization", f"{text.split('. ')[0]} (on a CPU it is the share of the machine's "
+                                                     "memory vLLM reserves: lower it, or leave it out and give the KV "
+                                                     "cache's size: --engine-arg kv_cache_memory_bytes=BYTES)")
     if "max_model_len" in lowered and ("greater than" in lowered or "larger than" in lowered):
         return OptionError("max_model_len", f"{text.split('. ')[0]} (lower `max_model_len`, or give the KV cache more "
                                             "memory: `gpu_memory_utilization`, or on a CPU --engine-arg "
