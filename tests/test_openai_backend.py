@@ -647,8 +647,8 @@ def test_the_api_key_is_sent_but_never_written(server, tmp_path):
 def test_openai_backend_options_are_checked(tmp_path):
     result = cai("generate", EXAMPLES, "--backend", "openai", "--model", "m")
     assert result.exit_code == 2 and "--base-url" in result.output
-    result = cai("generate", EXAMPLES, "--backend", "vllm")
-    assert result.exit_code == 2 and "choose from hf, openai" in result.output
+    result = cai("generate", EXAMPLES, "--backend", "sglang")
+    assert result.exit_code == 2 and "choose from hf, openai, vllm" in result.output
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ A backend class declares, beside the Backend protocol (cai/backends/base.py):
 - `Settings`: a dataclass of its own options, each declared with `cai.declare.option` (they join
   every command's options: `cai.options.BackendSpec` is made of them), and a classmethod
   `check_settings(spec)` for what only makes sense together;
+- `shares`: optionally, names of other backends' options it takes too (vLLM takes hf's `dtype`);
 - `resolve(spec)`: (what it loads or calls, the model name records carry), without loading;
 - `from_spec(spec, source, model_name)`: the backend, open.
 The module must import its engine lazily: importing it for its Settings must stay cheap."""
@@ -17,6 +18,7 @@ import importlib
 BACKENDS = {
     "hf": "cai.backends.hf:HFBackend",
     "openai": "cai.backends.openai:OpenAIBackend",
+    "vllm": "cai.backends.vllm:VLLMBackend",
     "scripted": "cai.backends.scripted:ScriptedBackend",
 }
 
@@ -44,6 +46,9 @@ def owners() -> dict[str, tuple[str, ...]]:
     for name, cls in settings().items():
         for f in dataclasses.fields(cls):
             found.setdefault(f.name, []).append(name)
+    for name in BACKENDS:
+        for shared in getattr(backend_class(name), "shares", ()):
+            found.setdefault(shared, []).append(name)
     return {option: tuple(backends) for option, backends in found.items()}
 
 
