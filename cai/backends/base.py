@@ -172,3 +172,34 @@ class LockstepStream:
 
     def release(self, key: str) -> None:
         self._waiting = [r for r in self._waiting if r.key != key]
+
+
+def run_through_stream(stream: Stream, conversations: list[list[dict[str, str]]],
+                       seed: int | None = None) -> list[Completion]:
+    """`Backend.generate` for a backend whose `stream` schedules itself: every conversation
+    submitted (conversation i sampled with seed + i), polled until each has its completion, in
+    the conversations' order."""
+    for i, conversation in enumerate(conversations):
+        stream.submit(Request(key=str(i), conversation=conversation, seed=None if seed is None else seed + i))
+    results: dict[str, Completion] = {}
+    while len(results) < len(conversations):
+        finished = stream.poll()
+        if not finished:
+            break
+        results.update(finished)
+    return [results[str(i)] for i in range(len(conversations))]
+
+
+def single_tokens(encode: Callable[[str], list[int]], choice: str, model_name: str) -> list[int]:
+    """The single tokens that spell `choice` ("A"), bare and after a space, by a tokenizer's
+    `encode` (text to ids, no special tokens); a UsageError if it has none."""
+    from cai.errors import UsageError
+
+    found = []
+    for text in (choice, " " + choice):
+        ids = encode(text)
+        if len(ids) == 1 and ids[0] not in found:
+            found.append(ids[0])
+    if not found:
+        raise UsageError(f"{model_name}: the tokenizer has no single token for the choice '{choice}'")
+    return found

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from cai.backends.base import ChoiceScores, Completion, LockstepStream, SamplingParams, TextCallback
+from cai.backends.base import ChoiceScores, Completion, LockstepStream, SamplingParams, TextCallback, single_tokens
 from cai.backends.hf_load import detach_from_files, load_error
 from cai.declare import option
 from cai.errors import ModelError, OptionError, UsageError
@@ -398,14 +398,8 @@ class HFBackend:
 
     def _choice_tokens(self, choice: str) -> list[int]:
         """The single tokens that spell `choice`, bare and after a space."""
-        found = []
-        for text in (choice, " " + choice):
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(ids) == 1 and ids[0] not in found:
-                found.append(ids[0])
-        if not found:
-            raise UsageError(f"{self.model_name}: the tokenizer has no single token for the choice '{choice}'")
-        return found
+        return single_tokens(lambda text: self.tokenizer(text, add_special_tokens=False)["input_ids"], choice,
+                             self.model_name)
 
     def close(self) -> None:
         self.model = None

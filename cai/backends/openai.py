@@ -57,7 +57,7 @@ from typing import Optional
 
 from cai.backends import openai_wire as wire
 from cai.backends.fleet import Fleet, Member, NoEndpoint
-from cai.backends.base import ChoiceScores, Completion, Request, SamplingParams, TextCallback
+from cai.backends.base import ChoiceScores, Completion, Request, SamplingParams, TextCallback, run_through_stream
 from cai.backends.openai_stream import OpenAIStream
 from cai.backends.retry import Failed, Fatal, Retryable, RetryPolicy, from_status, from_transport_error
 from cai.declare import option
@@ -293,17 +293,8 @@ class OpenAIBackend:
         that failed for good."""
         if not conversations:
             return []
-        stream = self.stream(params, min(len(conversations), self.default_width()))
-        for i, conversation in enumerate(conversations):
-            stream.submit(Request(key=str(i), conversation=conversation,
-                                  seed=None if seed is None else seed + i))
-        results: dict[str, Completion] = {}
-        while len(results) < len(conversations):
-            finished = stream.poll()
-            if not finished:
-                break
-            results.update(finished)
-        completions = [results[str(i)] for i in range(len(conversations))]
+        completions = run_through_stream(self.stream(params, min(len(conversations), self.default_width())),
+                                         conversations, seed)
         for i, completion in enumerate(completions):
             if completion.error is not None:
                 raise BackendError(f"{self.model_name}: request {i + 1} of {len(conversations)} "

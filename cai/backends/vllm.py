@@ -36,7 +36,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from cai.backends.base import ChoiceScores, Completion, Request, SamplingParams, TextCallback
+from cai.backends.base import (ChoiceScores, Completion, Request, SamplingParams, TextCallback, run_through_stream,
+                               single_tokens)
 from cai.declare import option
 from cai.errors import BackendError, ModelError, OptionError, UsageError
 
@@ -531,16 +532,7 @@ class VLLMBackend:
     def generate(self, conversations: list[list[dict[str, str]]], params: SamplingParams,
                  seed: int | None = None) -> list[Completion]:
         """One completion per conversation, in order; conversation i is sampled with seed + i."""
-        stream = self.stream(params, len(conversations))
-        for i, conversation in enumerate(conversations):
-            stream.submit(Request(str(i), conversation, seed=None if seed is None else seed + i))
-        results: dict[str, Completion] = {}
-        while len(results) < len(conversations):
-            finished = stream.poll()
-            if not finished:
-                break
-            results.update(finished)
-        return [results[str(i)] for i in range(len(conversations))]
+        return run_through_stream(self.stream(params, len(conversations)), conversations, seed)
 
     def score_choices(self, conversations: list[list[dict[str, str]]], choices: tuple[str, ...],
                       prefix: str = "") -> list[ChoiceScores]:
@@ -581,14 +573,7 @@ class VLLMBackend:
         return results
 
     def _choice_tokens(self, choice: str) -> list[int]:
-        found = []
-        for text in (choice, " " + choice):
-            ids = self._encode_text(text)
-            if len(ids) == 1 and ids[0] not in found:
-                found.append(ids[0])
-        if not found:
-            raise UsageError(f"{self.model_name}: the tokenizer has no single token for the choice '{choice}'")
-        return found
+        return single_tokens(self._encode_text, choice, self.model_name)
 
     def close(self) -> None:
         """Abort what is in flight and shut the engine down (its workers, where it has any)."""

@@ -106,6 +106,8 @@ def run(prompts: str | Iterable, output: str | None, options: GenerateOptions, *
                     on_signal=_log_signal) as session:
         with session.stoppable():
             _run(selection, paths, options, constitution, templates, config, resolved, summary, progress, session)
+        if not summary.nothing_to_do:
+            session.note_stop()                 # a stop asked for ends the run as stopped
         if session.stopped_by is not None:
             summary.stopped_by, summary.stop_exit = session.stopped_by, session.stop_exit
         summary.elapsed = time.monotonic() - summary.start
@@ -298,9 +300,6 @@ def _sampled_loop(pipeline, jobs, writer, curation, failures, fmt: str, summary:
         summary.failed = failures.file.count
         if progress:
             progress("records", summary)
-    if stop():
-        summary.stopped_by = getattr(stop, "name", None) or "stop"
-        summary.stop_exit = getattr(stop, "exit_code", 130)
 
 
 def _loop(pipeline, jobs, writer, curation, failures, fmt: str, summary: Summary, progress, stop) -> None:
@@ -338,9 +337,6 @@ def _loop(pipeline, jobs, writer, curation, failures, fmt: str, summary: Summary
         summary.failed = failures.file.count
         if progress:
             progress("records", summary)
-    if stop():
-        summary.stopped_by = getattr(stop, "name", None) or "stop"
-        summary.stop_exit = getattr(stop, "exit_code", 130)
 
 
 def _prompt_check(selection, constitution, config):
