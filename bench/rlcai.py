@@ -22,6 +22,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+def machine() -> dict:
+    """The CPU the figures were measured on: its name, cores and vector features."""
+    import os
+
+    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), platform.processor())
+    flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    return {"cpu": cpu, "cores": os.cpu_count(), "features": sorted(f for f in flags if f.startswith(("avx", "amx")))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", default=str(ROOT / "bench" / "quality_prompts.jsonl"))
@@ -45,7 +55,7 @@ def main() -> None:
         report, _ = collect(out)
     feedback = report["feedback"] or {}
     figures = {
-        "machine": platform.processor() or platform.machine(), "model": summary.model,
+        "machine": machine(), "model": summary.model,
         "prompts": args.limit, "samples": args.samples, "principles_per_comparison": args.principles,
         "cot": args.cot, "temperature": args.temperature, "max_new_tokens": args.max_new_tokens,
         "pairs": summary.pairs, "failed": summary.failed, "elapsed_s": round(summary.elapsed, 2),
