@@ -64,12 +64,6 @@ def flags(cls) -> dict[str, Flag]:
     return {f.name: flag_of(f) for f in dataclasses.fields(cls) if flag_of(f) is not None}
 
 
-def flag_name(cls, name: str) -> str:
-    """The long flag of the option `name` of `cls` ("--max-new-tokens"), or the name as a flag."""
-    found = flags(cls).get(name)
-    return found.long if found is not None else "--" + name.replace("_", "-")
-
-
 def check_choices(options) -> None:
     """Every option of `options` that declares its choices holds one of them (or None where its
     default is None)."""

@@ -29,24 +29,21 @@ def _fields(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls) if flag_of(f) is not None}
 
 
-def _value(node: yaml.Node, path: str, key: str) -> Any:
+def _value(node: yaml.Node, path: str, key: str, in_list: bool = False) -> Any:
     """A scalar, or a list of scalars, as YAML constructs it."""
     from cai.constitution.validate import GuardedLoader
 
     if isinstance(node, yaml.MappingNode):
         raise InputError(path, f"{key}: expected a value or a list, got a mapping", line=node.start_mark.line + 1)
     if isinstance(node, yaml.SequenceNode):
-        return [_value(item, path, key) if not isinstance(item, yaml.SequenceNode) else
-                _raise(path, key, item) for item in node.value]
+        if in_list:
+            raise InputError(path, f"{key}: expected a value or a list of values, got a list of lists",
+                             line=node.start_mark.line + 1)
+        return [_value(item, path, key, in_list=True) for item in node.value]
     try:
         return GuardedLoader("").construct_object(node)
     except (yaml.YAMLError, ValueError) as exc:
         raise InputError(path, f"{key}: {getattr(exc, 'problem', None) or exc}", line=node.start_mark.line + 1) from None
-
-
-def _raise(path, key, node):
-    raise InputError(path, f"{key}: expected a value or a list of values, got a list of lists",
-                     line=node.start_mark.line + 1)
 
 
 def read_config(path: str, cls, own: tuple[str, ...] = (), names=None) -> tuple[dict[str, Any], dict[str, Any]]:

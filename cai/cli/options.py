@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import inspect
 import sys
+import types
 import typing
 from typing import Annotated, Any, Optional
 
@@ -18,6 +19,7 @@ import typer
 from rich.markup import escape
 
 from cai.declare import PANELS, flag_of
+from cai.options import GenerateOptions
 
 CONFIG_PARAMETERS = [
     inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
@@ -37,7 +39,7 @@ def cli_type(f: dataclasses.Field, hint) -> Any:
     meta = flag_of(f)
     if meta.cli is not None:
         return meta.cli
-    if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType")):
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if len(args) == 1:
             return Optional[args[0]]
@@ -52,10 +54,11 @@ def cli_parameters(cls, names: list[str]) -> list[inspect.Parameter]:
     for name in names:
         f, meta = by_name[name], flag_of(by_name[name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        param = parameter_name(cls, name)
         if meta.invert:
-            kind, default, param = bool, not default, "no_" + name
+            kind, default = bool, not default
         else:
-            kind, param = cli_type(f, hints[name]), name
+            kind = cli_type(f, hints[name])
             default = list(default) if isinstance(default, tuple) and default else (None if default == () else default)
         info = typer.Option(*meta.flags, help=escape(meta.help), metavar=meta.metavar, show_default=meta.show_default,
                             rich_help_panel=meta.panel)
@@ -65,12 +68,10 @@ def cli_parameters(cls, names: list[str]) -> list[inspect.Parameter]:
 
 
 def option_names(cls, *, exclude=(), only=None) -> list[str]:
-    """The command-line options of `cls` (less `exclude`, or just `only`), by --help panel, then
-    in the order the dataclass declares them."""
-    names = [f.name for f in dataclasses.fields(cls) if flag_of(f) is not None
-             and f.name not in exclude and (only is None or f.name in only)]
-    panel = {f.name: PANELS.index(flag_of(f).panel) for f in dataclasses.fields(cls) if f.name in names}
-    return sorted(names, key=lambda name: panel[name])
+    """The command-line options of `cls` (less `exclude`, or just `only`), in the order the
+    dataclass declares them (`declared` places them in their --help panels)."""
+    return [f.name for f in dataclasses.fields(cls) if flag_of(f) is not None
+            and f.name not in exclude and (only is None or f.name in only)]
 
 
 def from_cli(cls, names: list[str], values: dict[str, Any]) -> dict[str, Any]:
@@ -81,7 +82,7 @@ def from_cli(cls, names: list[str], values: dict[str, Any]) -> dict[str, Any]:
     for name in names:
         meta = flag_of(by_name[name])
         if meta.invert:
-            found[name] = not values["no_" + name]
+            found[name] = not values[parameter_name(cls, name)]
             continue
         value = values[name]
         if isinstance(value, list) and typing.get_origin(hints[name]) is tuple:
@@ -93,6 +94,7 @@ def from_cli(cls, names: list[str], values: dict[str, Any]) -> dict[str, Any]:
 
 
 def parameter_name(cls, name: str) -> str:
+    """The typer parameter of option `name`: its own name, or `no_NAME` for an inverted flag (--no-lock)."""
     meta = flag_of(next(f for f in dataclasses.fields(cls) if f.name == name))
     return "no_" + name if meta.invert else name
 
@@ -113,10 +115,10 @@ CONTEXT = inspect.Parameter("typer_context", inspect.Parameter.KEYWORD_ONLY, ann
 CONFIG_ARGUMENTS = ("prompts", "pairs", "output")      # a command's own arguments that a config file may hold
 
 
-def declared(cls, *, exclude=(), only=None, config: str | None = None, fixed: dict | None = None):
+def declared(cls, *, exclude=(), only=None, config: str | None = None):
     """Give `command` the options of `cls` as typer parameters after its own (its arguments and
     what only the CLI has, such as --quiet); the command receives them as `options`, an instance
-    of `cls` (with the `fixed` fields set as given). With `config` (the command's name), the
+    of `cls`. With `config` (the command's name), the
     command takes --config and --print-config too (see the module's docstring)."""
     names = option_names(cls, exclude=exclude, only=only)
     block = cli_parameters(cls, names)
@@ -132,9 +134,9 @@ def declared(cls, *, exclude=(), only=None, config: str | None = None, fixed: di
             fields = from_cli(cls, names, {p.name: kwargs.pop(p.name) for p in block})
             if config:
                 fields = _configured(cls, fields, kwargs, [p.name for p in own if p.name in CONFIG_ARGUMENTS],
-                                     kwargs.pop("config"), kwargs.pop("print_config"), config, fixed,
+                                     kwargs.pop("config"), kwargs.pop("print_config"), config,
                                      kwargs.pop("typer_context"))
-            return command(options=cls(**fields, **(fixed or {})), **kwargs)
+            return command(options=cls(**fields), **kwargs)
 
         parameters = sorted([*own, *block, *extra], key=_place)
         wrapper.__signature__ = signature.replace(parameters=parameters)
@@ -146,7 +148,7 @@ def declared(cls, *, exclude=(), only=None, config: str | None = None, fixed: di
 
 
 def _configured(cls, fields: dict, arguments: dict, own: list[str], path: str | None, printing: bool,
-                command: str, fixed: dict | None, context) -> dict:
+                command: str, context) -> dict:
     """`fields` (the command line's) over those of the config file `path`, over the defaults;
     the command's own `arguments` likewise (updated in place). With `printing`, the effective
     configuration goes to stdout and the command exits."""
@@ -164,7 +166,7 @@ def _configured(cls, fields: dict, arguments: dict, own: list[str], path: str | 
             if not given(name):
                 arguments[name] = value
     if printing:
-        options = cls(**fields, **(fixed or {}))
+        options = cls(**fields)
         options.check()
         sys.stdout.write(render(effective(options, {name: arguments.get(name) for name in own}, names=set(fields)), command))
         raise typer.Exit(0)
@@ -177,10 +179,4 @@ def option_annotation(cls, name: str):
     return cli_parameters(cls, [name])[0].annotation
 
 
-def _generate_options():
-    from cai.options import GenerateOptions
-
-    return GenerateOptions
-
-
-NoLockOpt = option_annotation(_generate_options(), "lock")     # a parameter named `no_lock`
+NoLockOpt = option_annotation(GenerateOptions, "lock")     # a parameter named `no_lock`
