@@ -198,12 +198,12 @@ class SampledPipeline:
             raise OptionError("principles_per_comparison", f"is {self.fb.principles}, but {constitution.ref} has "
                               f"{len(constitution.principles)} principles")
 
-    def plan(self, prompts: Iterable[PromptItem], skip: set[str] = frozenset(),
+    def plan(self, prompts: Iterable[PromptItem], todo: Callable[[str], bool] | None = None,
              truncate_long: bool = False) -> tuple[list[Job], list[tuple[PromptItem, str, Unfit]]]:
-        """One job per prompt not yet done (`skip` holds prompt ids), and the prompts left out."""
+        """One job per prompt still to make (`todo(prompt id)`; None: every one), and the prompts left out."""
         jobs, left_out = [], []
         for item in prompts:
-            if item.id in skip:
+            if todo is not None and not todo(item.id):
                 continue
             job, problem = self.base.job(item, item.id, (), truncate_long)
             if problem:

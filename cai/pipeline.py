@@ -126,17 +126,18 @@ class Pipeline:
             # switch, else the model's own default
             backend.set_thinking(False if self.reasoning == "off" else True if switch else None)
 
-    def plan(self, prompts: Iterable[PromptItem], skip: set[str] = frozenset(),
+    def plan(self, prompts: Iterable[PromptItem], todo: Callable[[str], bool] | None = None,
              truncate_long: bool = False) -> tuple[list[Job], list[tuple[PromptItem, str, Unfit]]]:
-        """The records this run will make, minus those already done (`skip`, by record id), and
-        the records left out as (prompt, record id, why): a conversation that cannot fit the
-        model's context is skipped (or with `truncate_long` its prompt is cut to fit), and so is
-        one the model's chat template refuses."""
+        """The records this run will make, but those already made (`todo(record id)` false: the
+        run decides, from what its output holds; None: none is), and the records left out as
+        (prompt, record id, why): a conversation that cannot fit the model's context is skipped
+        (or with `truncate_long` its prompt is cut to fit), and so is one the model's chat
+        template refuses."""
         jobs: list[Job] = []
         left_out: list[tuple[PromptItem, str, Unfit]] = []
         for item, records in record_plans(self.constitution, self.config, prompts):
             for record_id, principles in records:
-                if record_id in skip:
+                if todo is not None and not todo(record_id):
                     continue
                 job, problem = self.job(item, record_id, principles, truncate_long)
                 if problem:

@@ -168,7 +168,8 @@ def test_prompts_too_long_for_the_context_are_left_out_or_cut_to_fit():
     [record] = [r for batch in p.run(jobs) for r in batch]
     assert record["meta"]["prompt_truncated"] is True and long.startswith(record["prompt"])
     # done records are not planned again
-    assert p.plan([item("short one", 0)], skip={"p0"}) == ([], [])
+    assert p.plan([item("short one", 0)], todo=lambda record_id: record_id != "p0") == ([], [])
+    assert [j.record_id for j in p.plan([item("short one", 0)], todo=lambda record_id: record_id != "p1")[0]] == ["p0"]
 
 
 def test_a_context_no_prompt_fits_is_an_error_about_max_new_tokens():

@@ -101,7 +101,7 @@ def run(prompts: str | Iterable, output: str | None, options: GenerateOptions, *
     resolved = (None, options.model.model_name) if is_open_backend(options.model) else resolve(options.backend_spec())
     summary = Summary(model=resolved[1], constitution=constitution.ref, output=output, source=source,
                       filtered=paths.filtered, failures=paths.failures, skipped_file=paths.skipped,
-                      planned=selection.planned, skipped_invalid=len(selection.invalid) * selection.per_invalid)
+                      planned=selection.planned, skipped_invalid=selection.skipped_invalid)
     with RunSession(paths.files(), lock=options.lock and output is not None, stop=stop, grace=options.grace,
                     on_signal=_log_signal) as session:
         with session.stoppable():
@@ -145,15 +145,10 @@ def _run(selection, paths: _Paths, options: GenerateOptions, constitution, templ
 
     fingerprint = run_fingerprint(summary.model, constitution, templates, config)
     _refuse_foreign_sides(options, fingerprint)
-    done, append_at, drop_append_at = _existing(paths, options, fingerprint, summary.source,
-                                                lambda: _prompt_check(selection, constitution, config))
-    if config.feedback is not None or config.keep_rounds:
-        from cai.feedback import prompt_of
-
-        # a sampled prompt's pairs, and a record's round pairs (ID#rK), are made together
-        done = {prompt_of(record_id) for record_id in done}
-    summary.resumed = sum(record_id in done for record_id in selection.ids)
-    summary.removed = len(done - selection.all_ids)
+    found, append_at, drop_append_at = _existing(paths, options, fingerprint, summary.source,
+                                                 lambda: _prompt_check(selection, constitution, config))
+    selection = selection.resuming(found)
+    summary.resumed, summary.removed = selection.resumed, selection.removed
     if paths.output not in (None, "-"):
         if append_at is None:            # a new output (or one replaced): a new manifest
             Path(runs_path(paths.output)).unlink(missing_ok=True)
@@ -164,7 +159,7 @@ def _run(selection, paths: _Paths, options: GenerateOptions, constitution, templ
                     paths.output, summary.removed, summary.source)
     skips = SideFile(paths.skipped, memory=paths.output is None, kind="skipped")
     _skip_invalid(selection, skips)
-    if summary.resumed == summary.planned - summary.skipped_invalid:
+    if selection.nothing_to_do:
         summary.nothing_to_do = True
         _finish_side(summary, skips, None, None)
         if not selection.ids:
@@ -193,7 +188,8 @@ def _run(selection, paths: _Paths, options: GenerateOptions, constitution, templ
                                        constitution, templates, config, options.feedback_config())
         else:
             pipeline = Pipeline(backend, constitution, templates, config)
-        jobs, left_out = pipeline.plan(selection.items, skip=done, truncate_long=options.truncate_long)
+        jobs, left_out = pipeline.plan(selection.items, todo=selection.todo,
+                                       truncate_long=options.truncate_long)
         summary.skipped_long = sum(why.kind == TOO_LONG for _, _, why in left_out)
         summary.skipped_refused = len(left_out) - summary.skipped_long
         for number, (item, record_id, why) in enumerate(left_out):
