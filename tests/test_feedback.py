@@ -510,6 +510,7 @@ def test_a_feedback_server_without_logprobs_stops_the_run_in_one_line(tmp_path):
     assert "returned no logprobs" in errors[0] and "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_tiny_model_sigterm_then_resume_gives_the_records_of_an_uncut_run(tiny_model, tmp_path):
     """A real SIGTERM to `cai generate --samples`: the prompts in flight finish, the run exits
     143, and the rerun resumes (no prompt sampled again) to the records of an uncut run."""

