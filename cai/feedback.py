@@ -52,11 +52,6 @@ def pair_id(prompt_id: str, i: int, j: int) -> str:
     return f"{prompt_id}#{i}-{j}"
 
 
-def prompt_of(record_id: str) -> str:
-    """The prompt id a sampled record belongs to (its id, or the part before '#')."""
-    return record_id.split("#", 1)[0]
-
-
 def draw_principles(constitution: Constitution, key: str, k: int, seed: int) -> list[Principle]:
     """K different principles for one comparison, weighted by the principles' weights; they
     depend only on (seed, key), so a resumed or re-batched run asks the same."""

@@ -84,6 +84,20 @@ def test_keep_rounds_and_sampled_runs_count_a_prompts_records_together():
     assert not plain.by_prompt and (plain.resumed, plain.removed) == (1, 1) and plain.todo("p0")
 
 
+def test_a_prompt_id_holding_a_hash_is_resumed_not_made_again():
+    """Regression: under keep_rounds or a sampled run, a found id used to be cut at its first
+    '#', so a prompt whose own id holds one ('a#b') never counted as done and its records were
+    made, and appended, a second time."""
+    rows = [{"id": "a#b", "prompt": "Tea?"}, {"id": "x#r1", "prompt": "Coffee?"}, {"id": "c", "prompt": "Water?"}]
+    rounds = choose(rows, RunConfig(revisions=2, keep_rounds=True)).resuming(
+        {"a#b", "a#b#r1", "x#r1", "x#r1#r1", "gone#x#r1"})
+    assert rounds.done == {"a#b", "x#r1", "gone#x"}
+    assert (rounds.resumed, rounds.removed) == (2, 1)
+    assert not rounds.todo("a#b") and not rounds.todo("x#r1") and rounds.todo("c")
+    sampled = choose(rows, SAMPLED).resuming({"a#b#0-1", "c"})
+    assert [i for i in sampled.ids if sampled.todo(i)] == ["x#r1"] and sampled.removed == 0
+
+
 def test_a_run_no_prompt_falls_in_has_nothing_to_do():
     empty = choose(ROWS[:1], shard="2/2" if shard_of("p0", 2) == 1 else "1/2")
     assert empty.ids == [] and empty.items == [] and empty.planned == 0

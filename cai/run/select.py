@@ -22,7 +22,7 @@ class Selection:
     """The prompts of a run and the records they plan, and (after `resuming`) which of those an
     earlier run already made. A record is done by its id; in a run whose records are made a
     prompt at a time (`by_prompt`: sampled pairs, whose ids may be `ID#i-j`, or `keep_rounds`,
-    whose earlier rounds' pairs are `ID#rK`), by the part of its id before '#'."""
+    whose earlier rounds' pairs are `ID#rK`), by the part of its id before the last '#'."""
 
     items: list[PromptItem]             # the prompts of this run
     invalid: list[InputError]           # invalid lines of this run (skip_invalid)
@@ -45,9 +45,10 @@ class Selection:
         """This selection continuing an output that holds the records of ids `found` (those in the
         output and those the filters dropped)."""
         if self.by_prompt:
-            from cai.feedback import prompt_of
-
-            return replace(self, done=frozenset(prompt_of(record_id) for record_id in found))
+            # an id the input plans is that record; another (ID#i-j, ID#rK) belongs to the part
+            # before its last '#', so a prompt id that holds a '#' itself keeps it
+            return replace(self, done=frozenset(record_id if record_id in self.all_ids else record_id.rsplit("#", 1)[0]
+                                                for record_id in found))
         return replace(self, done=frozenset(found))
 
     def todo(self, record_id: str) -> bool:
