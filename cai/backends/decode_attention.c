@@ -32,6 +32,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #ifdef __AVX2__
@@ -39,6 +40,7 @@
 #endif
 
 #define BLOCK 32          /* keys per block: their scores stay in L1 */
+#define CHUNK 16          /* ids of a row one task takes (each id's result is its own: no order depends on it) */
 #define MASKED -1e30f
 
 /* exp(x) for x <= 0, zero below -87 (Cephes' expf: range reduction by ln 2, degree-5 polynomial;
@@ -165,10 +167,25 @@ INLINE void attend(const float *q, const void *keys, const void *values, const i
                    int64_t heads, int64_t group, int64_t tokens, int64_t dim, int64_t capacity, float scale,
                    const float *init_out, const float *init_lse, float *out, float *lse, int threads, const int bf16) {
     const int64_t size = bf16 ? 2 : 4;       /* bytes an element of keys and values takes */
-#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads)
-    for (int64_t b = 0; b < rows; b++) {
-        for (int64_t h = 0; h < heads; h++) {
-            const int64_t first = offsets[b], n_ids = offsets[b + 1] - offsets[b], m = group * n_ids;
+    /* one task per (row, kv head, chunk of at most CHUNK of the row's ids): a prefill's many ids
+       spread over the threads, and a task's scores stay small */
+    int64_t *task_start = malloc(sizeof(int64_t) * (rows + 1));
+    if (task_start == NULL)
+        return;
+    task_start[0] = 0;
+    for (int64_t b = 0; b < rows; b++)
+        task_start[b + 1] = task_start[b] + heads * ((offsets[b + 1] - offsets[b] + CHUNK - 1) / CHUNK);
+    const int64_t tasks = task_start[rows];
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t task = 0; task < tasks; task++) {
+        int64_t b = 0;
+        while (task_start[b + 1] <= task)
+            b++;
+        const int64_t chunks = (task_start[b + 1] - task_start[b]) / heads, local = task - task_start[b];
+        const int64_t h = local / chunks, chunk = local % chunks;
+        {
+            const int64_t first = offsets[b] + chunk * CHUNK;
+            const int64_t n_ids = offsets[b + 1] - first < CHUNK ? offsets[b + 1] - first : CHUNK, m = group * n_ids;
             if (m <= 0)
                 continue;
             const char *ks = (const char *)keys + (slots[b] * heads + h) * capacity * dim * size;
@@ -218,11 +235,17 @@ INLINE void attend(const float *q, const void *keys, const void *values, const i
                     if (best <= MASKED)
                         continue;                       /* every key of this block is after the query */
                     float keep = top[i] <= MASKED ? 0.0f : expf(top[i] - best);
-                    for (int j = 0; j < n; j++)
+                    /* a whole block always: how many keys the row's last block holds depends on
+                       the row's other ids (a decode step has one, a prefill many), and a shorter
+                       block would take the vector exp's scalar tail and sum in another order;
+                       the keys past n weigh exactly 0 */
+                    for (int j = n; j < BLOCK; j++)
+                        s[j] = MASKED;
+                    for (int j = 0; j < BLOCK; j++)
                         s[j] -= best;
-                    exp_inplace(s, n);
+                    exp_inplace(s, BLOCK);
                     float sum = 0.0f;
-                    for (int j = 0; j < n; j++)
+                    for (int j = 0; j < BLOCK; j++)
                         sum += s[j];
                     total[i] = total[i] * keep + sum;
                     top[i] = best;
@@ -247,6 +270,7 @@ INLINE void attend(const float *q, const void *keys, const void *values, const i
             }
         }
     }
+    free(task_start);
 }
 
 void cai_decode_attention(const float *q, const float *keys, const float *values, const int64_t *slots,

@@ -65,4 +65,6 @@ class SlotCache:
     def take_root(self, other: "SlotCache", length: int) -> None:
         """The root: the first `length` positions of slot 0 of `other` (the cache the first
         conversation's prompt was encoded into)."""
-        self.root = [(k[0, :, :length], v[0, :, :length]) for k, v in zip(other.keys, other.values)]
+        # a copy of its own, contiguous: the native kernel reads it as a cache of one slot
+        self.root = [(k[0, :, :length].contiguous(), v[0, :, :length].contiguous())
+                     for k, v in zip(other.keys, other.values)]

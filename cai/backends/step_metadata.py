@@ -16,14 +16,14 @@ class StepMetadata:
     """Row b of this forward is slot slots[b] and brings counts[b] ids, packed in row order into
     one sequence (no padding goes through the model's linear layers); `positions`: each id's
     position in its conversation; `bases`: how many leading positions row b takes from the root
-    (its slot holds the positions from there on). Leading rows of at most NATIVE_MAX_IDS ids
-    (decode rows come first) go to `native` (kernels.decode_attention()) where there is one; the
-    rest to PyTorch's kernels."""
+    (its slot holds the positions from there on).
 
-    # Forwards of at most this many ids a row (decode steps, drafts included) take their own-part
-    # attention from the native kernel where there is one (cai/backends/decode_attention.c);
-    # longer ones (prefills) from PyTorch's flash kernel, whose blocked GEMMs suit many queries.
-    NATIVE_MAX_IDS = 16
+    Where there is a native kernel (`native`, kernels.decode_attention()), it takes every row and
+    the root too: a query's keys are summed in one order, block by block from position 0, whether
+    its id came in a decode step, a draft or a prefill, alone or beside other rows, so an id's
+    result does not depend on how its conversation was cut into forwards or what shared them
+    (what keeps a run's records the same however it is batched). PyTorch's kernels (no compiler,
+    or a GPU) block their sums by the shape of each call."""
 
     def __init__(self, cache: SlotCache, slots: list[int], counts: list[int], positions: list[int],
                  bases: list[int], native=None):
@@ -47,7 +47,7 @@ class StepMetadata:
         self.common, self.root_end = (min(bases), max(bases)) if cache.root else (0, 0)
         self._ragged_groups: dict[int, torch.Tensor] = {}
         self.ragged: torch.Tensor | None = None       # [ids, root_end - common] mask of the rest
-        if self.root_end > self.common:
+        if self.root_end > self.common and native is None:
             # root positions [common, root_end): row b sees those below its own base
             id_bases = torch.tensor(base_of_id, device=device)
             seen = torch.arange(self.common, self.root_end, device=device)[None, :] < id_bases[:, None]
@@ -56,28 +56,28 @@ class StepMetadata:
             dtype = cache.keys[0].dtype
             self.ragged = torch.zeros(seen.shape, dtype=dtype, device=device)
             self.ragged.masked_fill_(~seen, torch.finfo(dtype).min / 2)
-        short = 0
-        while native is not None and short < len(counts) and counts[short] <= self.NATIVE_MAX_IDS:
-            short += 1
-        self.native_rows = short                      # leading rows the native kernel takes
-        self.first_padded = sum(counts[:short])       # ids from here on go to PyTorch's kernels
-        # for PyTorch's kernels: those rows' ids laid out padded, [rows, width], and the mask
+        # the native kernel: each id reads the root up to its row's base (none: -1)
+        self.root_positions: torch.Tensor | None = None
+        self.root_slots: torch.Tensor | None = None
+        if native is not None and self.root_end:
+            self.root_positions = torch.tensor(base_of_id, device=device) - 1
+            self.root_slots = torch.zeros(len(slots), dtype=torch.int64, device=device)
+        # for PyTorch's kernels: the rows' ids laid out padded, [rows, width], and the mask
         self.pad_index: torch.Tensor | None = None    # [rows, width] id at each place (pads repeat the last)
         self.id_row: torch.Tensor | None = None       # [ids] row of each id
         self.id_column: torch.Tensor | None = None    # [ids] place of each id in its row
         self.mask: torch.Tensor | None = None         # [rows, width, own positions]
         self._kv_len = 0
-        if short == len(counts):
+        if native is not None:
             return
         # PyTorch's kernels want rows padded to one width: row b's j-th id at [b, j]
-        rest = counts_t[short:]
-        rows, width = len(rest), max(counts[short:])
-        starts = self.offsets[short:-1]
-        self.id_row = torch.arange(rows, device=device).repeat_interleave(rest)
-        self.id_column = torch.arange(self.first_padded, len(positions), device=device) - starts[self.id_row]
-        column = torch.minimum(torch.arange(width, device=device)[None, :], rest[:, None] - 1)
+        rows, width = len(counts), max(counts)
+        starts = self.offsets[:-1]
+        self.id_row = torch.arange(rows, device=device).repeat_interleave(counts_t)
+        self.id_column = torch.arange(len(positions), device=device) - starts[self.id_row]
+        column = torch.minimum(torch.arange(width, device=device)[None, :], counts_t[:, None] - 1)
         self.pad_index = starts[:, None] + column                                     # [rows, width]
-        self._kv_len = max(index[self.first_padded:]) + 1
+        self._kv_len = max(index) + 1
         keys = torch.arange(self._kv_len, device=device)
         allowed = keys[None, None, :] <= self.index[self.pad_index][:, :, None]        # [rows, width, kv]
         self.mask = torch.zeros(allowed.shape, dtype=cache.keys[0].dtype, device=device)
@@ -114,5 +114,5 @@ class StepMetadata:
         return cache.keys[layer_idx], cache.values[layer_idx]
 
     def padded_part(self, keys: torch.Tensor) -> torch.Tensor:
-        """The stored positions [0, kv_len) of the rows PyTorch's kernels take: [rows, kv_heads, own, dim]."""
-        return keys[self.slots[self.native_rows:], :, :self._kv_len]
+        """The stored positions [0, kv_len) of the rows, for PyTorch's kernels: [rows, kv_heads, own, dim]."""
+        return keys[self.slots, :, :self._kv_len]
