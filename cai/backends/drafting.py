@@ -7,9 +7,10 @@ keys, per-op overhead: DRAFT_STEP_COST ids' worth of compute) is shared among fe
 `draft_length`. That cost is a property of the machine: ~60 ms against ~5 ms an id (12) on a
 2-core AVX2 CPU, ~45 ms against ~1.2 ms (~37) on a 2-core AVX-512/AMX one, where 12 left the
 64-prompt bench (bench/peers.py's settings) 6-10% slower than 24 to 40. It is a constant, not
-timed at run time: in float32 arithmetic a row's result does not depend on what shares its
-forward, so drafts never change records; in bfloat16 it does (oneDNN's kernels vary with the
-number of rows), and a draft length chosen from timings would make two identical runs differ.
+timed at run time. A row's logits do not depend on what shares its forward (the linears' kernels
+and the native attention sum each row in one order, tests/test_engine.py), so drafts never change
+records; where they would (int8, or PyTorch's attention without the native kernel), a draft
+length chosen from timings would make two identical runs differ.
 
 The engine (engine.py) calls `propose` for each greedy decode row before a step and checks the
 drafts against the model's own choices after it."""

@@ -18,8 +18,9 @@ What makes it fast on a CPU (and sound on a GPU):
     is encoded, and the shared part is stored once, never copied into the slots;
   * packed forwards: the rows' new ids run as one sequence, so no padding goes through the
     linear layers; a step's decode rows and the turns waiting to be encoded share one forward;
-  * cascade attention: the shared root prefix is read once for all rows, each row's own
-    positions by a native kernel (kernels.py) or PyTorch's flash kernel;
+  * cascade attention over the shared root prefix and each row's own positions, every id by
+    the native kernel (kernels.py) where there is one, so an id's logits are the same bits
+    whatever shares its forward; else by PyTorch's kernels (the root one product for all rows);
   * prompt-lookup drafts for greedy turns, checked in the same forward.
 
 The engine speaks token ids only: the HF backend owns the tokenizer and the chat template."""

@@ -45,11 +45,12 @@ class HFSettings:
     device: str = option("auto", "--device", choices=DEVICES, panel="Model", help="Where the model runs.")
     dtype: str = option("auto", "--dtype", choices=DTYPES, metavar="auto|float32|bfloat16|float16|int8", panel="Model", help=(
         "Weights dtype. GPU: auto is bfloat16 (float16 without bf16). CPU: auto and float16 keep linear weights in "
-        "float16 and compute in float32 (fast, same results to float16 rounding); float32 is plain float32; bfloat16, "
-        "on a CPU with bf16 units (AMX or AVX512-BF16), runs the linears on them (several times faster, slightly less "
-        "exact, and its greedy output depends on how conversations are batched, so a resumed run may not repeat an "
-        "uncut one token for token), the rest float32; int8 quantizes the decoder's linears (faster than float16, "
-        "slightly less exact, and its greedy output depends on how conversations are batched)."))
+        "float16 and compute in float32 (fast, same results to float16 rounding, the same records at any batch size); "
+        "float32 is plain float32 (PyTorch's products, whose last bits depend on the batch); bfloat16, on a CPU with "
+        "bf16 units (AMX or AVX512-BF16), runs the linears on them (its speed against auto depends on the CPU: "
+        "docs/speed.md; slightly less exact, answers that differ from other CPUs', the same records at any batch "
+        "size), the rest float32; int8 quantizes the decoder's linears (faster than float16, a few percent less "
+        "exact)."))
     threads: int | None = option(None, "--threads", panel="Model", help="CPU threads for torch [default: one per core].")
     plain_chat_format: bool = option(False, "--plain-chat-format", panel="Model", help=(
         "For a tokenizer without a chat template: use cai's plain 'User:/Assistant:' format."))

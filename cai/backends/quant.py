@@ -14,19 +14,22 @@ ships inside PyTorch, has kernels made for that shape:
   integer sums are exact and a linear layer's output for a token does not depend on which other
   tokens share the batch. About twice float32's speed at every batch size; a few percent higher
   loss. The output projection stays float16 weights: it decides which token is picked.
-  Rounding to 8 bits turns last-bit differences elsewhere (attention kernels differ between the
-  engine and plain `generate`, and with the batch) into visibly different activations, so int8
-  greedy output depends on how the conversations were batched: bench/throughput.py finds 1 of
-  16 records identical between the engine and the one-at-a-time loop (16 of 16 with float16
-  weights). Use it where speed matters more than reproducing a run exactly.
+  Rounding to 8 bits turns last-bit differences elsewhere into visibly different activations:
+  the engine's records do not depend on batching (its attention gives an id the same bits
+  whatever shares its forward, tests/test_invariance.py), but they differ from plain
+  `generate`'s, whose attention sums in another order (bench/throughput.py finds 1 of 16
+  records identical between the engine and the one-at-a-time loop; 16 of 16 with float16
+  weights).
 
 On a CPU that has bf16 units (AMX or AVX512-BF16, as oneDNN reports them), a third mode:
 
-* `bfloat16`: the linears' weights in bfloat16, their products run by oneDNN on those units
-  (3-6× fbgemm's float16 rate at 64-300 rows on a 2-core Sapphire Rapids, bench/precision.py for
-  what it costs in loss). The input is rounded to bfloat16, sums are float32 inside the kernel,
-  and the output comes back rounded to bfloat16 in the input's dtype; norms and the residual
-  stream stay float32 (the engine keeps its keys and values in bfloat16 beside this mode)."""
+* `bfloat16`: the linears' weights in bfloat16, their products run by oneDNN on those units.
+  The input is rounded to bfloat16, sums are float32 inside the kernel, and the output comes
+  back rounded to bfloat16 in the input's dtype; norms and the residual stream stay float32 (the
+  engine keeps its keys and values in bfloat16 beside this mode). The rows go through in tiles
+  of one fixed size (`Bfloat16Linear`), so a row's result does not depend on the rows beside
+  it, and records do not depend on batching (tests/test_invariance.py). bench/precision.py for
+  what it costs in loss."""
 
 from __future__ import annotations
 
@@ -79,11 +82,13 @@ def cpu_has_bf16() -> bool:
 class Bfloat16Linear(torch.nn.Module):
     """A `torch.nn.Linear` whose weights are kept in bfloat16 and multiplied on the CPU's bf16
     units (oneDNN); input and output are rounded to bfloat16 around the product. oneDNN picks
-    its kernel by the number of rows, and its kernels sum in different orders: a row's result
-    depends on how many rows share the product (1-32 rows agree with each other, 33-300 often
-    not), so greedy output depends on how conversations are batched, as int8's does. Fixed
-    chunks of rows would make it reproducible at about half the speed (600-800 against
-    1,400-1,800 GFLOP/s at 200-300 rows on a 2-core Sapphire Rapids VM)."""
+    its kernel, and with it the order of a row's sums, by the shape of the product, so one call
+    over all rows would give a row other bits beside other rows (on a 2-core AVX512-BF16 EPYC,
+    rows of the [1536 → 576] product differ in the last bit between 1 and 2-400 rows). The rows
+    go instead in tiles of exactly TILE, the last one padded with zeros: every product has one
+    shape, and a row's result is the same wherever it sits and whatever shares its tile."""
+
+    TILE = 64          # 32 ran the 64-prompt bench about 4% slower here; any fixed size keeps the bits
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
@@ -93,7 +98,12 @@ class Bfloat16Linear(torch.nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        n, tile = rows.shape[0], self.TILE
+        if n % tile:
+            rows = torch.cat([rows, rows.new_zeros(tile - n % tile, self.in_features)])
+        out = torch.cat([torch.nn.functional.linear(part, self.weight, self.bias) for part in rows.split(tile)])
+        return out[:n].view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weights=bfloat16"
