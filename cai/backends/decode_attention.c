@@ -32,7 +32,6 @@
 
 #include <math.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #ifdef __AVX2__
@@ -169,9 +168,7 @@ INLINE void attend(const float *q, const void *keys, const void *values, const i
     const int64_t size = bf16 ? 2 : 4;       /* bytes an element of keys and values takes */
     /* one task per (row, kv head, chunk of at most CHUNK of the row's ids): a prefill's many ids
        spread over the threads, and a task's scores stay small */
-    int64_t *task_start = malloc(sizeof(int64_t) * (rows + 1));
-    if (task_start == NULL)
-        return;
+    int64_t task_start[rows + 1];            /* rows: at most the engine's slots */
     task_start[0] = 0;
     for (int64_t b = 0; b < rows; b++)
         task_start[b + 1] = task_start[b] + heads * ((offsets[b + 1] - offsets[b] + CHUNK - 1) / CHUNK);
@@ -270,7 +267,6 @@ INLINE void attend(const float *q, const void *keys, const void *values, const i
             }
         }
     }
-    free(task_start);
 }
 
 void cai_decode_attention(const float *q, const float *keys, const float *values, const int64_t *slots,

@@ -1,6 +1,6 @@
 """What one forward needs besides the cache's storage: which slots its rows are, where each id's
-key and value go, which root positions each row sees, and how the rows split between the native
-kernel and PyTorch's. Built fresh for every forward (`StepMetadata(cache, ...)`), it is the
+key and value go, which root positions each row sees, and what the native kernel (or, without
+it, PyTorch's) reads. Built fresh for every forward (`StepMetadata(cache, ...)`), it is the
 object the model's forward gets as its cache (it calls `update` once per layer) and the one the
 engine's attention function (attention.py) reads; the storage (kv_cache.py) keeps nothing of a
 step."""
