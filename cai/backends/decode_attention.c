@@ -175,9 +175,14 @@ INLINE void attend(const float *q, const void *keys, const void *values, const i
     const int64_t tasks = task_start[rows];
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int64_t task = 0; task < tasks; task++) {
-        int64_t b = 0;
-        while (task_start[b + 1] <= task)
-            b++;
+        int64_t b = 0, high = rows - 1;         /* the row whose tasks hold this one: a binary search */
+        while (b < high) {
+            const int64_t mid = (b + high + 1) / 2;
+            if (task_start[mid] <= task)
+                b = mid;
+            else
+                high = mid - 1;
+        }
         const int64_t chunks = (task_start[b + 1] - task_start[b]) / heads, local = task - task_start[b];
         const int64_t h = local / chunks, chunk = local % chunks;
         {
