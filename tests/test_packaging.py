@@ -21,6 +21,7 @@ def test_wheel_contains_shipped_data(tmp_path):
         assert f"cai/prompts/{path.parent.name}/{path.name}" in names
     assert "cai/backends/hf.py" in names
     assert "cai/backends/decode_attention.c" in names       # compiled on first use by cai.backends.kernels
+    assert "cai/backends/linear_bf16.c" in names
     for path in (ROOT / "cai" / "review" / "static").iterdir():   # the review page, served from the package
         assert f"cai/review/static/{path.name}" in names, path
     for path in (ROOT / "cai").rglob("*.py"):               # every module, so a package left off pyproject fails

@@ -111,6 +111,41 @@ def test_int8_keeps_leading_dimensions_and_dtype():
         assert layer(torch.randn(48)).shape == (40,)
 
 
+# --- Bfloat16Linear -----------------------------------------------------------------------------
+
+@needs_bf16
+@pytest.mark.parametrize("kernel", ["native", "onednn"])
+@pytest.mark.parametrize("shape", [(48, 40, True), (576, 192, False), (37, 130, True)])
+def test_bfloat16_rows_are_the_same_bits_alone_and_in_any_batch(kernel, shape, monkeypatch):
+    """A row's output does not depend on the rows beside it, with cai's kernel (built here) or
+    oneDNN's in fixed tiles (no compiler): alone, among 37, in another place, after a slice.
+    Odd widths and widths off the kernel's panel of 64 included; the product is float32 sums
+    of bfloat16-rounded inputs and weights."""
+    from cai.backends import kernels
+
+    if kernel == "onednn":
+        monkeypatch.setattr(kernels, "_loaded", {"lib": None})
+    elif kernels.linear_bf16() is None:
+        pytest.skip("cai's bfloat16 kernel is not built here (no compiler, or no AVX512-BF16)")
+    in_features, out_features, bias = shape
+    linear = _linear(in_features, out_features, bias=bias, seed=2)
+    layer = Bfloat16Linear(linear)
+    assert (layer._native is not None) == (kernel == "native")
+    rows = _mixed_rows(features=in_features)
+    with torch.inference_mode():
+        together = layer(rows)
+        for i in range(len(rows)):
+            assert torch.equal(layer(rows[i:i + 1]), together[i:i + 1]), i
+        assert torch.equal(layer(rows.flip(0)), together.flip(0))
+        assert torch.equal(layer(rows[5:30]), together[5:30])
+        rounded = torch.nn.functional.linear(rows.bfloat16().double(), linear.weight.bfloat16().double(),
+                                             None if linear.bias is None else linear.bias.double())
+        scale = rows.abs().amax(dim=1, keepdim=True).double() + (1e-30 if linear.bias is None else linear.bias.abs().max().item())
+        # float32 sums (oneDNN's output is then rounded to bfloat16: 2^-8 of each output)
+        tolerance = 1e-5 if kernel == "native" else 1e-2
+        assert ((together.double() - rounded).abs() / scale).max() < tolerance * in_features ** 0.5
+
+
 # --- Float16WeightLinear ------------------------------------------------------------------------
 
 @needs_fbgemm

@@ -161,6 +161,267 @@ INLINE void add_weighted(float *acc, const void *v, const float *p, int n, int64
     }
 }
 
+/* one task: ids first .. first+n_ids-1 of a row (its keys at ks, values at vs) for kv head h */
+INLINE void task_scalar(const float *q, const char *ks, const char *vs, int64_t h, int64_t first, int64_t n_ids,
+                        const int64_t *positions, int64_t start, int64_t group, int64_t tokens, int64_t dim,
+                        int64_t capacity, float scale, const float *init_out, const float *init_lse,
+                        float *out, float *lse, const int bf16) {
+    const int64_t size = bf16 ? 2 : 4, m = group * n_ids;
+    /* query i of this task: query head h*group + i / n_ids, id first + i % n_ids */
+    const float *qp[m];
+    float *op[m], *lp[m];
+    float top[m], total[m], scores[m][BLOCK];
+    int64_t limit[m], last = start - 1;
+    for (int64_t i = 0; i < m; i++) {
+        const int64_t row = (h * group + i / n_ids) * tokens + first + i % n_ids;
+        qp[i] = q + row * dim;
+        op[i] = out + row * dim;
+        lp[i] = lse + row;
+        limit[i] = positions[first + i % n_ids];
+        if (limit[i] > last)
+            last = limit[i];
+        if (init_out != NULL && init_lse[row] > MASKED) {
+            /* the other part's state: its weights sum to 1 at its own log-sum-exp */
+            top[i] = init_lse[row];
+            total[i] = 1.0f;
+            memcpy(op[i], init_out + row * dim, sizeof(float) * dim);
+        } else {
+            top[i] = MASKED;
+            total[i] = 0.0f;
+            memset(op[i], 0, sizeof(float) * dim);
+        }
+    }
+    if (last >= capacity)
+        last = capacity - 1;
+    for (int64_t t0 = start; t0 <= last; t0 += BLOCK) {
+        int n = (int)(last - t0 + 1 < BLOCK ? last - t0 + 1 : BLOCK);
+        for (int j = 0; j < n; j++) {
+            const char *k = ks + (t0 + j) * dim * size;
+            for (int64_t i = 0; i < m; i += 4) {
+                float four[4];
+                dot4(k, qp[i], qp[i + 1 < m ? i + 1 : i], qp[i + 2 < m ? i + 2 : i], qp[i + 3 < m ? i + 3 : i],
+                     (int)dim, four, bf16);
+                for (int64_t u = i; u < i + 4 && u < m; u++)
+                    scores[u][j] = t0 + j <= limit[u] ? four[u - i] * scale : MASKED;
+            }
+        }
+        for (int64_t i = 0; i < m; i++) {
+            float *s = scores[i], best = top[i];
+            for (int j = 0; j < n; j++)
+                best = s[j] > best ? s[j] : best;
+            if (best <= MASKED)
+                continue;                       /* every key of this block is after the query */
+            float keep = top[i] <= MASKED ? 0.0f : expf(top[i] - best);
+            /* a whole block always: how many keys the row's last block holds depends on
+               the row's other ids (a decode step has one, a prefill many), and a shorter
+               block would take the vector exp's scalar tail and sum in another order;
+               the keys past n weigh exactly 0 */
+            for (int j = n; j < BLOCK; j++)
+                s[j] = MASKED;
+            for (int j = 0; j < BLOCK; j++)
+                s[j] -= best;
+            exp_inplace(s, BLOCK);
+            float sum = 0.0f;
+            for (int j = 0; j < BLOCK; j++)
+                sum += s[j];
+            total[i] = total[i] * keep + sum;
+            top[i] = best;
+            float *acc = op[i];
+            if (keep != 1.0f) {
+#pragma omp simd
+                for (int64_t d = 0; d < dim; d++)
+                    acc[d] *= keep;
+            }
+            add_weighted(acc, vs + t0 * dim * size, s, n, dim, bf16);
+        }
+    }
+    for (int64_t i = 0; i < m; i++) {
+        if (total[i] > 0.0f) {
+            const float inv = 1.0f / total[i];
+            for (int64_t d = 0; d < dim; d++)
+                op[i][d] *= inv;
+            *lp[i] = top[i] + logf(total[i]);
+        } else {
+            *lp[i] = MASKED;
+        }
+    }
+}
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__)
+/* The bfloat16 path on a CPU with AVX512-BF16: sixteen queries a vector, one per lane.
+
+   Scores, softmax and the weighted sum of values run with the task's queries across a vector's
+   lanes, and the products are `vdpbf16ps` (pairs of bfloat16, summed in float32): a score is the
+   query's pairs of dimensions times the key's, taken in order 0, 1, ...; a query's output takes
+   its pairs of keys in order too, with its weights rounded to bfloat16 (as flash attention does on
+   GPUs). Every lane runs the same instructions whatever the other lanes hold, so a query's result
+   does not depend on which queries share its task: a decode id, a draft and an id of a long
+   prefill get the same bits. Keys are read as they lie in the cache (a key's pair of dimensions
+   is broadcast to all lanes); a block's values are interleaved once, in pairs of keys, for all
+   of the task's queries. */
+#define LANES_KERNEL 1
+#define LANES 16
+#define QV 4              /* query vectors one pass over the keys takes */
+#define MAX_DIM 256
+
+static inline __m512 exp512(__m512 v) {        /* exp_inplace's polynomial, sixteen lanes */
+    const __m512 lo = _mm512_set1_ps(-87.0f);
+    const __mmask16 live = _mm512_cmp_ps_mask(v, lo, _CMP_GE_OQ);
+    v = _mm512_max_ps(v, lo);
+    __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), v);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 r2 = _mm512_mul_ps(r, r);
+    __m512 y = _mm512_fmadd_ps(_mm512_set1_ps(1.9875691500e-4f), r, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
+    return _mm512_maskz_mul_ps(live, y, _mm512_castsi512_ps(e));
+}
+
+#define BCAST(word) ((__m512bh)_mm512_set1_epi32((int)(word)))
+
+static void task_lanes(const float *q, const uint16_t *ks, const uint16_t *vs, int64_t h, int64_t first,
+                       int64_t n_ids, const int64_t *positions, int64_t start, int64_t group, int64_t tokens,
+                       int64_t dim, int64_t capacity, float scale, const float *init_out, const float *init_lse,
+                       float *out, float *lse) {
+    const int64_t m = group * n_ids, pairs = dim / 2;
+    uint32_t kpad[BLOCK * MAX_DIM / 2];               /* a last, partial block, padded with zeros */
+    uint16_t vpad[BLOCK * MAX_DIM];
+    uint32_t vp[BLOCK / 2][MAX_DIM];                  /* values of keys 2j and 2j+1, dimension by dimension */
+    /* the pairs of keys interleaved: unpack gives each 128-bit lane's dimensions 0-3 and 4-7 apart;
+       these put them back in order */
+    const __m512i first16 = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+    const __m512i next16 = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
+    for (int64_t q0 = 0; q0 < m; q0 += QV * LANES) {
+        const int nq = (int)(m - q0 < QV * LANES ? m - q0 : QV * LANES), nv = (nq + LANES - 1) / LANES;
+        uint32_t qt[QV][MAX_DIM / 2][LANES];          /* query pairs, lane by lane */
+        float ot[QV][MAX_DIM][LANES];                 /* running outputs, lane by lane */
+        int32_t limits[QV * LANES];
+        int64_t rows[QV * LANES];
+        __m512 top[QV], total[QV];
+        __m512i limit[QV];
+        int64_t last = start - 1;
+        memset(qt, 0, sizeof(uint32_t) * nv * (MAX_DIM / 2) * LANES);
+        for (int i = 0; i < nv * LANES; i++) {
+            const int v = i / LANES, lane = i % LANES;
+            float init_top = MASKED, init_total = 0.0f;
+            if (i >= nq) {
+                limits[i] = -1;                    /* an empty lane: sees no key */
+                for (int64_t d = 0; d < dim; d++) ot[v][d][lane] = 0.0f;
+            } else {
+                const int64_t id = q0 + i, row = (h * group + id / n_ids) * tokens + first + id % n_ids;
+                rows[i] = row;
+                limits[i] = (int32_t)positions[first + id % n_ids];
+                if (limits[i] > last)
+                    last = limits[i];
+                const float *qr = q + row * dim;
+                for (int64_t p = 0; p < pairs; p++) {
+                    __m128bh two = _mm_cvtneps_pbh(_mm_set_ps(0.0f, 0.0f, qr[2 * p + 1], qr[2 * p]));
+                    memcpy(&qt[v][p][lane], &two, sizeof(uint32_t));
+                }
+                const int joined = init_out != NULL && init_lse[row] > MASKED;
+                for (int64_t d = 0; d < dim; d++) ot[v][d][lane] = joined ? init_out[row * dim + d] : 0.0f;
+                if (joined) {
+                    init_top = init_lse[row];
+                    init_total = 1.0f;
+                }
+            }
+            ((float *)&top[v])[lane] = init_top;
+            ((float *)&total[v])[lane] = init_total;
+        }
+        for (int v = 0; v < nv; v++)
+            limit[v] = _mm512_loadu_si512(limits + v * LANES);
+        if (last >= capacity)
+            last = capacity - 1;
+        const __m512 masked = _mm512_set1_ps(MASKED), half_masked = _mm512_set1_ps(MASKED / 2), zero = _mm512_setzero_ps();
+        for (int64_t t0 = start; t0 <= last; t0 += BLOCK) {
+            const int64_t n = last - t0 + 1 < BLOCK ? last - t0 + 1 : BLOCK;
+            const uint32_t *kw = (const uint32_t *)(ks + t0 * dim);
+            const uint16_t *vb = vs + t0 * dim;
+            if (n < BLOCK) {
+                memset(kpad, 0, sizeof(uint32_t) * BLOCK * pairs);
+                memset(vpad, 0, sizeof(uint16_t) * BLOCK * dim);
+                memcpy(kpad, kw, sizeof(uint32_t) * n * pairs);
+                memcpy(vpad, vb, sizeof(uint16_t) * n * dim);
+                kw = kpad;
+                vb = vpad;
+            }
+            for (int j = 0; j < BLOCK / 2; j++)
+                for (int64_t d = 0; d < dim; d += 32) {
+                    __m512i a = _mm512_loadu_si512(vb + 2 * j * dim + d), b = _mm512_loadu_si512(vb + (2 * j + 1) * dim + d);
+                    __m512i lo = _mm512_unpacklo_epi16(a, b), hi = _mm512_unpackhi_epi16(a, b);
+                    _mm512_storeu_si512(&vp[j][d], _mm512_permutex2var_epi32(lo, first16, hi));
+                    _mm512_storeu_si512(&vp[j][d + 16], _mm512_permutex2var_epi32(lo, next16, hi));
+                }
+            for (int v = 0; v < nv; v++) {
+                __m512 s[BLOCK];
+                for (int j0 = 0; j0 < BLOCK; j0 += 8) {        /* scores of 8 keys: 8 independent sums */
+                    __m512 acc[8];
+                    for (int k = 0; k < 8; k++) acc[k] = zero;
+                    for (int64_t p = 0; p < pairs; p++) {
+                        const __m512bh qv = (__m512bh)_mm512_loadu_si512(qt[v][p]);
+                        for (int k = 0; k < 8; k++)
+                            acc[k] = _mm512_dpbf16_ps(acc[k], qv, BCAST(kw[(j0 + k) * pairs + p]));
+                    }
+                    for (int k = 0; k < 8; k++) {
+                        const __mmask16 seen = _mm512_cmple_epi32_mask(_mm512_set1_epi32((int)(t0 + j0 + k)), limit[v]);
+                        s[j0 + k] = _mm512_mask_mul_ps(masked, seen, acc[k], _mm512_set1_ps(scale));
+                    }
+                }
+                __m512 best = top[v];
+                for (int j = 0; j < BLOCK; j++)
+                    best = _mm512_max_ps(best, s[j]);
+                const __mmask16 had = _mm512_cmp_ps_mask(top[v], half_masked, _CMP_GT_OQ);
+                const __m512 keep = _mm512_maskz_mov_ps(had, exp512(_mm512_sub_ps(top[v], best)));
+                __m512 sum = zero;
+                __m512i pt[BLOCK / 2];
+                for (int j = 0; j < BLOCK; j += 2) {
+                    const __mmask16 live0 = _mm512_cmp_ps_mask(s[j], half_masked, _CMP_GT_OQ),
+                                    live1 = _mm512_cmp_ps_mask(s[j + 1], half_masked, _CMP_GT_OQ);
+                    const __m512 p0 = _mm512_maskz_mov_ps(live0, exp512(_mm512_sub_ps(s[j], best))),
+                                 p1 = _mm512_maskz_mov_ps(live1, exp512(_mm512_sub_ps(s[j + 1], best)));
+                    sum = _mm512_add_ps(sum, p0);
+                    sum = _mm512_add_ps(sum, p1);
+                    const __m512i w0 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(p0)),
+                                  w1 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(p1));
+                    pt[j / 2] = _mm512_or_si512(w0, _mm512_slli_epi32(w1, 16));
+                }
+                total[v] = _mm512_fmadd_ps(total[v], keep, sum);
+                top[v] = best;
+                for (int64_t d0 = 0; d0 < dim; d0 += 8) {      /* outputs of 8 dimensions: 8 independent sums */
+                    __m512 acc[8];
+                    for (int k = 0; k < 8; k++) acc[k] = _mm512_mul_ps(_mm512_loadu_ps(ot[v][d0 + k]), keep);
+                    for (int j = 0; j < BLOCK / 2; j++) {
+                        const __m512bh pv = (__m512bh)pt[j];
+                        for (int k = 0; k < 8; k++)
+                            acc[k] = _mm512_dpbf16_ps(acc[k], pv, BCAST(vp[j][d0 + k]));
+                    }
+                    for (int k = 0; k < 8; k++) _mm512_storeu_ps(ot[v][d0 + k], acc[k]);
+                }
+            }
+        }
+        for (int i = 0; i < nq; i++) {
+            const int v = i / LANES, lane = i % LANES;
+            const float all = ((float *)&total[v])[lane];
+            float *o = out + rows[i] * dim;
+            if (all > 0.0f) {
+                const float inv = 1.0f / all;
+                for (int64_t d = 0; d < dim; d++) o[d] = ot[v][d][lane] * inv;
+                lse[rows[i]] = ((float *)&top[v])[lane] + logf(all);
+            } else {
+                for (int64_t d = 0; d < dim; d++) o[d] = 0.0f;
+                lse[rows[i]] = MASKED;
+            }
+        }
+    }
+}
+#endif
+
 INLINE void attend(const float *q, const void *keys, const void *values, const int64_t *slots,
                    const int64_t *offsets, const int64_t *positions, int64_t start, int64_t rows,
                    int64_t heads, int64_t group, int64_t tokens, int64_t dim, int64_t capacity, float scale,
@@ -185,92 +446,21 @@ INLINE void attend(const float *q, const void *keys, const void *values, const i
         }
         const int64_t chunks = (task_start[b + 1] - task_start[b]) / heads, local = task - task_start[b];
         const int64_t h = local / chunks, chunk = local % chunks;
-        {
-            const int64_t first = offsets[b] + chunk * CHUNK;
-            const int64_t n_ids = offsets[b + 1] - first < CHUNK ? offsets[b + 1] - first : CHUNK, m = group * n_ids;
-            if (m <= 0)
-                continue;
-            const char *ks = (const char *)keys + (slots[b] * heads + h) * capacity * dim * size;
-            const char *vs = (const char *)values + (slots[b] * heads + h) * capacity * dim * size;
-            /* query i of this task: query head h*group + i / n_ids, id first + i % n_ids */
-            const float *qp[m];
-            float *op[m], *lp[m];
-            float top[m], total[m], scores[m][BLOCK];
-            int64_t limit[m], last = start - 1;
-            for (int64_t i = 0; i < m; i++) {
-                const int64_t row = (h * group + i / n_ids) * tokens + first + i % n_ids;
-                qp[i] = q + row * dim;
-                op[i] = out + row * dim;
-                lp[i] = lse + row;
-                limit[i] = positions[first + i % n_ids];
-                if (limit[i] > last)
-                    last = limit[i];
-                if (init_out != NULL && init_lse[row] > MASKED) {
-                    /* the other part's state: its weights sum to 1 at its own log-sum-exp */
-                    top[i] = init_lse[row];
-                    total[i] = 1.0f;
-                    memcpy(op[i], init_out + row * dim, sizeof(float) * dim);
-                } else {
-                    top[i] = MASKED;
-                    total[i] = 0.0f;
-                    memset(op[i], 0, sizeof(float) * dim);
-                }
-            }
-            if (last >= capacity)
-                last = capacity - 1;
-            for (int64_t t0 = start; t0 <= last; t0 += BLOCK) {
-                int n = (int)(last - t0 + 1 < BLOCK ? last - t0 + 1 : BLOCK);
-                for (int j = 0; j < n; j++) {
-                    const char *k = ks + (t0 + j) * dim * size;
-                    for (int64_t i = 0; i < m; i += 4) {
-                        float four[4];
-                        dot4(k, qp[i], qp[i + 1 < m ? i + 1 : i], qp[i + 2 < m ? i + 2 : i], qp[i + 3 < m ? i + 3 : i],
-                             (int)dim, four, bf16);
-                        for (int64_t u = i; u < i + 4 && u < m; u++)
-                            scores[u][j] = t0 + j <= limit[u] ? four[u - i] * scale : MASKED;
-                    }
-                }
-                for (int64_t i = 0; i < m; i++) {
-                    float *s = scores[i], best = top[i];
-                    for (int j = 0; j < n; j++)
-                        best = s[j] > best ? s[j] : best;
-                    if (best <= MASKED)
-                        continue;                       /* every key of this block is after the query */
-                    float keep = top[i] <= MASKED ? 0.0f : expf(top[i] - best);
-                    /* a whole block always: how many keys the row's last block holds depends on
-                       the row's other ids (a decode step has one, a prefill many), and a shorter
-                       block would take the vector exp's scalar tail and sum in another order;
-                       the keys past n weigh exactly 0 */
-                    for (int j = n; j < BLOCK; j++)
-                        s[j] = MASKED;
-                    for (int j = 0; j < BLOCK; j++)
-                        s[j] -= best;
-                    exp_inplace(s, BLOCK);
-                    float sum = 0.0f;
-                    for (int j = 0; j < BLOCK; j++)
-                        sum += s[j];
-                    total[i] = total[i] * keep + sum;
-                    top[i] = best;
-                    float *acc = op[i];
-                    if (keep != 1.0f) {
-#pragma omp simd
-                        for (int64_t d = 0; d < dim; d++)
-                            acc[d] *= keep;
-                    }
-                    add_weighted(acc, vs + t0 * dim * size, s, n, dim, bf16);
-                }
-            }
-            for (int64_t i = 0; i < m; i++) {
-                if (total[i] > 0.0f) {
-                    const float inv = 1.0f / total[i];
-                    for (int64_t d = 0; d < dim; d++)
-                        op[i][d] *= inv;
-                    *lp[i] = top[i] + logf(total[i]);
-                } else {
-                    *lp[i] = MASKED;
-                }
-            }
+        const int64_t first = offsets[b] + chunk * CHUNK;
+        const int64_t n_ids = offsets[b + 1] - first < CHUNK ? offsets[b + 1] - first : CHUNK;
+        if (n_ids <= 0 || group <= 0)
+            continue;
+        const char *ks = (const char *)keys + (slots[b] * heads + h) * capacity * dim * size;
+        const char *vs = (const char *)values + (slots[b] * heads + h) * capacity * dim * size;
+#ifdef LANES_KERNEL
+        if (bf16 && dim % 32 == 0 && dim <= MAX_DIM) {
+            task_lanes(q, (const uint16_t *)ks, (const uint16_t *)vs, h, first, n_ids, positions, start, group, tokens,
+                       dim, capacity, scale, init_out, init_lse, out, lse);
+            continue;
         }
+#endif
+        task_scalar(q, ks, vs, h, first, n_ids, positions, start, group, tokens, dim, capacity, scale,
+                    init_out, init_lse, out, lse, bf16);
     }
 }
 

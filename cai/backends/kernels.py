@@ -1,12 +1,13 @@
 """Native CPU kernels, compiled on first use with the machine's C compiler.
 
-`decode_attention.c` (next to this file) is built once per machine into the cache
+`decode_attention.c` and `linear_bf16.c` (next to this file) are built once per machine, into one
+library, in the cache
 (`cai.model_files.cache_dir()/kernels`, keyed by the source, the flags, the compiler and the CPU) and
 loaded with ctypes. `-march=native` is safe because the build runs where it is used, and a cache
 folder shared by machines with other CPUs (a home on NFS) holds one build each; the source stays a
 plain C file, so the package needs no build step and no compiler to install. With no compiler,
-a failed build or `CAI_NO_KERNELS=1`, `decode_attention()` returns None and the engine uses
-PyTorch's kernels instead (same results to float rounding, slower)."""
+a failed build or `CAI_NO_KERNELS=1`, `decode_attention()` and `linear_bf16()` return None and the
+engine uses PyTorch's kernels instead (same results to float rounding, slower)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import torch
 
 log = logging.getLogger("cai")
 
-SOURCE = Path(__file__).with_name("decode_attention.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("decode_attention.c", "linear_bf16.c"))
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC")
 DISABLE = "CAI_NO_KERNELS"
 
@@ -53,9 +54,10 @@ def _build(compiler: str) -> Path:
     from cai.model_files import cache_dir
 
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version, _cpu()]).encode()).hexdigest()[:16]
+    texts = [source.read_text() for source in SOURCES]
+    key = hashlib.sha256("\0".join([*texts, *FLAGS, version, _cpu()]).encode()).hexdigest()[:16]
     for folder in (cache_dir() / "kernels", Path(tempfile.gettempdir()) / f"cai-kernels-{os.getuid()}"):
-        target = folder / f"{SOURCE.stem}-{key}.so"
+        target = folder / f"kernels-{key}.so"
         if target.exists():
             return target
         try:
@@ -65,7 +67,7 @@ def _build(compiler: str) -> Path:
         except OSError:
             continue                           # not writable: try the next place
         try:
-            result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial, "-lm"],
+            result = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", partial, "-lm"],
                                     capture_output=True, text=True, timeout=300)
             if result.returncode != 0:
                 raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else
@@ -96,11 +98,16 @@ def _library():
                     function.restype = None
                     function.argtypes = ([ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7
                                          + [ctypes.c_float] + [ctypes.c_void_p] * 4 + [ctypes.c_int])
+                lib.cai_linear_bf16_supported.restype = ctypes.c_int
+                lib.cai_linear_bf16_supported.argtypes = []
+                lib.cai_linear_bf16.restype = None
+                lib.cai_linear_bf16.argtypes = ([ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_int64]
+                                                + [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int])
                 reason = None
             except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as exc:
-                lib, reason = None, f"could not build {SOURCE.name}: {exc}"
+                lib, reason = None, f"could not build {', '.join(s.name for s in SOURCES)}: {exc}"
         if reason:
-            log.info("native decode attention off (%s); using PyTorch's kernels", reason)
+            log.info("native kernels off (%s); using PyTorch's", reason)
         _loaded["lib"] = lib
         return lib
 
@@ -146,3 +153,37 @@ def _call(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots
              None if init_out is None else init_out.data_ptr(), None if init_lse is None else init_lse.data_ptr(),
              out.data_ptr(), lse.data_ptr(), torch.get_num_threads())
     return out, lse
+
+
+def linear_bf16():
+    """The native bfloat16 linear (`_linear`), or None where it cannot be had (no library, or a
+    CPU without AVX512-BF16)."""
+    lib = _library()
+    return None if lib is None or not lib.cai_linear_bf16_supported() else _linear
+
+
+def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """A linear layer's weight [out, in] as the native kernel reads it: bfloat16, in panels of
+    PANEL outputs, [out / PANEL][in / 2][PANEL][2], padded with zeros (see linear_bf16.c)."""
+    panel = _loaded["lib"].cai_linear_bf16_supported()
+    out_features, in_features = weight.shape
+    rows, cols = -(-out_features // panel) * panel, -(-in_features // 2) * 2
+    padded = torch.zeros(rows, cols, dtype=torch.bfloat16)
+    padded[:out_features, :in_features] = weight.detach().to(torch.bfloat16)
+    return padded.view(rows // panel, panel, cols // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def _linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [rows, in] float32 times a `pack_bf16` weight, plus bias (float32): [rows, out] float32.
+    Each output is summed in one fixed order, so a row's result is the same bits whatever rows
+    share the call."""
+    lib = _loaded["lib"]
+    if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1:
+        x = x.float().contiguous().view(-1, x.shape[-1])
+    rows, in_features = x.shape
+    out = torch.empty(rows, out_features, dtype=torch.float32)
+    scratch = torch.empty(rows * ((in_features + 1) // 2), dtype=torch.int32)
+    lib.cai_linear_bf16(x.data_ptr(), rows, in_features, x.stride(0), packed.data_ptr(), out_features,
+                        None if bias is None else bias.data_ptr(), out.data_ptr(), out_features,
+                        scratch.data_ptr(), torch.get_num_threads())
+    return out

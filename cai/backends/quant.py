@@ -81,23 +81,40 @@ def cpu_has_bf16() -> bool:
 
 class Bfloat16Linear(torch.nn.Module):
     """A `torch.nn.Linear` whose weights are kept in bfloat16 and multiplied on the CPU's bf16
-    units (oneDNN); input and output are rounded to bfloat16 around the product. oneDNN picks
-    its kernel, and with it the order of a row's sums, by the shape of the product, so one call
-    over all rows would give a row other bits beside other rows (on a 2-core AVX512-BF16 EPYC,
-    rows of the [1536 → 576] product differ in the last bit between 1 and 2-400 rows). The rows
-    go instead in tiles of exactly TILE, the last one padded with zeros: every product has one
-    shape, and a row's result is the same wherever it sits and whatever shares its tile."""
+    units, with a row's result the same bits whatever rows share the product.
+
+    Where cai's native kernel builds (AVX512-BF16, cai/backends/linear_bf16.c), it runs the
+    product: the input rounded to bfloat16, every output summed in float32 in one fixed order,
+    the output float32. Elsewhere (no compiler, `CAI_NO_KERNELS`) oneDNN runs it; oneDNN picks its
+    kernel, and with it the order of a row's sums, by the shape of the product, so one call over
+    all rows would give a row other bits beside other rows (on a 2-core AVX512-BF16 EPYC, rows of
+    the [1536 → 576] product differ in the last bit between 1 and 2-400 rows). The rows go
+    instead in tiles of exactly TILE, the last one padded with zeros: every product has one
+    shape, and a row's result is the same wherever it sits and whatever shares its tile (its
+    output rounded to bfloat16). The two give a row slightly different bits: a run and its
+    resume must use the same one, as they use the same attention."""
 
     TILE = 64          # 32 ran the 64-prompt bench about 4% slower here; any fixed size keeps the bits
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
+        from cai.backends import kernels
+
+        self._native = kernels.linear_bf16()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        if self._native is not None:
+            self.register_buffer("_packed", kernels.pack_bf16(linear.weight), persistent=False)
+            self.bias = None if linear.bias is None else torch.nn.Parameter(
+                linear.bias.detach().float().contiguous(), requires_grad=False)
+            return
         self.weight = torch.nn.Parameter(linear.weight.detach().to(torch.bfloat16), requires_grad=False)
         self.bias = None if linear.bias is None else torch.nn.Parameter(
             linear.bias.detach().to(torch.bfloat16), requires_grad=False)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._native is not None:
+            out = self._native(x.reshape(-1, self.in_features), self._packed, self.out_features, self.bias)
+            return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
         n, tile = rows.shape[0], self.TILE
         if n % tile:
@@ -106,7 +123,8 @@ class Bfloat16Linear(torch.nn.Module):
         return out[:n].view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, weights=bfloat16"
+        kernel = "cai's native kernel" if self._native is not None else "oneDNN in tiles"
+        return f"in_features={self.in_features}, out_features={self.out_features}, weights=bfloat16 ({kernel})"
 
 
 class Int8Linear(torch.nn.Module):
