@@ -108,6 +108,14 @@ def read_jsonl(path: Path | str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines()]
 
 
+def default_model_name(model) -> str:
+    """The name records of a default (`--dtype auto`) CPU run carry: the model's, with
+    " (bfloat16)" where auto runs cai's bfloat16 kernels (a CPU with AVX512-BF16)."""
+    from cai.backends.hf import linear_mode, weights_name
+
+    return weights_name(str(model), linear_mode("auto", "cpu") or "auto")
+
+
 def plumbing(args) -> list[str]:
     """CLI arguments as strings; a `generate` run gets --no-filter unless it says otherwise. The
     tiny model's random text is what the filters exist to drop, and most tests check plumbing:

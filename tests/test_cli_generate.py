@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cai.cli import app
-from conftest import DATA, ROOT, plumbing, read_jsonl
+from conftest import DATA, ROOT, default_model_name, plumbing, read_jsonl
 
 EXAMPLES = ROOT / "examples" / "prompts.jsonl"
 FAST = ["--max-new-tokens", "6", "--batch-size", "4", "--no-filter"]
@@ -38,7 +38,7 @@ def test_generate_writes_one_record_per_prompt(tiny_model, tmp_path):
         assert r["rounds"][0]["revision"] == r["chosen"]
         assert r["rounds"][0]["principle"] == r["principle"]
         meta = r["meta"]
-        assert meta["model"] == str(tiny_model)
+        assert meta["model"] == default_model_name(tiny_model)
         assert meta["constitution"].startswith("harmless@")
         assert meta["params"]["max_new_tokens"] == 6
         assert meta["finish_reasons"]["response"] in ("stop", "length")

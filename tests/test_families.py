@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cai.cli import app
-from conftest import ROOT, _corpus, plumbing, read_jsonl
+from conftest import ROOT, _corpus, default_model_name, plumbing, read_jsonl
 
 EXAMPLES = ROOT / "examples" / "prompts.jsonl"
 
@@ -132,7 +132,7 @@ def test_cli_generate_on_gemma3_writes_records(tiny_gemma3, tmp_path):
     records = read_jsonl(out)
     assert len(records) == 3
     for r in records:
-        assert r["meta"]["model"] == str(tiny_gemma3)
+        assert r["meta"]["model"] == default_model_name(tiny_gemma3)
         assert r["meta"]["tokens"]["completion"] > 0
         assert r["meta"]["finish_reasons"]["response"] in ("stop", "length")
         assert len(r["rounds"]) == 1

@@ -272,7 +272,12 @@ def test_pick_dtype_bfloat16_on_a_cpu_needs_bf16_units(monkeypatch):
 
 
 @needs_fbgemm
-def test_linear_mode():
+def test_linear_mode(monkeypatch):
+    assert linear_mode("auto", "cpu") == ("bfloat16" if quant.native_bfloat16() else "float16")
+    monkeypatch.setattr(quant, "native_bfloat16", lambda: True)       # AVX512-BF16 and cai's kernels built
+    assert linear_mode("auto", "cpu") == "bfloat16"
+    assert linear_mode("float16", "cpu") == "float16"
+    monkeypatch.setattr(quant, "native_bfloat16", lambda: False)      # an AVX2 CPU, or no compiler
     assert linear_mode("auto", "cpu") == "float16"
     assert linear_mode("float16", "cpu") == "float16"
     assert linear_mode("int8", "cpu") == "int8"
@@ -284,6 +289,7 @@ def test_linear_mode():
 
 def test_linear_mode_without_fbgemm(monkeypatch):
     monkeypatch.setattr(quant, "available", lambda mode="float16": "no fbgemm here")
+    monkeypatch.setattr(quant, "native_bfloat16", lambda: False)
     assert linear_mode("auto", "cpu") is None                 # auto falls back to float32
     for requested in ("float16", "int8"):
         with pytest.raises(UsageError, match=f"dtype: {requested}: no fbgemm here"):
@@ -318,7 +324,8 @@ def test_keep_freed_memory_reports_a_bool():
 @pytest.mark.parametrize("dtype, decoder, name", [
     ("int8", Int8Linear, " (int8)"), ("auto", Float16WeightLinear, ""), ("float16", Float16WeightLinear, ""),
     ("float32", torch.nn.Linear, "")])
-def test_backend_converts_on_cpu(tiny_model, dtype, decoder, name):
+def test_backend_converts_on_cpu(tiny_model, dtype, decoder, name, monkeypatch):
+    monkeypatch.setattr(quant, "native_bfloat16", lambda: False)      # auto as on a CPU without AVX512-BF16
     backend = HFBackend(str(tiny_model), "tiny", HFOptions(device="cpu", dtype=dtype))
     assert backend.model_name == "tiny" + name
     assert backend.dtype is torch.float32
@@ -327,6 +334,24 @@ def test_backend_converts_on_cpu(tiny_model, dtype, decoder, name):
     assert type(head) is (torch.nn.Linear if dtype == "float32" else Float16WeightLinear)
     proj = backend.model.model.layers[0].self_attn.q_proj
     assert type(proj) is decoder
+
+
+def test_auto_is_bfloat16_where_cais_kernels_run_and_the_name_says_so_before_loading(tiny_model):
+    """auto on a CPU: bfloat16 linears on cai's kernels where they run (AVX512-BF16), float16
+    weights elsewhere; the name `resolve` gives before loading (what a resume is checked against)
+    is the name the loaded model's records carry."""
+    from types import SimpleNamespace
+
+    native = quant.native_bfloat16()
+    spec = SimpleNamespace(model=str(tiny_model), device="cpu", dtype="auto")
+    _, name = HFBackend.resolve(spec)
+    backend = HFBackend(str(tiny_model), name, HFOptions(device="cpu", dtype="auto"))
+    assert backend.model_name == name == str(tiny_model) + (" (bfloat16)" if native else "")
+    proj = backend.model.model.layers[0].self_attn.q_proj
+    if native:
+        assert backend.linears == "bfloat16" and type(proj) is Bfloat16Linear and proj._native is not None
+    else:
+        assert backend.linears in ("float16", None)
 
 
 @needs_bf16
@@ -349,8 +374,12 @@ def test_cli_bfloat16_runs_the_engine_on_the_cpus_bf16_units(tiny_model, tmp_pat
     assert type(engine.runner.model.model.layers[0].mlp.down_proj) is Bfloat16Linear
     assert engine.cache.root and engine.cache.root[0][0].dtype == torch.bfloat16
     assert engine.cache.keys[0].dtype == torch.bfloat16
-    refused = run("generate", EXAMPLES, "--model", tiny_model, "-o", out, "--limit", "4", *FAST)
-    assert refused.exit_code == 2 and "(bfloat16)" in " ".join(refused.stderr.split()), refused.output
+    refused = run("generate", EXAMPLES, "--model", tiny_model, "-o", out, "--limit", "4", "--dtype", "float16", *FAST)
+    said = " ".join(refused.stderr.split())
+    assert refused.exit_code == 2 and "(bfloat16)" in said, refused.output
+    assert "it was made with --dtype bfloat16: pass that to continue it" in said    # only the precision changed
+    resumed = run("generate", EXAMPLES, "--model", tiny_model, "-o", out, "--limit", "4", "--dtype", "bfloat16", *FAST)
+    assert resumed.exit_code == 0 and len(read_jsonl(out)) == 4, resumed.output
 
 
 def run(*args):

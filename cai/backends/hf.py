@@ -44,13 +44,13 @@ class HFSettings:
 
     device: str = option("auto", "--device", choices=DEVICES, panel="Model", help="Where the model runs.")
     dtype: str = option("auto", "--dtype", choices=DTYPES, metavar="auto|float32|bfloat16|float16|int8", panel="Model", help=(
-        "Weights dtype. GPU: auto is bfloat16 (float16 without bf16). CPU: auto and float16 keep linear weights in "
-        "float16 and compute in float32 (fast, same results to float16 rounding, the same records at any batch size); "
-        "float32 is plain float32 (PyTorch's products, whose last bits depend on the batch); bfloat16, on a CPU with "
-        "bf16 units (AMX or AVX512-BF16), runs the linears on them (its speed against auto depends on the CPU: "
-        "docs/speed.md; slightly less exact, answers that differ from other CPUs', the same records at any batch "
-        "size), the rest float32; int8 quantizes the decoder's linears (faster than float16, a few percent less "
-        "exact)."))
+        "Weights dtype. GPU: auto is bfloat16 (float16 without bf16). CPU: auto is bfloat16 where cai's bfloat16 "
+        "kernels run (AVX512-BF16 and a C compiler: the fastest CPU mode; records named 'MODEL (bfloat16)'), else "
+        "float16; float16 keeps linear weights in float16 and computes in float32 (same results to float16 rounding); "
+        "bfloat16 runs the linears and attention on the CPU's bf16 units (AMX or AVX512-BF16; slightly less exact, "
+        "answers that differ from other CPUs'); float32 is plain float32 (PyTorch's products, whose last bits depend "
+        "on the batch); int8 quantizes the decoder's linears (a few percent less exact). All but float32 give the "
+        "same records at any batch size."))
     threads: int | None = option(None, "--threads", panel="Model", help="CPU threads for torch [default: one per core].")
     plain_chat_format: bool = option(False, "--plain-chat-format", panel="Model", help=(
         "For a tokenizer without a chat template: use cai's plain 'User:/Assistant:' format."))
@@ -106,13 +106,16 @@ def pick_dtype(requested: str, device: str):
 
 
 def linear_mode(requested: str, device: str) -> str | None:
-    """How a CPU runs the linear layers (cai.backends.quant): float16 weights for auto and
-    float16, int8 for int8, bfloat16 for bfloat16, None (plain float32, or the GPU's own dtype)
-    otherwise."""
+    """How a CPU runs the linear layers (cai.backends.quant): for auto, bfloat16 where cai's
+    bfloat16 kernels run (AVX512-BF16 and a C compiler: faster than float16 weights, and records
+    as independent of batching), else float16 weights; float16 for float16, int8 for int8,
+    bfloat16 for bfloat16, None (plain float32, or the GPU's own dtype) otherwise."""
     from cai.backends import quant
 
     if device != "cpu" or requested not in ("auto", "float16", "int8", "bfloat16"):
         return None
+    if requested == "auto" and quant.native_bfloat16():
+        return "bfloat16"
     reason = quant.available("bfloat16" if requested == "bfloat16" else "float16")
     if reason:
         if requested == "auto":
@@ -123,9 +126,10 @@ def linear_mode(requested: str, device: str) -> str | None:
 
 
 def weights_name(model_name: str, dtype: str) -> str:
-    """The model name records carry on a CPU: int8 output is not float32 output, nor is that of
-    the CPU's bfloat16 linears, so such a run says so (and resuming a file across formats is
-    refused like any other change of model). float16 weights give float32's answers (bench/precision.py)."""
+    """The model name records carry on a CPU (`dtype`: the linear mode, or the requested dtype
+    where there is none): int8 output is not float32 output, nor is that of the CPU's bfloat16
+    linears, so such a run says so (and resuming a file across formats is refused like any other
+    change of model). float16 weights give float32's answers (bench/precision.py)."""
     if dtype not in ("int8", "bfloat16"):
         return model_name
     suffix = f" ({dtype})"
@@ -180,7 +184,9 @@ class HFBackend:
         from cai.model_files import resolve_model
 
         source, model_name = resolve_model(spec.model)
-        return source, weights_name(model_name, spec.dtype)
+        device = pick_device(spec.device)
+        pick_dtype(spec.dtype, device)                  # refuses what cannot run here, before the name is made
+        return source, weights_name(model_name, linear_mode(spec.dtype, device) or spec.dtype)
 
     @classmethod
     def from_spec(cls, spec, source: str, model_name: str) -> "HFBackend":
@@ -216,7 +222,7 @@ class HFBackend:
             from cai.backends.quant import convert_linears
 
             convert_linears(self.model, self.linears)
-            self.model_name = model_name = weights_name(model_name, options.dtype)
+            self.model_name = model_name = weights_name(model_name, self.linears)
         if self.device == "cpu":
             detach_from_files(self.model)
         if not self.tokenizer.chat_template:

@@ -23,13 +23,17 @@ ships inside PyTorch, has kernels made for that shape:
 
 On a CPU that has bf16 units (AMX or AVX512-BF16, as oneDNN reports them), a third mode:
 
-* `bfloat16`: the linears' weights in bfloat16, their products run by oneDNN on those units.
-  The input is rounded to bfloat16, sums are float32 inside the kernel, and the output comes
-  back rounded to bfloat16 in the input's dtype; norms and the residual stream stay float32 (the
-  engine keeps its keys and values in bfloat16 beside this mode). The rows go through in tiles
-  of one fixed size (`Bfloat16Linear`), so a row's result does not depend on the rows beside
-  it, and records do not depend on batching (tests/test_invariance.py). bench/precision.py for
-  what it costs in loss."""
+* `bfloat16`: the linears' weights in bfloat16, their products on those units: the input is
+  rounded to bfloat16, sums are float32. Where cai's own kernel builds (AVX512-BF16 and a C
+  compiler; cai/backends/linear_bf16.c) it runs them, with float32 output, at the machine's
+  bf16 peak; `auto` then picks this mode (it is the CPU's fastest: about 1.7× float16 weights'
+  speed on a 2-core AVX512-BF16 EPYC, docs/speed.md). Elsewhere oneDNN runs them in tiles of
+  one fixed size (`Bfloat16Linear`). Either way a row's result does not depend on the rows
+  beside it, and records do not depend on batching (tests/test_invariance.py). Norms and the
+  residual stream stay float32; the engine keeps its keys and values in bfloat16 beside this
+  mode, and its attention takes bf16 products there too. bench/precision.py for what it costs
+  in loss (nothing measurable with cai's kernel on SmolLM2-135M)."""
+
 
 from __future__ import annotations
 
@@ -69,6 +73,15 @@ class Float16WeightLinear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weights=float16"
+
+
+def native_bfloat16() -> bool:
+    """Whether cai's own bfloat16 kernels run here (cai/backends/linear_bf16.c: a CPU with
+    AVX512-BF16 and a C compiler), the ones that make bfloat16 the CPU's fastest mode with records
+    that do not depend on batching."""
+    from cai.backends import kernels
+
+    return kernels.linear_bf16() is not None
 
 
 def cpu_has_bf16() -> bool:

@@ -363,6 +363,20 @@ def _prompt_check(selection, constitution, config):
     return check
 
 
+def _precision_hint(record: dict, fingerprint: dict) -> str:
+    """Where only the model's CPU precision changed (a file made with float16 weights, cai's
+    default before bfloat16 became auto's choice on AVX512-BF16 CPUs), how to continue it."""
+    meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
+    old, new = meta.get("model"), fingerprint.get("model")
+    if not (isinstance(old, str) and isinstance(new, str)) or old == new:
+        return ""
+    strip = lambda name: name.removesuffix(" (bfloat16)").removesuffix(" (int8)")     # noqa: E731
+    if strip(old) != strip(new):
+        return ""
+    made = "bfloat16" if old.endswith(" (bfloat16)") else "int8" if old.endswith(" (int8)") else "float16"
+    return f" (it was made with `dtype` {made}: pass that to continue it)"
+
+
 def _existing(paths: _Paths, options: GenerateOptions, fingerprint: dict, source: str = "the input",
               prompt_check: Callable[[], Callable[[dict], bool] | None] | None = None
               ) -> tuple[set[str], int | None, int | None]:
@@ -392,7 +406,8 @@ def _existing(paths: _Paths, options: GenerateOptions, fingerprint: dict, source
         changed.append(f"format → {options.format}")
     if changed and not options.force:
         raise OptionError("output", f"{output} holds records of a different run ({'; '.join(changed)}); use "
-                          "another output, `overwrite` to replace it, or `force` to append anyway")
+                          "another output, `overwrite` to replace it, or `force` to append anyway"
+                          + _precision_hint(first, fingerprint))
     if existing.stale:
         (record_id, line), more = existing.stale[0], len(existing.stale) - 1
         stale = (f"{output}:{line}: the record of id '{record_id}' was made from another prompt than {source} now "
