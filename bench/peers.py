@@ -63,6 +63,7 @@ from rich.table import Table  # noqa: E402
 
 import cai  # noqa: E402
 from cai.inputs import read_prompts  # noqa: E402
+from cai.backends.hf import linear_mode  # noqa: E402
 from cai.backends.quant import cpu_has_bf16  # noqa: E402
 from cai.model_files import embedded_gguf, resolve_model  # noqa: E402
 from throughput import run  # noqa: E402
@@ -96,6 +97,26 @@ def performed_gflop(config, run_row: dict) -> float:
     flops = (2 * layers * per_layer * run_row["ids"] + 2 * hidden * config.vocab_size * run_row["head_rows"]
              + 4 * layers * heads * head_dim * run_row["attended"])
     return flops / 1e9
+
+
+def cpu_name() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+
+
+def cpu_features() -> list[str]:
+    """The CPU features the engines' kernels choose by (AVX2, AVX-512, its bf16 and VNNI parts, AMX)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
+    return [f for f in wanted if f in flags]
 
 
 def free_port() -> int:
@@ -263,9 +284,11 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--cai-batch-sizes", type=int, nargs="*", default=[],
                         help="cai's --batch-size for extra runs of its engine (its own default always runs)")
-    parser.add_argument("--cai-dtypes", nargs="*", default=["bfloat16"] if cpu_has_bf16() else [],
-                        help="cai's --dtype for extra runs of its engine (default: bfloat16 on a CPU with bf16 "
-                             "units, none elsewhere)")
+    auto = linear_mode("auto", "cpu") or "float32"              # what the default runs here
+    parser.add_argument("--cai-dtypes", nargs="*",
+                        default=["float16"] if auto == "bfloat16" else ["bfloat16"] if cpu_has_bf16() else [],
+                        help="cai's --dtype for extra runs of its engine (default: float16 where auto is bfloat16, "
+                             "bfloat16 on another CPU with bf16 units, none elsewhere)")
     built = ROOT / "build/llama.cpp/build/bin/llama-server"         # where bench/build_llama_server.sh puts it
     parser.add_argument("--llama-server", default=shutil.which("llama-server") or (str(built) if built.exists() else None),
                         help="the llama-server binary (default: on PATH, else bench/build_llama_server.sh's build)")
@@ -297,10 +320,11 @@ def main() -> int:
     peak = matmul_peak(args.peak_seconds)
     console.print(f"[dim]float32 matrix products: {peak:.1f} GFLOP/s with {torch.get_num_threads()} threads[/dim]")
     # the ceiling of a bfloat16 run's products is the bf16 units' rate, not float32's
-    peaks = {"auto": peak, **({"bfloat16": matmul_peak(args.peak_seconds, dtype=torch.bfloat16)}
-                              if "bfloat16" in args.cai_dtypes else {})}
-    if "bfloat16" in peaks:
-        console.print(f"[dim]bfloat16 matrix products: {peaks['bfloat16']:.1f} GFLOP/s[/dim]")
+    bf16_peak = (matmul_peak(args.peak_seconds, dtype=torch.bfloat16)
+                 if "bfloat16" in (auto, *args.cai_dtypes) else None)
+    peaks = {"auto": bf16_peak if auto == "bfloat16" else peak, "bfloat16": bf16_peak}
+    if bf16_peak:
+        console.print(f"[dim]bfloat16 matrix products: {bf16_peak:.1f} GFLOP/s[/dim]")
 
     items = read_prompts(args.prompts)[:args.limit]
     model_dir, _ = resolve_model(None)
@@ -310,12 +334,12 @@ def main() -> int:
     for dtype in ["auto", *args.cai_dtypes]:
         backend = cai.open_backend(cai.BackendSpec(model=None, dtype=dtype))
         for width in [None, *(args.cai_batch_sizes if dtype == "auto" else [])]:
-            label = "cai engine" + (f" --dtype {dtype}" if dtype != "auto" else "") + (f" --batch-size {width}" if width else "")
+            label = "cai engine" + (f" --dtype {dtype}" if dtype != "auto" else f" (auto: {auto})") + (f" --batch-size {width}" if width else "")
             row = run(backend, args.constitution, items, {**options, "batch_size": width}, label, console)
             row["gflop"] = round(performed_gflop(backend.model.config, row), 1)
             row["gflops"] = round(row["gflop"] / row["wall_s"], 1)
-            row["peak_fraction"] = round(row["gflops"] / peaks.get(dtype, peak), 3)
-            row["engine"], row["dtype"] = label, dtype
+            row["peak_fraction"] = round(row["gflops"] / (peaks.get(dtype) or peak), 3)
+            row["engine"], row["dtype"] = label, auto if dtype == "auto" else dtype
             cai_runs.append(row)
         backend.close()
         del backend               # (each run's peak_rss_mb is this process's peak so far; servers run apart)
@@ -356,12 +380,16 @@ def main() -> int:
     best = max(llama, key=lambda p: p["pairs_per_min"], default=None)
     for r in cai_runs:
         r["ratio"] = round(r["pairs_per_min"] / best["pairs_per_min"], 2) if best else None
+    vllm_row = next((p for p in peers if p["engine"] == "vllm in-process"), None)
+    vllm_ratio = round(ours["pairs_per_min"] / vllm_row["pairs_per_min"], 2) if vllm_row else None
     summary = {
         "ratio_vs_best_llama_server": ours["ratio"],
         "best_llama_server": best["engine"] if best else None,
         "fastest_cai": fastest["engine"], "fastest_cai_ratio_vs_best_llama_server": fastest["ratio"],
+        "ratio_vs_vllm_in_process": vllm_ratio,
         "machine": {"matmul_gflops": round(peak, 1), "threads": torch.get_num_threads(),
-                    **({"matmul_gflops_bfloat16": round(peaks["bfloat16"], 1)} if "bfloat16" in peaks else {}),
+                    **({"matmul_gflops_bfloat16": round(bf16_peak, 1)} if bf16_peak else {}),
+                    "cpu": cpu_name(), "cpu_features": cpu_features(),
                     "cpu_bf16_units": cpu_has_bf16()},
         "vllm_settings": vllm_env and {k: v for k, v in vllm_env.items() if k not in OFFLINE},
         "settings": {"prompts": len(items), "constitution": args.constitution, "max_new_tokens": args.max_new_tokens,
@@ -378,10 +406,11 @@ def main() -> int:
            "peers": [{k: p[k] for k in keep if k in p} for p in peers]}
 
     table = Table(title=f"SmolLM2-135M-Instruct · {args.constitution} · greedy · {args.max_new_tokens} new tokens a turn · "
-                        f"{len(items)} prompts · {torch.get_num_threads()} threads · matmul peak {peak:.0f} GFLOP/s"
-                        + (f" (bfloat16 {peaks['bfloat16']:.0f})" if "bfloat16" in peaks else ""),
+                        f"{len(items)} prompts · {cpu_name()} ({' '.join(cpu_features())}) · {torch.get_num_threads()} threads · "
+                        f"matmul peak {peak:.0f} GFLOP/s"
+                        + (f" (bfloat16 {bf16_peak:.0f})" if bf16_peak else ""),
                   caption="ratio: a cai run × the best llama-server; a peer: cai's default run × the peer. "
-                          "GFLOP/s: of the peak for the run's products (bfloat16's for --dtype bfloat16)")
+                          "GFLOP/s: of the peak for the run's products (bfloat16's for a bfloat16 run)")
     for column in ("engine", "prompts", "pairs/min", "kept/min", "gen tok/s", "wall s", "peak RSS MB",
                    "GFLOP/s (of peak)", "ratio"):
         table.add_column(column, justify="left" if column == "engine" else "right")
@@ -395,6 +424,8 @@ def main() -> int:
         Console().print(f"cai's engine against the best llama-server ({best['engine']}): "
                         f"{summary['ratio_vs_best_llama_server']:.1f}× the pairs a minute"
                         + (f"; {fastest['engine']}: {fastest['ratio']:.1f}×" if fastest is not ours else ""))
+    if vllm_ratio:
+        Console().print(f"cai's engine against vLLM in process: {vllm_ratio:.2f}× the pairs a minute")
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(out, indent=2) + "\n")
     return 0
