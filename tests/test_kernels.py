@@ -94,8 +94,13 @@ def test_an_ids_result_is_the_same_bits_alone_and_beside_other_ids(dtype):
     offsets = [0, *torch.tensor(counts).cumsum(0).tolist()]
     q = torch.randn(heads, group, len(positions), dim, generator=gen)
     init = (torch.randn(heads, group, len(positions), dim, generator=gen), torch.randn(heads, group, len(positions), generator=gen))
+    token_major = q.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)      # the projection's layout, read in place
     for part in (None, init):
         out, lse = native(q, keys, values, slots, torch.tensor(offsets), positions, start, dim ** -0.5, part)
+        strided = native(token_major, keys, values, slots, torch.tensor(offsets), positions, start, dim ** -0.5, part)
+        assert torch.equal(strided[0], out) and torch.equal(strided[1], lse)
+        # out lies token-major: back to [tokens, heads * dim] without a copy
+        assert out.reshape(heads * group, len(positions), dim).transpose(0, 1).is_contiguous()
         for b in range(len(counts)):
             for t in range(offsets[b], offsets[b + 1]):
                 alone = native(q[:, :, t:t + 1], keys, values, slots[b:b + 1], torch.tensor([0, 1]), positions[t:t + 1],

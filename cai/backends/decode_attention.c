@@ -10,15 +10,18 @@
    The ids of all rows are packed into one sequence of `tokens` ids: row b owns ids
    offsets[b] .. offsets[b + 1] - 1, and id t sits at cache position positions[t].
 
-   q      [heads, group, tokens, dim]   queries (query head h*group + g reads kv head h)
+   q      [heads, group, tokens, dim]   queries (query head h*group + g reads kv head h), at any
+                                        strides q_strides[0..2] (elements; dim's is 1): the
+                                        projection's token-major layout is read where it lies
    keys,
    values [slots, heads, capacity, dim] the engine's cache; row b reads slot slots[b]
    keys read by id t of row b: positions start .. positions[t], inclusive (causal)
-   out    [heads, group, tokens, dim]   softmax-weighted values
+   out    [tokens, heads, group, dim]   softmax-weighted values, token-major: the layout the output
+                                        projection reads, so nothing is transposed after
    lse    [heads, group, tokens]        log-sum-exp of each query's scaled scores (what joins this
                                         part to another under one softmax); -1e30 when it saw no key
    init_out, init_lse                   (or NULL) another part's softmax-weighted values and
-                                        log-sum-exps, same layout: the softmax starts from that part
+                                        log-sum-exps, in out's and lse's layouts: the softmax starts from that part
                                         (the shared root's) instead of from nothing, so out and lse
                                         come back joined with it, with no pass of their own
 
@@ -162,8 +165,9 @@ INLINE void add_weighted(float *acc, const void *v, const float *p, int n, int64
 }
 
 /* one task: ids first .. first+n_ids-1 of a row (its keys at ks, values at vs) for kv head h */
-INLINE void task_scalar(const float *q, const char *ks, const char *vs, int64_t h, int64_t first, int64_t n_ids,
-                        const int64_t *positions, int64_t start, int64_t group, int64_t tokens, int64_t dim,
+INLINE void task_scalar(const float *q, const int64_t *qs, const char *ks, const char *vs, int64_t h, int64_t first,
+                        int64_t n_ids, const int64_t *positions, int64_t start, int64_t heads, int64_t group,
+                        int64_t tokens, int64_t dim,
                         int64_t capacity, float scale, const float *init_out, const float *init_lse,
                         float *out, float *lse, const int bf16) {
     const int64_t size = bf16 ? 2 : 4, m = group * n_ids;
@@ -173,9 +177,10 @@ INLINE void task_scalar(const float *q, const char *ks, const char *vs, int64_t 
     float top[m], total[m], scores[m][BLOCK];
     int64_t limit[m], last = start - 1;
     for (int64_t i = 0; i < m; i++) {
-        const int64_t row = (h * group + i / n_ids) * tokens + first + i % n_ids;
-        qp[i] = q + row * dim;
-        op[i] = out + row * dim;
+        const int64_t g = i / n_ids, t = first + i % n_ids;
+        const int64_t row = (h * group + g) * tokens + t, at = ((t * heads + h) * group + g) * dim;
+        qp[i] = q + h * qs[0] + g * qs[1] + t * qs[2];
+        op[i] = out + at;
         lp[i] = lse + row;
         limit[i] = positions[first + i % n_ids];
         if (limit[i] > last)
@@ -184,7 +189,7 @@ INLINE void task_scalar(const float *q, const char *ks, const char *vs, int64_t 
             /* the other part's state: its weights sum to 1 at its own log-sum-exp */
             top[i] = init_lse[row];
             total[i] = 1.0f;
-            memcpy(op[i], init_out + row * dim, sizeof(float) * dim);
+            memcpy(op[i], init_out + at, sizeof(float) * dim);
         } else {
             top[i] = MASKED;
             total[i] = 0.0f;
@@ -285,8 +290,9 @@ static inline __m512 exp512(__m512 v) {        /* exp_inplace's polynomial, sixt
 
 #define BCAST(word) ((__m512bh)_mm512_set1_epi32((int)(word)))
 
-static void task_lanes(const float *q, const uint16_t *ks, const uint16_t *vs, int64_t h, int64_t first,
-                       int64_t n_ids, const int64_t *positions, int64_t start, int64_t group, int64_t tokens,
+static void task_lanes(const float *q, const int64_t *qs, const uint16_t *ks, const uint16_t *vs, int64_t h,
+                       int64_t first, int64_t n_ids, const int64_t *positions, int64_t start, int64_t heads,
+                       int64_t group, int64_t tokens,
                        int64_t dim, int64_t capacity, float scale, const float *init_out, const float *init_lse,
                        float *out, float *lse) {
     const int64_t m = group * n_ids, pairs = dim / 2;
@@ -302,7 +308,7 @@ static void task_lanes(const float *q, const uint16_t *ks, const uint16_t *vs, i
         uint32_t qt[QV][MAX_DIM / 2][LANES];          /* query pairs, lane by lane */
         float ot[QV][MAX_DIM][LANES];                 /* running outputs, lane by lane */
         int32_t limits[QV * LANES];
-        int64_t rows[QV * LANES];
+        int64_t rows[QV * LANES], ats[QV * LANES];       /* a query's place in lse, and in out */
         __m512 top[QV], total[QV];
         __m512i limit[QV];
         int64_t last = start - 1;
@@ -314,18 +320,20 @@ static void task_lanes(const float *q, const uint16_t *ks, const uint16_t *vs, i
                 limits[i] = -1;                    /* an empty lane: sees no key */
                 for (int64_t d = 0; d < dim; d++) ot[v][d][lane] = 0.0f;
             } else {
-                const int64_t id = q0 + i, row = (h * group + id / n_ids) * tokens + first + id % n_ids;
+                const int64_t id = q0 + i, g = id / n_ids, t = first + id % n_ids;
+                const int64_t row = (h * group + g) * tokens + t, at = ((t * heads + h) * group + g) * dim;
                 rows[i] = row;
+                ats[i] = at;
                 limits[i] = (int32_t)positions[first + id % n_ids];
                 if (limits[i] > last)
                     last = limits[i];
-                const float *qr = q + row * dim;
+                const float *qr = q + h * qs[0] + g * qs[1] + t * qs[2];
                 for (int64_t p = 0; p < pairs; p++) {
                     __m128bh two = _mm_cvtneps_pbh(_mm_set_ps(0.0f, 0.0f, qr[2 * p + 1], qr[2 * p]));
                     memcpy(&qt[v][p][lane], &two, sizeof(uint32_t));
                 }
                 const int joined = init_out != NULL && init_lse[row] > MASKED;
-                for (int64_t d = 0; d < dim; d++) ot[v][d][lane] = joined ? init_out[row * dim + d] : 0.0f;
+                for (int64_t d = 0; d < dim; d++) ot[v][d][lane] = joined ? init_out[at + d] : 0.0f;
                 if (joined) {
                     init_top = init_lse[row];
                     init_total = 1.0f;
@@ -408,7 +416,7 @@ static void task_lanes(const float *q, const uint16_t *ks, const uint16_t *vs, i
         for (int i = 0; i < nq; i++) {
             const int v = i / LANES, lane = i % LANES;
             const float all = ((float *)&total[v])[lane];
-            float *o = out + rows[i] * dim;
+            float *o = out + ats[i];
             if (all > 0.0f) {
                 const float inv = 1.0f / all;
                 for (int64_t d = 0; d < dim; d++) o[d] = ot[v][d][lane] * inv;
@@ -422,7 +430,7 @@ static void task_lanes(const float *q, const uint16_t *ks, const uint16_t *vs, i
 }
 #endif
 
-INLINE void attend(const float *q, const void *keys, const void *values, const int64_t *slots,
+INLINE void attend(const float *q, const int64_t *qs, const void *keys, const void *values, const int64_t *slots,
                    const int64_t *offsets, const int64_t *positions, int64_t start, int64_t rows,
                    int64_t heads, int64_t group, int64_t tokens, int64_t dim, int64_t capacity, float scale,
                    const float *init_out, const float *init_lse, float *out, float *lse, int threads, const int bf16) {
@@ -454,29 +462,30 @@ INLINE void attend(const float *q, const void *keys, const void *values, const i
         const char *vs = (const char *)values + (slots[b] * heads + h) * capacity * dim * size;
 #ifdef LANES_KERNEL
         if (bf16 && dim % 32 == 0 && dim <= MAX_DIM) {
-            task_lanes(q, (const uint16_t *)ks, (const uint16_t *)vs, h, first, n_ids, positions, start, group, tokens,
+            task_lanes(q, qs, (const uint16_t *)ks, (const uint16_t *)vs, h, first, n_ids, positions, start, heads,
+                       group, tokens,
                        dim, capacity, scale, init_out, init_lse, out, lse);
             continue;
         }
 #endif
-        task_scalar(q, ks, vs, h, first, n_ids, positions, start, group, tokens, dim, capacity, scale,
+        task_scalar(q, qs, ks, vs, h, first, n_ids, positions, start, heads, group, tokens, dim, capacity, scale,
                     init_out, init_lse, out, lse, bf16);
     }
 }
 
-void cai_decode_attention(const float *q, const float *keys, const float *values, const int64_t *slots,
+void cai_decode_attention(const float *q, const int64_t *q_strides, const float *keys, const float *values, const int64_t *slots,
                           const int64_t *offsets, const int64_t *positions, int64_t start, int64_t rows,
                           int64_t heads, int64_t group, int64_t tokens, int64_t dim, int64_t capacity, float scale,
                           const float *init_out, const float *init_lse, float *out, float *lse, int threads) {
-    attend(q, keys, values, slots, offsets, positions, start, rows, heads, group, tokens, dim, capacity, scale,
+    attend(q, q_strides, keys, values, slots, offsets, positions, start, rows, heads, group, tokens, dim, capacity, scale,
            init_out, init_lse, out, lse, threads, 0);
 }
 
-void cai_decode_attention_bf16(const float *q, const uint16_t *keys, const uint16_t *values, const int64_t *slots,
+void cai_decode_attention_bf16(const float *q, const int64_t *q_strides, const uint16_t *keys, const uint16_t *values, const int64_t *slots,
                                const int64_t *offsets, const int64_t *positions, int64_t start, int64_t rows,
                                int64_t heads, int64_t group, int64_t tokens, int64_t dim, int64_t capacity,
                                float scale, const float *init_out, const float *init_lse, float *out, float *lse,
                                int threads) {
-    attend(q, keys, values, slots, offsets, positions, start, rows, heads, group, tokens, dim, capacity, scale,
+    attend(q, q_strides, keys, values, slots, offsets, positions, start, rows, heads, group, tokens, dim, capacity, scale,
            init_out, init_lse, out, lse, threads, 1);
 }

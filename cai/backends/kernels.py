@@ -96,7 +96,7 @@ def _library():
                 lib = ctypes.CDLL(str(_build(compiler)))
                 for function in (lib.cai_decode_attention, lib.cai_decode_attention_bf16):
                     function.restype = None
-                    function.argtypes = ([ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7
+                    function.argtypes = ([ctypes.c_void_p] * 7 + [ctypes.c_int64] * 7
                                          + [ctypes.c_float] + [ctypes.c_void_p] * 4 + [ctypes.c_int])
                 lib.cai_linear_bf16_supported.restype = ctypes.c_int
                 lib.cai_linear_bf16_supported.argtypes = []
@@ -127,32 +127,38 @@ def _call(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots
           init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of packed queries over each row's own cached positions.
 
-    queries [heads, group, tokens, dim]: the ids of all rows in one sequence, row b's at
+    queries [heads, group, tokens, dim] (any strides; read where they lie): the ids of all rows in one sequence, row b's at
     offsets[b] .. offsets[b+1]-1; id t sees positions start .. positions[t] of slot slots[b] in
     `keys`/`values` [slots, heads, capacity, dim] (float32 or bfloat16, CPU, contiguous; queries
     float32). `init`: another part's (out, lse) for the same queries (the root's), which the
     result is joined with. Returns (out [heads, group, tokens, dim], lse [heads, group, tokens]);
-    ids of rows past `slots` are left unwritten."""
+    out is a view of token-major memory [tokens, heads, group, dim], the layout the output
+    projection reads, so `out.reshape(heads * group, tokens, dim).transpose(0, 1)` copies nothing.
+    Ids of rows past `slots` are left unwritten."""
     lib = _loaded["lib"]
-    queries = queries.contiguous()
+    if queries.stride(-1) != 1:
+        queries = queries.contiguous()
     slots, offsets, positions = (t.to(torch.int64).contiguous() for t in (slots, offsets, positions))
     if keys.dtype not in KV_DTYPES or values.dtype != keys.dtype or queries.dtype != torch.float32 \
             or not keys.is_contiguous() or not values.is_contiguous():
         raise ValueError("decode_attention needs contiguous float32 queries and float32 or bfloat16 keys and values")
     heads, group, tokens, dim = queries.shape
-    out = torch.empty_like(queries)
+    strides = torch.tensor(queries.stride()[:3], dtype=torch.int64)
+    out = torch.empty((tokens, heads, group, dim), dtype=torch.float32)
     lse = torch.empty((heads, group, tokens), dtype=torch.float32)
     init_out = init_lse = None
     if init is not None:
-        init_out, init_lse = (t.to(torch.float32).contiguous() for t in init)
-        if init_out.shape != queries.shape or init_lse.shape != lse.shape:
+        if init[0].shape != queries.shape or init[1].shape != lse.shape:
             raise ValueError("decode_attention: init must match the queries' layout")
+        # out's token-major memory: for a result of this function, the view it came from
+        init_out = init[0].to(torch.float32).permute(2, 0, 1, 3).contiguous()
+        init_lse = init[1].to(torch.float32).contiguous()
     function = lib.cai_decode_attention_bf16 if keys.dtype == torch.bfloat16 else lib.cai_decode_attention
-    function(queries.data_ptr(), keys.data_ptr(), values.data_ptr(), slots.data_ptr(), offsets.data_ptr(),
+    function(queries.data_ptr(), strides.data_ptr(), keys.data_ptr(), values.data_ptr(), slots.data_ptr(), offsets.data_ptr(),
              positions.data_ptr(), start, slots.shape[0], heads, group, tokens, dim, keys.shape[2], scale,
              None if init_out is None else init_out.data_ptr(), None if init_lse is None else init_lse.data_ptr(),
              out.data_ptr(), lse.data_ptr(), torch.get_num_threads())
-    return out, lse
+    return out.permute(1, 2, 0, 3), lse
 
 
 def linear_bf16():
