@@ -435,6 +435,19 @@ INLINE void attend(const float *q, const int64_t *qs, const void *keys, const vo
                    int64_t heads, int64_t group, int64_t tokens, int64_t dim, int64_t capacity, float scale,
                    const float *init_out, const float *init_lse, float *out, float *lse, int threads, const int bf16) {
     const int64_t size = bf16 ? 2 : 4;       /* bytes an element of keys and values takes */
+    /* Rows that read one slot (every row reading the shared root) are one row here: their ids
+       share tasks, so a task's queries fill its vectors and the root's keys are read once a task,
+       not once a row. Each id still sees only its own positions (a query's limit is its own),
+       and a block past a query's limit leaves its sums exactly as they were, so its result is
+       the same bits in a task of its row's ids or of every row's. */
+    int same_slot = rows > 1;
+    for (int64_t b = 1; b < rows && same_slot; b++)
+        same_slot = slots[b] == slots[0];
+    const int64_t merged[2] = {offsets[0], offsets[rows]};
+    if (same_slot) {
+        offsets = merged;
+        rows = 1;
+    }
     /* one task per (row, kv head, chunk of at most CHUNK of the row's ids): a prefill's many ids
        spread over the threads, and a task's scores stay small */
     int64_t task_start[rows + 1];            /* rows: at most the engine's slots */
