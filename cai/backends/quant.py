@@ -5,7 +5,7 @@ decode step in skinny float32 GEMMs, which MKL runs at a fraction of the machine
 step has only a few rows (here 25-40 GFLOP/s for 1-4 rows against 140 for 128). fbgemm, which
 ships inside PyTorch, has kernels made for that shape:
 
-* `float16` (the CPU default): weights stored in float16 and widened to float32 inside the kernel;
+* `float16` (the CPU default without AVX512-BF16): weights stored in float16 and widened to float32 inside the kernel;
   activations and sums stay float32. Half the weight bytes to stream, 2-8× faster for a few rows,
   and the same model to within float16 rounding of the weights (loss on held-out text changes in
   the fifth digit; see docs/speed.md).
