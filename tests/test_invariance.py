@@ -1,7 +1,8 @@
 """A run's records are the same bytes however the run is cut: batch sizes 1, 7, 64 and 128, the
-engine's drafts on or off, and a run stopped partway then resumed at another batch size. On the
-CPU's default arithmetic (float16 weights, float32 sums) and int8 everywhere, and on its bf16
-units where it has them. What makes it hold is an id's logits being the same bits whatever shares its forward
+engine's drafts on or off, a run stopped partway then resumed at another batch size, and a
+`cai generate` process stopped by SIGTERM then resumed. On the CPU's default arithmetic (bfloat16
+on cai's kernels where the CPU has AVX512-BF16, else float16 weights and float32 sums), float16,
+int8 everywhere, and bfloat16 where the CPU has bf16 units. What makes it hold is an id's logits being the same bits whatever shares its forward
 (tests/test_engine.py checks that directly); this checks what a user sees, on the tiny model,
 whose near-even random logits turn a last-bit difference into another token quickly."""
 
@@ -9,6 +10,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -33,7 +38,7 @@ def _records(path) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["auto", "int8", pytest.param("bfloat16", marks=needs_bf16)])
+@pytest.mark.parametrize("dtype", ["auto", "float16", "int8", pytest.param("bfloat16", marks=needs_bf16)])
 def test_records_are_the_same_bytes_at_any_batch_size_with_or_without_drafts_and_resumed(tiny_model, tmp_path, dtype):
     import cai
 
@@ -60,3 +65,36 @@ def test_records_are_the_same_bytes_at_any_batch_size_with_or_without_drafts_and
     finally:
         for backend in backends.values():
             backend.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["auto", "int8"])
+def test_a_run_stopped_by_sigterm_and_resumed_at_another_batch_size_writes_the_same_bytes(tiny_model, tmp_path, dtype):
+    """What a scheduler does to a run: SIGTERM once it has written records (it finishes what is in
+    flight, exits 143), then the same command again at another batch size; the file ends with the
+    bytes an uncut run writes (`created` aside)."""
+    from conftest import plumbing
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"{p}\n" for p in PROMPTS), encoding="utf-8")
+
+    def command(out, batch_size):
+        return [sys.executable, "-m", "cai", *plumbing(["generate", prompts, "--model", tiny_model, "-o", out,
+                                                        "--dtype", dtype, "--batch-size", str(batch_size),
+                                                        "--max-new-tokens", "10", "--temperature", "0", "-q"])]
+
+    whole = tmp_path / "whole.jsonl"
+    done = subprocess.run(command(whole, 128), capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stderr.decode()
+    cut = tmp_path / "cut.jsonl"
+    proc = subprocess.Popen(command(cut, 3), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and not (cut.exists() and cut.read_bytes().count(b"\n") >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=300)[1].decode()
+    assert proc.returncode == 143, stderr
+    assert 0 < cut.read_bytes().count(b"\n") < len(PROMPTS), "the stop must land partway"
+    resumed = subprocess.run(command(cut, 64), capture_output=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    assert _records(cut) == _records(whole)

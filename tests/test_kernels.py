@@ -62,8 +62,9 @@ def test_kernel_reads_bfloat16_keys_and_values():
     softmax weights rounded to bfloat16, sums float32)."""
     native = kernels.decode_attention()
     gen = torch.Generator().manual_seed(3)
-    heads, group, capacity = 3, 3, 200
-    for dim in (64, 128, 40):                    # on and off the vectorized paths
+    heads, capacity = 3, 200
+    # on and off the vectorized paths; a group of 6 gives a task more queries than one pass takes
+    for dim, group in ((64, 3), (128, 3), (40, 3), (64, 6)):
         keys = torch.randn(5, heads, capacity, dim, generator=gen).bfloat16()
         values = torch.randn(5, heads, capacity, dim, generator=gen).bfloat16()
         slots, counts, lengths = torch.tensor([4, 1, 2]), [1, 5, 30], [150, 37, 100]
