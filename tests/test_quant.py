@@ -146,6 +146,20 @@ def test_bfloat16_rows_are_the_same_bits_alone_and_in_any_batch(kernel, shape, m
         assert ((together.double() - rounded).abs() / scale).max() < tolerance * in_features ** 0.5
 
 
+def test_native_bfloat16_refuses_weights_packed_for_another_shape():
+    """The kernel trusts its shapes (a mismatch would read past the weights): the wrapper checks."""
+    from cai.backends import kernels
+
+    if kernels.linear_bf16() is None:
+        pytest.skip("cai's bfloat16 kernel is not built here (no compiler, or no AVX512-BF16)")
+    packed = kernels.pack_bf16(torch.randn(70, 37))
+    with pytest.raises(ValueError, match=r"another shape than \[70, 39\]"):
+        kernels.linear_bf16()(torch.randn(3, 39), packed, 70)
+    with pytest.raises(ValueError, match="another shape"):
+        kernels.linear_bf16()(torch.randn(3, 37), packed, 70, torch.zeros(71))
+    assert kernels.linear_bf16()(torch.randn(3, 37), packed, 70, torch.zeros(70)).shape == (3, 70)
+
+
 # --- Float16WeightLinear ------------------------------------------------------------------------
 
 @needs_fbgemm

@@ -141,7 +141,7 @@ def _call(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots
     slots, offsets, positions = (t.to(torch.int64).contiguous() for t in (slots, offsets, positions))
     if keys.dtype not in KV_DTYPES or values.dtype != keys.dtype or queries.dtype != torch.float32 \
             or not keys.is_contiguous() or not values.is_contiguous():
-        raise ValueError("decode_attention needs contiguous float32 queries and float32 or bfloat16 keys and values")
+        raise ValueError("decode_attention needs float32 queries and contiguous float32 or bfloat16 keys and values")
     heads, group, tokens, dim = queries.shape
     strides = torch.tensor(queries.stride()[:3], dtype=torch.int64)
     out = torch.empty((tokens, heads, group, dim), dtype=torch.float32)
@@ -187,6 +187,10 @@ def _linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torc
     if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1:
         x = x.float().contiguous().view(-1, x.shape[-1])
     rows, in_features = x.shape
+    panel = packed.shape[2]
+    if packed.shape != (-(-out_features // panel), (in_features + 1) // 2, panel, 2) or packed.dtype != torch.bfloat16 \
+            or (bias is not None and (bias.shape != (out_features,) or bias.dtype != torch.float32)):
+        raise ValueError(f"linear_bf16: weights packed for another shape than [{out_features}, {in_features}]")
     out = torch.empty(rows, out_features, dtype=torch.float32)
     scratch = torch.empty(rows * ((in_features + 1) // 2), dtype=torch.int32)
     lib.cai_linear_bf16(x.data_ptr(), rows, in_features, x.stride(0), packed.data_ptr(), out_features,
