@@ -15,10 +15,22 @@ judge, the writers and the readers take them); the trainer shapes are made from 
 
 from __future__ import annotations
 
+import re
 from typing import Any, TypedDict
 
 from cai.messages import Message
 from cai.messages import text_of as _text
+
+
+# what a backend appends to `meta.model` to say how the model ran: cai's CPU precisions
+# (cai.backends.hf.weights_name) and vLLM's engine and precision (cai.backends.vllm)
+_HOW_IT_RAN = re.compile(r" \((?:int8|bfloat16|vllm(?:, [^()]*)?)\)$")
+
+
+def base_model(name: str) -> str:
+    """The model a record's `meta.model` names, without what says how it ran ("m (bfloat16)",
+    "m (int8)", "m (vllm, bfloat16)" → "m"): what a trainer loads."""
+    return _HOW_IT_RAN.sub("", name)
 
 
 class Round(TypedDict, total=False):

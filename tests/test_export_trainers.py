@@ -238,3 +238,18 @@ def test_a_plain_export_with_an_empty_split_is_refused_too(made, tmp_path):
         line = _one_error(result)
         assert f"--test-size: leaves no record for the {which} split" in line
         assert not list(tmp_path.glob(f"pairs-{which}*"))
+
+
+@pytest.mark.parametrize("suffix", [" (bfloat16)", " (int8)", " (vllm, bfloat16)", ""])
+def test_the_trainer_config_names_the_model_without_how_it_ran(made, tmp_path, tiny_model, suffix):
+    """Records say how their model ran ("m (bfloat16)": auto on an AVX512-BF16 CPU; "m (int8)";
+    "m (vllm, bfloat16)"); a trainer loads the model itself, so its config names the bare model
+    (a name with the suffix is no path and no Hub id: the trainer stopped at loading)."""
+    pairs = tmp_path / "pairs.jsonl"
+    records = read_jsonl(made)
+    for r in records:
+        r["meta"]["model"] = f"{tiny_model}{suffix}"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in records))
+    export(pairs, "trl", tmp_path / "trl")
+    config = yaml.safe_load((tmp_path / "trl" / "trl_dpo.yaml").read_text())
+    assert config["model_name_or_path"] == str(tiny_model)

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from cai.cli import app
 from cai.model_files import EMBEDDED_HUB_ID, cache_dir
-from conftest import read_jsonl
+from conftest import default_model_name, read_jsonl
 
 
 @pytest.mark.slow
@@ -24,7 +24,7 @@ def test_embedded_model_generates_real_pairs(embedded_model, tmp_path):
     records = sorted(kept + dropped, key=lambda r: r["prompt"] != "How do I boil an egg?")
     assert len(records) == 2 and records[0]["prompt"] == "How do I boil an egg?"
     for r in records:
-        assert r["meta"]["model"] == EMBEDDED_HUB_ID
+        assert r["meta"]["model"] == default_model_name(EMBEDDED_HUB_ID)
         assert r["rejected"].strip() and r["chosen"].strip() and r["critique"].strip()
         assert "<|im_end|>" not in r["chosen"] + r["rejected"]
     # The real model writes English words, not random tokens.

@@ -207,7 +207,9 @@ def _argilla(pairs: str, folder: str, records: list[dict], review: dict | None, 
 
 
 def _model_of(records: list[dict]) -> str:
-    names = {str((r.get("meta") or {}).get("model", "")).removesuffix(" (int8)") for r in records} - {""}
+    from cai.records import base_model
+
+    names = {base_model(str((r.get("meta") or {}).get("model", ""))) for r in records} - {""}
     if len(names) != 1:
         raise OptionError("model", f"the records name {len(names)} models ({', '.join(sorted(names)) or 'none'}); "
                           "say which to train with `model`")

@@ -370,8 +370,9 @@ def _precision_hint(record: dict, fingerprint: dict) -> str:
     old, new = meta.get("model"), fingerprint.get("model")
     if not (isinstance(old, str) and isinstance(new, str)) or old == new:
         return ""
-    strip = lambda name: name.removesuffix(" (bfloat16)").removesuffix(" (int8)")     # noqa: E731
-    if strip(old) != strip(new):
+    from cai.records import base_model
+
+    if base_model(old) != base_model(new) or "(vllm" in old + new:
         return ""
     made = "bfloat16" if old.endswith(" (bfloat16)") else "int8" if old.endswith(" (int8)") else "float16"
     return f" (it was made with `dtype` {made}: pass that to continue it)"
