@@ -374,10 +374,16 @@ def test_two_runs_on_one_output_the_second_exits_2_naming_the_first(tiny_model, 
     args = [many_prompts, "--model", tiny_model, "-o", out, "--batch-size", "2", "--max-new-tokens", "12",
             "--no-few-shot", "-q"]
     first = _start_and_wait_for_records(args, out)
-    for extra in ([], ["--overwrite"]):      # a resume and a fresh run alike
-        second = subprocess.run(cai_command(*args, *extra), capture_output=True, text=True, timeout=120)
-        assert second.returncode == 2, second.stderr
-        assert f"another cai run is writing it (pid {first.pid} on " in second.stderr
+    # paused while the second runs start (it still holds the output): a fast first run could
+    # otherwise finish before they look, and the test would race the machine's speed
+    first.send_signal(signal.SIGSTOP)
+    try:
+        for extra in ([], ["--overwrite"]):      # a resume and a fresh run alike
+            second = subprocess.run(cai_command(*args, *extra), capture_output=True, text=True, timeout=120)
+            assert second.returncode == 2, second.stderr
+            assert f"another cai run is writing it (pid {first.pid} on " in second.stderr
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert first.wait(timeout=600) == 0, first.stderr.read().decode()
     ids = [r["id"] for r in read_jsonl(out)]
     assert sorted(ids) == [f"p{i:03d}" for i in range(40)]
