@@ -374,7 +374,7 @@ def _precision_hint(record: dict, fingerprint: dict) -> str:
 
     if base_model(old) != base_model(new) or "(vllm" in old + new:
         return ""
-    made = "bfloat16" if old.endswith(" (bfloat16)") else "int8" if old.endswith(" (int8)") else "float16"
+    made = old[len(base_model(old)):].strip(" ()") or "float16"      # a bare name: float16 weights
     return f" (it was made with `dtype` {made}: pass that to continue it)"
 
 
