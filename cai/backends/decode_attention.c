@@ -30,8 +30,9 @@
    serves both, specialized at compile time.
 
    Built on first use by cai/backends/kernels.py with the machine's compiler (-O3 -march=native
-   -ffast-math -fopenmp); no infinities are used, so fast-math is safe. Thread pool: the process's
-   libgomp, which PyTorch has already loaded. */
+   -ffp-contract=off -fopenmp, no -ffast-math: the compiler keeps every sum in the order written,
+   which is what lets two paths give a query the same bits). Thread pool: the process's libgomp,
+   which PyTorch has already loaded. */
 
 #include <math.h>
 #include <stdint.h>
@@ -290,6 +291,55 @@ static inline __m512 exp512(__m512 v) {        /* exp_inplace's polynomial, sixt
 
 #define BCAST(word) ((__m512bh)_mm512_set1_epi32((int)(word)))
 
+/* a block's values [BLOCK][dim] as pairs of keys, dimension by dimension: vp[j][d] holds values
+   2j and 2j + 1 of dimension d (the even key in the low half), what `vdpbf16ps` takes */
+static inline void interleave_values(const uint16_t *vb, int64_t dim, uint32_t vp[][MAX_DIM]) {
+    /* unpack gives each 128-bit lane's dimensions 0-3 and 4-7 apart; these put them back in order */
+    const __m512i first16 = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+    const __m512i next16 = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
+    for (int j = 0; j < BLOCK / 2; j++)
+        for (int64_t d = 0; d < dim; d += 32) {
+            __m512i a = _mm512_loadu_si512(vb + 2 * j * dim + d), b = _mm512_loadu_si512(vb + (2 * j + 1) * dim + d);
+            __m512i lo = _mm512_unpacklo_epi16(a, b), hi = _mm512_unpackhi_epi16(a, b);
+            _mm512_storeu_si512(&vp[j][d], _mm512_permutex2var_epi32(lo, first16, hi));
+            _mm512_storeu_si512(&vp[j][d + 16], _mm512_permutex2var_epi32(lo, next16, hi));
+        }
+}
+
+/* a query's result from its running sums: o = acc / total (acc read at stride `step`), and its
+   log-sum-exp; one piece of code for both tasks, so both round alike */
+static inline void finish(const float *acc, int64_t step, float top, float total, int64_t dim, float *o, float *lse) {
+    if (total > 0.0f) {
+        const float inv = 1.0f / total;
+        for (int64_t d = 0; d < dim; d++) o[d] = acc[d * step] * inv;
+        *lse = top + logf(total);
+    } else {
+        for (int64_t d = 0; d < dim; d++) o[d] = 0.0f;
+        *lse = MASKED;
+    }
+}
+
+/* a block of keys (and its last, partial block padded with zeros) where the tasks read it */
+static inline void block_at(const uint16_t *ks, const uint16_t *vs, int64_t t0, int64_t n, int64_t dim,
+                            uint32_t *kpad, uint16_t *vpad, const uint32_t **kw, const uint16_t **vb) {
+    *kw = (const uint32_t *)(ks + t0 * dim);
+    *vb = vs + t0 * dim;
+    /* the next block on its way while this one is worked on: a task streams its keys and values
+       from memory, and the hardware's prefetch alone left it waiting (15% faster for a decode step) */
+    for (int64_t at = 0; at < (int64_t)BLOCK * dim * 2; at += 64) {
+        _mm_prefetch((const char *)(ks + (t0 + BLOCK) * dim) + at, _MM_HINT_T2);
+        _mm_prefetch((const char *)(vs + (t0 + BLOCK) * dim) + at, _MM_HINT_T2);
+    }
+    if (n < BLOCK) {
+        memset(kpad, 0, sizeof(uint32_t) * BLOCK * (dim / 2));
+        memset(vpad, 0, sizeof(uint16_t) * BLOCK * dim);
+        memcpy(kpad, *kw, sizeof(uint32_t) * n * (dim / 2));
+        memcpy(vpad, *vb, sizeof(uint16_t) * n * dim);
+        *kw = kpad;
+        *vb = vpad;
+    }
+}
+
 static void task_lanes(const float *q, const int64_t *qs, const uint16_t *ks, const uint16_t *vs, int64_t h,
                        int64_t first, int64_t n_ids, const int64_t *positions, int64_t start, int64_t heads,
                        int64_t group, int64_t tokens,
@@ -299,10 +349,6 @@ static void task_lanes(const float *q, const int64_t *qs, const uint16_t *ks, co
     uint32_t kpad[BLOCK * MAX_DIM / 2];               /* a last, partial block, padded with zeros */
     uint16_t vpad[BLOCK * MAX_DIM];
     uint32_t vp[BLOCK / 2][MAX_DIM];                  /* values of keys 2j and 2j+1, dimension by dimension */
-    /* the pairs of keys interleaved: unpack gives each 128-bit lane's dimensions 0-3 and 4-7 apart;
-       these put them back in order */
-    const __m512i first16 = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
-    const __m512i next16 = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
     for (int64_t q0 = 0; q0 < m; q0 += QV * LANES) {
         const int nq = (int)(m - q0 < QV * LANES ? m - q0 : QV * LANES), nv = (nq + LANES - 1) / LANES;
         uint32_t qt[QV][MAX_DIM / 2][LANES];          /* query pairs, lane by lane */
@@ -349,23 +395,10 @@ static void task_lanes(const float *q, const int64_t *qs, const uint16_t *ks, co
         const __m512 masked = _mm512_set1_ps(MASKED), half_masked = _mm512_set1_ps(MASKED / 2), zero = _mm512_setzero_ps();
         for (int64_t t0 = start; t0 <= last; t0 += BLOCK) {
             const int64_t n = last - t0 + 1 < BLOCK ? last - t0 + 1 : BLOCK;
-            const uint32_t *kw = (const uint32_t *)(ks + t0 * dim);
-            const uint16_t *vb = vs + t0 * dim;
-            if (n < BLOCK) {
-                memset(kpad, 0, sizeof(uint32_t) * BLOCK * pairs);
-                memset(vpad, 0, sizeof(uint16_t) * BLOCK * dim);
-                memcpy(kpad, kw, sizeof(uint32_t) * n * pairs);
-                memcpy(vpad, vb, sizeof(uint16_t) * n * dim);
-                kw = kpad;
-                vb = vpad;
-            }
-            for (int j = 0; j < BLOCK / 2; j++)
-                for (int64_t d = 0; d < dim; d += 32) {
-                    __m512i a = _mm512_loadu_si512(vb + 2 * j * dim + d), b = _mm512_loadu_si512(vb + (2 * j + 1) * dim + d);
-                    __m512i lo = _mm512_unpacklo_epi16(a, b), hi = _mm512_unpackhi_epi16(a, b);
-                    _mm512_storeu_si512(&vp[j][d], _mm512_permutex2var_epi32(lo, first16, hi));
-                    _mm512_storeu_si512(&vp[j][d + 16], _mm512_permutex2var_epi32(lo, next16, hi));
-                }
+            const uint32_t *kw;
+            const uint16_t *vb;
+            block_at(ks, vs, t0, n, dim, kpad, vpad, &kw, &vb);
+            interleave_values(vb, dim, vp);
             for (int v = 0; v < nv; v++) {
                 __m512 s[BLOCK];
                 for (int j0 = 0; j0 < BLOCK; j0 += 8) {        /* scores of 8 keys: 8 independent sums */
@@ -386,19 +419,23 @@ static void task_lanes(const float *q, const int64_t *qs, const uint16_t *ks, co
                     best = _mm512_max_ps(best, s[j]);
                 const __mmask16 had = _mm512_cmp_ps_mask(top[v], half_masked, _CMP_GT_OQ);
                 const __m512 keep = _mm512_maskz_mov_ps(had, exp512(_mm512_sub_ps(top[v], best)));
-                __m512 sum = zero;
+                __m512 p[BLOCK];
                 __m512i pt[BLOCK / 2];
                 for (int j = 0; j < BLOCK; j += 2) {
                     const __mmask16 live0 = _mm512_cmp_ps_mask(s[j], half_masked, _CMP_GT_OQ),
                                     live1 = _mm512_cmp_ps_mask(s[j + 1], half_masked, _CMP_GT_OQ);
-                    const __m512 p0 = _mm512_maskz_mov_ps(live0, exp512(_mm512_sub_ps(s[j], best))),
-                                 p1 = _mm512_maskz_mov_ps(live1, exp512(_mm512_sub_ps(s[j + 1], best)));
-                    sum = _mm512_add_ps(sum, p0);
-                    sum = _mm512_add_ps(sum, p1);
-                    const __m512i w0 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(p0)),
-                                  w1 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(p1));
+                    p[j] = _mm512_maskz_mov_ps(live0, exp512(_mm512_sub_ps(s[j], best)));
+                    p[j + 1] = _mm512_maskz_mov_ps(live1, exp512(_mm512_sub_ps(s[j + 1], best)));
+                    const __m512i w0 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(p[j])),
+                                  w1 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(p[j + 1]));
                     pt[j / 2] = _mm512_or_si512(w0, _mm512_slli_epi32(w1, 16));
                 }
+                /* the block's weights summed as a tree: key j with key j + half, halving (the
+                   order task_keys takes across its lanes) */
+                for (int half = BLOCK / 2; half >= 1; half /= 2)
+                    for (int j = 0; j < half; j++)
+                        p[j] = _mm512_add_ps(p[j], p[j + half]);
+                const __m512 sum = p[0];
                 total[v] = _mm512_fmadd_ps(total[v], keep, sum);
                 top[v] = best;
                 for (int64_t d0 = 0; d0 < dim; d0 += 8) {      /* outputs of 8 dimensions: 8 independent sums */
@@ -415,18 +452,159 @@ static void task_lanes(const float *q, const int64_t *qs, const uint16_t *ks, co
         }
         for (int i = 0; i < nq; i++) {
             const int v = i / LANES, lane = i % LANES;
-            const float all = ((float *)&total[v])[lane];
-            float *o = out + ats[i];
-            if (all > 0.0f) {
-                const float inv = 1.0f / all;
-                for (int64_t d = 0; d < dim; d++) o[d] = ot[v][d][lane] * inv;
-                lse[rows[i]] = ((float *)&top[v])[lane] + logf(all);
-            } else {
-                for (int64_t d = 0; d < dim; d++) o[d] = 0.0f;
-                lse[rows[i]] = MASKED;
-            }
+            finish(&ot[v][0][lane], LANES, ((float *)&top[v])[lane], ((float *)&total[v])[lane], dim, out + ats[i],
+                   lse + rows[i]);
         }
     }
+}
+
+/* The same attention for a task of a few queries (a decode step's: the group's query heads for
+   one id), with keys in the lanes instead: sixteen keys a vector, so a lane does not go unused
+   for want of queries (a decode task has 3 for 16 lanes). Every query takes the very operations
+   task_lanes gives it, in the same order: a score is the same chain of `vdpbf16ps` over the
+   pairs of dimensions, a block's weights are summed by the same tree (across lanes here, across
+   vectors there), its output the same chain over pairs of keys. So an id's result is the same
+   bits in either task; tests/test_kernels.py holds them to it. */
+#define KEYS_MAX 8        /* queries up to which a task puts keys in the lanes */
+
+/* rows r[0..15] of 16 uint32 become its columns: the blocks off the diagonal swapped, halving.
+   Stage b: row i (i & b == 0) keeps its left half of each 2b-wide block and takes row i+b's;
+   row i+b takes row i's right halves and keeps its own. */
+#define SWAP_UP(b, c) (((c) & (b)) ? 16 + (c) - (b) : (c))
+#define SWAP_LOW(b, c) (((c) & (b)) ? 16 + (c) : (c) + (b))
+#define SWAP_IDX(F, b) _mm512_set_epi32(F(b, 15), F(b, 14), F(b, 13), F(b, 12), F(b, 11), F(b, 10), F(b, 9), F(b, 8), \
+                                        F(b, 7), F(b, 6), F(b, 5), F(b, 4), F(b, 3), F(b, 2), F(b, 1), F(b, 0))
+static inline __attribute__((always_inline)) void transpose_stage(__m512i r[16], const int b, const __m512i up,
+                                                                    const __m512i low) {
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; i++)
+        if (!(i & b)) {
+            const __m512i x = r[i], y = r[i + b];
+            r[i] = _mm512_permutex2var_epi32(x, up, y);
+            r[i + b] = _mm512_permutex2var_epi32(x, low, y);
+        }
+}
+
+static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
+    transpose_stage(r, 8, SWAP_IDX(SWAP_UP, 8), SWAP_IDX(SWAP_LOW, 8));
+    transpose_stage(r, 4, SWAP_IDX(SWAP_UP, 4), SWAP_IDX(SWAP_LOW, 4));
+    transpose_stage(r, 2, SWAP_IDX(SWAP_UP, 2), SWAP_IDX(SWAP_LOW, 2));
+    transpose_stage(r, 1, SWAP_IDX(SWAP_UP, 1), SWAP_IDX(SWAP_LOW, 1));
+}
+
+/* one block of keys for M queries (M a constant in each copy, so the sums stay in registers);
+   VC: output vectors a pass over the values */
+static inline __attribute__((always_inline)) void keys_block(
+        const int M, const int VC, const uint32_t (*qp)[MAX_DIM / 2], const uint32_t (*kt)[BLOCK],
+        const uint32_t (*vp)[MAX_DIM], int64_t pairs, int64_t dim, int64_t t0, const int32_t *limits, float scale,
+        float *top, float *total, float (*acc)[MAX_DIM]) {
+    __m512 a[KEYS_MAX][2];
+    for (int i = 0; i < M; i++) a[i][0] = a[i][1] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < pairs; p++) {
+        const __m512bh k0 = (__m512bh)_mm512_loadu_si512(&kt[p][0]), k1 = (__m512bh)_mm512_loadu_si512(&kt[p][16]);
+        for (int i = 0; i < M; i++) {
+            const __m512bh qb = BCAST(qp[i][p]);
+            a[i][0] = _mm512_dpbf16_ps(a[i][0], qb, k0);
+            a[i][1] = _mm512_dpbf16_ps(a[i][1], qb, k1);
+        }
+    }
+    const __m512 masked = _mm512_set1_ps(MASKED), half_masked = _mm512_set1_ps(MASKED / 2);
+    const __m512i pos0 = _mm512_add_epi32(_mm512_set1_epi32((int)t0),
+                                          _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
+    const __m512i pos1 = _mm512_add_epi32(pos0, _mm512_set1_epi32(16));
+    __m512 keep[KEYS_MAX];
+    uint32_t pp[KEYS_MAX][BLOCK / 2];                 /* weights as bfloat16, in pairs of keys */
+    for (int i = 0; i < M; i++) {
+        const __m512i limit = _mm512_set1_epi32(limits[i]);
+        const __m512 s0 = _mm512_mask_mul_ps(masked, _mm512_cmple_epi32_mask(pos0, limit), a[i][0], _mm512_set1_ps(scale)),
+                     s1 = _mm512_mask_mul_ps(masked, _mm512_cmple_epi32_mask(pos1, limit), a[i][1], _mm512_set1_ps(scale));
+        const __m512 was = _mm512_set1_ps(top[i]);
+        const __m512 best = _mm512_max_ps(was, _mm512_set1_ps(_mm512_reduce_max_ps(_mm512_max_ps(s0, s1))));
+        const __mmask16 had = _mm512_cmp_ps_mask(was, half_masked, _CMP_GT_OQ);
+        keep[i] = _mm512_maskz_mov_ps(had, exp512(_mm512_sub_ps(was, best)));
+        const __m512 p0 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s0, half_masked, _CMP_GT_OQ), exp512(_mm512_sub_ps(s0, best))),
+                     p1 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s1, half_masked, _CMP_GT_OQ), exp512(_mm512_sub_ps(s1, best)));
+        _mm256_storeu_si256((__m256i *)&pp[i][0], (__m256i)_mm512_cvtneps_pbh(p0));
+        _mm256_storeu_si256((__m256i *)&pp[i][8], (__m256i)_mm512_cvtneps_pbh(p1));
+        /* task_lanes' tree: key j + key j+16, then + 8, 4, 2, 1 */
+        __m512 sum = _mm512_add_ps(p0, p1);
+        sum = _mm512_add_ps(sum, _mm512_shuffle_f32x4(sum, sum, 0x4E));
+        sum = _mm512_add_ps(sum, _mm512_shuffle_f32x4(sum, sum, 0xB1));
+        sum = _mm512_add_ps(sum, _mm512_permute_ps(sum, 0x4E));
+        sum = _mm512_add_ps(sum, _mm512_permute_ps(sum, 0xB1));
+        total[i] = _mm512_cvtss_f32(_mm512_fmadd_ps(_mm512_set1_ps(total[i]), keep[i], sum));
+        top[i] = _mm512_cvtss_f32(best);
+    }
+    for (int64_t d0 = 0; d0 < dim; d0 += 16 * VC) {
+        __m512 o[KEYS_MAX][4];
+        for (int i = 0; i < M; i++)
+            for (int k = 0; k < VC; k++) o[i][k] = _mm512_mul_ps(_mm512_loadu_ps(&acc[i][d0 + 16 * k]), keep[i]);
+        for (int j = 0; j < BLOCK / 2; j++)
+            for (int k = 0; k < VC; k++) {
+                const __m512bh v = (__m512bh)_mm512_loadu_si512(&vp[j][d0 + 16 * k]);
+                for (int i = 0; i < M; i++) o[i][k] = _mm512_dpbf16_ps(o[i][k], BCAST(pp[i][j]), v);
+            }
+        for (int i = 0; i < M; i++)
+            for (int k = 0; k < VC; k++) _mm512_storeu_ps(&acc[i][d0 + 16 * k], o[i][k]);
+    }
+}
+
+static void task_keys(const float *q, const int64_t *qs, const uint16_t *ks, const uint16_t *vs, int64_t h,
+                      int64_t first, int64_t n_ids, const int64_t *positions, int64_t start, int64_t heads,
+                      int64_t group, int64_t tokens, int64_t dim, int64_t capacity, float scale,
+                      const float *init_out, const float *init_lse, float *out, float *lse) {
+    const int m = (int)(group * n_ids);
+    const int64_t pairs = dim / 2;
+    uint32_t qp[KEYS_MAX][MAX_DIM / 2];
+    float acc[KEYS_MAX][MAX_DIM], top[KEYS_MAX], total[KEYS_MAX];
+    int32_t limits[KEYS_MAX];
+    int64_t rows[KEYS_MAX], ats[KEYS_MAX];
+    int64_t last = start - 1;
+    for (int i = 0; i < m; i++) {                  /* as task_lanes sets up a lane */
+        const int64_t g = i / n_ids, t = first + i % n_ids;
+        rows[i] = (h * group + g) * tokens + t;
+        ats[i] = ((t * heads + h) * group + g) * dim;
+        limits[i] = (int32_t)positions[t];
+        if (limits[i] > last)
+            last = limits[i];
+        const float *qr = q + h * qs[0] + g * qs[1] + t * qs[2];
+        for (int64_t p = 0; p < pairs; p++) {
+            __m128bh two = _mm_cvtneps_pbh(_mm_set_ps(0.0f, 0.0f, qr[2 * p + 1], qr[2 * p]));
+            memcpy(&qp[i][p], &two, sizeof(uint32_t));
+        }
+        const int joined = init_out != NULL && init_lse[rows[i]] > MASKED;
+        for (int64_t d = 0; d < dim; d++) acc[i][d] = joined ? init_out[ats[i] + d] : 0.0f;
+        top[i] = joined ? init_lse[rows[i]] : MASKED;
+        total[i] = joined ? 1.0f : 0.0f;
+    }
+    if (last >= capacity)
+        last = capacity - 1;
+    uint32_t kpad[BLOCK * MAX_DIM / 2], kt[MAX_DIM / 2][BLOCK], vp[BLOCK / 2][MAX_DIM];
+    uint16_t vpad[BLOCK * MAX_DIM];
+    for (int64_t t0 = start; t0 <= last; t0 += BLOCK) {
+        const int64_t n = last - t0 + 1 < BLOCK ? last - t0 + 1 : BLOCK;
+        const uint32_t *kw;
+        const uint16_t *vb;
+        block_at(ks, vs, t0, n, dim, kpad, vpad, &kw, &vb);
+        for (int half = 0; half < BLOCK; half += 16)          /* the block's keys, pair by pair */
+            for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
+                __m512i r[16];
+#pragma GCC unroll 16
+                for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512(kw + (half + i) * pairs + p0);
+                transpose16(r);
+#pragma GCC unroll 16
+                for (int i = 0; i < 16; i++) _mm512_storeu_si512(&kt[p0 + i][half], r[i]);
+            }
+        interleave_values(vb, dim, vp);
+#define KEYS_CASE(M) case M: { if (dim % 64 == 0) keys_block(M, 4, qp, kt, vp, pairs, dim, t0, limits, scale, top, total, acc); \
+                               else keys_block(M, 2, qp, kt, vp, pairs, dim, t0, limits, scale, top, total, acc); } break;
+        switch (m) {
+            KEYS_CASE(1) KEYS_CASE(2) KEYS_CASE(3) KEYS_CASE(4) KEYS_CASE(5) KEYS_CASE(6) KEYS_CASE(7) KEYS_CASE(8)
+        }
+#undef KEYS_CASE
+    }
+    for (int i = 0; i < m; i++)
+        finish(acc[i], 1, top[i], total[i], dim, out + ats[i], lse + rows[i]);
 }
 #endif
 
@@ -475,6 +653,11 @@ INLINE void attend(const float *q, const int64_t *qs, const void *keys, const vo
         const char *vs = (const char *)values + (slots[b] * heads + h) * capacity * dim * size;
 #ifdef LANES_KERNEL
         if (bf16 && dim % 32 == 0 && dim <= MAX_DIM) {
+            if (group * n_ids <= KEYS_MAX) {
+                task_keys(q, qs, (const uint16_t *)ks, (const uint16_t *)vs, h, first, n_ids, positions, start, heads,
+                          group, tokens, dim, capacity, scale, init_out, init_lse, out, lse);
+                continue;
+            }
             task_lanes(q, qs, (const uint16_t *)ks, (const uint16_t *)vs, h, first, n_ids, positions, start, heads,
                        group, tokens,
                        dim, capacity, scale, init_out, init_lse, out, lse);

@@ -27,7 +27,10 @@ import torch
 log = logging.getLogger("cai")
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("decode_attention.c", "linear_bf16.c"))
-FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC")
+# No -ffast-math: an id's bits must be the same whichever of the kernel's paths computes it, so
+# the compiler may neither reorder a sum nor fuse a product into an add the source did not write.
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp",
+         "-shared", "-fPIC")
 DISABLE = "CAI_NO_KERNELS"
 
 _lock = threading.Lock()
