@@ -30,8 +30,9 @@
    serves both, specialized at compile time.
 
    Built on first use by cai/backends/kernels.py with the machine's compiler (-O3 -march=native
-   -ffp-contract=off -fopenmp, no -ffast-math: the compiler keeps every sum in the order written,
-   which is what lets two paths give a query the same bits). Thread pool: the process's libgomp,
+   -ffp-contract=off -fopenmp, not -ffast-math: the compiler keeps every sum in the order written,
+   which is what lets two paths give a query the same bits; the block's sums that fast-math used
+   to vectorize are written as fixed trees instead). Thread pool: the process's libgomp,
    which PyTorch has already loaded. */
 
 #include <math.h>
@@ -81,6 +82,22 @@ static void exp_inplace(float *x, int n) {
 }
 
 #define INLINE static inline __attribute__((always_inline))
+
+/* the sum of a block's BLOCK weights, in one fixed order (a tree, vectorized where there is AVX2) */
+INLINE float block_sum(const float *s) {
+#ifdef __AVX2__
+    const __m256 a = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(s), _mm256_loadu_ps(s + 8)),
+                                   _mm256_add_ps(_mm256_loadu_ps(s + 16), _mm256_loadu_ps(s + 24)));
+    __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    b = _mm_add_ps(b, _mm_movehl_ps(b, b));
+    return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
+#else
+    float sum = 0.0f;
+    for (int j = 0; j < BLOCK; j++)
+        sum += s[j];
+    return sum;
+#endif
+}
 
 /* element i of a row of keys or values stored as float32 (bf16 == 0) or bfloat16 (bf16 == 1) */
 INLINE float kv_at(const void *row, int64_t i, const int bf16) {
@@ -227,9 +244,7 @@ INLINE void task_scalar(const float *q, const int64_t *qs, const char *ks, const
             for (int j = 0; j < BLOCK; j++)
                 s[j] -= best;
             exp_inplace(s, BLOCK);
-            float sum = 0.0f;
-            for (int j = 0; j < BLOCK; j++)
-                sum += s[j];
+            const float sum = block_sum(s);
             total[i] = total[i] * keep + sum;
             top[i] = best;
             float *acc = op[i];

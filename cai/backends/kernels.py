@@ -27,10 +27,11 @@ import torch
 log = logging.getLogger("cai")
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("decode_attention.c", "linear_bf16.c"))
-# No -ffast-math: an id's bits must be the same whichever of the kernel's paths computes it, so
-# the compiler may neither reorder a sum nor fuse a product into an add the source did not write.
-FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp",
-         "-shared", "-fPIC")
+# Not -ffast-math: an id's bits must be the same whichever of the kernel's paths computes it, so
+# the compiler may neither reorder a sum (-fassociative-math) nor fuse a product into an add the
+# source did not write (-ffp-contract). What is kept of it changes no finite, nonzero value.
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffinite-math-only", "-fno-signed-zeros",
+         "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 DISABLE = "CAI_NO_KERNELS"
 
 _lock = threading.Lock()
