@@ -30,7 +30,7 @@ def cascade_attention(step: StepMetadata, layer: int, query: torch.Tensor, key: 
     # kv head's queries are one block of group*ids rows.
     queries = query[0].reshape(kv_heads, group, n_ids, dim)
     if step.native is not None:
-        out = _native(step, layer, queries, key, value, scale)
+        out = native_attention(step, layer, queries, key, value, scale)
     else:
         out = _pytorch(step, layer, queries, key, value, scale)
     # the log-sum-exp weights are float32; in bfloat16 or float16 the result must come back in the
@@ -38,7 +38,7 @@ def cascade_attention(step: StepMetadata, layer: int, query: torch.Tensor, key: 
     return out.to(query.dtype).reshape(q_heads, n_ids, dim).transpose(0, 1)[None]
 
 
-def _native(step: StepMetadata, layer: int, queries, key, value, scale: float) -> torch.Tensor:
+def native_attention(step: StepMetadata, layer: int, queries, key, value, scale: float) -> torch.Tensor:
     """Every id through the native kernel: the root's part (each id up to its row's base; the
     root is one slot all rows read), then its own, which starts from the root's softmax."""
     root = None

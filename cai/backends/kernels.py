@@ -26,7 +26,7 @@ import torch
 
 log = logging.getLogger("cai")
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("decode_attention.c", "linear_bf16.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("decode_attention.c", "linear_bf16.c", "rotary.c"))
 # Not -ffast-math: an id's bits must be the same whichever of the kernel's paths computes it, so
 # the compiler may neither reorder a sum (-fassociative-math) nor fuse a product into an add the
 # source did not write (-ffp-contract). What is kept of it changes no finite, nonzero value.
@@ -105,8 +105,13 @@ def _library():
                 lib.cai_linear_bf16_supported.restype = ctypes.c_int
                 lib.cai_linear_bf16_supported.argtypes = []
                 lib.cai_linear_bf16.restype = None
-                lib.cai_linear_bf16.argtypes = ([ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_int64]
-                                                + [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int])
+                lib.cai_linear_bf16.argtypes = ([ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_float,
+                                                 ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                                 ctypes.c_int64, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
+                                                 ctypes.c_void_p, ctypes.c_int])
+                lib.cai_rotary_write.restype = ctypes.c_int
+                lib.cai_rotary_write.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 8 + [ctypes.c_void_p] * 2
+                                                 + [ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2)
                 reason = None
             except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as exc:
                 lib, reason = None, f"could not build {', '.join(s.name for s in SOURCES)}: {exc}"
@@ -183,21 +188,60 @@ def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(rows // panel, panel, cols // 2, 2).permute(0, 2, 1, 3).contiguous()
 
 
-def _linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+def _linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
+            norm: torch.Tensor | None = None, eps: float = 0.0, add_to: torch.Tensor | None = None,
+            gated: bool = False) -> torch.Tensor:
     """x [rows, in] float32 times a `pack_bf16` weight, plus bias (float32): [rows, out] float32.
     Each output is summed in one fixed order, so a row's result is the same bits whatever rows
-    share the call."""
+    share the call.
+
+    `norm` (weights [in], and `eps`): x is RMS-normalized on its way in (a decoder layer's norm
+    before its projections; the normalized rows are never stored). `add_to` [rows, out]: the
+    product is added to it, in place, and it is returned (a residual stream). `gated`: `packed`
+    is a gate's weights then an up projection's, `pack_bf16` of each joined along the outputs
+    (`out_features` each); the result is silu(gate) * up, [rows, out_features]."""
     lib = _loaded["lib"]
     if x.dtype != torch.float32 or x.dim() != 2 or x.stride(1) != 1:
         x = x.float().contiguous().view(-1, x.shape[-1])
     rows, in_features = x.shape
     panel = packed.shape[2]
-    if packed.shape != (-(-out_features // panel), (in_features + 1) // 2, panel, 2) or packed.dtype != torch.bfloat16 \
-            or (bias is not None and (bias.shape != (out_features,) or bias.dtype != torch.float32)):
+    width = -(-out_features // panel) * panel                 # the outputs' panels, padded
+    n = 2 * width if gated else out_features
+    if packed.shape != (-(-n // panel), (in_features + 1) // 2, panel, 2) or packed.dtype != torch.bfloat16 \
+            or (bias is not None and (bias.shape != (n,) or bias.dtype != torch.float32)) \
+            or (norm is not None and (norm.shape != (in_features,) or norm.dtype != torch.float32)):
         raise ValueError(f"linear_bf16: weights packed for another shape than [{out_features}, {in_features}]")
-    out = torch.empty(rows, out_features, dtype=torch.float32)
+    if add_to is not None:
+        if add_to.shape != (rows, out_features) or add_to.dtype != torch.float32 or add_to.stride(1) != 1 or gated:
+            raise ValueError("linear_bf16: add_to must be float32 [rows, out_features], rows in place")
+        out = add_to
+    else:
+        out = torch.empty(rows, out_features, dtype=torch.float32)
+    tmp = torch.empty(rows, n, dtype=torch.float32) if gated else None
     scratch = torch.empty(rows * ((in_features + 1) // 2), dtype=torch.int32)
-    lib.cai_linear_bf16(x.data_ptr(), rows, in_features, x.stride(0), packed.data_ptr(), out_features,
-                        None if bias is None else bias.data_ptr(), out.data_ptr(), out_features,
-                        scratch.data_ptr(), torch.get_num_threads())
+    lib.cai_linear_bf16(x.data_ptr(), rows, in_features, x.stride(0), None if norm is None else norm.data_ptr(), eps,
+                        packed.data_ptr(), n, None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0),
+                        2 if gated else 1 if add_to is not None else 0, out_features,
+                        None if tmp is None else tmp.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
     return out
+
+
+def rotary_write(qkv: torch.Tensor, at: tuple[int, int, int], heads: tuple[int, int], dim: int,
+                 cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 rows: torch.Tensor) -> None:
+    """A q/k/v projection's output `qkv` [ids, …] float32 (queries, keys, values at columns `at`,
+    `heads` = (query heads, kv heads) of `dim`): the queries rotated in place, the keys rotated
+    and the values as they are written to a layer's cache `keys`/`values` (contiguous, float32 or
+    bfloat16, seen as rows of `dim`) at `rows` [kv heads × ids]. `cos`/`sin` [ids, dim]: the
+    model's rotary embedding. See rotary.c."""
+    lib = _loaded["lib"]
+    ids = qkv.shape[0]
+    if qkv.dtype != torch.float32 or qkv.stride(1) != 1 or cos.dtype != torch.float32 or cos.stride(1) != 1 \
+            or sin.stride() != cos.stride() or sin.dtype != torch.float32 or keys.dtype != values.dtype \
+            or keys.dtype not in KV_DTYPES or not keys.is_contiguous() or not values.is_contiguous() \
+            or rows.dtype != torch.int64 or rows.shape != (heads[1] * ids,) or not rows.is_contiguous():
+        raise ValueError("rotary_write: float32 rows of q/k/v and cos/sin, a contiguous float32 or bfloat16 cache")
+    if lib.cai_rotary_write(qkv.data_ptr(), ids, qkv.stride(0), *at, *heads, dim, cos.data_ptr(), sin.data_ptr(),
+                            cos.stride(0), keys.data_ptr(), values.data_ptr(), rows.data_ptr(),
+                            int(keys.dtype == torch.bfloat16), torch.get_num_threads()) != 0:
+        raise ValueError(f"rotary_write: head size {dim} is not one the kernel takes")

@@ -21,6 +21,7 @@ from transformers import AttentionInterface
 
 from cai.backends import kernels
 from cai.backends.attention import cascade_attention
+from cai.backends.fused import FusedDecoder, unfusable_reason
 from cai.backends.kv_cache import SlotCache
 from cai.backends.slots import EngineStats
 from cai.backends.step_metadata import StepMetadata
@@ -118,6 +119,9 @@ class ModelRunner:
         self.native = (kernels.decode_attention() if self.device.type == "cpu" and dtype == torch.float32
                        and self.kv_dtype in kernels.KV_DTYPES else None)
         self.layout = kv_layout(model.config)
+        # the decoder in a few native calls a layer (fused.py), where the kernels and the model allow
+        self.fused = (FusedDecoder(model) if self.native is not None and self.kv_dtype in kernels.KV_DTYPES
+                      and unfusable_reason(model) is None else None)
         self.step: StepMetadata | None = None      # the last forward's
         self._head_slices: tuple[torch.Tensor, ...] | None = None
         # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name warns,
@@ -139,12 +143,15 @@ class ModelRunner:
         positions = [start + j for start, n in zip(starts, counts) for j in range(n)]
         step = self.step = StepMetadata(cache, slots, counts, positions, bases, self.native)
         packed = torch.tensor([[t for x in ids for t in x]], device=self.device)
-        bound.step = step
-        try:
-            hidden = self.model.model(input_ids=packed, position_ids=step.positions[None], use_cache=True,
-                                      **{self._cache_argument: step}).last_hidden_state[0]
-        finally:
-            bound.step = None
+        if self.fused is not None:
+            hidden = self.fused(packed[0], step)
+        else:
+            bound.step = step
+            try:
+                hidden = self.model.model(input_ids=packed, position_ids=step.positions[None], use_cache=True,
+                                          **{self._cache_argument: step}).last_hidden_state[0]
+            finally:
+                bound.step = None
         if every < len(slots):
             # offsets from the lists at hand: slicing by a device tensor would wait on the device
             offsets = list(itertools.accumulate(counts, initial=0))
