@@ -3,8 +3,9 @@ in its own file, as nano-vllm and vLLM split theirs:
 
   * the scheduler (scheduler.py), over plain data: admission, prefix reuse, cache sizing, which
     rows run in which forward, prompt-lookup drafts (drafting.py), what each forward's ids did;
-  * the runner (runner.py), the one file that touches the model's internals: the forward over
-    the cache, with cascade attention (attention.py), and the output head;
+  * the runner (runner.py), with fused.py the only files that touch the model's internals: the
+    forward over the cache, with cascade attention (attention.py), and the output head (on cai's
+    bfloat16 kernels, a Llama-layout model's forward runs fused: five native calls a layer);
   * the sampler (sampler.py): each row's next id from its logits;
   * the cache's storage (kv_cache.py), apart from what one forward needs of it (step_metadata.py).
 

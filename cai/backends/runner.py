@@ -1,8 +1,10 @@
-"""The engine's model runner: the one place that reaches into a transformers model. It reads the
-config (the KV layout, the context, which architectures the engine can drive), registers the
-engine's attention with transformers and switches the model to it, runs the decoder's own forward
-(so rotary embeddings, norms and MLPs are the model's) with the step's metadata as its cache, and
-the output head. The HF backend asks it for what it needs of the model's internals too.
+"""The engine's model runner: the one place that reaches into a transformers model (with
+fused.py, which it runs). It reads the config (the KV layout, the context, which architectures the
+engine can drive), registers the engine's attention with transformers and switches the model to
+it, runs the decoder's own forward (so rotary embeddings, norms and MLPs are the model's) with the
+step's metadata as its cache, and the output head. Where the linears are cai's native bfloat16
+ones and the layers Llama's, the forward runs fused instead (fused.py: the same model in five
+native calls a layer). The HF backend asks it for what it needs of the model's internals too.
 
 The contract the engine relies on: the forward hands its cache object `update(k, v, layer)` once
 per layer and calls the configured attention function, and that attention is plain causal
