@@ -285,24 +285,25 @@ INLINE void task_scalar(const float *q, const int64_t *qs, const char *ks, const
 #define QV 4              /* query vectors one pass over the keys takes */
 #define MAX_DIM 256
 
-static inline __m512 exp512(__m512 v) {        /* exp_inplace's polynomial, sixteen lanes */
-    const __m512 lo = _mm512_set1_ps(-87.0f);
-    const __mmask16 live = _mm512_cmp_ps_mask(v, lo, _CMP_GE_OQ);
-    v = _mm512_max_ps(v, lo);
-    __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), v);
-    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 r2 = _mm512_mul_ps(r, r);
-    __m512 y = _mm512_fmadd_ps(_mm512_set1_ps(1.9875691500e-4f), r, _mm512_set1_ps(1.3981999507e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-    y = _mm512_fmadd_ps(y, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
-    return _mm512_maskz_mul_ps(live, y, _mm512_castsi512_ps(e));
+/* 2^v for v <= 0, sixteen lanes, zero below -126: the bfloat16 paths keep their scores in base 2
+   (the query's scale times log2 e), so the exponential needs no range reduction by ln 2: the
+   nearest integer k, 2^(v - k) by a degree-6 polynomial (relative error about 1e-7, far below
+   the bfloat16 rounding the weights then take), scaled by 2^k. */
+static inline __m512 exp2_512(__m512 v) {
+    const __mmask16 live = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-126.0f), _CMP_GE_OQ);
+    v = _mm512_max_ps(v, _mm512_set1_ps(-126.0f));
+    const __m512 k = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_sub_ps(v, k);
+    __m512 y = _mm512_fmadd_ps(_mm512_set1_ps(1.5403530393e-4f), r, _mm512_set1_ps(1.3333558146e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(9.6181291076e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.5504108665e-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(2.4022650696e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(6.9314718056e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
+    return _mm512_maskz_scalef_ps(live, y, k);
 }
+#define LOG2E 1.44269504088896341f
+#define LN2 0.693147180559945309f
 
 #define BCAST(word) ((__m512bh)_mm512_set1_epi32((int)(word)))
 
@@ -327,7 +328,7 @@ static inline void finish(const float *acc, int64_t step, float top, float total
     if (total > 0.0f) {
         const float inv = 1.0f / total;
         for (int64_t d = 0; d < dim; d++) o[d] = acc[d * step] * inv;
-        *lse = top + logf(total);
+        *lse = (top + log2f(total)) * LN2;        /* the running maximum is in base 2 */
     } else {
         for (int64_t d = 0; d < dim; d++) o[d] = 0.0f;
         *lse = MASKED;
@@ -396,7 +397,7 @@ static void task_lanes(const float *q, const int64_t *qs, const uint16_t *ks, co
                 const int joined = init_out != NULL && init_lse[row] > MASKED;
                 for (int64_t d = 0; d < dim; d++) ot[v][d][lane] = joined ? init_out[at + d] : 0.0f;
                 if (joined) {
-                    init_top = init_lse[row];
+                    init_top = init_lse[row] * LOG2E;
                     init_total = 1.0f;
                 }
             }
@@ -426,21 +427,21 @@ static void task_lanes(const float *q, const int64_t *qs, const uint16_t *ks, co
                     }
                     for (int k = 0; k < 8; k++) {
                         const __mmask16 seen = _mm512_cmple_epi32_mask(_mm512_set1_epi32((int)(t0 + j0 + k)), limit[v]);
-                        s[j0 + k] = _mm512_mask_mul_ps(masked, seen, acc[k], _mm512_set1_ps(scale));
+                        s[j0 + k] = _mm512_mask_mul_ps(masked, seen, acc[k], _mm512_set1_ps(scale * LOG2E));
                     }
                 }
                 __m512 best = top[v];
                 for (int j = 0; j < BLOCK; j++)
                     best = _mm512_max_ps(best, s[j]);
                 const __mmask16 had = _mm512_cmp_ps_mask(top[v], half_masked, _CMP_GT_OQ);
-                const __m512 keep = _mm512_maskz_mov_ps(had, exp512(_mm512_sub_ps(top[v], best)));
+                const __m512 keep = _mm512_maskz_mov_ps(had, exp2_512(_mm512_sub_ps(top[v], best)));
                 __m512 p[BLOCK];
                 __m512i pt[BLOCK / 2];
                 for (int j = 0; j < BLOCK; j += 2) {
                     const __mmask16 live0 = _mm512_cmp_ps_mask(s[j], half_masked, _CMP_GT_OQ),
                                     live1 = _mm512_cmp_ps_mask(s[j + 1], half_masked, _CMP_GT_OQ);
-                    p[j] = _mm512_maskz_mov_ps(live0, exp512(_mm512_sub_ps(s[j], best)));
-                    p[j + 1] = _mm512_maskz_mov_ps(live1, exp512(_mm512_sub_ps(s[j + 1], best)));
+                    p[j] = _mm512_maskz_mov_ps(live0, exp2_512(_mm512_sub_ps(s[j], best)));
+                    p[j + 1] = _mm512_maskz_mov_ps(live1, exp2_512(_mm512_sub_ps(s[j + 1], best)));
                     const __m512i w0 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(p[j])),
                                   w1 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(p[j + 1]));
                     pt[j / 2] = _mm512_or_si512(w0, _mm512_slli_epi32(w1, 16));
@@ -531,14 +532,14 @@ static inline __attribute__((always_inline)) void keys_block(
     uint32_t pp[KEYS_MAX][BLOCK / 2];                 /* weights as bfloat16, in pairs of keys */
     for (int i = 0; i < M; i++) {
         const __m512i limit = _mm512_set1_epi32(limits[i]);
-        const __m512 s0 = _mm512_mask_mul_ps(masked, _mm512_cmple_epi32_mask(pos0, limit), a[i][0], _mm512_set1_ps(scale)),
-                     s1 = _mm512_mask_mul_ps(masked, _mm512_cmple_epi32_mask(pos1, limit), a[i][1], _mm512_set1_ps(scale));
+        const __m512 s0 = _mm512_mask_mul_ps(masked, _mm512_cmple_epi32_mask(pos0, limit), a[i][0], _mm512_set1_ps(scale * LOG2E)),
+                     s1 = _mm512_mask_mul_ps(masked, _mm512_cmple_epi32_mask(pos1, limit), a[i][1], _mm512_set1_ps(scale * LOG2E));
         const __m512 was = _mm512_set1_ps(top[i]);
         const __m512 best = _mm512_max_ps(was, _mm512_set1_ps(_mm512_reduce_max_ps(_mm512_max_ps(s0, s1))));
         const __mmask16 had = _mm512_cmp_ps_mask(was, half_masked, _CMP_GT_OQ);
-        keep[i] = _mm512_maskz_mov_ps(had, exp512(_mm512_sub_ps(was, best)));
-        const __m512 p0 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s0, half_masked, _CMP_GT_OQ), exp512(_mm512_sub_ps(s0, best))),
-                     p1 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s1, half_masked, _CMP_GT_OQ), exp512(_mm512_sub_ps(s1, best)));
+        keep[i] = _mm512_maskz_mov_ps(had, exp2_512(_mm512_sub_ps(was, best)));
+        const __m512 p0 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s0, half_masked, _CMP_GT_OQ), exp2_512(_mm512_sub_ps(s0, best))),
+                     p1 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s1, half_masked, _CMP_GT_OQ), exp2_512(_mm512_sub_ps(s1, best)));
         _mm256_storeu_si256((__m256i *)&pp[i][0], (__m256i)_mm512_cvtneps_pbh(p0));
         _mm256_storeu_si256((__m256i *)&pp[i][8], (__m256i)_mm512_cvtneps_pbh(p1));
         /* task_lanes' tree: key j + key j+16, then + 8, 4, 2, 1 */
@@ -589,7 +590,7 @@ static void task_keys(const float *q, const int64_t *qs, const uint16_t *ks, con
         }
         const int joined = init_out != NULL && init_lse[rows[i]] > MASKED;
         for (int64_t d = 0; d < dim; d++) acc[i][d] = joined ? init_out[ats[i] + d] : 0.0f;
-        top[i] = joined ? init_lse[rows[i]] : MASKED;
+        top[i] = joined ? init_lse[rows[i]] * LOG2E : MASKED;
         total[i] = joined ? 1.0f : 0.0f;
     }
     if (last >= capacity)
