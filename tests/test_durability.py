@@ -121,7 +121,11 @@ def _kill_and_resume(tiny_model, many_prompts, out: Path) -> None:
         deadline = time.monotonic() + 120
         while proc.poll() is None and _lines(out) < target and time.monotonic() < deadline:
             time.sleep(0.01)
-        time.sleep(rng.uniform(0, 0.4))
+        # a random delay lands the kill inside a batch or between two, but never past two more
+        # records: on a fast machine the delay alone would let a run finish (too few kills)
+        settle = time.monotonic() + rng.uniform(0, 0.4)
+        while proc.poll() is None and time.monotonic() < settle and _lines(out) < target + 2:
+            time.sleep(0.005)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait()

@@ -49,6 +49,13 @@ def browser():
         chromium.close()
 
 
+def _sigint_at_its_default() -> None:
+    """The server starts with SIGINT at its default, as from a terminal, even when the tests run as
+    a background job (whose shell hands its children SIGINT ignored: `stop` would then wait on a
+    server that never hears it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Served:
     """`cai review PAIRS --no-browser` in its own process, and the address it printed."""
 
@@ -56,7 +63,8 @@ class Served:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                "COLUMNS": "400"}
         self.proc = subprocess.Popen([sys.executable, "-m", "cai", "review", pairs.name, "--no-browser", "--port", "0",
-                                      "--reviewer", reviewer], stderr=subprocess.PIPE, text=True, env=env, cwd=pairs.parent)
+                                      "--reviewer", reviewer], stderr=subprocess.PIPE, text=True, env=env, cwd=pairs.parent,
+                                     preexec_fn=_sigint_at_its_default)
         self.lines = []
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
