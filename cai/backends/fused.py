@@ -69,7 +69,6 @@ class _Layer:
     eps1: float
     qkv: torch.Tensor            # packed: the query, key and value weights' panels, side by side
     qkv_bias: torch.Tensor | None
-    qkv_width: int
     at: tuple[int, int, int]     # where queries, keys and values start in a row of the product
     o: torch.Tensor
     o_bias: torch.Tensor | None
@@ -124,7 +123,7 @@ class FusedDecoder:
             self.layers.append(_Layer(
                 norm1=layer.input_layernorm.weight.detach().float().contiguous(),
                 eps1=float(layer.input_layernorm.variance_epsilon),
-                qkv=qkv, qkv_bias=qkv_bias, qkv_width=qkv.shape[0] * qkv.shape[2], at=tuple(starts),
+                qkv=qkv, qkv_bias=qkv_bias, at=tuple(starts),
                 o=attention.o_proj._packed, o_bias=attention.o_proj.bias,
                 norm2=layer.post_attention_layernorm.weight.detach().float().contiguous(),
                 eps2=float(layer.post_attention_layernorm.variance_epsilon),
@@ -139,7 +138,7 @@ class FusedDecoder:
         cos, sin = cos[0].float().contiguous(), sin[0].float().contiguous()
         n, group = ids.shape[0], self.q_heads // self.kv_heads
         for index, layer in enumerate(self.layers):
-            qkv = linear(hidden, layer.qkv, layer.qkv_width, layer.qkv_bias, norm=layer.norm1, eps=layer.eps1)
+            qkv = linear(hidden, layer.qkv, layer.qkv.shape[0] * layer.qkv.shape[2], layer.qkv_bias, norm=layer.norm1, eps=layer.eps1)
             keys, values = step.cache.keys[index], step.cache.values[index]
             kernels.rotary_write(qkv, layer.at, (self.q_heads, self.kv_heads), self.dim, cos, sin, keys, values,
                                  step.write_rows)

@@ -122,8 +122,7 @@ class ModelRunner:
                        and self.kv_dtype in kernels.KV_DTYPES else None)
         self.layout = kv_layout(model.config)
         # the decoder in a few native calls a layer (fused.py), where the kernels and the model allow
-        self.fused = (FusedDecoder(model) if self.native is not None and self.kv_dtype in kernels.KV_DTYPES
-                      and unfusable_reason(model) is None else None)
+        self.fused = FusedDecoder(model) if self.native is not None and unfusable_reason(model) is None else None
         self.step: StepMetadata | None = None      # the last forward's
         self._head_slices: tuple[torch.Tensor, ...] | None = None
         # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name warns,
